@@ -161,6 +161,11 @@ class SyncedDecider:
         self.collectives = 0
         #: Number of sync steps (a metric sync counts once, though it issues two calls).
         self.syncs = 0
+        #: The signal the inner decider saw on the latest call: the same on
+        #: every rank (False between sync steps).  A loop that must stop on
+        #: SIGTERM stops when this says so, so that all ranks stop together.
+        #: For a policy without signal rules it is this rank's own signal.
+        self.last_signal: Any = False
 
         self._next_sync: Optional[int] = None   # None: the next call syncs
         self._interval = 1                      # steps between the last two syncs
@@ -193,6 +198,7 @@ class SyncedDecider:
 
     def __call__(self, progress: Progress) -> Decision:
         if self.deterministic:
+            self.last_signal = progress.signal
             return self.inner(progress)
         step = progress.step
         if progress.signal is not False and progress.signal is not None:
@@ -208,6 +214,7 @@ class SyncedDecider:
             or (metrics is not None and not self.metrics_synced)
         )
         if not is_sync:
+            self.last_signal = False
             return self.inner(
                 Progress(
                     step,
@@ -221,6 +228,7 @@ class SyncedDecider:
                 )
             )
         time_, sig, metrics = self._sync(progress, metrics)
+        self.last_signal = sig
         return self.inner(
             Progress(
                 step,

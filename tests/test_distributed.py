@@ -303,3 +303,67 @@ def test_two_gloo_ranks_agree(tmp_path):
     assert r0["collectives"] == r1["collectives"]
     assert r0["collectives"] <= len(ramp | metric_steps) + len(metric_steps)
     assert r0["syncs"] == r1["syncs"] <= len(ramp | metric_steps)
+
+
+# -- with the real engine ---------------------------------------------------------
+
+POLICY = """
+version = 1
+final = true
+
+[[rules]]
+kind = "every_steps"
+every = 300
+
+[[rules]]
+kind = "every_time"
+every = "2s"
+
+[[rules]]
+kind = "on_signal"
+signals = ["SIGTERM", "SIGUSR1"]
+
+[[rules]]
+kind = "improved"
+metric = "loss"
+mode = "min"
+"""
+
+
+def test_real_policy_skewed_clocks_signal_on_one_rank():
+    import saverules
+
+    group = ThreadGroup(2)
+    policy = saverules.loads(POLICY)
+    clock = lambda s, r: s / 128 if r == 0 else 1000 + 3 * s / 128
+    value = lambda s, r: float((s * 7 + r * 13) % 101)
+
+    def make():
+        return policy.compile(total_steps=N)
+
+    res = drive(group, make, clock, signal_at=(437, 1), metrics_every=100, metric_value=value)
+    (d0, w0, i0), (d1, w1, i1) = res
+    assert not w0.deterministic
+    assert d0 == d1
+    saves = saved(d0)
+    steps = [s for s, _ in saves]
+    assert {300, 600, 900, N} <= set(steps)
+    sig = [s for s, r in saves if any(x.startswith("on_signal") for x in r)]
+    assert len(sig) == 1 and 437 <= sig[0] < 437 + 128
+    assert w0.state_dict() == w1.state_dict() == i0.state_dict()
+    # metric steps force a sync: 10 metric steps, each one all-reduce and one broadcast
+    ramp = set(ramp_schedule(N, 128))
+    metric_steps = set(range(100, N + 1, 100))
+    assert w0.syncs == w1.syncs
+    assert w0.collectives == w1.collectives == w0.syncs + len(metric_steps)
+    assert w0.syncs <= len(ramp | metric_steps) + 1
+
+
+def test_real_step_only_policy_is_collective_free():
+    import saverules
+
+    group = ThreadGroup(2)
+    policy = saverules.loads('version = 1\nfinal = true\n[[rules]]\nkind = "every_steps"\nevery = 250\n')
+    (d0, w0, _), (d1, w1, _) = drive(group, lambda: policy.compile(total_steps=N), lambda s, r: s * 0.1 * (r + 1))
+    assert w0.deterministic and w0.collectives == 0 and w1.collectives == 0
+    assert d0 == d1 and [s for s, _ in saved(d0)] == [250, 500, 750, 1000]
