@@ -1,0 +1,499 @@
+"""Pretrain a small minimind-style language model, with saves decided by a saverules policy.
+
+    python -m saverules.minimind.train --max_steps 200
+    python -m saverules.minimind.train --resume                   # continue from the latest checkpoint
+    torchrun --nproc_per_node 2 -m saverules.minimind.train       # data parallel (gloo on CPU, nccl on GPU)
+
+The loop reads top to bottom: arguments, process group, data, model,
+optimizer, checkpointer, resume, train, summary.  It has no save condition of
+its own: after every optimizer step it hands a Progress to
+``Checkpointer.step`` and the policy in ``--rules`` decides.  See
+docs/training.md.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+DEFAULT_RULES = "rules/default.toml"
+
+
+class UsageError(Exception):
+    """A problem with the arguments or input files: printed as one line, exit status 2."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m saverules.minimind.train",
+        description="Pretrain a minimind-style model; a saverules policy decides every checkpoint save.",
+    )
+    p.add_argument("--out_dir", default="out", help="run folder: checkpoints go to OUT_DIR/<storage.dir of the policy>")
+    p.add_argument("--rules", default=None,
+                   help=f"save policy (TOML); default {DEFAULT_RULES}, else the copy packaged with saverules")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run folder")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch_size", type=int, default=16, help="micro-batch size per process")
+    p.add_argument("--learning_rate", type=float, default=5e-4, help="peak learning rate (cosine decay to 10%%)")
+    p.add_argument("--warmup_steps", type=int, default=None,
+                   help="linear warmup, in optimizer steps (default: 2%% of the run, at most 100)")
+    p.add_argument("--accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--grad_clip", type=float, default=1.0, help="gradient-norm clip; 0 disables")
+    p.add_argument("--log_interval", type=int, default=50,
+                   help="every this many steps: log a line (without a progress bar) and report the loss to the policy")
+    p.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps in total")
+    p.add_argument("--preset", default="tiny", help="model size: tiny or small")
+    p.add_argument("--hidden_size", type=int, default=None)
+    p.add_argument("--num_hidden_layers", type=int, default=None)
+    p.add_argument("--max_seq_len", type=int, default=None)
+    p.add_argument("--data_path", default=None,
+                   help="JSONL pretraining data ({\"text\": ...} per line); default: a small built-in synthetic corpus")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json (needs the tokenizers package); default: the built-in byte tokenizer")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="autocast dtype on GPU (auto: bfloat16 where supported); CPU always trains in float32")
+    p.add_argument("--cpu_threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; under DDP the cores split between ranks)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels and one CPU thread: a resumed run matches an uninterrupted one bitwise")
+    p.add_argument("--progress", default="auto", choices=["auto", "bar", "log", "none"],
+                   help="auto: a tqdm bar on a terminal, log lines otherwise")
+    args = p.parse_args(argv)
+    for name in ("epochs", "batch_size", "accumulation_steps", "log_interval"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.cpu_threads is not None and args.cpu_threads < 1:
+        p.error(f"--cpu_threads must be at least 1, got {args.cpu_threads}")
+    if args.max_steps is not None and args.max_steps < 1:
+        p.error(f"--max_steps must be at least 1, got {args.max_steps}")
+    if args.warmup_steps is not None and args.warmup_steps < 0:
+        p.error(f"--warmup_steps must be >= 0, got {args.warmup_steps}")
+    if not args.learning_rate > 0:
+        p.error(f"--learning_rate must be positive, got {args.learning_rate}")
+    if args.grad_clip < 0:
+        p.error(f"--grad_clip must be >= 0, got {args.grad_clip}")
+    return args
+
+
+def rules_path(given: Optional[str]) -> str:
+    """The policy file: ``--rules``, else rules/default.toml here, else the packaged copy."""
+    if given is not None:
+        if not Path(given).is_file():
+            raise UsageError(f"--rules {given}: no such file (give the path of a saverules TOML policy)")
+        return given
+    if Path(DEFAULT_RULES).is_file():
+        return DEFAULT_RULES
+    from importlib import resources
+
+    packaged = resources.files("saverules").joinpath("rules", "default.toml")
+    if packaged.is_file():
+        return str(packaged)
+    raise UsageError(f"no {DEFAULT_RULES} here and no packaged default policy; pass --rules PATH")
+
+
+def cosine_lr(step: int, total: int, warmup: int) -> float:
+    """LR multiplier after ``step`` optimizer steps: linear warmup, then cosine from 1 to 0.1."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.45 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class LoopState:
+    """The loop's own counters, saved in every checkpoint as plain values."""
+
+    def __init__(self, **values: Any) -> None:
+        self.values = dict(values)
+
+    def state_dict(self) -> dict:
+        return dict(self.values)
+
+    def load_state_dict(self, d: dict) -> None:
+        self.values.update(d)
+
+
+class RNGState:
+    """Captures the RNG states when a checkpoint is written, restores them on resume."""
+
+    def __init__(self, rng_state, restore_rng_state) -> None:
+        self._get, self._set = rng_state, restore_rng_state
+
+    def state_dict(self) -> dict:
+        return self._get()
+
+    def load_state_dict(self, d: dict) -> None:
+        self._set(d)
+
+
+# --- test hooks -----------------------------------------------------------------------
+# Used by tests/test_train.py to exercise DDP agreement and preemption deterministically.
+# They change nothing unless the variables are set; never set them in real runs.
+#
+#   SAVERULES_TEST_STEP_SECONDS=dt   the training clock reads step * dt instead of wall time
+#   SAVERULES_TEST_CLOCK_SKEW=r:a:b,...  rank r's clock reads a * t + b (skewed clocks per rank)
+#   SAVERULES_TEST_SIGNAL=step:rank[:NAME],...  after optimizer step `step`, rank `rank` sends
+#                                    itself signal NAME (default SIGUSR1) with os.kill
+#   SAVERULES_TEST_HOLD_AT=step      after optimizer step `step`, print "holding at step N" and wait
+#                                    until a signal arrives (so a test can kill or signal it there)
+#   SAVERULES_TEST_REPORT=path        each rank appends its decisions, as JSON lines, to path.rank<R>
+
+
+def _test_hooks(rank: int):
+    env = os.environ
+    step_seconds = float(env["SAVERULES_TEST_STEP_SECONDS"]) if env.get("SAVERULES_TEST_STEP_SECONDS") else None
+    scale, offset = 1.0, 0.0
+    for item in filter(None, env.get("SAVERULES_TEST_CLOCK_SKEW", "").split(",")):
+        r, a, b = item.split(":")
+        if int(r) == rank:
+            scale, offset = float(a), float(b)
+    signals = {}
+    for item in filter(None, env.get("SAVERULES_TEST_SIGNAL", "").split(",")):
+        parts = item.split(":")
+        if int(parts[1]) == rank:
+            signals[int(parts[0])] = parts[2] if len(parts) > 2 else "SIGUSR1"
+    report = env.get("SAVERULES_TEST_REPORT")
+    hold = int(env["SAVERULES_TEST_HOLD_AT"]) if env.get("SAVERULES_TEST_HOLD_AT") else None
+    return step_seconds, scale, offset, signals, (f"{report}.rank{rank}" if report else None), hold
+
+
+def fmt_seconds(s: float) -> str:
+    s = int(max(0, s))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return train(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def train(args: argparse.Namespace) -> int:
+    try:
+        import torch
+        import torch.distributed as dist
+        from tqdm import tqdm
+    except ImportError as e:
+        raise UsageError(f"the training loop needs torch and tqdm ({e}); pip install 'saverules[torch]'") from None
+
+    import saverules
+    from saverules import Progress
+    from saverules.minimind.data import (
+        PretrainDataset, ResumableSampler, default_corpus, load_tokenizer, resume_point,
+    )
+    from saverules.minimind.model import MiniMindLM, config_for
+    from saverules.torch import Checkpointer, restore_rng_state, rng_state
+
+    # ---- process group and device ------------------------------------------------
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    ddp = world > 1
+    if args.device == "auto":
+        use_cuda = torch.cuda.is_available()
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
+    else:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise UsageError(f"--device {args.device}: not a device (use auto, cpu, cuda or cuda:N)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: CUDA is not available here")
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if ddp:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if ddp else 0
+    master = rank == 0
+    if args.cpu_threads is not None:
+        torch.set_num_threads(args.cpu_threads)
+    elif ddp and device.type == "cpu":
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.set_num_threads(1)
+        if device.type == "cuda":
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.backends.cudnn.benchmark = False
+
+    def say(msg: str) -> None:
+        if master:
+            tqdm.write(msg, file=sys.stdout)
+            sys.stdout.flush()
+
+    # ---- policy --------------------------------------------------------------------
+    rules = rules_path(args.rules)
+    try:
+        policy = saverules.load(rules)
+    except saverules.PolicyError as e:
+        raise UsageError(f"{rules}: the save policy is invalid:\n{e}") from None
+    except OSError as e:
+        raise UsageError(f"--rules {rules}: cannot read it ({e.strerror or e})") from None
+
+    # ---- data ------------------------------------------------------------------------
+    try:
+        tokenizer = load_tokenizer(args.tokenizer)
+    except (OSError, ValueError, ImportError) as e:
+        raise UsageError(f"--tokenizer: {e}") from None
+    try:
+        cfg = config_for(args.preset, hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
+                         max_seq_len=args.max_seq_len, vocab_size=tokenizer.vocab_size)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    try:
+        source = args.data_path if args.data_path is not None else default_corpus(seed=args.seed)
+        dataset = PretrainDataset(source, tokenizer, cfg.max_seq_len)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--data_path: {e}") from None
+    sampler = ResumableSampler(dataset, seed=args.seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
+                                         pin_memory=device.type == "cuda")
+    batches_per_epoch = sampler.batches_per_epoch(args.batch_size)
+    accum = args.accumulation_steps
+    # Every epoch ends with an update: a last window shorter than accum is applied, not carried over.
+    steps_per_epoch = math.ceil(batches_per_epoch / accum)
+    total_steps = args.epochs * steps_per_epoch
+    if args.max_steps is not None:
+        total_steps = min(total_steps, args.max_steps)
+    warmup = args.warmup_steps if args.warmup_steps is not None else min(100, total_steps // 50)
+
+    # ---- model and optimizer ---------------------------------------------------------
+    torch.manual_seed(args.seed)
+    model = MiniMindLM(cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.1, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, total_steps, warmup))
+    amp_dtype = None
+    if device.type == "cuda" and args.dtype != "float32":
+        amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
+        if amp_dtype is None:  # auto
+            amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
+
+    # ---- checkpointer ------------------------------------------------------------------
+    ckpt_dir = Path(policy.storage.dir)
+    if not ckpt_dir.is_absolute():
+        ckpt_dir = Path(args.out_dir) / ckpt_dir
+    loop = LoopState(step=0, epoch=0, batches_done=0, batch_size=args.batch_size, accumulation_steps=accum,
+                     world_size=world, seed=args.seed, total_steps=total_steps, dataset_len=len(dataset))
+    state = {
+        "model": model,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "scaler": scaler,
+        "loop": loop,
+        "rng": RNGState(rng_state, restore_rng_state),
+        "model_config": cfg.to_dict(),
+        "args": {k: v for k, v in vars(args).items()},
+    }
+    ckpt = Checkpointer(policy, dir=str(ckpt_dir))
+
+    # ---- resume -------------------------------------------------------------------------
+    if args.resume:
+        resumed = ckpt.load_latest(state, map_location=device)
+        if resumed is None:
+            say(f"--resume: no checkpoint in {ckpt_dir}; starting from scratch")
+        else:
+            saved = loop.values
+            for key, now in (("batch_size", args.batch_size), ("accumulation_steps", accum),
+                             ("world_size", world), ("seed", args.seed), ("dataset_len", len(dataset))):
+                if saved.get(key) != now:
+                    raise UsageError(
+                        f"--resume: the checkpoint at step {resumed.step} was trained with {key}={saved.get(key)}, "
+                        f"this run has {key}={now}; resume with the same value or start a new --out_dir")
+            say(f"resumed from step {resumed.step} (epoch {loop.values['epoch']}) in {ckpt_dir}")
+    elif ckpt.latest() is not None:
+        raise UsageError(f"{ckpt_dir} already holds checkpoints (latest: step {ckpt.latest().step}); "
+                         "pass --resume to continue that run or choose another --out_dir")
+    step = int(loop.values["step"])
+    batches_done = int(loop.values["batches_done"])
+    loop.values["total_steps"] = total_steps
+    start_step = step
+
+    # ---- signals ---------------------------------------------------------------------------
+    pending = {"signal": None}
+
+    def on_signal(signum, frame):
+        name = signal.Signals(signum).name
+        if pending["signal"] != "SIGTERM":  # a stop request outranks a save request
+            pending["signal"] = name
+
+    signal.signal(signal.SIGTERM, on_signal)
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, on_signal)
+    has_signal_rule = ckpt.decider.watches_signals if hasattr(ckpt, "decider") else True
+    if not has_signal_rule:
+        say(f"note: {rules} has no on_signal rule: SIGTERM will stop training without a save")
+
+    step_seconds, skew_a, skew_b, test_signals, report_path, hold_at = _test_hooks(rank)
+
+    def clock() -> float:
+        t = step * step_seconds if step_seconds is not None else ckpt.clock()
+        return skew_a * t + skew_b
+
+    # ---- train ------------------------------------------------------------------------------
+    show_bar = master and (args.progress == "bar" or (args.progress == "auto" and sys.stderr.isatty()))
+    log_lines = master and not show_bar and args.progress != "none"
+    bar = tqdm(total=total_steps, initial=step, disable=not show_bar, unit="step", dynamic_ncols=True,
+               file=sys.stderr)
+    say(f"training {model.num_parameters():,} parameters on {device}{f' x{world}' if ddp else ''}: "
+        f"{total_steps} steps ({steps_per_epoch} per epoch, {accum} micro-batch(es) of {args.batch_size} each), "
+        f"policy {rules}, checkpoints in {ckpt_dir}")
+    saves: list = []
+    stop_signal = None
+    loss_sum = torch.zeros((), device=device)
+    loss_count = 0
+    last_loss = float("nan")
+    t_start = time.perf_counter()
+    start_epoch, start_batch = resume_point(batches_done, batches_per_epoch)
+    train_model.train()
+    done = step >= total_steps
+    for epoch in range(start_epoch, args.epochs):
+        if done:
+            break
+        sampler.set_epoch(epoch)
+        if epoch == start_epoch:
+            sampler.set_start(start_batch, args.batch_size)
+        micro = start_batch if epoch == start_epoch else 0  # index of the next micro-batch in this epoch
+        window_loss = torch.zeros((), device=device)
+        for input_ids, labels in loader:
+            window_start = micro - micro % accum
+            window = min(accum, batches_per_epoch - window_start)  # the epoch's last window may be short
+            update = micro + 1 == window_start + window
+            input_ids = input_ids.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            sync_grads = train_model.no_sync() if ddp and not update else contextlib.nullcontext()
+            with sync_grads:
+                with autocast():
+                    _, loss = train_model(input_ids, labels)
+                    loss = loss / window
+                scaler.scale(loss).backward()
+            window_loss += loss.detach()
+            micro += 1
+            batches_done += 1
+            if not update:
+                continue
+
+            # -- one optimizer step --
+            if args.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            loss_sum += window_loss
+            loss_count += 1
+            window_loss = torch.zeros((), device=device)
+            epoch_end = micro == batches_per_epoch
+            is_last = step >= total_steps
+            loop.values.update(step=step, epoch=epoch, batches_done=batches_done)
+
+            metrics = None
+            if step % args.log_interval == 0 or is_last:
+                last_loss = (loss_sum / loss_count).item()
+                metrics = {"loss": last_loss}
+                loss_sum.zero_()
+                loss_count = 0
+            sig = pending["signal"] or False
+            pending["signal"] = None
+
+            # -- the policy decides; this is the only place a checkpoint is written --
+            decision = ckpt.step(Progress(step, total_steps, epoch, epoch_end, is_last, clock(), metrics, sig), state)
+
+            agreed = getattr(getattr(ckpt, "decider", None), "last_signal", sig) if ddp else sig
+            if decision.save:
+                saves.append((step, decision.reasons))
+                say(f"saved step {step}: {', '.join(decision.reasons)}")
+            if report_path:
+                with open(report_path, "a") as f:
+                    f.write(json.dumps({"step": step, "save": decision.save, "reasons": list(decision.reasons),
+                                        "signal": agreed, "collectives": getattr(getattr(ckpt, "decider", None),
+                                                                                 "collectives", 0)}) + "\n")
+
+            bar.update(1)
+            if metrics is not None:
+                lr = scheduler.get_last_lr()[0]
+                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+                if log_lines:
+                    rate = (step - start_step) / max(1e-9, time.perf_counter() - t_start)
+                    eta = (total_steps - step) / rate if rate > 0 else 0.0
+                    print(f"step {step}/{total_steps} epoch {epoch + 1}/{args.epochs} loss {last_loss:.4f} "
+                          f"lr {lr:.2e} {rate:.1f} steps/s eta {fmt_seconds(eta)}", flush=True)
+
+            if step in test_signals:  # test hook: deliver a real signal to this process
+                os.kill(os.getpid(), getattr(signal, test_signals[step]))
+            if agreed == "SIGTERM" or agreed == int(signal.SIGTERM):
+                stop_signal = "SIGTERM"
+                done = True
+                break
+            if is_last:
+                done = True
+                break
+            if step == hold_at:  # test hook: wait here to be killed or signalled
+                say(f"holding at step {step}")
+                while pending["signal"] is None:
+                    time.sleep(0.02)
+    bar.close()
+
+    # ---- summary ----------------------------------------------------------------------------
+    ckpt.close()
+    if master:
+        trained = step
+        listing = list(ckpt.list())
+        print_summary(say, policy, ckpt_dir, listing, saves, start_step, trained, total_steps, stop_signal)
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+    if stop_signal and not (saves and saves[-1][0] == step):
+        return 128 + int(signal.SIGTERM)
+    return 0
+
+
+def print_summary(say, policy, ckpt_dir, listing, saves, start_step, trained, total_steps, stop_signal) -> None:
+    """Where the checkpoints are, which were kept and why, and which trained steps no checkpoint holds."""
+    if stop_signal:
+        say(f"stopped by {stop_signal} after step {trained} of {total_steps}")
+    say(f"trained steps {start_step + 1}-{trained} in this run; saved "
+        + (", ".join(str(s) for s, _ in saves) if saves else "nothing"))
+    good = [e for e in listing if e.ok and e.step is not None]
+    if good:
+        why = policy.explain_retention([e.as_checkpoint() for e in good])
+        say(f"checkpoints in {ckpt_dir} ({len(good)}):")
+        for e, kept_by in zip(good, why):
+            loss = f"  loss {e.metrics['loss']:.4f}" if e.metrics and "loss" in e.metrics else ""
+            say(f"  {e.name}  step {e.step}{loss}  saved for: {', '.join(e.reasons) or '-'}"
+                f"  kept by: {', '.join(kept_by) or '-'}")
+    else:
+        say(f"no checkpoint in {ckpt_dir}")
+    on_disk = {e.step for e in good}
+    gone = [s for s, _ in saves if s not in on_disk]
+    if gone:
+        say(f"removed by retention: step{'s' if len(gone) > 1 else ''} {', '.join(map(str, gone))}")
+    if trained == 0:
+        return
+    newest = max(on_disk, default=0)
+    if newest >= trained:
+        say(f"every trained step is covered: the final step {trained} is saved")
+    else:
+        lost = trained - newest
+        say(f"steps {newest + 1}-{trained} ({lost} step{'s' if lost != 1 else ''} of training) "
+            "are in no checkpoint")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
