@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import pickle
+import queue
 import random
 import secrets
 import shutil
@@ -37,7 +38,6 @@ import threading
 import time as _time
 import warnings
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Sequence, Tuple, Union
@@ -370,6 +370,49 @@ class _FileSystem:
 _fs = _FileSystem()
 
 
+class _HashWorker:
+    """One daemon thread that hashes chunks while the caller writes them.
+
+    A daemon thread (not a ThreadPoolExecutor, which refuses work once the
+    interpreter starts shutting down) so that a write still in flight at exit
+    can finish.
+    """
+
+    def __init__(self):
+        self._queue: "queue.SimpleQueue" = queue.SimpleQueue()
+        self._thread: Optional[threading.Thread] = None
+        self._lock = threading.Lock()
+
+    def _loop(self) -> None:
+        while True:
+            h, data, done = self._queue.get()
+            try:
+                h.update(data)
+            except BaseException as exc:  # reported to the waiting writer
+                done.error = exc
+            done.set()
+
+    def submit(self, h, data) -> threading.Event:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="saverules-hash", daemon=True)
+                self._thread.start()
+        done = threading.Event()
+        done.error = None  # type: ignore[attr-defined]
+        self._queue.put((h, data, done))
+        return done
+
+    def _after_fork(self) -> None:
+        self._queue = queue.SimpleQueue()
+        self._thread = None
+        self._lock = threading.Lock()
+
+
+_HASHER = _HashWorker()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_HASHER._after_fork)
+
+
 class _HashingFile:
     """A write-only file object that computes sha256 and size of what goes through it.
 
@@ -385,11 +428,13 @@ class _HashingFile:
     def write(self, data) -> int:
         n = memoryview(data).nbytes
         if n >= _PARALLEL_HASH_MIN:
-            pending = _hash_executor().submit(self._h.update, data)
+            done = _HASHER.submit(self._h, data)
             try:
                 self._f.write(data)
             finally:
-                pending.result()  # the buffer is only valid during this call
+                done.wait()  # the buffer is only valid during this call
+            if done.error is not None:  # type: ignore[attr-defined]
+                raise done.error  # type: ignore[attr-defined]
         else:
             self._h.update(data)
             self._f.write(data)
@@ -401,18 +446,6 @@ class _HashingFile:
 
     def hexdigest(self) -> str:
         return self._h.hexdigest()
-
-
-_HASH_EXECUTOR: Optional[ThreadPoolExecutor] = None
-_HASH_EXECUTOR_LOCK = threading.Lock()
-
-
-def _hash_executor() -> ThreadPoolExecutor:
-    global _HASH_EXECUTOR
-    with _HASH_EXECUTOR_LOCK:
-        if _HASH_EXECUTOR is None:
-            _HASH_EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saverules-hash")
-        return _HASH_EXECUTOR
 
 
 def _write_file(path: str, producer) -> Dict[str, Any]:
@@ -1335,6 +1368,7 @@ class Checkpointer:
         target = self.dir / job.name
         tmp = self.dir / _hidden_name(_TMP_PREFIX, job.name)
         old: Optional[Path] = None
+        renamed_in = False
         stage = "create the temporary directory"
         with _INFLIGHT_LOCK:
             _INFLIGHT.add(str(tmp))
@@ -1363,10 +1397,11 @@ class Checkpointer:
                 _fs.rename(str(target), str(old))
             stage = "rename the checkpoint into place"
             _fs.rename(str(tmp), str(target))
+            renamed_in = True
             stage = "sync the checkpoint directory"
             _fs.fsync_dir(str(self.dir))
         except BaseException as exc:
-            self._abort(tmp, target, old)
+            self._abort(tmp, target, old, renamed_in)
             if isinstance(exc, OSError):
                 raise self._wrap_os_error(exc, job.step, str(tmp), stage) from exc
             if isinstance(exc, CheckpointError):
@@ -1393,10 +1428,21 @@ class Checkpointer:
         log.info("saved checkpoint %s (step %d, %s)", target, job.step, ", ".join(job.manifest["reasons"]))
         return target
 
-    def _abort(self, tmp: Path, target: Path, old: Optional[Path]) -> None:
+    def _abort(self, tmp: Path, target: Path, old: Optional[Path], renamed_in: bool) -> None:
+        """Undo a failed commit: the store goes back to exactly what it held before."""
         try:
             if os.path.lexists(tmp):
                 shutil.rmtree(tmp, ignore_errors=True)
+            if renamed_in and os.path.lexists(target):
+                # The directory entry could not be made durable: take the new checkpoint
+                # out again so that what the error reports (nothing committed) is true.
+                trash = self.dir / _hidden_name(_DEL_PREFIX, target.name)
+                try:
+                    os.rename(target, trash)
+                except OSError as exc:
+                    _warn(f"saverules: could not withdraw {target} after the failed save: {exc}")
+                else:
+                    shutil.rmtree(trash, ignore_errors=True)
         finally:
             if old is not None and not os.path.lexists(target) and os.path.lexists(old):
                 try:
@@ -1568,8 +1614,11 @@ class Checkpointer:
         written back into ``state``.  Returns the Progress of the saved step
         (continue with ``step + 1``), or None when there is nothing to resume.
         """
-        if not isinstance(state, Mapping):
-            raise TypeError(f"state must be a dict of names to objects and values, got {_type_name(state)}")
+        if not isinstance(state, MutableMapping):
+            raise TypeError(
+                f"state must be a mutable mapping (a dict) of names to objects and values, so that plain values "
+                f"can be written back; got {_type_name(state)}"
+            )
         if self.is_writer:
             self._collect(block=True)
         for info in self._newest_first():
@@ -1595,8 +1644,6 @@ class Checkpointer:
     def _restore(self, info: CheckpointInfo, payload: Mapping[str, Any], state: MutableMapping[str, Any]) -> None:
         objects = payload.get("objects") or {}
         values = payload.get("values") or {}
-        if values and not isinstance(state, MutableMapping):
-            raise TypeError("state must be a mutable mapping (a dict) so that plain values can be written back")
         for name, sd in objects.items():
             target = state.get(name)
             if target is None or not _has_state_dict(target):
