@@ -1,0 +1,192 @@
+"""The policy document: version, the final guarantee, rules, retention and storage.
+
+``Policy`` is what :func:`saverules.load` returns.  It is immutable; compiling
+it gives a stateful :class:`~saverules.decider.Decider` for one run.
+"""
+from __future__ import annotations
+
+import hashlib
+import string
+from datetime import datetime, timezone
+from typing import Annotated, Any, Callable, Dict, Literal, Mapping, Optional, Sequence, Tuple
+
+from pydantic import BeforeValidator, PlainValidator, PrivateAttr, WithJsonSchema, field_validator
+
+from .progress import Checkpoint
+from .quantities import Count, PositiveReal
+from .rules import Model, Name, Rule, RuleModel, _as_tuple
+
+Position = Tuple[int, int]
+
+
+def _strict_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {type(value).__name__}")
+    return value
+
+
+Bool = Annotated[bool, PlainValidator(_strict_bool), WithJsonSchema({"type": "boolean"})]
+
+
+def _version(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected the integer 1, got {type(value).__name__}")
+    if value != 1:
+        raise ValueError(f"unsupported format version {value}: this saverules reads version = 1")
+    return value
+
+
+class RunShape(Model):
+    """The run that ``check`` simulates when no flags are given."""
+
+    total_steps: Optional[Count] = None
+    steps_per_epoch: Optional[Count] = None
+    step_seconds: Optional[PositiveReal] = None
+
+
+class KeepBest(Model):
+    metric: Name
+    mode: Literal["min", "max"] = "min"
+    n: Count = 1
+
+
+class Retention(Model):
+    """Which checkpoints survive. Each rule is a keep-mask; the masks are ORed."""
+
+    keep_last: Count = 1
+    keep_every: Optional[Count] = None
+    keep_best: Optional[KeepBest] = None
+
+
+class _UTC:
+    """``{time}`` in a name template: compact UTC by default, strftime with a spec."""
+
+    def __init__(self, moment: datetime):
+        self.moment = moment.astimezone(timezone.utc)
+
+    def __format__(self, spec: str) -> str:
+        return self.moment.strftime(spec or "%Y%m%dT%H%M%SZ")
+
+
+_PLACEHOLDERS = ("step", "epoch", "time", "run")
+_SEPARATORS = ("/", "\\", "\0")
+
+
+def _render(template: str, step: int, epoch: int, time: Optional[datetime], run: str) -> str:
+    for bad in _SEPARATORS:
+        if bad in run:
+            raise ValueError(f"run name {run!r} must not contain a path separator")
+    name = template.format(
+        step=step, epoch=epoch, time=_UTC(time or datetime.now(timezone.utc)), run=run
+    )
+    if any(bad in name for bad in _SEPARATORS) or name in ("", ".", "..") or name.startswith(".."):
+        raise ValueError(f"name template {template!r} renders to {name!r}, which is not a plain directory name")
+    return name
+
+
+class Storage(Model):
+    """Where the checkpoint store writes; read by :mod:`saverules.torch`."""
+
+    dir: Name = "checkpoints"
+    name: Name = "step-{step:08d}"
+    format: Literal["torch", "safetensors"] = "torch"
+
+    @field_validator("name")
+    @classmethod
+    def _check_template(cls, template: str) -> str:
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        except ValueError as exc:
+            raise ValueError(f"not a valid name template: {exc}") from None
+        for field in fields:
+            if field not in _PLACEHOLDERS:
+                raise ValueError(
+                    f"unknown placeholder {{{field}}}; use {', '.join('{' + p + '}' for p in _PLACEHOLDERS)}"
+                )
+        if "step" not in fields:
+            raise ValueError("the name must contain {step}, or checkpoints would overwrite each other")
+        if any(bad in template for bad in _SEPARATORS) or template.startswith(".") or template.startswith("~"):
+            raise ValueError(
+                "the name must be a plain directory name inside dir: no path separators, "
+                "no leading '.', '..' or '~'"
+            )
+        for step in (1, 123456789):
+            try:
+                _render(template, step, 3, datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc), "run")
+            except (ValueError, TypeError, KeyError, IndexError) as exc:
+                raise ValueError(f"name template does not render: {exc}") from None
+        return template
+
+    def render_name(self, step: int, epoch: int = 0, time: Optional[datetime] = None, run: str = "run") -> str:
+        """The checkpoint directory name for this step (a single path component)."""
+        return _render(self.name, step, epoch, time, run)
+
+
+class Policy(Model):
+    """A whole save policy: what to save when, what to keep, and where."""
+
+    version: Annotated[int, PlainValidator(_version), WithJsonSchema({"const": 1})]
+    final: Bool = True
+    run: Optional[RunShape] = None
+    rules: Annotated[Tuple[Rule, ...], BeforeValidator(_as_tuple)] = ()
+    retention: Optional[Retention] = None
+    storage: Storage = Storage()
+
+    _source: str = PrivateAttr(default="<policy>")
+    _positions: Dict[tuple, Position] = PrivateAttr(default_factory=dict)
+
+    # -- provenance -----------------------------------------------------------
+    @property
+    def source(self) -> str:
+        """The file (or ``<string>``) this policy was loaded from."""
+        return self._source
+
+    def position(self, path: tuple) -> Optional[Position]:
+        """(line, col) of the key at ``path`` in the source document, if known."""
+        return self._positions.get(tuple(path))
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the canonical form of the policy: equal for equal policies."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+
+    # -- the two halves: save decision and preservation ---------------------
+    def compile(self, total_steps: Optional[int] = None):
+        """A fresh :class:`~saverules.decider.Decider` for one run.
+
+        ``total_steps`` resolves shares of the run ("5%"); without it the
+        decider takes the total from the first Progress that carries one, and
+        then from ``[run].total_steps``.
+        """
+        from .decider import Decider
+
+        return Decider(self, total_steps)
+
+    def retain(self, checkpoints: Sequence[Checkpoint]) -> list:
+        """Keep mask aligned with ``checkpoints`` (oldest first): True = keep."""
+        from .retention import explain_retention
+
+        return [bool(why) for why in explain_retention(self.retention, checkpoints)]
+
+    def explain_retention(self, checkpoints: Sequence[Checkpoint]) -> list:
+        """For each checkpoint, the names of the retention rules that keep it (empty = delete)."""
+        from .retention import explain_retention
+
+        return explain_retention(self.retention, checkpoints)
+
+    def simulate(
+        self,
+        total_steps: int,
+        steps_per_epoch: Optional[int] = None,
+        step_seconds: Optional[float] = None,
+        metrics: Optional[Callable[[int], Optional[Mapping[str, float]]]] = None,
+    ):
+        """Simulate a run of this shape without training; see :mod:`saverules.simulate`."""
+        from .simulate import simulate
+
+        return simulate(self, total_steps, steps_per_epoch, step_seconds, metrics)
+
+    @property
+    def all_rules(self) -> Tuple[RuleModel, ...]:
+        """Top-level rules, including the built-in final guarantee when ``final = true``."""
+        return self.rules
