@@ -1,0 +1,374 @@
+"""Rule models -> runtime nodes.
+
+A node answers two questions about one rule:
+
+* ``fires(progress, run)``: does the rule fire at this decision?  Every child
+  of a combinator is always evaluated (no short-circuit), so stateful rules
+  such as ``improved`` see every report.
+* ``next_step(after, run)``: a lower bound on the first step after ``after``
+  at which the rule could fire while the run is *quiet*: no signal, no epoch
+  end, no metrics, no ``is_last``, and the training clock below
+  :meth:`time_threshold`.  The decider skips evaluation below this bound and
+  the simulator jumps straight to it.  A bound may be early (evaluation then
+  finds nothing), never late.
+
+``run`` is the :class:`~saverules.decider.Decider`; nodes read its
+``_prev`` (the previously decided step), ``_last_save_step``,
+``_last_save_time`` and ``_total``.  Shares of the run are resolved here,
+once per total.
+"""
+from __future__ import annotations
+
+import math
+import signal as _signal
+from bisect import bisect_right
+from typing import Optional
+
+from .quantities import resolve_steps
+from .rules import (
+    AllRule, AnyRule, AtStepsRule, EpochEndRule, EveryStepsRule, EveryTimeRule, FinalRule, ImprovedRule, NotRule,
+    OnSignalRule, PiecewiseRule, RuleModel, TailRule, WindowRule, describe,
+)
+
+INF = 1 << 62
+_NEVER = math.inf
+
+
+class ResolveError(ValueError):
+    """A rule that cannot be resolved for this run; ``path`` locates it in the document."""
+
+    def __init__(self, path: tuple, message: str):
+        super().__init__(message)
+        self.path = path
+
+
+class Node:
+    watches_time = False
+    watches_signals = False
+    watches_metrics = False
+    watches_epochs = False
+    watches_last = False
+    children: tuple = ()
+
+    def fires(self, p, run) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def next_step(self, after: int, run) -> int:
+        return INF
+
+    def time_threshold(self, run) -> float:
+        return min((c.time_threshold(run) for c in self.children), default=_NEVER)
+
+    def walk(self):
+        yield self
+        for child in self.children:
+            yield from child.walk()
+
+
+# -- step rules: pure functions of (previous step, step] ---------------------
+
+
+class EverySteps(Node):
+    def __init__(self, every: int):
+        self.every = every
+
+    def fires(self, p, run):
+        return p.step // self.every > run._prev // self.every
+
+    def next_step(self, after, run):
+        return (after // self.every + 1) * self.every
+
+
+class AtSteps(Node):
+    def __init__(self, steps):
+        self.steps = sorted(set(steps))
+
+    def fires(self, p, run):
+        i = bisect_right(self.steps, run._prev)
+        return i < len(self.steps) and self.steps[i] <= p.step
+
+    def next_step(self, after, run):
+        i = bisect_right(self.steps, after)
+        return self.steps[i] if i < len(self.steps) else INF
+
+
+class Piecewise(Node):
+    def __init__(self, segments):
+        # (every, low, high): fires at multiples of every in (low, high]
+        self.segments = segments
+
+    def fires(self, p, run):
+        return self.next_step(run._prev, run) <= p.step
+
+    def next_step(self, after, run):
+        for every, low, high in self.segments:
+            if high <= after:
+                continue
+            start = max(after, low)
+            candidate = (start // every + 1) * every
+            if candidate <= high:
+                return candidate
+        return INF
+
+
+class Window(Node):
+    def __init__(self, after: int, until: int):
+        self.after, self.until = after, until
+
+    def fires(self, p, run):
+        return self.after < p.step <= self.until
+
+    def next_step(self, after, run):
+        step = max(after + 1, self.after + 1)
+        return step if step <= self.until else INF
+
+
+class Final(Node):
+    """First decision with step >= total (crossing), or any decision the loop marks is_last."""
+
+    watches_last = True
+
+    def fires(self, p, run):
+        if p.is_last is True:
+            return True
+        total = run._total
+        return total is not None and run._prev < total <= p.step
+
+    def next_step(self, after, run):
+        total = run._total
+        return total if total is not None and after < total else INF
+
+
+class Tail(Node):
+    """In the zone total - step < interval: fire at step >= ceil((a + total) / 2),
+    a = max(last save, zone start)."""
+
+    def __init__(self, interval: int):
+        self.interval = interval
+
+    def _target(self, run) -> int:
+        total = run._total
+        zone = total - self.interval
+        anchor = max(run._last_save_step or 0, zone)
+        return max(-(-(anchor + total) // 2), zone + 1)
+
+    def fires(self, p, run):
+        total = run._total
+        return total is not None and p.step <= total and p.step >= self._target(run)
+
+    def next_step(self, after, run):
+        total = run._total
+        if total is None:
+            return INF
+        step = max(self._target(run), after + 1)
+        return step if step <= total else INF
+
+
+# -- event and clock rules ---------------------------------------------------
+
+
+class EveryTime(Node):
+    watches_time = True
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def fires(self, p, run):
+        anchor = run._last_save_time
+        return p.time is not None and anchor is not None and p.time >= anchor + self.seconds
+
+    def time_threshold(self, run):
+        anchor = run._last_save_time
+        return -_NEVER if anchor is None else anchor + self.seconds
+
+
+class EpochEnd(Node):
+    watches_epochs = True
+
+    def __init__(self, every: int):
+        self.every = every
+
+    def fires(self, p, run):
+        return bool(p.epoch_end) and (p.epoch + 1) % self.every == 0
+
+
+_SIGNAL_NAMES = {int(s): s.name for s in _signal.Signals}
+
+
+class OnSignal(Node):
+    watches_signals = True
+
+    def __init__(self, names):
+        self.names = frozenset(names)
+
+    def fires(self, p, run):
+        sig = p.signal
+        if not sig:
+            return False
+        if sig is True:
+            return True
+        if isinstance(sig, int):
+            sig = _SIGNAL_NAMES.get(sig, "")
+        return str(sig).upper() in self.names
+
+
+class Improved(Node):
+    watches_metrics = True
+
+    def __init__(self, metric: str, mode: str, min_delta: float):
+        self.metric, self.mode, self.min_delta = metric, mode, min_delta
+        self.best: Optional[float] = None
+
+    def fires(self, p, run):
+        metrics = p.metrics
+        if not metrics or self.metric not in metrics:
+            return False
+        value = metrics[self.metric]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            try:
+                value = float(value)  # numpy and torch scalars
+            except (TypeError, ValueError):
+                raise TypeError(
+                    f"metric {self.metric!r} must be a number, got {type(value).__name__}"
+                ) from None
+        value = float(value)
+        if not math.isfinite(value):
+            return False
+        best = self.best
+        if best is not None:
+            gain = best - value if self.mode == "min" else value - best
+            if not gain > self.min_delta:
+                return False
+        self.best = value
+        return True
+
+    def state(self):
+        return {"best": self.best}
+
+    def load(self, state):
+        best = state.get("best")
+        self.best = None if best is None else float(best)
+
+
+# -- combinators -------------------------------------------------------------
+
+
+class _Combinator(Node):
+    def __init__(self, children):
+        self.children = tuple(children)
+        for flag in ("watches_time", "watches_signals", "watches_metrics", "watches_epochs", "watches_last"):
+            if any(getattr(c, flag) for c in self.children):
+                setattr(self, flag, True)
+
+
+class All(_Combinator):
+    def fires(self, p, run):
+        results = [c.fires(p, run) for c in self.children]
+        return all(results)
+
+    def next_step(self, after, run):
+        low = after
+        candidate = INF
+        for _ in range(64):  # leapfrog to a step where every child may fire
+            candidates = [c.next_step(low, run) for c in self.children]
+            candidate = max(candidates)
+            if candidate >= INF or all(c == candidate for c in candidates):
+                return candidate
+            low = candidate - 1
+        return candidate
+
+
+class Any_(_Combinator):
+    def fires(self, p, run):
+        results = [c.fires(p, run) for c in self.children]
+        return any(results)
+
+    def next_step(self, after, run):
+        return min(c.next_step(after, run) for c in self.children)
+
+
+class Not(_Combinator):
+    def fires(self, p, run):
+        return not self.children[0].fires(p, run)
+
+    def next_step(self, after, run):
+        child = self.children[0]
+        step = after + 1
+        if isinstance(child, Window) and child.after < step <= child.until:
+            return child.until + 1 if child.until < INF else INF
+        return step
+
+
+# -- building ----------------------------------------------------------------
+
+
+def _steps(value, total, path, what):
+    try:
+        return resolve_steps(value, total)
+    except ValueError as exc:
+        raise ResolveError(path, f"{exc}: give the run's total_steps (in [run], to compile() or on the Progress)") from None
+
+
+def build(rule: RuleModel, total: Optional[int], path: tuple) -> Node:
+    """Compile one rule model (at document path ``path``) for a run of ``total`` steps."""
+    node = _build_kind(rule, total, path)
+    if rule.after is not None or rule.until is not None:
+        after = _steps(rule.after, total, path + ("after",), "after") or 0
+        until = _steps(rule.until, total, path + ("until",), "until")
+        until = INF if until is None else until
+        if until <= after:
+            raise ResolveError(path + ("until",), f"until ({until}) must be greater than after ({after})")
+        window = Window(after, until)
+        node = window if isinstance(rule, WindowRule) else All([node, window])
+    return node
+
+
+def _build_kind(rule, total, path):
+    if isinstance(rule, EveryStepsRule):
+        return EverySteps(_steps(rule.every, total, path + ("every",), "every"))
+    if isinstance(rule, EveryTimeRule):
+        return EveryTime(rule.every.seconds)
+    if isinstance(rule, EpochEndRule):
+        return EpochEnd(rule.every)
+    if isinstance(rule, FinalRule):
+        return Final()
+    if isinstance(rule, TailRule):
+        return Tail(_steps(rule.interval, total, path + ("interval",), "interval"))
+    if isinstance(rule, AtStepsRule):
+        return AtSteps(_steps(s, total, path + ("steps", i), "steps") for i, s in enumerate(rule.steps))
+    if isinstance(rule, PiecewiseRule):
+        segments, low = [], 0
+        for i, seg in enumerate(rule.segments):
+            every = _steps(seg.every, total, path + ("segments", i, "every"), "every")
+            high = INF if seg.until is None else _steps(seg.until, total, path + ("segments", i, "until"), "until")
+            if high <= low:
+                raise ResolveError(
+                    path + ("segments", i, "until"),
+                    f"segments must be increasing: segments[{i}].until resolves to {high}, not after {low}",
+                )
+            segments.append((every, low, high))
+            low = high
+        return Piecewise(segments)
+    if isinstance(rule, OnSignalRule):
+        return OnSignal(rule.signals)
+    if isinstance(rule, ImprovedRule):
+        return Improved(rule.metric, rule.mode, rule.min_delta)
+    if isinstance(rule, WindowRule):
+        return Window(0, INF)  # bounds are applied by build()
+    if isinstance(rule, AllRule):
+        return All(build(r, total, path + ("rules", i)) for i, r in enumerate(rule.rules))
+    if isinstance(rule, AnyRule):
+        return Any_(build(r, total, path + ("rules", i)) for i, r in enumerate(rule.rules))
+    if isinstance(rule, NotRule):
+        return Not([build(rule.rule, total, path + ("rule",))])
+    raise TypeError(f"unknown rule model {type(rule).__name__}")  # pragma: no cover
+
+
+def compile_rules(policy, total: Optional[int]):
+    """[(node, reason)] for the policy's top-level rules, the final guarantee first."""
+    compiled = []
+    if policy.final:
+        compiled.append((Final(), "final"))
+    for i, rule in enumerate(policy.rules):
+        compiled.append((build(rule, total, ("rules", i)), describe(rule)))
+    return compiled

@@ -1,0 +1,227 @@
+"""The save decision for one run: a compiled policy plus the little state it needs.
+
+A :class:`Decider` is called once per optimizer step with a
+:class:`~saverules.progress.Progress` and returns a
+:class:`~saverules.progress.Decision`.  Almost every call takes the *quiet*
+path: no event on the Progress, the step below the next step at which any rule
+could fire, the clock below the next time threshold.  That check is generated
+per policy (only the fields the policy's rules can react to are tested) and
+costs a few attribute reads.  Everything else goes through :meth:`_decide`,
+which evaluates every rule and explains the result.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from .compile import INF, ResolveError, compile_rules
+from .errors import Diagnostic, PolicyError, dotted
+from .progress import NO_SAVE, Decision
+from .rules import EpochEndRule, EveryTimeRule, FinalRule, ImprovedRule, OnSignalRule, walk
+
+STATE_VERSION = 1
+
+
+def _uses(policy, kind) -> bool:
+    return any(isinstance(r, kind) for top in policy.rules for r in walk(top))
+
+
+class Decider:
+    """Stateful save decisions for one run of a :class:`~saverules.policy.Policy`."""
+
+    def __new__(cls, policy, total_steps: Optional[int] = None):
+        if cls is Decider:
+            flags = (
+                policy.final or _uses(policy, FinalRule),
+                _uses(policy, OnSignalRule),
+                _uses(policy, EpochEndRule),
+                _uses(policy, EveryTimeRule),
+                _uses(policy, ImprovedRule),
+            )
+            cls = _specialised(flags)
+        return object.__new__(cls)
+
+    def __init__(self, policy, total_steps: Optional[int] = None):
+        self.policy = policy
+        self._prev = 0  # the previously decided step
+        self._last_save_step: Optional[int] = None
+        self._last_save_time: Optional[float] = None  # or the clock at the first decision
+        self._next_step = 0  # first call always takes the full path
+        self._next_time = -math.inf
+        self._total: Optional[int] = None
+        self._compiled = None
+        self._unresolved: Optional[ResolveError] = None
+        fallback = policy.run.total_steps if policy.run is not None else None
+        self._set_total(total_steps if total_steps is not None else fallback)
+
+    # -- what the policy reacts to (for DDP sync and the simulator) ----------
+    @property
+    def watches_time(self) -> bool:
+        return _uses(self.policy, EveryTimeRule)
+
+    @property
+    def watches_signals(self) -> bool:
+        return _uses(self.policy, OnSignalRule)
+
+    @property
+    def watches_metrics(self) -> bool:
+        return _uses(self.policy, ImprovedRule)
+
+    @property
+    def watches_epochs(self) -> bool:
+        return _uses(self.policy, EpochEndRule)
+
+    @property
+    def total_steps(self) -> Optional[int]:
+        return self._total
+
+    @property
+    def next_step(self) -> int:
+        """No rule can fire before this step while the run is quiet."""
+        return self._next_step
+
+    @property
+    def next_time(self) -> float:
+        """No clock rule can fire while Progress.time is below this."""
+        return self._next_time
+
+    # -- deciding -------------------------------------------------------------
+    def __call__(self, progress) -> Decision:  # replaced by a specialised version
+        return self._decide(progress)
+
+    def _decide(self, p) -> Decision:
+        total = p.total_steps
+        if total is not None and total != self._total:
+            self._set_total(total)
+        if self._compiled is None:
+            raise self._policy_error(self._unresolved)
+        if self._last_save_time is None and p.time is not None:
+            self._last_save_time = p.time  # clock rules count from the first decision
+        reasons = [name for node, name in self._compiled if node.fires(p, self)]
+        step = p.step
+        save = bool(reasons) and step != self._last_save_step
+        self._prev = step
+        if save:
+            self._last_save_step = step
+            if p.time is not None:
+                self._last_save_time = p.time
+        self._refresh()
+        return Decision(True, tuple(dict.fromkeys(reasons))) if save else NO_SAVE
+
+    def note_save(self, step: int, time: Optional[float] = None) -> None:
+        """Record a save made outside this decider's decisions (a forced save)."""
+        self._last_save_step = step
+        if time is not None:
+            self._last_save_time = time
+        self._refresh()
+
+    # -- internals --------------------------------------------------------------
+    def _set_total(self, total: Optional[int]) -> None:
+        old = self._compiled
+        try:
+            self._compiled = compile_rules(self.policy, total)
+            self._unresolved = None
+        except ResolveError as exc:
+            if total is not None:
+                raise self._policy_error(exc) from None
+            self._compiled, self._unresolved = None, exc
+            return
+        finally:
+            self._total = total
+        if old is not None:
+            self._load_node_states(_node_states(old))
+        self._refresh()
+
+    def _refresh(self) -> None:
+        if self._compiled is None:
+            return
+        after = self._prev
+        self._next_step = min((node.next_step(after, self) for node, _ in self._compiled), default=INF)
+        self._next_time = min((node.time_threshold(self) for node, _ in self._compiled), default=math.inf)
+
+    def _policy_error(self, exc: ResolveError) -> PolicyError:
+        line, col = self.policy.position(exc.path) or (1, 1)
+        return PolicyError([Diagnostic(self.policy.source, line, col, f"{dotted(exc.path)}: {exc}")])
+
+    # -- resume -------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """JSON-serialisable state; restoring it continues the run's decisions exactly."""
+        return {
+            "version": STATE_VERSION,
+            "policy": self.policy.digest,
+            "prev_step": self._prev,
+            "last_save_step": self._last_save_step,
+            "last_save_time": self._last_save_time,
+            "total_steps": self._total,
+            "rules": _node_states(self._compiled) if self._compiled else {},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            found = state.get("version") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"decider state has version {found!r}; this saverules reads version {STATE_VERSION}")
+        self._prev = int(state["prev_step"])
+        last = state.get("last_save_step")
+        self._last_save_step = None if last is None else int(last)
+        t = state.get("last_save_time")
+        self._last_save_time = None if t is None else float(t)
+        total = state.get("total_steps")
+        if self._total is None and total is not None:
+            self._set_total(int(total))
+        self._load_node_states(state.get("rules") or {})
+        self._refresh()
+
+    def _load_node_states(self, states: dict) -> None:
+        if not self._compiled:
+            return
+        for key, node in _stateful(self._compiled):
+            if key in states:
+                node.load(states[key])
+
+
+def _stateful(compiled):
+    for index, (node, _) in enumerate(compiled):
+        for sub_index, sub in enumerate(node.walk()):
+            if hasattr(sub, "state"):
+                yield f"{index}.{sub_index}", sub
+
+
+def _node_states(compiled) -> dict:
+    return {key: node.state() for key, node in _stateful(compiled)}
+
+
+# -- the generated quiet path ---------------------------------------------------
+
+_CLASSES: dict = {}
+
+
+def _specialised(flags) -> type:
+    """A Decider subclass whose __call__ tests only what this policy reacts to."""
+    cls = _CLASSES.get(flags)
+    if cls is not None:
+        return cls
+    last, signals, epochs, clock, metrics = flags
+    checks = ["p.step < self._next_step"]
+    if last:
+        checks.append("p.is_last is not True")
+    if signals:
+        checks.append("not p.signal")
+    if epochs:
+        checks.append("not p.epoch_end")
+    if clock:
+        checks.append("(p.time is None or p.time < self._next_time)")
+    if metrics:
+        checks.append("not p.metrics")
+    checks.append("(p.total_steps == self._total or p.total_steps is None)")
+    source = (
+        "def __call__(self, p):\n"
+        f"    if {' and '.join(checks)}:\n"
+        "        self._prev = p.step\n"
+        "        return NO_SAVE\n"
+        "    return self._decide(p)\n"
+    )
+    namespace = {"NO_SAVE": NO_SAVE}
+    exec(compile(source, f"<saverules quiet path {flags}>", "exec"), namespace)
+    cls = type("Decider", (Decider,), {"__call__": namespace["__call__"], "__module__": __name__, "_quiet_source": source})
+    _CLASSES[flags] = cls
+    return cls

@@ -1,0 +1,144 @@
+"""Simulate a policy over a run shape, before the run.
+
+The simulator drives the real :class:`~saverules.decider.Decider`, but only at
+the steps where something can happen: the next step any rule may fire at, epoch
+ends, the step at which the training clock crosses the next time threshold,
+and the last step.  Crossing semantics make the skipped steps irrelevant, so a
+10^9-step run costs as many decisions as it has saves.  With a ``metrics``
+callable every step is visited, since any step may report a metric.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
+
+from .progress import Checkpoint, Progress
+from .quantities import format_seconds
+
+MetricsFn = Callable[[int], Optional[Mapping[str, float]]]
+
+
+@dataclass
+class Simulation:
+    """What a policy does over one run shape."""
+
+    total_steps: int
+    steps_per_epoch: Optional[int]
+    step_seconds: Optional[float]
+    saves: List[Tuple[int, Tuple[str, ...]]]
+    kept: List[int]
+    max_gap_steps: int
+    max_gap_seconds: Optional[float]
+    peak_kept: int
+    fired: Dict[str, int] = field(default_factory=dict)
+
+    @property
+    def saved_steps(self) -> List[int]:
+        return [step for step, _ in self.saves]
+
+    def time_of(self, step: int) -> Optional[float]:
+        return None if self.step_seconds is None else step * self.step_seconds
+
+    @property
+    def unsaved_tail(self) -> int:
+        """Trained steps after the last save: work that exists in no checkpoint."""
+        return self.total_steps - (self.saves[-1][0] if self.saves else 0)
+
+    def summary(self) -> str:
+        gap = f"{self.max_gap_steps} steps" + (
+            f" ({format_seconds(self.max_gap_seconds)})" if self.max_gap_seconds is not None else ""
+        )
+        return f"{len(self.saves)} saves, {len(self.kept)} kept, largest gap {gap}"
+
+
+def progress_at(step: int, total: int, steps_per_epoch: Optional[int], step_seconds: Optional[float], metrics=None):
+    """The Progress a loop of this shape reports after optimizer step ``step``."""
+    if steps_per_epoch:
+        epoch = (step - 1) // steps_per_epoch
+        epoch_end = step % steps_per_epoch == 0 or step == total
+    else:
+        epoch, epoch_end = 0, step == total
+    return Progress(
+        step=step,
+        total_steps=total,
+        epoch=epoch,
+        epoch_end=epoch_end,
+        is_last=True if step == total else None,
+        time=None if step_seconds is None else step * step_seconds,
+        metrics=metrics,
+        signal=False,
+    )
+
+
+def _first_step_at(threshold: float, step_seconds: float, after: int) -> int:
+    """Smallest step > after whose clock (step * step_seconds) reaches threshold."""
+    if threshold == -math.inf:
+        return after + 1
+    if not math.isfinite(threshold):
+        return 1 << 62
+    step = max(after + 1, math.ceil(threshold / step_seconds))
+    while step - 1 > after and (step - 1) * step_seconds >= threshold:
+        step -= 1
+    while step * step_seconds < threshold:
+        step += 1
+    return step
+
+
+def simulate(policy, total_steps, steps_per_epoch=None, step_seconds=None, metrics: Optional[MetricsFn] = None):
+    for name, value in (("total_steps", total_steps), ("steps_per_epoch", steps_per_epoch)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if total_steps is None:
+        raise ValueError("total_steps is required to simulate a run")
+    if step_seconds is not None and not (isinstance(step_seconds, (int, float)) and 0 < step_seconds < math.inf):
+        raise ValueError(f"step_seconds must be a positive number, got {step_seconds!r}")
+
+    decider = policy.compile(total_steps)
+    watch_epochs = decider.watches_epochs
+    watch_time = decider.watches_time and step_seconds is not None
+    saves: List[Tuple[int, Tuple[str, ...]]] = []
+    fired: Dict[str, int] = {}
+    kept: List[Checkpoint] = []
+    peak = 0
+    step = 0
+    while step < total_steps:
+        if metrics is not None:
+            nxt = step + 1
+        else:
+            nxt = min(decider.next_step, total_steps)
+            if watch_epochs:
+                nxt = min(nxt, (step // steps_per_epoch + 1) * steps_per_epoch if steps_per_epoch else total_steps)
+            if watch_time:
+                nxt = min(nxt, _first_step_at(decider.next_time, step_seconds, step))
+            nxt = max(nxt, step + 1)
+        step = nxt
+        reported = metrics(step) if metrics is not None else None
+        decision = decider(progress_at(step, total_steps, steps_per_epoch, step_seconds, reported))
+        if not decision.save:
+            continue
+        saves.append((step, decision.reasons))
+        for reason in decision.reasons:
+            fired[reason] = fired.get(reason, 0) + 1
+        kept.append(
+            Checkpoint(step, None if step_seconds is None else step * step_seconds, reported, "final" in decision.reasons)
+        )
+        mask = policy.retain(kept)
+        kept = [c for c, keep in zip(kept, mask) if keep]
+        peak = max(peak, len(kept))
+
+    bounds = [0] + [s for s, _ in saves]
+    if bounds[-1] != total_steps:
+        bounds.append(total_steps)
+    max_gap = max(b - a for a, b in zip(bounds, bounds[1:]))
+    return Simulation(
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+        step_seconds=step_seconds,
+        saves=saves,
+        kept=[c.step for c in kept],
+        max_gap_steps=max_gap,
+        max_gap_seconds=None if step_seconds is None else max_gap * step_seconds,
+        peak_kept=peak,
+        fired=fired,
+    )
