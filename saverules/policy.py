@@ -185,8 +185,3 @@ class Policy(Model):
         from .simulate import simulate
 
         return simulate(self, total_steps, steps_per_epoch, step_seconds, metrics)
-
-    @property
-    def all_rules(self) -> Tuple[RuleModel, ...]:
-        """Top-level rules, including the built-in final guarantee when ``final = true``."""
-        return self.rules

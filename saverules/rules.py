@@ -236,7 +236,7 @@ def _format_value(value: Any) -> str:
     if isinstance(value, (tuple, list)):
         return "[" + ", ".join(_format_value(v) for v in value) + "]"
     if isinstance(value, (Share,)) or type(value).__name__ == "Duration":
-        return json.dumps(str(value))
+        return str(value)
     if isinstance(value, str):
         return json.dumps(value)
     if isinstance(value, float) and value == int(value):
@@ -260,8 +260,8 @@ def describe(rule: RuleModel) -> str:
     if isinstance(rule, NotRule):
         extra = "".join(f", {k}={_format_value(v)}" for k, v in fields.items() if k != "rule")
         return f"not({describe(rule.rule)}{extra})"
-    if isinstance(rule, FinalRule) and not fields:
-        return "final"
+    if not fields:
+        return rule.kind
     return f"{rule.kind}(" + ", ".join(f"{k}={_format_value(v)}" for k, v in fields.items()) + ")"
 
 

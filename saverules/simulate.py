@@ -123,8 +123,9 @@ def simulate(policy, total_steps, steps_per_epoch=None, step_seconds=None, metri
         kept.append(
             Checkpoint(step, None if step_seconds is None else step * step_seconds, reported, "final" in decision.reasons)
         )
-        mask = policy.retain(kept)
-        kept = [c for c, keep in zip(kept, mask) if keep]
+        if policy.retention is not None:  # no [retention] table keeps everything
+            mask = policy.retain(kept)
+            kept = [c for c, keep in zip(kept, mask) if keep]
         peak = max(peak, len(kept))
 
     bounds = [0] + [s for s, _ in saves]
