@@ -79,6 +79,8 @@ def diagnostics_from_validation(exc: ValidationError, source: str, positions) ->
     seen = set()
     for error in exc.errors(include_url=False):
         loc = tuple(error["loc"])
+        if error["type"] == "union_tag_invalid":  # the offending key is the rule's kind
+            loc += ("kind",)
         line, col = locate(positions, loc)
         where = _strip_tags(loc)
         message = _message(error)

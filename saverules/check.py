@@ -1,0 +1,395 @@
+"""Validate save policies and simulate them before a run starts.
+
+    python -m saverules.check rules/default.toml
+    python -m saverules.check rules/*.toml --total-steps 39998 --steps-per-epoch 19999 --strict
+    python -m saverules.check rules/default.toml --format json
+
+For each file: errors as ``FILE:LINE:COL: error: message``; otherwise the
+simulated schedule (every save with its step, time and reasons, the
+checkpoints kept at the end, the largest gap, a timeline) and warnings as
+``FILE:LINE:COL: warning: message``.
+
+Exit status: 0 when every file is valid (and, with ``--strict``, warning
+free), 1 on any error or, with ``--strict``, any warning, 2 on bad usage.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+from . import rules as R
+from .errors import Diagnostic, PolicyError
+from .loader import load
+from .policy import Policy
+from .quantities import Share, format_seconds
+from .simulate import Simulation
+
+#: With more saves than this, the text report shows the first and last few.
+ELIDE_ABOVE = 24
+SHOWN_AT_EACH_END = 8
+TIMELINE_WIDTH = 64
+
+
+@dataclass
+class Finding:
+    """A warning or a note about one place in a policy file."""
+
+    line: int
+    col: int
+    message: str
+
+
+@dataclass
+class Report:
+    """Everything `check` says about one file."""
+
+    file: str
+    errors: List[Diagnostic] = field(default_factory=list)
+    warnings: List[Finding] = field(default_factory=list)
+    notes: List[Finding] = field(default_factory=list)
+    policy: Optional[Policy] = None
+    total_steps: Optional[int] = None
+    steps_per_epoch: Optional[int] = None
+    step_seconds: Optional[float] = None
+    shape_from: str = ""
+    simulation: Optional[Simulation] = None
+
+
+# -- analysis -----------------------------------------------------------------
+
+
+def _where(policy: Policy, *path) -> Tuple[int, int]:
+    """Line and column of ``path`` in the file, or of its nearest enclosing key."""
+    while path:
+        pos = policy.position(path)
+        if pos is not None:
+            return pos
+        path = path[:-1]
+    return (1, 1)
+
+
+def _is_event_driven(rule: R.RuleModel, with_metrics: bool) -> bool:
+    """Rules that fire on outside events (signals, metrics) the simulation does not invent."""
+    for node in R.walk(rule):
+        if isinstance(node, R.OnSignalRule):
+            return True
+        if isinstance(node, R.ImprovedRule) and not with_metrics:
+            return True
+    return False
+
+
+def _uses_share(rule: R.RuleModel) -> Optional[tuple]:
+    """The first key (as a path inside the rule) whose value is a share of the run."""
+
+    def visit(model, path):
+        for name in type(model).model_fields:
+            value = getattr(model, name)
+            if isinstance(value, Share):
+                return path + (name,)
+            items = value if isinstance(value, tuple) else (value,)
+            for i, item in enumerate(items):
+                if isinstance(item, R.Model):
+                    sub = path + ((name, i) if isinstance(value, tuple) else (name,))
+                    found = visit(item, sub)
+                    if found:
+                        return found
+        return None
+
+    return visit(rule, ())
+
+
+def _shape(args, policy: Policy) -> Tuple[Optional[int], Optional[int], Optional[float], str]:
+    run = policy.run
+    total = args.total_steps if args.total_steps is not None else (run.total_steps if run else None)
+    spe = args.steps_per_epoch if args.steps_per_epoch is not None else (run.steps_per_epoch if run else None)
+    secs = args.step_seconds if args.step_seconds is not None else (run.step_seconds if run else None)
+    given = [args.total_steps, args.steps_per_epoch, args.step_seconds]
+    if all(v is None for v in given):
+        origin = "[run]" if run else ""
+    elif all(v is not None for v in given) or run is None:
+        origin = "flags"
+    else:
+        origin = "flags and [run]"
+    return total, spe, secs, origin
+
+
+def analyse(path: str, args) -> Report:
+    report = Report(path)
+    try:
+        policy = load(path)
+    except PolicyError as exc:
+        report.errors = exc.diagnostics
+        return report
+    report.policy = policy
+    total, spe, secs, origin = _shape(args, policy)
+    report.total_steps, report.steps_per_epoch, report.step_seconds, report.shape_from = total, spe, secs, origin
+
+    final_off = "final = false turns off the guarantee that the last step is saved"
+    if total is None:
+        if not policy.final:
+            report.warnings.append(Finding(*_where(policy, "final"), final_off))
+        for i, rule in enumerate(policy.rules):
+            share = _uses_share(rule)
+            if share:
+                report.warnings.append(Finding(
+                    *_where(policy, "rules", i, *share),
+                    f"rules[{i}] uses a share of the run, but no total_steps is known: add [run] total_steps or "
+                    "pass --total-steps here, and give the loop's total to the decider "
+                    "(Progress.total_steps or Policy.compile(total_steps)); without it the first decision fails"))
+        report.notes.append(Finding(1, 1, "not simulated: no run length; add [run] total_steps or pass --total-steps"))
+        return report
+    if spe is not None and spe > total:
+        report.warnings.append(Finding(*_where(policy, "run", "steps_per_epoch"),
+                                       f"steps_per_epoch {spe:,} is longer than the run ({total:,} steps)"))
+    try:
+        sim = policy.simulate(total, spe, secs)
+    except PolicyError as exc:  # a share that resolves to something impossible for this total
+        report.errors = [d._replace(source=path) for d in exc.diagnostics]
+        return report
+    report.simulation = sim
+    _rule_findings(report, policy, sim, total, spe, secs)
+    _retention_findings(report, policy, sim)
+    if not policy.final:
+        last = sim.saves[-1][0] if sim.saves else 0
+        lost = total - last
+        if lost == 0:
+            report.warnings.append(Finding(*_where(policy, "final"), final_off + " (this run saves it anyway)"))
+        else:
+            report.warnings.append(Finding(
+                *_where(policy, "final"),
+                f"{final_off}: in this run steps {last + 1:,}-{total:,} ({lost:,} step{'s' if lost != 1 else ''}"
+                + (f", {format_seconds(lost * secs)} of training" if secs else "")
+                + ") are in no checkpoint; remove `final = false` to save the last step"))
+    return report
+
+
+def _rule_findings(report, policy, sim, total, spe, secs) -> None:
+    epochs = math.ceil(total / spe) if spe else 1
+    for i, rule in enumerate(policy.rules):
+        where = _where(policy, "rules", i)
+        name = R.describe(rule)
+        if _is_event_driven(rule, with_metrics=False):
+            report.notes.append(Finding(*where, f"rules[{i}] {name} fires on events, not simulated"))
+            continue
+        if any(isinstance(n, R.EveryTimeRule) for n in R.walk(rule)) and secs is None:
+            report.notes.append(Finding(*where, f"rules[{i}] {name} reads the training clock, not simulated: "
+                                                "give --step-seconds or [run] step_seconds"))
+            continue
+        longer = _longer_than_run(rule, total, epochs, secs)
+        if longer:
+            report.warnings.append(Finding(*_where(policy, "rules", i, longer[0]), f"rules[{i}] {longer[1]}"))
+        elif name not in sim.fired:
+            report.warnings.append(Finding(*where, f"rules[{i}] {name} never fires in this run of {total:,} steps"))
+
+
+def _longer_than_run(rule, total, epochs, secs) -> Optional[Tuple[str, str]]:
+    if isinstance(rule, R.EveryStepsRule):
+        every = rule.every.resolve(total) if isinstance(rule.every, Share) else rule.every
+        if every > total:
+            return "every", f"interval {every:,} steps is longer than the run ({total:,} steps): it never fires"
+    if isinstance(rule, R.EveryTimeRule) and secs is not None:
+        if rule.every.seconds > total * secs:
+            return "every", (f"interval {rule.every} is longer than the run "
+                             f"({format_seconds(total * secs)} of training): it never fires")
+    if isinstance(rule, R.EpochEndRule) and rule.every > epochs:
+        return "every", f"every {rule.every} epochs, but the run has {epochs}: it never fires"
+    return None
+
+
+def _retention_findings(report, policy, sim) -> None:
+    retention = policy.retention
+    if retention is None:
+        return
+    total = report.total_steps
+    if retention.keep_every is not None and retention.keep_every > total:
+        report.warnings.append(Finding(*_where(policy, "retention", "keep_every"),
+                                       f"keep_every {retention.keep_every:,} is longer than the run "
+                                       f"({total:,} steps): it keeps nothing"))
+    if len(sim.saves) > 1 and len(sim.kept) == 1 and sim.kept[0] == sim.saves[-1][0]:
+        report.warnings.append(Finding(
+            *_where(policy, "retention"),
+            "retention leaves only the final checkpoint: if it is damaged there is nothing to fall back to; "
+            "raise keep_last to 2 or more"))
+
+
+# -- output -------------------------------------------------------------------
+
+
+def _fmt_steps(n: int) -> str:
+    return f"{n:,}"
+
+
+def _timeline(sim: Simulation, width: int = TIMELINE_WIDTH) -> str:
+    """One character per 1/width of the run: '.' no save, '|' one, '#' several."""
+    total = sim.total_steps
+    width = min(width, total)
+    counts = [0] * width
+    for step, _ in sim.saves:
+        counts[min(width - 1, (step - 1) * width // total)] += 1
+    return "".join("." if c == 0 else "|" if c == 1 else "#" for c in counts)
+
+
+def _run_line(r: Report) -> str:
+    parts = [f"{_fmt_steps(r.total_steps)} steps"]
+    if r.steps_per_epoch:
+        epochs = math.ceil(r.total_steps / r.steps_per_epoch)
+        parts.append(f"{epochs} epoch{'s' if epochs != 1 else ''} of {_fmt_steps(r.steps_per_epoch)}")
+    if r.step_seconds:
+        parts.append(f"{r.step_seconds:g} s/step ({format_seconds(r.total_steps * r.step_seconds)})")
+    return ", ".join(parts) + (f"   (from {r.shape_from})" if r.shape_from else "")
+
+
+def _summarise_reasons(saves) -> str:
+    counts = {}
+    for _, reasons in saves:
+        for reason in reasons:
+            counts[reason] = counts.get(reason, 0) + 1
+    return ", ".join(f"{reason} x{n}" for reason, n in counts.items())
+
+
+def render_text(r: Report, show_all: bool, out) -> None:
+    for d in r.errors:
+        print(str(d), file=out)
+    if r.errors:
+        return
+    policy, sim = r.policy, r.simulation
+    rules = len(policy.rules)
+    guarantee = "the final step is always saved" if policy.final else "final step NOT guaranteed"
+    print(f"{r.file}: valid, {rules} rule{'s' if rules != 1 else ''}, {guarantee}", file=out)
+    if sim is not None:
+        print(f"  run      {_run_line(r)}", file=out)
+        print(f"  saves    {len(sim.saves)}", file=out)
+        timed = r.step_seconds is not None
+        rows = [(s, reasons) for s, reasons in sim.saves]
+        width = max([len(_fmt_steps(s)) for s, _ in rows] + [4])
+        header = f"    {'step':>{width}}  " + (f"{'time':>9}  " if timed else "") + "reasons"
+        print(header, file=out)
+
+        def row(step, reasons):
+            time = f"{format_seconds(sim.time_of(step)):>9}  " if timed else ""
+            return f"    {_fmt_steps(step):>{width}}  {time}{', '.join(reasons)}"
+
+        if len(rows) > ELIDE_ABOVE and not show_all:
+            hidden = rows[SHOWN_AT_EACH_END:-SHOWN_AT_EACH_END]
+            for s, reasons in rows[:SHOWN_AT_EACH_END]:
+                print(row(s, reasons), file=out)
+            print(f"    {'...':>{width}}  {len(hidden)} more saves ({_summarise_reasons(hidden)}); --all lists them",
+                  file=out)
+            for s, reasons in rows[-SHOWN_AT_EACH_END:]:
+                print(row(s, reasons), file=out)
+        else:
+            for s, reasons in rows:
+                print(row(s, reasons), file=out)
+        kept = ", ".join(_fmt_steps(s) for s in sim.kept) or "none"
+        print(f"  kept     {kept}   ({len(sim.kept)} at the end, at most {sim.peak_kept} at once)", file=out)
+        gap = f"{_fmt_steps(sim.max_gap_steps)} steps"
+        if sim.max_gap_seconds is not None:
+            gap += f" ({format_seconds(sim.max_gap_seconds)} of training)"
+        print(f"  max gap  {gap}: the most work a crash can lose", file=out)
+        print(f"  timeline 0 [{_timeline(sim)}] {_fmt_steps(sim.total_steps)}", file=out)
+    for n in r.notes:
+        print(f"  note: {n.message}", file=out)
+    for w in r.warnings:
+        print(f"{r.file}:{w.line}:{w.col}: warning: {w.message}", file=out)
+
+
+def to_json(r: Report) -> dict:
+    doc = {
+        "file": r.file,
+        "valid": not r.errors,
+        "errors": [{"line": d.line, "col": d.col, "message": d.message} for d in r.errors],
+        "warnings": [{"line": w.line, "col": w.col, "message": w.message} for w in r.warnings],
+        "notes": [{"line": n.line, "col": n.col, "message": n.message} for n in r.notes],
+    }
+    if r.policy is not None:
+        doc["final"] = r.policy.final
+        doc["digest"] = r.policy.digest
+        doc["run"] = {"total_steps": r.total_steps, "steps_per_epoch": r.steps_per_epoch,
+                      "step_seconds": r.step_seconds, "from": r.shape_from or None}
+    sim = r.simulation
+    if sim is not None:
+        doc.update(
+            saves=[{"step": s, "time": sim.time_of(s), "reasons": list(reasons)} for s, reasons in sim.saves],
+            kept=sim.kept,
+            peak_kept=sim.peak_kept,
+            max_gap_steps=sim.max_gap_steps,
+            max_gap_seconds=sim.max_gap_seconds,
+            fired=sim.fired,
+            timeline=_timeline(sim),
+        )
+    return doc
+
+
+# -- command line -------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # exit 2 with a hint, as argparse does, but say what to do
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (0 < value < math.inf):
+        raise argparse.ArgumentTypeError(f"must be a positive, finite number of seconds, got {text!r}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m saverules.check",
+                description="Validate saverules policies and simulate their save schedule.")
+    p.add_argument("files", nargs="+", metavar="FILE", help="policy files (TOML)")
+    p.add_argument("--total-steps", type=_positive_int, metavar="N", help="run length to simulate (overrides [run])")
+    p.add_argument("--steps-per-epoch", type=_positive_int, metavar="N", help="epoch length (overrides [run])")
+    p.add_argument("--step-seconds", type=_positive_float, metavar="S",
+                   help="seconds per optimizer step, for time rules (overrides [run])")
+    p.add_argument("--format", choices=("text", "json"), default="text", help="output format (default text)")
+    p.add_argument("--strict", action="store_true", help="treat warnings as errors (exit 1)")
+    p.add_argument("--all", action="store_true", help="list every save instead of eliding the middle")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    reports = [analyse(path, args) for path in args.files]
+    failed = any(r.errors or (args.strict and r.warnings) for r in reports)
+    if args.format == "json":
+        json.dump({"files": [to_json(r) for r in reports], "strict": args.strict, "ok": not failed},
+                  sys.stdout, indent=2)
+        print()
+    else:
+        for i, r in enumerate(reports):
+            if i:
+                print()
+            render_text(r, args.all, sys.stdout)
+        if args.strict and any(r.warnings for r in reports) and not any(r.errors for r in reports):
+            print("--strict: warnings count as errors", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:  # e.g. piped into head
+        sys.exit(0)

@@ -1,0 +1,235 @@
+"""The checker: python -m saverules.check, its output, warnings and exit codes; the JSON Schema."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from saverules import check, schema
+
+REPO = Path(__file__).resolve().parent.parent
+RULES = sorted((REPO / "rules").glob("*.toml"))
+
+
+def run_check(*args, cwd=REPO):
+    proc = subprocess.run([sys.executable, "-m", "saverules.check", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, timeout=60)
+    assert "Traceback" not in proc.stdout + proc.stderr
+    return proc
+
+
+def main(capsys, *args):
+    code = check.main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def write(tmp_path, text, name="policy.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_default_policy_prints_the_schedule():
+    proc = run_check("rules/default.toml")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "rules/default.toml: valid" in out
+    assert re.search(r"\n +40,000 +4h26m40s +final, every_steps\(every=5%\), epoch_end, tail\(interval=5%\)\n", out)
+    assert "kept     10,000, 20,000, 30,000, 39,997, 39,999, 40,000" in out
+    assert "max gap  2,000 steps" in out
+    assert "timeline 0 [" in out
+    assert "on_signal" in out and "fires on events, not simulated" in out
+    assert "warning" not in out
+
+
+@pytest.mark.parametrize("path", [p for p in RULES if p.name != "minimind-legacy.toml"], ids=lambda p: p.name)
+def test_shipped_policies_pass_strict(path):
+    proc = run_check(path, "--strict")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "warning" not in proc.stdout
+
+
+def test_legacy_policy_shows_the_lost_tail_and_fails_strict():
+    proc = run_check("rules/minimind-legacy.toml", "--strict")
+    assert proc.returncode == 1
+    assert ("rules/minimind-legacy.toml:11:1: warning: final = false turns off the guarantee that the last step is "
+            "saved: in this run steps 20,001-39,998 (19,998 steps") in proc.stdout
+    assert run_check("rules/minimind-legacy.toml").returncode == 0  # warnings alone do not fail without --strict
+
+
+def test_flags_override_the_run_table(capsys):
+    code, out, _ = main(capsys, REPO / "rules/minimind-legacy.toml", "--total-steps", "39998", "--format", "json")
+    doc = json.loads(out)["files"][0]
+    assert [s["step"] for s in doc["saves"]] == [20000]
+    code, out, _ = main(capsys, REPO / "rules/default.toml", "--total-steps", "1000", "--steps-per-epoch", "300",
+                        "--step-seconds", "2", "--format", "json")
+    assert code == 0
+    doc = json.loads(out)["files"][0]
+    steps = [s["step"] for s in doc["saves"]]
+    assert doc["run"] == {"total_steps": 1000, "steps_per_epoch": 300, "step_seconds": 2.0, "from": "flags"}
+    assert {300, 600, 900, 1000} <= set(steps)           # epoch ends, the last one at the final step
+    assert set(range(50, 951, 50)) <= set(steps)          # 5% of 1000
+    assert doc["saves"][-1]["time"] == 2000.0
+    assert doc["max_gap_steps"] == max(b - a for a, b in zip([0] + steps, steps))
+
+
+def test_syntax_error_is_reported_with_file_line_col(tmp_path):
+    path = write(tmp_path, 'version = 1\n[[rules]]\nkind = "every_steps"\nevery = = 3\n')
+    proc = run_check(path)
+    assert proc.returncode == 1
+    assert proc.stdout.startswith(f"{path}:4:")
+    assert ": error: TOML syntax" in proc.stdout
+
+
+def test_validation_error_points_at_the_key(tmp_path):
+    path = write(tmp_path, 'version = 1\n\n[[rules]]\nkind = "every_steps"\nevery = "5"\n')
+    proc = run_check(path)
+    assert proc.returncode == 1
+    line = proc.stdout.splitlines()[0]
+    assert line.startswith(f"{path}:5:1: error: rules[0].every")
+
+
+def test_unknown_kind_suggests_the_closest(tmp_path):
+    path = write(tmp_path, 'version = 1\n[[rules]]\nkind = "every_step"\nevery = 5\n')
+    proc = run_check(path)
+    assert proc.returncode == 1 and "every_steps" in proc.stdout and ":3:" in proc.stdout
+
+
+def test_missing_file_is_an_error_not_a_traceback(tmp_path):
+    proc = run_check(tmp_path / "nope.toml")
+    assert proc.returncode == 1
+    assert "nope.toml:1:1: error: cannot read the file" in proc.stdout
+
+
+@pytest.mark.parametrize("args", [[], ["rules/default.toml", "--total-steps", "0"],
+                                  ["rules/default.toml", "--step-seconds", "nan"],
+                                  ["rules/default.toml", "--format", "yaml"], ["rules/default.toml", "--bogus"]])
+def test_bad_usage_exits_2(args):
+    proc = run_check(*args)
+    assert proc.returncode == 2
+    assert "error" in proc.stderr
+
+
+def test_rule_that_never_fires_is_a_warning_with_its_line(tmp_path, capsys):
+    path = write(tmp_path, 'version = 1\n[run]\ntotal_steps = 100\n\n[[rules]]\nkind = "at_steps"\nsteps = [500]\n')
+    code, out, _ = main(capsys, path)
+    assert code == 0
+    assert f"{path}:5:1: warning: rules[0] at_steps(steps=[500]) never fires in this run of 100 steps" in out
+    assert main(capsys, path, "--strict")[0] == 1
+
+
+def test_interval_longer_than_the_run_is_a_warning(tmp_path, capsys):
+    path = write(tmp_path, 'version = 1\n[run]\ntotal_steps = 1000\nstep_seconds = 1.0\n'
+                           '[[rules]]\nkind = "every_steps"\nevery = 5000\n'
+                           '[[rules]]\nkind = "every_time"\nevery = "2h"\n')
+    code, out, _ = main(capsys, path, "--format", "json")
+    doc = json.loads(out)["files"][0]
+    messages = [(w["line"], w["message"]) for w in doc["warnings"]]
+    assert (7, "rules[0] interval 5,000 steps is longer than the run (1,000 steps): it never fires") in messages
+    assert any(line == 10 and "interval 2h is longer than the run" in m for line, m in messages)
+    assert [s["step"] for s in doc["saves"]] == [1000]      # only the final guarantee saves
+    assert doc["saves"][0]["reasons"] == ["final"]
+
+
+def test_shares_without_a_total_are_a_warning_and_not_simulated(tmp_path, capsys):
+    path = write(tmp_path, 'version = 1\n[[rules]]\nkind = "every_steps"\nevery = "10%"\n')
+    code, out, _ = main(capsys, path)
+    assert code == 0
+    assert f"{path}:4:1: warning: rules[0] uses a share of the run, but no total_steps is known" in out
+    assert "not simulated: no run length" in out
+    code, out, _ = main(capsys, path, "--total-steps", "50")
+    assert code == 0 and "warning" not in out
+    assert re.search(r"\n +50 +final, every_steps\(every=10%\)\n", out)
+    assert re.search(r"\n +5 +every_steps\(every=10%\)\n", out)
+
+
+def test_retention_leaving_only_the_final_checkpoint_is_a_warning(tmp_path, capsys):
+    path = write(tmp_path, 'version = 1\n[run]\ntotal_steps = 100\n[[rules]]\nkind = "every_steps"\nevery = 10\n'
+                           '\n[retention]\nkeep_last = 1\n')
+    code, out, _ = main(capsys, path)
+    assert f"{path}:8:1: warning: retention leaves only the final checkpoint" in out
+    path.write_text(path.read_text().replace("keep_last = 1", "keep_last = 2"))
+    assert "warning" not in main(capsys, path)[1]
+
+
+def test_event_driven_rules_are_listed_not_warned(tmp_path, capsys):
+    path = write(tmp_path, 'version = 1\n[run]\ntotal_steps = 100\n'
+                           '[[rules]]\nkind = "improved"\nmetric = "loss"\n'
+                           '[[rules]]\nkind = "any"\nrules = [{ kind = "on_signal" }, { kind = "at_steps", steps = [1000] }]\n'
+                           '[[rules]]\nkind = "every_time"\nevery = "1h"\n')
+    code, out, _ = main(capsys, path, "--strict")
+    assert code == 0, out
+    assert "rules[0] improved(metric=\"loss\") fires on events, not simulated" in out
+    assert "rules[1] any(on_signal, at_steps(steps=[1000])) fires on events, not simulated" in out
+    assert "rules[2] every_time(every=1h) reads the training clock, not simulated" in out
+
+
+def test_long_schedules_are_elided_with_counts_and_all_lists_them(capsys):
+    code, out, _ = main(capsys, REPO / "rules/default.toml")
+    assert "14 more saves (every_steps(every=5%) x11, epoch_end x1, tail(interval=5%) x3)" in out
+    code, out, _ = main(capsys, REPO / "rules/default.toml", "--all")
+    assert "more saves" not in out
+    assert out.count("every_steps(every=5%)") == 20
+
+
+def test_several_files_and_one_bad_one(tmp_path, capsys):
+    bad = write(tmp_path, "version = 2\n")
+    code, out, _ = main(capsys, REPO / "rules/default.toml", bad, "--format", "json")
+    doc = json.loads(out)
+    assert code == 1 and doc["ok"] is False
+    assert [f["valid"] for f in doc["files"]] == [True, False]
+    assert doc["files"][1]["errors"][0]["line"] == 1
+    assert "version" in doc["files"][1]["errors"][0]["message"]
+
+
+def test_timeline_marks_every_save():
+    sim = __import__("saverules").loads("version = 1\n[[rules]]\nkind = \"every_steps\"\nevery = 25\n").simulate(100)
+    assert check._timeline(sim, width=4) == "||||"
+    assert check._timeline(sim, width=8) == ".|.|.|.|"
+    assert check._timeline(sim, width=200) == "".join("|" if s % 25 == 0 else "." for s in range(1, 101))
+
+
+def test_import_saverules_and_check_do_not_import_torch():
+    code = "import sys, saverules, saverules.check, saverules.schema; assert 'torch' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+# -- JSON Schema ------------------------------------------------------------------------------------
+
+
+def test_schema_file_is_up_to_date():
+    assert (REPO / "rules" / "schema.json").read_text() == schema.render(), (
+        "rules/schema.json is stale: python -m saverules.schema > rules/schema.json")
+
+
+@pytest.mark.parametrize("path", RULES, ids=lambda p: p.name)
+def test_shipped_policies_satisfy_the_schema(path):
+    jsonschema.validate(tomllib.loads(path.read_text()), schema.policy_schema())
+    assert path.read_text().startswith("#:schema ./schema.json")
+
+
+@pytest.mark.parametrize("text", [
+    'version = 1\n[[rules]]\nkind = "every_steps"\nevery = 0\n',
+    'version = 1\n[[rules]]\nkind = "evry_steps"\nevery = 5\n',
+    'version = 1\n[[rules]]\nkind = "every_time"\nevery = 30\n',
+    'version = 1\n[[rules]]\nkind = "every_steps"\nevery = 5\ncolour = "red"\n',
+    'final = true\n',
+])
+def test_schema_rejects_what_the_loader_rejects(text):
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(tomllib.loads(text), schema.policy_schema())
+    with pytest.raises(__import__("saverules").PolicyError):
+        __import__("saverules").loads(text)
+
+
+def test_schema_command_prints_json():
+    proc = subprocess.run([sys.executable, "-m", "saverules.schema"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    assert json.loads(proc.stdout)["properties"]["version"] == {"const": 1, "title": "Version"}
