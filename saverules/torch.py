@@ -908,16 +908,36 @@ def _rebuild_weights(loaded: Mapping[str, torch.Tensor], layout: Mapping[str, An
 # --------------------------------------------------------------------------
 
 
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _unsafe_detail(text: str) -> Optional[str]:
+    """The line of a weights-only refusal that names the object the file asked for, if any."""
+    for line in text.splitlines():
+        if "GLOBAL" in line or "global" in line:
+            return line.strip()
+    return None
+
+
 def _torch_load(path: Path, map_location: Any, mmap: bool = False) -> Any:
+    # The store writes torch's zip format only. Anything else is not one of its files, and
+    # is never handed to torch.load (whose fallback for other files is the legacy pickle path).
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(len(_ZIP_MAGIC))
+    except OSError as exc:
+        raise CheckpointError(f"saverules: cannot read {path}: {exc.strerror or exc}") from exc
+    if magic != _ZIP_MAGIC:
+        raise CheckpointError(f"saverules: cannot read {path}: it is not a torch.save zip archive (damaged?)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
-        text = str(exc)
-        if "weights only" in text.lower() or "weights_only" in text.lower():
-            first = text.strip().splitlines()[0] if text.strip() else ""
+        detail = _unsafe_detail(str(exc))
+        if detail is not None:
             raise UnsafeCheckpointError(
-                f"saverules: refused to load {path}: it holds objects other than tensors and plain values "
-                f"(it would need arbitrary pickled code to load, which saverules never runs). {first}"
+                f"saverules: refused to load {path}: it asks to unpickle an object that is not a tensor or a "
+                f"plain value ({detail}). Loading it would run code from the file, which saverules never does; "
+                "if you wrote this file yourself, store only the safe types listed in docs/checkpoints.md"
             ) from None
         raise CheckpointError(f"saverules: cannot read {path}: {exc}") from exc
     except Exception as exc:  # a damaged zip archive, wrong format...
