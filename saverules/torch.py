@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import collections
 import copy as _copy
+import ctypes
 import dataclasses
 import errno as _errno
 import hashlib
@@ -202,7 +203,11 @@ class _Snapshot:
             on_cpu = t.device.type == "cpu"
             pin = self.pinned and not on_cpu
             buf = self._buffer(nbytes, pin)
-            if nbytes:
+            if nbytes and on_cpu:
+                # One plain memcpy (the GIL is released): steadier than Tensor.copy_, whose
+                # worker threads slow to a crawl when other processes hold the cores.
+                ctypes.memmove(buf.data_ptr(), st.data_ptr(), nbytes)
+            elif nbytes:
                 src = torch.empty(0, dtype=torch.uint8, device=t.device).set_(st, 0, (nbytes,), (1,))
                 buf.copy_(src, non_blocking=pin)
                 self.needs_sync = self.needs_sync or pin
