@@ -1509,7 +1509,20 @@ class Checkpointer:
     # -- retention -----------------------------------------------------------------------
 
     def _retain(self, newest: Path) -> None:
-        infos = scan(self.dir, verify=self.verify != "none", _cache=self._cache)
+        """Delete what ``policy.retain`` drops, once ``newest`` is committed.
+
+        The plan is made from the manifests first; only when it deletes
+        something are the checkpoints re-hashed (each once per process, the
+        results are cached) and the plan made again, so that a damaged
+        checkpoint is never counted in place of a good one that would go.
+        """
+        plan = self._plan(scan(self.dir, verify=False), newest)
+        if plan and self.verify != "none":
+            plan = self._plan(scan(self.dir, verify=True, _cache=self._cache), newest)
+        for path in plan:
+            self._delete(path)
+
+    def _plan(self, infos: Sequence[CheckpointInfo], newest: Path) -> List[Path]:
         valid = [i for i in infos if i.ok and i.step is not None]
         for info in infos:
             if not info.ok and str(info.path) not in self._warned:
@@ -1519,14 +1532,12 @@ class Checkpointer:
                     "by retention and is left on disk for you to inspect or delete"
                 )
         if not valid:
-            return
+            return []
         keep = self.policy.retain([i.as_checkpoint() for i in valid])
         if len(keep) != len(valid):
             raise CheckpointError(f"policy.retain returned {len(keep)} answers for {len(valid)} checkpoints")
-        for info, k in zip(valid, keep):
-            if k or info.path == newest:
-                continue
-            self._delete(info.path)
+        # The checkpoint just written always stays until the next one is committed.
+        return [info.path for info, k in zip(valid, keep) if not k and info.path != newest]
 
     def _delete(self, path: Path) -> None:
         trash = path.parent / _hidden_name(_DEL_PREFIX, path.name)

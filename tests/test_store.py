@@ -557,6 +557,35 @@ def test_retention_keeps_the_checkpoint_just_written(tmp_path):
     assert checkpoint_dirs(tmp_path) == ["step-00000001", "step-00000003"]
 
 
+def test_retention_rehashes_old_checkpoints_only_when_it_deletes(tmp_path, monkeypatch):
+    keep_10 = EVERY_1_KEEP_2.replace("keep_last = 2", "keep_last = 10")
+    ck = Checkpointer(policy(keep_10), tmp_path)
+    for s in (1, 2, 3):
+        ck.step(Progress(s), small_state(s))
+    hashed = []
+    real_hash = st._hash_file
+
+    def counting_hash(path):
+        name = Path(path).parent.name
+        hashed.append("new" if name.startswith(".tmp-") else name)  # "new": the write being verified
+        return real_hash(path)
+
+    monkeypatch.setattr(st, "_hash_file", counting_hash)
+    # A new process: nothing is cached. Keeping everything needs no re-hash of old checkpoints.
+    Checkpointer(policy(keep_10), tmp_path).step(Progress(4), small_state(4))
+    assert hashed == ["new"]
+    hashed.clear()
+    # When retention deletes, the checkpoints it counts are re-hashed first, each once per process.
+    ck = Checkpointer(policy(EVERY_1_KEEP_2), tmp_path)
+    ck.step(Progress(5), small_state(5))
+    assert checkpoint_dirs(tmp_path) == ["step-00000004", "step-00000005"]
+    assert sorted(hashed) == ["new"] + [f"step-{s:08d}" for s in (1, 2, 3, 4)]
+    hashed.clear()
+    ck.step(Progress(6), small_state(6))
+    assert checkpoint_dirs(tmp_path) == ["step-00000005", "step-00000006"]
+    assert hashed == ["new"]
+
+
 # --------------------------------------------------------------------------
 # Verification modes
 # --------------------------------------------------------------------------
