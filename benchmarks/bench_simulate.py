@@ -1,0 +1,142 @@
+"""Schedule simulation: ``Policy.simulate`` against stepping through every step.
+
+``Policy.simulate`` visits only the steps where something can happen.  The
+baselines decide every single step: a plain loop over the real decider
+(``for s in range(1, n + 1): decider(progress_at(s, ...))``), and, when the
+test suite's brute-force oracle (tests/oracle.py) is present, that oracle.
+Per-step baselines run only where they finish in reasonable time; the other
+figures are extrapolated linearly from the largest size measured, and marked so.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+from pathlib import Path
+
+import saverules
+from saverules.simulate import progress_at
+
+from . import Row, interleaved, median, timed
+
+NAME = "simulate"
+ROOT = Path(__file__).resolve().parent.parent
+STEP_SECONDS = 0.4          # the [run] of rules/default.toml
+EPOCH_STEPS = 20_000        # ditto
+GOAL_S = 1.0
+
+
+def _oracle():
+    """tests/oracle.py's ``oracle_saves``, or None when the file is not there."""
+    tests = ROOT / "tests"
+    if not (tests / "oracle.py").is_file():
+        return None
+    if str(tests) not in sys.path:
+        sys.path.insert(0, str(tests))
+    try:
+        return importlib.import_module("oracle").oracle_saves
+    except Exception:  # a broken oracle must not stop the benchmark
+        return None
+
+
+def _steps(saves) -> list:
+    """Saved steps from a list of steps or of (step, reasons) pairs."""
+    out = []
+    for s in saves:
+        out.append(int(s[0]) if isinstance(s, (tuple, list)) else int(s))
+    return out
+
+
+def per_step(policy, n, spe, sec) -> list:
+    decide = policy.compile(n)
+    return [s for s in range(1, n + 1) if decide(progress_at(s, n, spe, sec)).save]
+
+
+def run(quick: bool = False) -> list:
+    policy = saverules.load(ROOT / "rules" / "default.toml")
+    oracle = _oracle()
+    sizes = [10**4, 10**6, 10**9]
+    per_step_max = 10**4 if quick else 10**6   # largest size the per-step loop runs at
+    oracle_budget = 2.0 if quick else 60.0     # seconds the oracle may take at one size
+    repeats = 3 if quick else 5
+    rows = []
+    measured_rate = {}  # baseline -> seconds per step at the largest size run
+    measured_at = {}    # baseline -> that size
+
+    for n in sizes:
+        spe = max(1, n // 2)  # two epochs: the shape of [run], scaled to n
+        sim = policy.simulate(n, steps_per_epoch=spe, step_seconds=STEP_SECONDS)
+        variants = {"simulate": lambda n=n, spe=spe: timed(
+            lambda: policy.simulate(n, steps_per_epoch=spe, step_seconds=STEP_SECONDS))}
+        run_per_step = n <= per_step_max
+        agree = None
+        if run_per_step:
+            variants["per_step"] = lambda n=n, spe=spe: timed(lambda: per_step(policy, n, spe, STEP_SECONDS))
+            agree = per_step(policy, n, spe, STEP_SECONDS) == sim.saved_steps
+        run_oracle = False
+        if oracle is not None:
+            rate = measured_rate.get("oracle")
+            run_oracle = rate is None or rate * n <= oracle_budget
+            if run_oracle:
+                t = timed(lambda: oracle(policy, n, steps_per_epoch=spe, step_seconds=STEP_SECONDS))
+                measured_rate["oracle"], measured_at["oracle"] = t / n, n
+                variants["oracle"] = lambda n=n, spe=spe: timed(
+                    lambda: oracle(policy, n, steps_per_epoch=spe, step_seconds=STEP_SECONDS))
+                got = _steps(oracle(policy, n, steps_per_epoch=spe, step_seconds=STEP_SECONDS))
+                agree = (agree is not False) and got == sim.saved_steps
+        reps = repeats if n <= 10**4 else min(repeats, 3)
+        samples = interleaved(variants, reps, warmup=0 if n > 10**4 else 1)
+        sim_s = median(samples["simulate"])
+        label = f"10^{len(str(n)) - 1} steps"
+        goal = met = None
+        if n == 10**9:
+            goal, met = f"< {GOAL_S:g} s", sim_s < GOAL_S
+        baselines = {}
+        for base in ("per_step", "oracle"):
+            if base in samples:
+                baselines[base] = (median(samples[base]), False)
+                measured_rate[base] = baselines[base][0] / n
+                measured_at[base] = n
+            elif base in measured_rate:
+                baselines[base] = (measured_rate[base] * n, True)
+        main_base = baselines.get("per_step")
+        rows.append(Row(
+            NAME, f"Policy.simulate, {label} ({len(sim.saves)} saves)", sim_s, "s",
+            ratio=sim_s / main_base[0] if main_base else None,
+            vs="per-step decider loop" + (" (extrapolated)" if main_base and main_base[1] else ""),
+            goal=goal, met=met, samples=samples["simulate"],
+            note="" if agree is None else ("same saves as the per-step run" if agree
+                                          else "DIFFERENT saves from the per-step run: an engine bug"),
+        ))
+        names = {"per_step": "per-step decider loop", "oracle": "brute-force oracle (tests/oracle.py)"}
+        for base, (secs, extra) in baselines.items():
+            rows.append(Row(NAME, f"{names[base]}, {label}", secs, "s", extrapolated=extra,
+                            samples=samples.get(base, []),
+                            note=f"not run: linear from the measured 10^{len(str(measured_at[base])) - 1} steps"
+                            if extra else ""))
+        if agree is False:
+            rows.append(Row(NAME, f"simulate agrees with per-step, {label}", 0.0, "", goal="same saves", met=False))
+    if oracle is None:
+        rows.append(Row(NAME, "brute-force oracle", None, "", note="tests/oracle.py not present: not measured"))
+
+    # Stress shape: the default's fixed 20000-step epochs, so the number of saves grows with n.
+    stress = [10**6, 10**7] if quick else [10**7, 4 * 10**7]
+    secs = []
+    for n in stress:
+        secs.append(median([timed(lambda n=n: policy.simulate(n, steps_per_epoch=EPOCH_STEPS,
+                                                              step_seconds=STEP_SECONDS)) for _ in range(2)]))
+    (n1, t1), (n2, t2) = zip(stress, secs)
+    for n, t in zip(stress, secs):
+        saves = len(policy.simulate(n, steps_per_epoch=EPOCH_STEPS, step_seconds=STEP_SECONDS).saves)
+        rows.append(Row(NAME, f"Policy.simulate, 10^{len(str(n)) - 1}{'x4' if str(n)[0] == '4' else ''} steps, "
+                              f"20000-step epochs ({saves} saves)", t, "s", samples=[t]))
+    # Fit t = a*n + b*n^2 through the two points to extrapolate to 10^9.
+    b = max(0.0, (t2 / n2 - t1 / n1) / (n2 - n1))
+    a = max(0.0, t1 / n1 - b * n1)
+    big = 10**9
+    rows.append(Row(NAME, "Policy.simulate, 10^9 steps, 20000-step epochs (50000 saves)", a * big + b * big * big, "s",
+                    extrapolated=True, goal=f"< {GOAL_S:g} s", met=(a * big + b * big * big) < GOAL_S,
+                    note=f"not run: fitted a*n + b*n^2 through the two sizes above "
+                         f"(growth x{t2 / t1:.1f} for x{n2 / n1:.0f} steps); the cost is retention, "
+                         f"re-evaluated over every kept checkpoint at each save"))
+    return rows
