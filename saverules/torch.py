@@ -68,6 +68,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("saverules.torch")
+log.addHandler(logging.NullHandler())  # warnings reach the user through `warnings`; logs only when configured
 
 #: File names inside a checkpoint directory and in the store's root.
 MANIFEST = "manifest.json"

@@ -965,3 +965,25 @@ def test_importing_saverules_does_not_import_torch():
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+# --------------------------------------------------------------------------
+# docs/checkpoints.md
+# --------------------------------------------------------------------------
+
+
+def test_the_examples_in_docs_checkpoints_run(tmp_path, monkeypatch):
+    """The page's ```python blocks run in order, in one namespace (later ones use earlier names)."""
+    import re
+
+    text = (REPO / "docs" / "checkpoints.md").read_text()
+    blocks = re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
+    assert len(blocks) >= 3
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(st._fs, "fsync", st._fs.fsync)  # put back even if an example fails half-way
+    namespace = {"__name__": "__doc_example__"}
+    for i, code in enumerate(blocks):
+        exec(compile(code, f"docs/checkpoints.md[python block {i + 1}]", "exec"), namespace)
+    assert checkpoint_dirs(tmp_path / "checkpoints") == ["step-00000150", "step-00000200"]
+    assert checkpoint_dirs(tmp_path / "warn-demo") == ["step-00000011"]
+    assert st._fs.fsync.__self__ is st._fs  # the example put the real fsync back
