@@ -162,6 +162,27 @@ def test_name_template_with_epoch_and_run(tmp_path):
     assert ck.latest().name == "exp1-e2-s4"
 
 
+def test_name_template_with_utc_time(tmp_path):
+    from datetime import timezone
+
+    pol = policy(EVERY_2, extra='\n[storage]\nname = "s{step}-{time:%Y%m%d}"\n')
+    ck = Checkpointer(pol, tmp_path)
+    ck.save(Progress(4), small_state())
+    info = ck.latest()
+    assert info.name == f"s4-{info.utc.astimezone(timezone.utc):%Y%m%d}"
+    assert info.utc.utcoffset().total_seconds() == 0
+
+
+@pytest.mark.parametrize("name", ["../up-{step}", "/abs/{step}", "a/{step}", ".hidden-{step}"])
+def test_a_name_template_escaping_the_directory_is_rejected_at_load(tmp_path, name):
+    path = tmp_path / "p.toml"
+    path.write_text(EVERY_2 + f'\n[storage]\nname = "{name}"\n')
+    with pytest.raises(saverules.PolicyError) as info:
+        Checkpointer(path, tmp_path / "store")
+    assert "p.toml" in str(info.value) and "name" in str(info.value)
+    assert not (tmp_path / "store").exists()
+
+
 def test_manual_save_tells_the_decider(tmp_path):
     pol = saverules.loads('version = 1\nfinal = false\n[[rules]]\nkind = "every_time"\nevery = "10s"\n')
     ck = Checkpointer(pol, tmp_path)
@@ -987,3 +1008,28 @@ def test_the_examples_in_docs_checkpoints_run(tmp_path, monkeypatch):
     assert checkpoint_dirs(tmp_path / "checkpoints") == ["step-00000150", "step-00000200"]
     assert checkpoint_dirs(tmp_path / "warn-demo") == ["step-00000011"]
     assert st._fs.fsync.__self__ is st._fs  # the example put the real fsync back
+
+
+# --------------------------------------------------------------------------
+# Distributed runs: every rank decides, rank 0 writes
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_only_rank_0_writes_and_the_manifest_records_the_world_size(tmp_path, monkeypatch, rank):
+    dist = torch.distributed
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: rank)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    ck = Checkpointer(policy(), tmp_path / "store")  # step rules only: the decision needs no collective
+    assert ck.world_size == 2 and ck.is_writer == (rank == 0)
+    decisions = [ck.step(Progress(s, total_steps=4), small_state(s)).save for s in range(1, 5)]
+    assert decisions == [False, True, False, True]  # every rank takes the same decisions
+    ck.close()
+    if rank == 0:
+        assert checkpoint_dirs(tmp_path / "store") == ["step-00000002", "step-00000004"]
+        m = json.loads((tmp_path / "store" / "step-00000004" / "manifest.json").read_text())
+        assert m["world_size"] == 2
+    else:
+        assert not (tmp_path / "store").exists()
