@@ -23,8 +23,12 @@ communicating rarely:
 * A step where the loop reports metrics is a sync step when the policy
   watches metrics (rank 0's metrics are sent along); the last step of the run
   is always a sync step, so no signal is lost at the end.
+* :func:`sync_schedule` gives the sync steps (and so the number of
+  collectives) for a steady step time without running anything, and
+  :attr:`SyncedDecider.collectives` counts the calls actually issued.
 
-See docs/ddp.md for the protocol and the exact lateness bound.
+See docs/distributed.md for the protocol, the lateness bound and measured
+collective counts.
 
 torch is imported lazily, inside the functions that talk to the process
 group, so that ``import saverules`` never imports torch.
@@ -38,20 +42,88 @@ from typing import Any, Mapping, Optional
 
 from .progress import Decision, Progress
 
-__all__ = ["SyncedDecider", "signal_code", "signal_from_code", "dist_info"]
+__all__ = ["SyncedDecider", "sync_schedule", "signal_code", "signal_from_code", "dist_info"]
 
 # Layout of the float64 vector reduced (with MAX) at each sync step.
 _TIME = 0          # rank 0's clock; -inf elsewhere
 _HAS_TIME = 1      # 1.0 if rank 0 had a clock reading
 _NEXT = 2          # next sync step chosen by rank 0; -inf elsewhere
 _INTERVAL = 3      # the interval (steps) rank 0 chose
-_R0_SIGNAL = 4     # rank 0's own signal code (0 none, -1 unnamed); -inf elsewhere
+_UNUSED = 4        # reserved (always -inf)
 _ANY_UNNAMED = 5   # 1.0 if some rank saw an unnamed signal (signal=True)
 _SIG_BASE = 6      # one slot per signal number 1..64: 1.0 if some rank saw it
 _NSIG = 64
 _LEN = _SIG_BASE + _NSIG
 
 _NEG = float("-inf")
+
+# When several different signals are agreed at one sync, the one the inner
+# decider sees: a stop request first, then the lowest signal number.
+_FIRST = ("SIGTERM", "SIGINT")
+
+
+def _next_interval(prev: int, steps: int, dt: float, sync_seconds: float, max_interval: Optional[int]) -> int:
+    """Steps until the next sync, from ``steps`` run in ``dt`` seconds since the last one.
+
+    The steps per ``sync_seconds`` at the measured rate, at most double the
+    previous interval ``prev``, at least 1, at most ``max_interval``.
+    """
+    if steps <= 0:
+        k = prev
+    elif dt <= 0:
+        k = 2 * prev
+    else:
+        k = int(sync_seconds * steps / dt * (1 + 1e-9))  # tolerate rounding
+    k = max(1, min(k, 2 * prev))
+    if max_interval is not None:
+        k = min(k, max_interval)
+    return k
+
+
+def sync_schedule(
+    total_steps: int,
+    step_seconds: float,
+    *,
+    sync_seconds: float = 1.0,
+    max_interval: Optional[int] = None,
+    start_step: int = 0,
+) -> list:
+    """The sync steps of a run whose steps all take ``step_seconds`` on rank 0.
+
+    This is the schedule :class:`SyncedDecider` follows for a policy with time
+    or signal rules (and no metric steps) when rank 0's clock advances
+    ``step_seconds`` per step: the first step of the process (``start_step + 1``,
+    also the first step after a resume), then intervals of 1, 2, 4, ... steps,
+    doubling until they reach the steps per ``sync_seconds``, then steady, and
+    the last step.  Each sync is one collective, so ``len(sync_schedule(...))``
+    is the collective count; a step-and-epoch-only policy issues none at all.
+
+    >>> sync_schedule(48, 0.125)            # 8 steps a second
+    [1, 2, 4, 8, 16, 24, 32, 40, 48]
+    >>> len(sync_schedule(1000, 0.01))      # 100 steps a second: 1000 steps, 10 s
+    17
+    """
+    if not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}")
+    if not (isinstance(step_seconds, (int, float)) and step_seconds >= 0 and math.isfinite(step_seconds)):
+        raise ValueError(f"step_seconds must be a finite number of seconds >= 0, got {step_seconds!r}")
+    if not (isinstance(sync_seconds, (int, float)) and sync_seconds > 0 and math.isfinite(sync_seconds)):
+        raise ValueError(f"sync_seconds must be a positive number of seconds, got {sync_seconds!r}")
+    if not isinstance(start_step, int) or not 0 <= start_step < total_steps:
+        raise ValueError(f"start_step must be an integer in [0, total_steps), got {start_step!r}")
+    step = start_step + 1
+    out = [step]
+    if max_interval is not None and (not isinstance(max_interval, int) or max_interval < 1):
+        raise ValueError(f"max_interval must be a positive integer or None, got {max_interval!r}")
+    k = 1
+    last_step = None
+    while step < total_steps:
+        if last_step is not None:
+            k = _next_interval(k, step - last_step, (step - last_step) * step_seconds, sync_seconds, max_interval)
+        last_step = step
+        step = min(step + k, total_steps)
+        out.append(step)
+    return out
 
 
 def signal_code(sig: Any) -> int:
@@ -120,6 +192,14 @@ class SyncedDecider:
         Set when the loop already reports the same metric values on every
         rank (for example after it all-reduced its eval loss).  Metric steps
         then need no collective.
+    sync_signals:
+        Agree on signals even when the policy has no signal rule.  A loop
+        that acts on a signal itself (stops on SIGTERM) needs every rank to
+        see it at the same step, or the ranks that stop leave the others
+        waiting in a gradient all-reduce.  With it, a step-only policy syncs
+        on the same schedule as a signal policy; without it (the default),
+        such a policy issues no collective and :attr:`last_signal` is this
+        rank's own signal.
     rank, world_size:
         Override the group's rank and size (tests).
     """
@@ -132,6 +212,7 @@ class SyncedDecider:
         sync_seconds: float = 1.0,
         max_interval: Optional[int] = None,
         metrics_synced: bool = False,
+        sync_signals: bool = False,
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
     ) -> None:
@@ -154,25 +235,38 @@ class SyncedDecider:
         self._watch_time = bool(getattr(decider, "watches_time", True))
         self._watch_signals = bool(getattr(decider, "watches_signals", True))
         self._watch_metrics = bool(getattr(decider, "watches_metrics", True))
-        #: True when the decision needs no communication at all.
-        self.deterministic = not (self._watch_time or self._watch_signals or self._watch_metrics) or self.world_size <= 1
+        self.sync_signals = bool(sync_signals)
+        #: True when the decision needs no communication at all: one process,
+        #: or a policy that reads only step, epoch and the end of the run.
+        self.deterministic = (
+            not (self._watch_time or self._watch_signals or self._watch_metrics or self.sync_signals)
+            or self.world_size <= 1
+        )
 
-        #: Number of collective calls this wrapper has issued.
+        #: Number of collective calls this wrapper has issued (one per sync
+        #: step, two on a metric sync step).  The same on every rank.
         self.collectives = 0
         #: Number of sync steps (a metric sync counts once, though it issues two calls).
         self.syncs = 0
         #: The signal the inner decider saw on the latest call: the same on
-        #: every rank (False between sync steps).  A loop that must stop on
-        #: SIGTERM stops when this says so, so that all ranks stop together.
-        #: For a policy without signal rules it is this rank's own signal.
+        #: every rank (False between sync steps).  When ranks received
+        #: different signals since the last sync it is SIGTERM if any rank got
+        #: it, else SIGINT, else the lowest signal number.  When the wrapper
+        #: is deterministic (no signal rule, no ``sync_signals``) it is this
+        #: rank's own signal.
         self.last_signal: Any = False
+        #: Every signal agreed on the latest call, as names (``True`` for a
+        #: signal without a known number), in the order described for
+        #: :attr:`last_signal`; empty between sync steps.  A loop that stops on
+        #: SIGTERM checks ``"SIGTERM" in decider.last_signals`` on every rank.
+        self.last_signals: tuple = ()
 
         self._next_sync: Optional[int] = None   # None: the next call syncs
         self._interval = 1                      # steps between the last two syncs
         self._last_sync_step: Optional[int] = None
         self._last_sync_clock: Optional[float] = None  # rank 0's rate clock at the last sync
         self._synced_time: Optional[float] = None      # rank 0's Progress.time at the last sync
-        self._pending_signal = 0                # latched local signal code since the last sync
+        self._pending_signals: set = set()      # local signal codes since the last sync
         self._last_clock_candidate: Optional[float] = None
         self._device = None
 
@@ -199,12 +293,13 @@ class SyncedDecider:
     def __call__(self, progress: Progress) -> Decision:
         if self.deterministic:
             self.last_signal = progress.signal
+            self.last_signals = (progress.signal,) if progress.signal not in (False, None, 0) else ()
             return self.inner(progress)
         step = progress.step
         if progress.signal is not False and progress.signal is not None:
             code = signal_code(progress.signal)
-            if code != 0 and (self._pending_signal == 0 or self._pending_signal == -1):
-                self._pending_signal = code
+            if code != 0:
+                self._pending_signals.add(code)
         metrics = progress.metrics if self._watch_metrics else None
         is_sync = (
             self._next_sync is None
@@ -215,6 +310,7 @@ class SyncedDecider:
         )
         if not is_sync:
             self.last_signal = False
+            self.last_signals = ()
             return self.inner(
                 Progress(
                     step,
@@ -227,7 +323,9 @@ class SyncedDecider:
                     False,
                 )
             )
-        time_, sig, metrics = self._sync(progress, metrics)
+        time_, sigs, metrics = self._sync(progress, metrics)
+        self.last_signals = sigs
+        sig = sigs[0] if sigs else False
         self.last_signal = sig
         return self.inner(
             Progress(
@@ -273,7 +371,7 @@ class SyncedDecider:
         self._interval = 1
         self._last_sync_step = None
         self._last_sync_clock = None
-        self._pending_signal = 0
+        self._pending_signals = set()
 
     # -- the sync itself ---------------------------------------------------------
 
@@ -293,19 +391,8 @@ class SyncedDecider:
         """
         if self._last_sync_step is None or self._last_sync_clock is None:
             return 1
-        prev = self._interval
-        steps = step - self._last_sync_step
-        dt = clock - self._last_sync_clock
-        if steps <= 0:
-            k = prev
-        elif dt <= 0:
-            k = 2 * prev
-        else:
-            k = int(self.sync_seconds * steps / dt * (1 + 1e-9))  # tolerate rounding
-        k = max(1, min(k, 2 * prev))
-        if self.max_interval is not None:
-            k = min(k, self.max_interval)
-        return k
+        return _next_interval(self._interval, step - self._last_sync_step, clock - self._last_sync_clock,
+                              self.sync_seconds, self.max_interval)
 
     def _sync(self, progress: Progress, metrics: Optional[Mapping[str, float]]):
         step = progress.step
@@ -314,11 +401,11 @@ class SyncedDecider:
             vec[i] = 0.0
         vec[_ANY_UNNAMED] = 0.0
         vec[_HAS_TIME] = 0.0
-        code = self._pending_signal
-        if code > 0:
-            vec[_SIG_BASE + code - 1] = 1.0
-        elif code < 0:
-            vec[_ANY_UNNAMED] = 1.0
+        for code in self._pending_signals:
+            if code > 0:
+                vec[_SIG_BASE + code - 1] = 1.0
+            else:
+                vec[_ANY_UNNAMED] = 1.0
         if self.rank == 0:
             clock = progress.time if progress.time is not None else _time.perf_counter()
             k = self._choose_interval(step, clock)
@@ -328,7 +415,6 @@ class SyncedDecider:
                 vec[_HAS_TIME] = 1.0
             vec[_NEXT] = float(step + k)
             vec[_INTERVAL] = float(k)
-            vec[_R0_SIGNAL] = float(code)
         out = self._allreduce_max(vec)
         send_metrics = metrics is not None and not self.metrics_synced
         if send_metrics:
@@ -343,19 +429,14 @@ class SyncedDecider:
         if self.rank == 0:
             self._last_sync_clock = self._last_clock_candidate
 
-        r0 = int(out[_R0_SIGNAL])
-        if r0 != 0:
-            sig = signal_from_code(r0)
-        else:
-            sig = False
-            for i in range(_NSIG):
-                if out[_SIG_BASE + i] > 0:
-                    sig = signal_from_code(i + 1)
-                    break
-            if sig is False and out[_ANY_UNNAMED] > 0:
-                sig = True
-        self._pending_signal = 0
-        return time_, sig, metrics
+        got = [signal_from_code(i + 1) for i in range(_NSIG) if out[_SIG_BASE + i] > 0]
+        named = [n for n in got if n is not True]
+        first = [n for n in _FIRST if n in named]
+        sigs = first + [n for n in named if n not in first]
+        if out[_ANY_UNNAMED] > 0 or len(named) < len(got):
+            sigs.append(True)
+        self._pending_signals = set()
+        return time_, tuple(sigs), metrics
 
     # The two transport functions; tests may replace them.
 

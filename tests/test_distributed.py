@@ -8,14 +8,14 @@ import os
 import pytest
 
 from ddp_fake import ScriptedDecider, ThreadGroup
-from saverules.distributed import SyncedDecider, signal_code, signal_from_code
+from saverules.distributed import SyncedDecider, signal_code, signal_from_code, sync_schedule
 from saverules.progress import Progress
 
 N = 1000
 
 
 def ramp_schedule(total, steady, first=1):
-    """The sync steps docs/ddp.md promises for a steady step rate: the first
+    """The sync steps docs/distributed.md promises for a steady step rate: the first
     call, then intervals 1, 2, 4, ... doubling until they reach ``steady``
     steps, then every ``steady`` steps, plus the last step."""
     steps = [first]
@@ -129,6 +129,90 @@ def test_signal_on_one_rank_is_acted_on_by_all_at_the_next_sync():
     assert step == min(t for t in sync_steps if t >= 437)
     assert step - 437 < 100
     assert reasons == ("on_signal(SIGUSR1)",)
+
+
+def run_with_signals(group, make_decider, signals, total=200, step_seconds=0.01, **kw):
+    """Drive ``total`` steps; ``signals`` maps (step, rank) to a signal name.
+    Returns per rank the list of (step, save, reasons, last_signal, last_signals)."""
+
+    def body(rank):
+        sd = group.wrap(make_decider(), rank, **kw)
+        out = []
+        for step in range(1, total + 1):
+            sig = signals.get((step, rank), False)
+            d = sd(Progress(step, total, 0, step == total, step == total, step * step_seconds + 3.0 * rank,
+                            None, sig))
+            out.append((step, d.save, d.reasons, sd.last_signal, sd.last_signals))
+        return out, sd
+
+    return group.run(body)
+
+
+def test_different_signals_on_two_ranks_agree_and_sigterm_comes_first():
+    group = ThreadGroup(2)
+    # rank 0 gets SIGUSR1, rank 1 SIGTERM, both before the same sync step
+    (o0, w0), (o1, w1) = run_with_signals(
+        group, lambda: ScriptedDecider(signals=True, final=False), {(20, 0): "SIGUSR1", (21, 1): "SIGTERM"})
+    assert o0 == o1
+    acted = [(s, reasons, sig, sigs) for s, save, reasons, sig, sigs in o0 if sigs]
+    sync = min(t for t in ramp_schedule(200, 100) if t >= 21)
+    assert acted == [(sync, ("on_signal(SIGTERM)",), "SIGTERM", ("SIGTERM", "SIGUSR1"))]
+
+
+def test_a_later_sigterm_on_the_same_rank_is_not_hidden_by_an_earlier_sigusr1():
+    group = ThreadGroup(2)
+    (o0, _), (o1, _) = run_with_signals(
+        group, lambda: ScriptedDecider(signals=True, final=False), {(40, 1): "SIGUSR1", (41, 1): "SIGTERM"})
+    assert o0 == o1
+    acted = [(s, sig, sigs) for s, _, _, sig, sigs in o0 if sigs]
+    assert len(acted) == 1
+    assert acted[0][1:] == ("SIGTERM", ("SIGTERM", "SIGUSR1"))
+
+
+def test_sync_signals_agrees_on_signals_for_a_step_only_policy():
+    group = ThreadGroup(2)
+    make = lambda: ScriptedDecider(every=50)
+    # without sync_signals: no collective, each rank sees only its own signal
+    (p0, q0), (p1, q1) = run_with_signals(group, make, {(30, 1): "SIGTERM"})
+    assert q0.deterministic and q0.collectives == q1.collectives == 0
+    assert [s for s, *_, sigs in p1 if sigs] == [30] and not any(sigs for *_, sigs in p0)
+    # with it: the same decisions, and the signal reaches both ranks at the same sync step
+    (o0, w0), (o1, w1) = run_with_signals(ThreadGroup(2), make, {(30, 1): "SIGTERM"}, sync_signals=True)
+    assert not w0.deterministic
+    assert o0 == o1
+    assert [(s, ok) for s, ok, *_ in o0] == [(s, ok) for s, ok, *_ in p0]
+    sync = min(t for t in ramp_schedule(200, 100) if t >= 30)
+    assert [(s, sig) for s, _, _, sig, _ in o0 if sig] == [(sync, "SIGTERM")]
+    assert w0.collectives == w1.collectives == len(ramp_schedule(200, 100))
+
+
+@pytest.mark.parametrize("rate", [1, 3, 8, 100, 128, 10000])
+def test_sync_schedule_is_the_documented_ramp(rate):
+    assert sync_schedule(N, 1 / rate) == ramp_schedule(N, rate)
+
+
+def test_sync_schedule_predicts_the_collectives_of_a_run():
+    group = ThreadGroup(2)
+    for rate, cap in ((50, None), (1000, 64)):
+        kw = {} if cap is None else {"max_interval": cap}
+        (_, w0, _), (_, w1, _) = drive(group, lambda: ScriptedDecider(seconds=30.0, signals=True),
+                                       lambda s, r: s / rate + 9.0 * r, **kw)
+        expected = sync_schedule(N, 1 / rate, **kw)
+        assert w0.collectives == w1.collectives == w0.syncs == len(expected)
+        if cap:
+            assert max(b - a for a, b in zip(expected, expected[1:])) <= cap
+
+
+def test_sync_schedule_after_a_resume_and_its_arguments():
+    assert sync_schedule(20, 1.0, start_step=10) == [11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
+    assert sync_schedule(100, 0.1, sync_seconds=2.0, start_step=50) == [51, 52, 54, 58, 66, 82, 100]
+    assert sync_schedule(1, 0.5) == [1]
+    for bad in (dict(total_steps=0, step_seconds=1.0), dict(total_steps=5, step_seconds=-1.0),
+                dict(total_steps=5, step_seconds=1.0, sync_seconds=0),
+                dict(total_steps=5, step_seconds=1.0, start_step=5),
+                dict(total_steps=5, step_seconds=1.0, max_interval=0)):
+        with pytest.raises(ValueError):
+            sync_schedule(**bad)
 
 
 def test_signal_just_before_the_end_is_not_lost():

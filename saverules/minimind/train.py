@@ -300,6 +300,14 @@ def train(args: argparse.Namespace) -> int:
         "args": {k: v for k, v in vars(args).items()},
     }
     ckpt = Checkpointer(policy, dir=str(ckpt_dir))
+    has_signal_rule = bool(getattr(ckpt.decider, "watches_signals", True))
+    if ddp and not has_signal_rule:
+        # The loop stops on SIGTERM even when the policy does not save for it; every rank must
+        # stop at the same step, so the ranks agree on signals (at sync steps) all the same.
+        from saverules.distributed import SyncedDecider
+
+        if isinstance(ckpt.decider, SyncedDecider):
+            ckpt.decider = SyncedDecider(ckpt.decider.inner, sync_signals=True)
 
     # ---- resume -------------------------------------------------------------------------
     if args.resume:
@@ -334,7 +342,6 @@ def train(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     if hasattr(signal, "SIGUSR1"):
         signal.signal(signal.SIGUSR1, on_signal)
-    has_signal_rule = ckpt.decider.watches_signals if hasattr(ckpt, "decider") else True
     if not has_signal_rule:
         say(f"note: {rules} has no on_signal rule: SIGTERM will stop training without a save")
 
@@ -415,14 +422,16 @@ def train(args: argparse.Namespace) -> int:
             # -- the policy decides; this is the only place a checkpoint is written --
             decision = ckpt.step(Progress(step, total_steps, epoch, epoch_end, is_last, clock(), metrics, sig), state)
 
-            agreed = getattr(getattr(ckpt, "decider", None), "last_signal", sig) if ddp else sig
+            # Under DDP the decider reports the signals every rank agreed on (at a sync step);
+            # stopping on those, not on this rank's own, makes all ranks stop at the same step.
+            agreed = ckpt.decider.last_signals if ddp else ((sig,) if sig else ())
             if decision.save:
                 saves.append((step, decision.reasons))
                 say(f"saved step {step}: {', '.join(decision.reasons)}")
             if report_path:
                 with open(report_path, "a") as f:
                     f.write(json.dumps({"step": step, "save": decision.save, "reasons": list(decision.reasons),
-                                        "signal": agreed, "collectives": getattr(getattr(ckpt, "decider", None),
+                                        "signal": agreed[0] if agreed else False, "collectives": getattr(getattr(ckpt, "decider", None),
                                                                                  "collectives", 0)}) + "\n")
 
             bar.update(1)
@@ -437,7 +446,7 @@ def train(args: argparse.Namespace) -> int:
 
             if step in test_signals:  # test hook: deliver a real signal to this process
                 os.kill(os.getpid(), getattr(signal, test_signals[step]))
-            if agreed == "SIGTERM" or agreed == int(signal.SIGTERM):
+            if "SIGTERM" in agreed:
                 stop_signal = "SIGTERM"
                 done = True
                 break
