@@ -65,15 +65,17 @@ _FIRST = ("SIGTERM", "SIGINT")
 def _next_interval(prev: int, steps: int, dt: float, sync_seconds: float, max_interval: Optional[int]) -> int:
     """Steps until the next sync, from ``steps`` run in ``dt`` seconds since the last one.
 
-    The steps per ``sync_seconds`` at the measured rate, at most double the
-    previous interval ``prev``, at least 1, at most ``max_interval``.
+    The fewest steps that take at least ``sync_seconds`` at the measured rate
+    (so syncs are never closer than ``sync_seconds`` once the interval has
+    ramped up), at most double the previous interval ``prev``, at least 1,
+    at most ``max_interval``.
     """
     if steps <= 0:
         k = prev
     elif dt <= 0:
         k = 2 * prev
     else:
-        k = int(sync_seconds * steps / dt * (1 + 1e-9))  # tolerate rounding
+        k = math.ceil(sync_seconds * steps / dt * (1 - 1e-9))  # tolerate rounding
     k = max(1, min(k, 2 * prev))
     if max_interval is not None:
         k = min(k, max_interval)
@@ -182,9 +184,11 @@ class SyncedDecider:
         The process group; the default group when ``None``.
     sync_seconds:
         Target spacing of sync steps in training time.  Rank 0 measures its
-        seconds per step between syncs and schedules the next sync about this
-        far ahead.  Signals and time rules act at most this late (plus one
-        step) while the step time is steady.  Default 1.0.
+        seconds per step between syncs and schedules the next sync the fewest
+        whole steps that take at least this long (after a start-up ramp of
+        1, 2, 4, ... steps).  So there is at most one collective per
+        ``sync_seconds`` of steady training, and a signal or a due time rule
+        is acted on less than ``sync_seconds`` plus one step late.  Default 1.0.
     max_interval:
         Optional cap on the number of steps between two syncs, whatever the
         step rate.

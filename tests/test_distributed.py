@@ -193,7 +193,7 @@ def test_sync_schedule_is_the_documented_ramp(rate):
 
 def test_sync_schedule_predicts_the_collectives_of_a_run():
     group = ThreadGroup(2)
-    for rate, cap in ((50, None), (1000, 64)):
+    for rate, cap in ((50, None), (2.5, None), (1000, 64)):
         kw = {} if cap is None else {"max_interval": cap}
         (_, w0, _), (_, w1, _) = drive(group, lambda: ScriptedDecider(seconds=30.0, signals=True),
                                        lambda s, r: s / rate + 9.0 * r, **kw)
@@ -201,6 +201,17 @@ def test_sync_schedule_predicts_the_collectives_of_a_run():
         assert w0.collectives == w1.collectives == w0.syncs == len(expected)
         if cap:
             assert max(b - a for a, b in zip(expected, expected[1:])) <= cap
+
+
+@pytest.mark.parametrize("step_seconds", [0.4, 0.3, 0.07, 0.0123])
+def test_steady_syncs_are_at_least_sync_seconds_apart_and_less_than_one_step_more(step_seconds):
+    steps = sync_schedule(5000, step_seconds)
+    gaps = [(b - a) * step_seconds for a, b in zip(steps, steps[1:-1])]
+    steady = gaps[len(gaps) // 2:]
+    assert all(1.0 - 1e-9 <= g < 1.0 + step_seconds for g in steady), steady
+    # the ramp before that has at most log2(steps per second) + 2 syncs
+    ramp = [g for g in gaps if g < 1.0 - 1e-9]
+    assert len(ramp) <= math.log2(1 / step_seconds) + 2
 
 
 def test_sync_schedule_after_a_resume_and_its_arguments():
