@@ -38,6 +38,13 @@ def machine() -> dict:
     return info
 
 
+def _load() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
 def render(rows) -> str:
     header = ("benchmark", "measurement", "value", "ratio", "goal", "status")
     lines = []
@@ -77,7 +84,8 @@ def main(argv=None) -> int:
 
     info = machine()
     print(f"saverules benchmarks{' (quick mode: smoke run, figures are not meaningful)' if args.quick else ''}")
-    print(f"machine: {info['cores']} cores, {info['cpu']}; Python {info['python']}; torch {info['torch']}")
+    print(f"machine: {info['cores']} cores, {info['cpu']}; Python {info['python']}; torch {info['torch']}; "
+          f"load average {_load()}")
     modules = dict(BENCHMARKS)
     rows = []
     failed = []
@@ -95,12 +103,13 @@ def main(argv=None) -> int:
         timings[name] = time.perf_counter() - t0
         rows.extend(got)
         print(render(got), flush=True)
-        print(f"({name}: {timings[name]:.1f} s)", flush=True)
+        print(f"({name}: {timings[name]:.1f} s; load average now {_load()})", flush=True)
 
     if len(chosen) > 1 and rows:
         print("\n== summary ==")
         print(render([r for r in rows if r.met is not None]).split("\n\n")[0])
     if args.json:
+        info["load_average_end"] = _load()
         doc = {"machine": info, "quick": args.quick, "benchmarks": chosen, "seconds": timings,
                "failed": failed, "rows": [r.as_dict() for r in rows]}
         text = json.dumps(doc, indent=2)
