@@ -58,7 +58,7 @@ def run(quick: bool = False) -> list:
     sizes = [10**4, 10**6, 10**9]
     per_step_max = 10**4 if quick else 10**6   # largest size the per-step loop runs at
     oracle_budget = 2.0 if quick else 60.0     # seconds the oracle may take at one size
-    repeats = 3 if quick else 5
+    repeats = 1 if quick else 5
     rows = []
     measured_rate = {}  # baseline -> seconds per step at the largest size run
     measured_at = {}    # baseline -> that size
@@ -85,7 +85,7 @@ def run(quick: bool = False) -> list:
                 got = _steps(oracle(policy, n, steps_per_epoch=spe, step_seconds=STEP_SECONDS))
                 agree = (agree is not False) and got == sim.saved_steps
         reps = repeats if n <= 10**4 else min(repeats, 3)
-        samples = interleaved(variants, reps, warmup=0 if n > 10**4 else 1)
+        samples = interleaved(variants, reps, warmup=0 if quick or n > 10**4 else 1)
         sim_s = median(samples["simulate"])
         label = f"10^{len(str(n)) - 1} steps"
         goal = met = None
