@@ -462,3 +462,18 @@ def test_real_step_only_policy_is_collective_free():
     (d0, w0, _), (d1, w1, _) = drive(group, lambda: policy.compile(total_steps=N), lambda s, r: s * 0.1 * (r + 1))
     assert w0.deterministic and w0.collectives == 0 and w1.collectives == 0
     assert d0 == d1 and [s for s, _ in saved(d0)] == [250, 500, 750, 1000]
+
+
+def test_the_collective_table_in_the_docs_is_what_sync_schedule_gives():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "distributed.md").read_text()
+    rows = re.findall(r"^\| ([\d.]+) (s|ms)\b[^|]*\| [\d.]+ \| (\d+) \| (\d+)\b", text, re.M)
+    assert len(rows) >= 5
+    for value, unit, first, steady in rows:
+        step_seconds = float(value) / (1000 if unit == "ms" else 1)
+        assert len(sync_schedule(1000, step_seconds)) == int(first), (value, unit)
+        # steady training: syncs per 1000 steps over a long run, the ramp and the last step left out
+        per_1000 = (len(sync_schedule(200_000, step_seconds)) - len(sync_schedule(1000, step_seconds))) / 199
+        assert abs(per_1000 - int(steady)) < 1, (value, unit, per_1000)
