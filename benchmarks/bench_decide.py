@@ -25,6 +25,32 @@ GOAL_NS = 500.0
 TOTAL = 10**9  # 5% of it is far beyond any measured step: the quiet path
 
 
+class SlotsProgress:
+    """What-if, not the library: a Progress-shaped class with ``__slots__`` and plain
+    assignment (mutable), fed to the real decider to show what the Progress
+    representation costs."""
+
+    __slots__ = ("step", "total_steps", "epoch", "epoch_end", "is_last", "time", "metrics", "signal")
+
+    def __init__(self, step, total_steps=None, epoch=0, epoch_end=False, is_last=None, time=None, metrics=None,
+                 signal=False):
+        self.step = step
+        self.total_steps = total_steps
+        self.epoch = epoch
+        self.epoch_end = epoch_end
+        self.is_last = is_last
+        self.time = time
+        self.metrics = metrics
+        self.signal = signal
+
+
+def _engine_with(cls, n, decide, total, t, flag):
+    t0 = time.perf_counter()
+    for step in range(1, n + 1):
+        decide(cls(step, total_steps=total, time=t, signal=flag))
+    return (time.perf_counter() - t0) / n
+
+
 def _empty(n):
     t0 = time.perf_counter()
     for step in range(1, n + 1):
@@ -87,6 +113,7 @@ def run(quick: bool = False) -> list:
         "call": lambda: _call_only(n, default.compile(TOTAL), quiet_p),
         "quiet": lambda: _engine(n, default.compile(TOTAL), TOTAL, t, False),
         "quiet_time": lambda: _engine(n, preempt.compile(TOTAL), TOTAL, t, False),
+        "whatif_slots": lambda: _engine_with(SlotsProgress, n, default.compile(TOTAL), TOTAL, t, False),
         "fire": lambda: _engine(n_fire, default.compile(TOTAL), TOTAL, t, "SIGUSR1"),
     }
     samples = interleaved(variants, repeats)
@@ -115,6 +142,10 @@ def run(quick: bool = False) -> list:
         Row(NAME, "preemptible.toml (time rule), no rule fires", net("quiet_time"), "ns/step",
             ratio=net("quiet_time") / inline_net if inline_net > 0 else None, vs="inline check",
             note="includes building the Progress; net of the empty loop", samples=ns["quiet_time"]),
+        Row(NAME, "what-if: same loop, Progress replaced by a __slots__ class", net("whatif_slots"), "ns/step",
+            ratio=net("whatif_slots") / quiet_net if quiet_net > 0 else None, vs="common path",
+            note="not the library: the real decider fed a mutable __slots__ object (no frozen dataclass); "
+                 "net of the empty loop", samples=ns["whatif_slots"]),
         Row(NAME, "default.toml, a rule fires (on_signal)", net("fire"), "ns/step",
             ratio=net("fire") / quiet_net if quiet_net > 0 else None, vs="common path",
             note="the full evaluation, taken only on steps that save; net of the empty loop",
