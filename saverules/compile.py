@@ -10,7 +10,13 @@ A node answers two questions about one rule:
   end, no metrics, no ``is_last``, and the training clock below
   :meth:`time_threshold`.  The decider skips evaluation below this bound and
   the simulator jumps straight to it.  A bound may be early (evaluation then
-  finds nothing), never late.
+  finds nothing), never late.  It holds whatever the previously decided step
+  is, as long as it is at least ``after``: the decider is called with steps
+  that jump, so the bound must not assume the steps in between were decided.
+* ``next_fire(after, run)``: the same bound for a run that is asked at every
+  step (the previously decided step is always ``step - 1``).  It may be later
+  than ``next_step`` (``all`` leapfrogs to a step where every child fires at
+  once); the simulator uses it to jump over steps at which nothing happens.
 
 ``run`` is the :class:`~saverules.decider.Decider`; nodes read its
 ``_prev`` (the previously decided step), ``_last_save_step``,
@@ -24,7 +30,7 @@ import signal as _signal
 from bisect import bisect_right
 from typing import Optional
 
-from .quantities import resolve_steps
+from .quantities import Share, resolve_steps
 from .rules import (
     AllRule, AnyRule, AtStepsRule, EpochEndRule, EveryStepsRule, EveryTimeRule, FinalRule, ImprovedRule, NotRule,
     OnSignalRule, PiecewiseRule, RuleModel, TailRule, WindowRule, describe,
@@ -55,6 +61,9 @@ class Node:
 
     def next_step(self, after: int, run) -> int:
         return INF
+
+    def next_fire(self, after: int, run) -> int:
+        return self.next_step(after, run)
 
     def time_threshold(self, run) -> float:
         return min((c.time_threshold(run) for c in self.children), default=_NEVER)
@@ -124,19 +133,39 @@ class Window(Node):
 
 
 class Final(Node):
-    """First decision with step >= total (crossing), or any decision the loop marks is_last."""
+    """The first decision with step >= total, and any decision the loop marks is_last.
+
+    Reaching the total fires once per run length: if the total changes (a
+    resumed run that was extended or shortened), the new last step is
+    guaranteed too, even when the steps are already past it.  ``is_last`` is
+    the loop's word that this is the last step, so it always fires (a step is
+    never saved twice, whatever fires).
+    """
 
     watches_last = True
 
+    def __init__(self):
+        self.reached: Optional[int] = None  # the total whose last step was reached
+
     def fires(self, p, run):
-        if p.is_last is True:
-            return True
         total = run._total
-        return total is not None and run._prev < total <= p.step
+        if total is not None and p.step >= total and self.reached != total:
+            self.reached = total
+            return True
+        return p.is_last is True
 
     def next_step(self, after, run):
         total = run._total
-        return total if total is not None and after < total else INF
+        if total is None or self.reached == total:
+            return INF
+        return max(total, after + 1)
+
+    def state(self):
+        return {"reached": self.reached}
+
+    def load(self, state):
+        reached = state.get("reached")
+        self.reached = None if reached is None else int(reached)
 
 
 class Tail(Node):
@@ -209,7 +238,10 @@ class OnSignal(Node):
             return True
         if isinstance(sig, int):
             sig = _SIGNAL_NAMES.get(sig, "")
-        return str(sig).upper() in self.names
+        name = str(sig).strip().upper()
+        if not name.startswith("SIG"):
+            name = "SIG" + name  # "TERM" names SIGTERM, as it does in a policy file
+        return name in self.names
 
 
 class Improved(Node):
@@ -267,10 +299,15 @@ class All(_Combinator):
         return all(results)
 
     def next_step(self, after, run):
+        # A jump from `after` straight to a step s fires when every child fires
+        # at s, each by crossing from `after`: s must reach every child's bound.
+        return max(c.next_step(after, run) for c in self.children)
+
+    def next_fire(self, after, run):
         low = after
         candidate = INF
         for _ in range(64):  # leapfrog to a step where every child may fire
-            candidates = [c.next_step(low, run) for c in self.children]
+            candidates = [c.next_fire(low, run) for c in self.children]
             candidate = max(candidates)
             if candidate >= INF or all(c == candidate for c in candidates):
                 return candidate
@@ -285,6 +322,9 @@ class Any_(_Combinator):
 
     def next_step(self, after, run):
         return min(c.next_step(after, run) for c in self.children)
+
+    def next_fire(self, after, run):
+        return min(c.next_fire(after, run) for c in self.children)
 
 
 class Not(_Combinator):
@@ -316,7 +356,9 @@ def build(rule: RuleModel, total: Optional[int], path: tuple) -> Node:
         after = _steps(rule.after, total, path + ("after",), "after") or 0
         until = _steps(rule.until, total, path + ("until",), "until")
         until = INF if until is None else until
-        if until <= after:
+        if until <= after and not (isinstance(rule.after, Share) and isinstance(rule.until, Share)):
+            # Two shares were checked in order at load time; on a short run they
+            # may round to the same step, which leaves an empty window, not an error.
             raise ResolveError(path + ("until",), f"until ({until}) must be greater than after ({after})")
         window = Window(after, until)
         node = window if isinstance(rule, WindowRule) else All([node, window])
@@ -337,11 +379,15 @@ def _build_kind(rule, total, path):
     if isinstance(rule, AtStepsRule):
         return AtSteps(_steps(s, total, path + ("steps", i), "steps") for i, s in enumerate(rule.steps))
     if isinstance(rule, PiecewiseRule):
-        segments, low = [], 0
+        segments, low, previous = [], 0, None
         for i, seg in enumerate(rule.segments):
             every = _steps(seg.every, total, path + ("segments", i, "every"), "every")
             high = INF if seg.until is None else _steps(seg.until, total, path + ("segments", i, "until"), "until")
-            if high <= low:
+            # Shares were checked in order at load time: if two round to the same
+            # step on a short run, the later segment is empty.
+            rounded = isinstance(previous, Share) and isinstance(seg.until, Share)
+            previous = seg.until
+            if high < low or (high == low and not rounded):
                 raise ResolveError(
                     path + ("segments", i, "until"),
                     f"segments must be increasing: segments[{i}].until resolves to {high}, not after {low}",

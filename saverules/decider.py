@@ -139,6 +139,23 @@ class Decider:
         self._next_step = min((node.next_step(after, self) for node, _ in self._compiled), default=INF)
         self._next_time = min((node.time_threshold(self) for node, _ in self._compiled), default=math.inf)
 
+    def _next_fire(self) -> int:
+        """Lowest step after the previous decision at which a step rule can fire,
+        for a run asked at every step from here on (the simulator's jump target)."""
+        if self._compiled is None:
+            return INF
+        after = self._prev
+        return min((node.next_fire(after, self) for node, _ in self._compiled), default=INF)
+
+    def _skip_to(self, step: int) -> None:
+        """Record that every step up to ``step`` was decided and nothing was saved.
+
+        Only for steps below :meth:`_next_fire` with the run quiet, where a
+        per-step run takes the quiet path at each of them.
+        """
+        if step > self._prev:
+            self._prev = step
+
     def _policy_error(self, exc: ResolveError) -> PolicyError:
         line, col = self.policy.position(exc.path) or (1, 1)
         return PolicyError([Diagnostic(self.policy.source, line, col, f"{dotted(exc.path)}: {exc}")])

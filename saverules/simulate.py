@@ -3,8 +3,10 @@
 The simulator drives the real :class:`~saverules.decider.Decider`, but only at
 the steps where something can happen: the next step any rule may fire at, epoch
 ends, the step at which the training clock crosses the next time threshold,
-and the last step.  Crossing semantics make the skipped steps irrelevant, so a
-10^9-step run costs as many decisions as it has saves.  With a ``metrics``
+and the last step.  The steps skipped over are ones at which a per-step run
+decides quietly, so the decider is told they passed before the next decision,
+which then sees exactly what it would see in a per-step run.  A 10^9-step run
+costs about as many decisions as it has saves.  With a ``metrics``
 callable every step is visited, since any step may report a metric.
 """
 from __future__ import annotations
@@ -106,12 +108,15 @@ def simulate(policy, total_steps, steps_per_epoch=None, step_seconds=None, metri
         if metrics is not None:
             nxt = step + 1
         else:
-            nxt = min(decider.next_step, total_steps)
+            nxt = min(decider._next_fire(), total_steps)
             if watch_epochs:
                 nxt = min(nxt, (step // steps_per_epoch + 1) * steps_per_epoch if steps_per_epoch else total_steps)
             if watch_time:
                 nxt = min(nxt, _first_step_at(decider.next_time, step_seconds, step))
             nxt = max(nxt, step + 1)
+            # Nothing fires at the steps skipped over; a per-step run decides each
+            # of them quietly, so the decision at `nxt` crosses from nxt - 1.
+            decider._skip_to(nxt - 1)
         step = nxt
         reported = metrics(step) if metrics is not None else None
         decision = decider(progress_at(step, total_steps, steps_per_epoch, step_seconds, reported))
