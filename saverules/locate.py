@@ -37,6 +37,11 @@ class _Scanner:
     def record(self, path: Path, offset: int) -> None:
         self.positions.setdefault(path, self.where(offset))
 
+    def _advanced(self, start: int) -> None:
+        """Stop on text this scanner does not understand rather than loop on it."""
+        if self.i <= start or self.i > len(self.text):
+            raise ValueError("scanner made no progress")
+
     def peek(self, n: int = 1) -> str:
         return self.text[self.i : self.i + n]
 
@@ -111,10 +116,12 @@ class _Scanner:
                 if self.peek() == "}":
                     self.i += 1
                     return
+                start = self.i
                 self.keyval(path)
                 self.skip_blank(newlines=False)
                 if self.peek() == ",":
                     self.i += 1
+                self._advanced(start)
         elif ch == "[":
             self.i += 1
             index = 0
@@ -123,12 +130,14 @@ class _Scanner:
                 if self.peek() == "]":
                     self.i += 1
                     return
+                start = self.i
                 self.record(path + (index,), self.i)
                 self.value(path + (index,))
                 self.skip_blank(newlines=True)
                 if self.peek() == ",":
                     self.i += 1
                     index += 1
+                self._advanced(start)
         elif ch in ('"', "'"):
             self.string()
         else:

@@ -6,6 +6,7 @@ it gives a stateful :class:`~saverules.decider.Decider` for one run.
 from __future__ import annotations
 
 import hashlib
+import re
 import string
 from datetime import datetime, timezone
 from typing import Annotated, Any, Callable, Dict, Literal, Mapping, Optional, Sequence, Tuple
@@ -69,6 +70,7 @@ class _UTC:
 
 
 _PLACEHOLDERS = ("step", "epoch", "time", "run")
+_MAX_NAME = 255  # bytes in one path component on common file systems
 _SEPARATORS = ("/", "\\", "\0")
 
 
@@ -81,6 +83,8 @@ def _render(template: str, step: int, epoch: int, time: Optional[datetime], run:
     )
     if any(bad in name for bad in _SEPARATORS) or name in ("", ".", "..") or name.startswith(".."):
         raise ValueError(f"name template {template!r} renders to {name!r}, which is not a plain directory name")
+    if len(name.encode("utf-8", "surrogatepass")) > _MAX_NAME:
+        raise ValueError(f"name template {template!r} renders a name longer than {_MAX_NAME} bytes")
     return name
 
 
@@ -95,9 +99,17 @@ class Storage(Model):
     @classmethod
     def _check_template(cls, template: str) -> str:
         try:
-            fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+            parsed = [(f, spec or "") for _, f, spec, _ in string.Formatter().parse(template) if f is not None]
         except ValueError as exc:
             raise ValueError(f"not a valid name template: {exc}") from None
+        fields = [f for f, _ in parsed]
+        for field, spec in parsed:
+            # a width such as {step:99999999} would render an enormous name
+            if any(len(digits) > 3 or int(digits) > _MAX_NAME for digits in re.findall(r"\d+", spec)):
+                raise ValueError(
+                    f"the format of {{{field}}} asks for a width beyond {_MAX_NAME} characters, "
+                    "longer than a directory name can be"
+                )
         for field in fields:
             if field not in _PLACEHOLDERS:
                 raise ValueError(

@@ -19,6 +19,7 @@ ZERO_IS_NOT_OFF = "0 does not mean 'off' here: to disable a rule, remove it"
 _SHARE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*%\s*")
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smh])\s*")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600}
+_BARE_NUMBER = re.compile(r"\s*\d+(?:\.\d+)?\s*")
 
 
 @dataclass(frozen=True)
@@ -143,8 +144,16 @@ def _validate_duration(value: object) -> Duration:
         raise ValueError(f'expected a duration with a unit such as "30m", got {_type_name(value)}')
     match = _DURATION.fullmatch(value)
     if not match:
+        if _BARE_NUMBER.fullmatch(value):
+            raise ValueError(
+                f"a duration needs a unit: write \"{value.strip()}s\", \"{value.strip()}m\" or "
+                f"\"{value.strip()}h\" (a bare number is ambiguous)"
+            )
         raise ValueError(f'expected a duration such as "45s", "30m" or "2h" (units s, m, h), got {value!r}')
-    seconds = float(Fraction(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+    try:
+        seconds = float(Fraction(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+    except OverflowError:
+        seconds = math.inf
     if seconds <= 0:
         raise ValueError(f"a duration must be positive, got {value!r}; {ZERO_IS_NOT_OFF}")
     if not math.isfinite(seconds):
@@ -164,7 +173,10 @@ def _validate_real(minimum: float, *, inclusive: bool):
     def validate(value: object) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"expected a number, got {_type_name(value)}")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer too large for a float
+            value = math.inf
         if not math.isfinite(value):
             raise ValueError("must be a finite number (inf and nan are not allowed)")
         if value < minimum or (value == minimum and not inclusive):

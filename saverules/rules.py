@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal, Optional, Tuple, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from .quantities import Count, NonNegativeReal, Seconds, Share, StepBound, Steps
 
@@ -59,20 +59,23 @@ def _bounds_in_order(after: Any, until: Any, what: str) -> None:
     """Reject until <= after when both are the same kind of quantity."""
     if after is None or until is None:
         return
+    prefix = f"{what}: " if what else ""
     if isinstance(after, int) and isinstance(until, int) and until <= after:
-        raise ValueError(f"{what}: until ({until}) must be greater than after ({after})")
+        raise ValueError(f"{prefix}until ({until}) must be greater than after ({after})")
     if isinstance(after, Share) and isinstance(until, Share) and until.percent <= after.percent:
-        raise ValueError(f"{what}: until ({until}) must be greater than after ({after})")
+        raise ValueError(f"{prefix}until ({until}) must be greater than after ({after})")
 
 
 class RuleModel(Model):
     after: Optional[StepBound] = None
     until: Optional[Steps] = None
 
-    @model_validator(mode="after")
-    def _window_in_order(self):
-        _bounds_in_order(self.after, self.until, "window")
-        return self
+    @field_validator("until")
+    @classmethod
+    def _window_in_order(cls, until: Any, info: ValidationInfo) -> Any:
+        # a field validator, so that the diagnostic points at the `until` key
+        _bounds_in_order(info.data.get("after"), until, "")
+        return until
 
 
 class EveryStepsRule(RuleModel):
@@ -127,13 +130,14 @@ class PiecewiseRule(RuleModel):
     kind: Literal["piecewise"]
     segments: Annotated[Tuple[Segment, ...], BeforeValidator(_as_tuple), Field(min_length=1)]
 
-    @model_validator(mode="after")
-    def _segments_in_order(self):
-        for i, seg in enumerate(self.segments[:-1]):
+    @field_validator("segments")
+    @classmethod
+    def _segments_in_order(cls, segments: Any) -> Any:
+        for i, seg in enumerate(segments[:-1]):
             if seg.until is None:
                 raise ValueError(f"segments[{i}] needs `until`: only the last segment may omit it")
         previous = None
-        for i, seg in enumerate(self.segments):
+        for i, seg in enumerate(segments):
             if previous is not None and seg.until is not None:
                 try:
                     _bounds_in_order(previous, seg.until, f"segments[{i}]")
@@ -143,7 +147,7 @@ class PiecewiseRule(RuleModel):
                         f"is not after segments[{i - 1}].until ({previous})"
                     ) from None
             previous = seg.until
-        return self
+        return segments
 
 
 class OnSignalRule(RuleModel):
