@@ -1,0 +1,23 @@
+"""Hypothesis profiles for the engine's property tests.
+
+``HYPOTHESIS_PROFILE=default`` (the default) keeps CI fast on two cores;
+``HYPOTHESIS_PROFILE=thorough`` runs every property with 2000 or more examples
+and no deadline, for a local run before a release.
+"""
+import os
+
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "default",
+    max_examples=60,
+    deadline=None,  # shared CI machines: time limits would only make the suite flaky
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "thorough",
+    max_examples=2000,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
