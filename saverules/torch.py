@@ -897,6 +897,51 @@ def _split_weights(objects: Dict[str, Any]):
     return weights, layout, rest
 
 
+_ST_CODES = {
+    name: code
+    for name, code in (
+        ("float64", "F64"), ("float32", "F32"), ("float16", "F16"), ("bfloat16", "BF16"), ("int64", "I64"),
+        ("int32", "I32"), ("int16", "I16"), ("int8", "I8"), ("uint8", "U8"), ("bool", "BOOL"),
+        ("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"),
+    )
+}
+
+
+def _write_safetensors(f, weights: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    """Write ``weights`` in the safetensors layout, streaming each tensor's bytes from its own memory.
+
+    The layout: an 8-byte little-endian header length, a JSON header (padded
+    with spaces to a multiple of 8) giving each tensor's dtype, shape and byte
+    range, then the bytes of the tensors back to back.  Unlike
+    ``safetensors.torch.save`` no copy of the whole file is built in memory.
+    """
+    header: Dict[str, Any] = {"__metadata__": dict(metadata)}
+    offset = 0
+    order = []
+    for name, t in weights.items():
+        if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
+            raise CheckpointError("the safetensors format needs a little-endian machine")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": _ST_CODES[str(t.dtype).replace("torch.", "")],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+        order.append((t, nbytes))
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    f.write(len(text).to_bytes(8, "little"))
+    f.write(text)
+    for t, nbytes in order:
+        if not nbytes:
+            continue
+        if t.device.type != "cpu":
+            t = t.to("cpu")
+        flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
+        f.write(memoryview(flat.numpy()))
+
+
 def _rebuild_weights(loaded: Mapping[str, torch.Tensor], layout: Mapping[str, Any]) -> Dict[str, Any]:
     out = {}
     for name, lay in layout.items():
@@ -1477,12 +1522,8 @@ class Checkpointer:
                     _warn(f"saverules: could not move {old} back to {target}: {exc}")
 
     def _write_weights(self, path: str, weights: Dict[str, torch.Tensor]) -> Dict[str, Any]:
-        from safetensors.torch import save
-
-        def produce(f):
-            f.write(save(weights, metadata={"format": "pt", "saverules": str(FORMAT_VERSION)}))
-
-        return _write_file(path, produce)
+        meta = {"format": "pt", "saverules": str(FORMAT_VERSION)}
+        return _write_file(path, lambda f: _write_safetensors(f, weights, meta))
 
     def _verify_written(self, tmp: Path, files: Mapping[str, Mapping[str, Any]]) -> None:
         for fname, entry in files.items():

@@ -686,6 +686,47 @@ def test_safetensors_format_splits_weights_and_keeps_ties(tmp_path):
     assert holder.sd["first"].untyped_storage().data_ptr() != holder.sd["second"].untyped_storage().data_ptr()
 
 
+def test_safetensors_writer_round_trips_every_dtype_and_shape(tmp_path):
+    import io
+
+    from safetensors import safe_open
+    from safetensors.torch import load, load_file
+
+    g = torch.Generator().manual_seed(3)
+    weights = {
+        "f64": torch.randn(3, 2, dtype=torch.float64, generator=g),
+        "f32": torch.randn(5, generator=g),
+        "f16": torch.randn(2, 2, generator=g).half(),
+        "bf16": torch.randn(7, generator=g).bfloat16(),
+        "i64": torch.arange(-3, 3),
+        "i32": torch.arange(4, dtype=torch.int32).reshape(2, 2),
+        "i16": torch.tensor([-7, 9], dtype=torch.int16),
+        "i8": torch.tensor([-128, 127], dtype=torch.int8),
+        "u8": torch.tensor([0, 255], dtype=torch.uint8),
+        "bool": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+        "f8": torch.tensor([0.5, -2.0]).to(torch.float8_e4m3fn),
+        "strided": torch.arange(12.0).reshape(3, 4).t(),
+        "grad": torch.ones(2, requires_grad=True),
+    }
+    buf = io.BytesIO()
+    st._write_safetensors(buf, weights, {"format": "pt"})
+    data = buf.getvalue()
+    header_len = int.from_bytes(data[:8], "little")
+    assert header_len % 8 == 0
+    back = load(data)
+    assert back.keys() == weights.keys()
+    for k, t in weights.items():
+        assert back[k].dtype == t.dtype and back[k].shape == t.shape, k
+        raw = lambda x: x.detach().contiguous().reshape(-1).view(torch.uint8)  # noqa: E731 - bitwise compare
+        assert torch.equal(raw(back[k]), raw(t)), k
+    (tmp_path / "w.safetensors").write_bytes(data)
+    with safe_open(str(tmp_path / "w.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    assert torch.equal(load_file(str(tmp_path / "w.safetensors"))["bf16"], weights["bf16"])
+
+
 class _Holder:
     """An object with state_dict/load_state_dict around a plain dict of tensors."""
 
