@@ -46,7 +46,7 @@ class Decider:
         self._prev = 0  # the previously decided step
         self._last_save_step: Optional[int] = None
         self._last_save_time: Optional[float] = None  # or the clock at the first decision
-        self._next_step = 0  # first call always takes the full path
+        self._next_step = 0  # until the rules are compiled: every call takes the full path
         self._next_time = -math.inf
         self._total: Optional[int] = None
         self._compiled = None
