@@ -1146,6 +1146,11 @@ class Checkpointer:
         ``[run].total_steps`` or the Progress carries it.
     run_name:
         The ``{run}`` placeholder of ``[storage].name``.
+    sync:
+        Under DDP (an initialised process group with more than one rank) the
+        decider is wrapped in :class:`saverules.distributed.SyncedDecider`;
+        ``sync`` holds its keyword options, e.g. ``{"sync_seconds": 2.0}`` or
+        ``{"sync_signals": True}``.  Ignored in a single process.
     """
 
     def __init__(
@@ -1158,6 +1163,7 @@ class Checkpointer:
         on_error: str = "raise",
         total_steps: Optional[int] = None,
         run_name: str = "run",
+        sync: Optional[Mapping[str, Any]] = None,
     ) -> None:
         import saverules
 
@@ -1202,11 +1208,15 @@ class Checkpointer:
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized():
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        if sync is not None and not isinstance(sync, Mapping):
+            raise ValueError(f"sync must be a mapping of SyncedDecider options or None, got {_type_name(sync)}")
         decider = policy.compile(total_steps)
         if self.world_size > 1:
             from saverules.distributed import SyncedDecider
 
-            decider = SyncedDecider(decider)
+            # Under DDP every rank must take the same decision: see docs/distributed.md.
+            # ``sync`` passes SyncedDecider's options (sync_seconds, max_interval, sync_signals, ...).
+            decider = SyncedDecider(decider, **dict(sync or {}))
         self.decider = decider
 
         self._clock_offset = 0.0

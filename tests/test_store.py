@@ -62,6 +62,7 @@ def small_state(value: float = 1.0):
         ({"run_name": "a/b"}, "run_name"),
         ({"dir": 3}, "dir must be a path"),
         ({"dir": ""}, "dir must not be empty"),
+        ({"sync": 5}, "sync must be a mapping of SyncedDecider options"),
     ],
 )
 def test_bad_arguments_raise_clear_value_errors(tmp_path, kwargs, message):

@@ -299,15 +299,11 @@ def train(args: argparse.Namespace) -> int:
         "model_config": cfg.to_dict(),
         "args": {k: v for k, v in vars(args).items()},
     }
-    ckpt = Checkpointer(policy, dir=str(ckpt_dir))
-    has_signal_rule = bool(getattr(ckpt.decider, "watches_signals", True))
-    if ddp and not has_signal_rule:
-        # The loop stops on SIGTERM even when the policy does not save for it; every rank must
-        # stop at the same step, so the ranks agree on signals (at sync steps) all the same.
-        from saverules.distributed import SyncedDecider
-
-        if isinstance(ckpt.decider, SyncedDecider):
-            ckpt.decider = SyncedDecider(ckpt.decider.inner, sync_signals=True)
+    # The loop stops on SIGTERM even when the policy does not save for it; under DDP every rank
+    # must stop at the same step, so the ranks agree on signals (at sync steps) all the same.
+    has_signal_rule = policy.compile().watches_signals
+    sync = {"sync_signals": True} if ddp and not has_signal_rule else None
+    ckpt = Checkpointer(policy, dir=str(ckpt_dir), sync=sync)
 
     # ---- resume -------------------------------------------------------------------------
     if args.resume:
