@@ -444,3 +444,26 @@ def test_retention_in_a_simulation():
     assert sim.kept == [50, 100, 120, 125]
     assert sim.peak_kept <= 2 + 2 + 1
     assert Retention().keep_last == 1
+
+
+# -- zero is an error, not "off" ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        'kind = "every_steps"\nevery = 0',
+        'kind = "every_steps"\nevery = "0%"',
+        'kind = "every_time"\nevery = "0m"',
+        'kind = "epoch_end"\nevery = 0',
+        'kind = "tail"\ninterval = 0',
+        'kind = "at_steps"\nsteps = [0]',
+        'kind = "piecewise"\nsegments = [{ every = 0 }]',
+        'kind = "every_steps"\nevery = 5\nuntil = 0',
+    ],
+)
+def test_zero_is_rejected_not_off(rule):
+    with pytest.raises(PolicyError) as err:
+        policy(rule)
+    (d,) = err.value.diagnostics
+    assert "0" in d.message and ("remove it" in d.message or "at least 1" in d.message)
