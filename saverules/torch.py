@@ -19,6 +19,7 @@ loop) that imports torch; ``import saverules`` does not.
 from __future__ import annotations
 
 import atexit
+import bisect
 import collections
 import copy as _copy
 import ctypes
@@ -28,6 +29,7 @@ import hashlib
 import json
 import logging
 import math
+import mmap
 import os
 import pickle
 import queue
@@ -44,6 +46,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Sequence, Tuple, Union
 
 import torch
+
+try:
+    import numpy as _np
+except ImportError:  # pragma: no cover - numpy ships with torch wheels; without it chunks are hashed in step
+    _np = None
 
 from .progress import Checkpoint, Decision, Progress
 
@@ -377,11 +384,12 @@ _fs = _FileSystem()
 
 
 class _HashWorker:
-    """One daemon thread that hashes chunks while the caller writes them.
+    """One daemon thread that hashes chunks, in the order they were written, while the caller goes on writing.
 
     A daemon thread (not a ThreadPoolExecutor, which refuses work once the
     interpreter starts shutting down) so that a write still in flight at exit
-    can finish.
+    can finish.  hashlib releases the GIL on large buffers, so hashing runs
+    on another core while the writer copies bytes into the page cache.
     """
 
     def __init__(self):
@@ -391,21 +399,23 @@ class _HashWorker:
 
     def _loop(self) -> None:
         while True:
-            h, data, done = self._queue.get()
-            try:
-                h.update(data)
-            except BaseException as exc:  # reported to the waiting writer
-                done.error = exc
-            done.set()
+            stream, data, done = self._queue.get()
+            if data is not None and stream.error is None:
+                try:
+                    stream.h.update(data)
+                except BaseException as exc:  # reported to the writer when it waits
+                    stream.error = exc
+            if done is not None:
+                done.set()
 
-    def submit(self, h, data) -> threading.Event:
+    def submit(self, stream: "_HashStream", data, wait: bool = False) -> Optional[threading.Event]:
+        """Queue ``data`` for ``stream``; with ``wait``, return an event set once it (and all before it) is hashed."""
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name="saverules-hash", daemon=True)
                 self._thread.start()
-        done = threading.Event()
-        done.error = None  # type: ignore[attr-defined]
-        self._queue.put((h, data, done))
+        done = threading.Event() if wait else None
+        self._queue.put((stream, data, done))
         return done
 
     def _after_fork(self) -> None:
@@ -419,57 +429,204 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_HASHER._after_fork)
 
 
+class _HashStream:
+    """The sha256 of one file, fed in write order by the hash worker."""
+
+    __slots__ = ("h", "error")
+
+    def __init__(self):
+        self.h = hashlib.sha256()
+        self.error: Optional[BaseException] = None
+
+
+class _Stable:
+    """Memory that stays alive and unchanged until a file has been written and hashed.
+
+    The store knows which CPU tensors a save writes (the caller's tensors,
+    which the training thread does not touch during a synchronous save, or
+    the async snapshot, which the writer owns).  A chunk that ``torch.save``
+    or the safetensors writer hands to ``write`` from inside one of them can
+    be hashed later, from the tensor's own memory, so the writer need not
+    wait for the hash.  Any other chunk (a temporary copy from a GPU, a
+    buffer of torch's own) is only valid during the ``write`` call.
+    """
+
+    def __init__(self, tensors):
+        spans: Dict[int, Tuple[int, memoryview]] = {}
+        if _np is not None:
+            for t in tensors:
+                if t.device.type != "cpu":
+                    continue
+                st = t.untyped_storage()
+                start, n = st.data_ptr(), st.nbytes()
+                if n < _PARALLEL_HASH_MIN or start in spans:
+                    continue
+                whole = torch.empty(0, dtype=torch.uint8).set_(st, 0, (n,), (1,))
+                spans[start] = (n, memoryview(whole.numpy()))
+        self._starts = sorted(spans)
+        self._spans = spans
+
+    def view(self, data) -> Optional[memoryview]:
+        """A view of the same bytes from memory the store keeps alive, or None."""
+        if not self._starts:
+            return None
+        try:
+            addr = _np.frombuffer(data, dtype=_np.uint8).ctypes.data
+        except (TypeError, ValueError):
+            return None
+        n = memoryview(data).nbytes
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i < 0:
+            return None
+        start = self._starts[i]
+        size, whole = self._spans[start]
+        if addr + n > start + size:
+            return None
+        return whole[addr - start: addr - start + n]
+
+
+_NO_STABLE = _Stable(())
+
+
 class _HashingFile:
     """A write-only file object that computes sha256 and size of what goes through it.
 
-    Large chunks are hashed on a helper thread while the calling thread
-    writes them (both release the GIL), so hashing costs little wall time.
+    The hash is computed on the hash worker thread.  Chunks from memory that
+    the save keeps alive (:class:`_Stable`) are queued by reference and the
+    writer moves on at once; small chunks are gathered into a copy and queued
+    a megabyte at a time; other large chunks are queued and waited for before
+    ``write`` returns (their memory is only valid during the call).
     """
 
-    def __init__(self, f):
+    def __init__(self, f, stable: _Stable = _NO_STABLE):
         self._f = f
-        self._h = hashlib.sha256()
+        self._stream = _HashStream()
+        self._small = bytearray()
+        self._stable = stable
+        self._finished = False
         self.size = 0
 
     def write(self, data) -> int:
         n = memoryview(data).nbytes
-        if n >= _PARALLEL_HASH_MIN:
-            done = _HASHER.submit(self._h, data)
-            try:
-                self._f.write(data)
-            finally:
-                done.wait()  # the buffer is only valid during this call
-            if done.error is not None:  # type: ignore[attr-defined]
-                raise done.error  # type: ignore[attr-defined]
-        else:
-            self._h.update(data)
+        if n < _PARALLEL_HASH_MIN:
             self._f.write(data)
+            self._small += data
+            if len(self._small) >= _PARALLEL_HASH_MIN:
+                self.push()
+        else:
+            self.push()
+            view = self._stable.view(data)
+            if view is not None:
+                _HASHER.submit(self._stream, view)
+                self._f.write(data)
+            else:
+                done = _HASHER.submit(self._stream, data, wait=True)
+                try:
+                    self._f.write(data)
+                finally:
+                    done.wait()  # the buffer is only valid during this call
+                self._check()
         self.size += n
         return n
+
+    def push(self) -> None:
+        """Queue the small chunks gathered so far."""
+        if self._small:
+            _HASHER.submit(self._stream, self._small)
+            self._small = bytearray()
+
+    def _check(self) -> None:
+        if self._stream.error is not None:
+            raise self._stream.error
 
     def flush(self) -> None:
         self._f.flush()
 
+    def drain(self) -> None:
+        """Wait until the worker is done with everything queued for this file (errors are not raised)."""
+        _HASHER.submit(self._stream, None, wait=True).wait()
+
+    def finish(self) -> None:
+        """Hash everything written so far and wait for it; raise a hashing error."""
+        self.push()
+        self.drain()
+        self._finished = True
+        self._check()
+
     def hexdigest(self) -> str:
-        return self._h.hexdigest()
+        if not self._finished:
+            self.finish()
+        return self._stream.h.hexdigest()
+
+
+class _Producer:
+    """What fills one file: ``fn(fileobj)``, and the tensors whose memory it writes from."""
+
+    __slots__ = ("fn", "tensors")
+
+    def __init__(self, fn, tensors=()):
+        self.fn = fn
+        self.tensors = tensors
+
+    def __call__(self, f) -> None:
+        self.fn(f)
+
+
+def _tensors_in(obj: Any) -> List[torch.Tensor]:
+    """Every tensor inside nested dicts, lists and tuples."""
+    out: List[torch.Tensor] = []
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            out.append(x)
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+    return out
 
 
 def _write_file(path: str, producer) -> Dict[str, Any]:
-    """Create ``path``, let ``producer(fileobj)`` fill it, fsync it; return its size and sha256."""
+    """Create ``path``, let ``producer(fileobj)`` fill it, fsync it; return its size and sha256.
+
+    The sha256 is computed from the bytes handed to the file, on the hash
+    worker, while this thread writes and then fsyncs.
+    """
+    tensors = getattr(producer, "tensors", ())
+    stable = _Stable(tensors) if tensors else _NO_STABLE
     with _fs.open_write(path) as f:
-        hf = _HashingFile(f)
-        producer(hf)
-        f.flush()
-        _fs.fsync(f.fileno())
-    return {"size": hf.size, "sha256": hf.hexdigest()}
+        hf = _HashingFile(f, stable)
+        try:
+            producer(hf)
+            hf.push()
+            f.flush()
+            _fs.fsync(f.fileno())
+        except BaseException:
+            hf.drain()  # nothing queued may outlive the memory it points into
+            raise
+        digest = hf.hexdigest()
+    return {"size": hf.size, "sha256": digest}
 
 
 def _hash_file(path: Union[str, Path]) -> Tuple[int, str]:
-    h = hashlib.sha256()
-    size = 0
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
+    """Re-read ``path`` from the file system; return its size and sha256.
+
+    A file inside a temporary directory this process is writing right now
+    (the check after a save) is read through a read-only memory map, which
+    hashes the cached pages without copying them first.  Every other file is
+    read in chunks: a map would turn a file that another process truncates
+    meanwhile into a SIGBUS instead of an error.
+    """
     with open(path, "rb", buffering=0) as f:
+        if os.path.dirname(os.fspath(path)) in _INFLIGHT:
+            mapped = _hash_mapped(f)
+            if mapped is not None:
+                return mapped
+        h = hashlib.sha256()
+        size = 0
+        buf = bytearray(_CHUNK)
+        view = memoryview(buf)
         while True:
             n = f.readinto(buf)
             if not n:
@@ -477,6 +634,22 @@ def _hash_file(path: Union[str, Path]) -> Tuple[int, str]:
             h.update(view[:n])
             size += n
     return size, h.hexdigest()
+
+
+def _hash_mapped(f) -> Optional[Tuple[int, str]]:
+    size = os.fstat(f.fileno()).st_size
+    if not size:
+        return None
+    try:
+        m = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):  # a file system without mmap: read it instead
+        return None
+    try:
+        if hasattr(m, "madvise") and hasattr(mmap, "MADV_SEQUENTIAL"):
+            m.madvise(mmap.MADV_SEQUENTIAL)
+        return size, hashlib.sha256(m).hexdigest()
+    finally:
+        m.close()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -1462,7 +1635,9 @@ class Checkpointer:
                 files[WEIGHTS_FILE] = self._write_weights(str(tmp / WEIGHTS_FILE), job.weights)
             stage = f"write {STATE_FILE}"
             payload = job.payload
-            files[STATE_FILE] = _write_file(str(tmp / STATE_FILE), lambda f: torch.save(payload, f))
+            files[STATE_FILE] = _write_file(
+                str(tmp / STATE_FILE), _Producer(lambda f: torch.save(payload, f), _tensors_in(payload))
+            )
             if self.verify != "none":
                 stage = "verify the files"
                 self._verify_written(tmp, files)
@@ -1533,7 +1708,7 @@ class Checkpointer:
 
     def _write_weights(self, path: str, weights: Dict[str, torch.Tensor]) -> Dict[str, Any]:
         meta = {"format": "pt", "saverules": str(FORMAT_VERSION)}
-        return _write_file(path, lambda f: _write_safetensors(f, weights, meta))
+        return _write_file(path, _Producer(lambda f: _write_safetensors(f, weights, meta), list(weights.values())))
 
     def _verify_written(self, tmp: Path, files: Mapping[str, Mapping[str, Any]]) -> None:
         for fname, entry in files.items():
