@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import os
 import random
@@ -1075,3 +1076,106 @@ def test_only_rank_0_writes_and_the_manifest_records_the_world_size(tmp_path, mo
         assert m["world_size"] == 2
     else:
         assert not (tmp_path / "store").exists()
+
+
+# --------------------------------------------------------------------------
+# Hashing while writing (large tensors are hashed behind the writer)
+# --------------------------------------------------------------------------
+
+
+def big_state(value: float = 1.0):
+    """Tensors well above the 1 MiB chunk size, one storage shared by two views, and small ones."""
+    torch.manual_seed(int(value))
+    weight = torch.randn(768, 512)  # 1.5 MiB
+    return {
+        "model": {"w": weight, "w_t": weight.t(), "half": weight[:384], "small": torch.arange(10.0)},
+        "extra": [torch.randn(300_000) * value, torch.zeros(2_000_000, dtype=torch.uint8)],
+        "step": 3,
+    }
+
+
+def _file_digests(directory):
+    manifest = json.loads((directory / "manifest.json").read_text())
+    for name, entry in manifest["files"].items():
+        data = (directory / name).read_bytes()
+        yield name, entry, len(data), hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("fmt", ["torch", "safetensors"])
+@pytest.mark.parametrize("async_save", [False, True])
+def test_manifest_hash_of_large_tensors_is_the_hash_of_the_file(tmp_path, fmt, async_save):
+    ck = Checkpointer(policy(fmt=fmt), tmp_path, async_save=async_save, verify="none")
+    state = big_state(2.0)
+    ck.save(Progress(1), state)
+    ck.close()
+    (directory,) = [tmp_path / d for d in checkpoint_dirs(tmp_path)]
+    for name, entry, size, digest in _file_digests(directory):
+        assert (entry["size"], entry["sha256"]) == (size, digest), name
+    back = {"model": None, "extra": None, "step": None}
+    assert Checkpointer(policy(fmt=fmt), tmp_path).load_latest(back).step == 1
+    assert tensors_equal(back["model"], state["model"]) and tensors_equal(back["extra"], state["extra"])
+
+
+def test_writer_does_not_wait_for_the_hash_of_tensor_memory(tmp_path, monkeypatch):
+    waits = []
+    real_submit = st._HASHER.submit
+
+    def recording_submit(stream, data, wait=False):
+        if data is not None:
+            waits.append((memoryview(data).nbytes, wait))
+        return real_submit(stream, data, wait)
+
+    monkeypatch.setattr(st._HASHER, "submit", recording_submit)
+    Checkpointer(policy(), tmp_path, verify="hash").save(Progress(1), big_state())
+    large = [w for n, w in waits if n >= st._PARALLEL_HASH_MIN]
+    assert len(large) >= 2 and not any(large)  # queued by reference, never waited for one by one
+    assert Checkpointer(policy(), tmp_path).latest().verified is True
+
+
+def test_a_chunk_from_foreign_memory_is_hashed_before_write_returns(tmp_path):
+    buf = bytearray(os.urandom(3 << 20))
+    expected = hashlib.sha256(bytes(buf) + b"tail").hexdigest()
+
+    def producer(f):
+        f.write(memoryview(buf))
+        buf[:] = bytes(len(buf))  # the caller reuses its buffer as soon as write returns
+        f.write(b"tail")
+
+    entry = st._write_file(str(tmp_path / "f.bin"), st._Producer(producer, [torch.zeros(1 << 20)]))
+    assert entry == {"size": (3 << 20) + 4, "sha256": expected}
+
+
+def test_a_failed_write_waits_for_the_queued_hashing_before_raising(tmp_path, monkeypatch):
+    tensor = torch.randn(1 << 20)
+    drained = []
+    real_drain = st._HashingFile.drain
+
+    def recording_drain(self):
+        real_drain(self)
+        drained.append(self._stream.h.copy().hexdigest())
+
+    def producer(f):
+        f.write(memoryview(tensor.numpy()).cast("B"))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(st._HashingFile, "drain", recording_drain)
+    with pytest.raises(OSError, match="No space"):
+        st._write_file(str(tmp_path / "f.bin"), st._Producer(producer, [tensor]))
+    # Before the error left _write_file, the tensor's queued chunk had been hashed (its memory may go now).
+    assert drained == [hashlib.sha256(tensor.numpy().tobytes()).hexdigest()]
+
+
+def test_fresh_files_are_reread_through_a_map_with_the_same_result(tmp_path, monkeypatch):
+    path = tmp_path / "data.bin"
+    data = os.urandom((2 << 20) + 5)
+    path.write_bytes(data)
+    expected = (len(data), hashlib.sha256(data).hexdigest())
+    assert st._hash_file(path) == expected
+    mapped = []
+    real = st._hash_mapped
+    monkeypatch.setattr(st, "_hash_mapped", lambda f: mapped.append(1) or real(f))
+    assert st._hash_file(path) == expected and not mapped  # a file outside a write in progress: plain reads
+    monkeypatch.setattr(st, "_INFLIGHT", {str(tmp_path)})
+    assert st._hash_file(path) == expected and mapped == [1]
+    (tmp_path / "empty").write_bytes(b"")
+    assert st._hash_file(tmp_path / "empty") == (0, hashlib.sha256(b"").hexdigest())
