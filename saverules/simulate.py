@@ -17,6 +17,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 from .progress import Checkpoint, Progress
 from .quantities import format_seconds
+from .retention import explain_retention
 
 MetricsFn = Callable[[int], Optional[Mapping[str, float]]]
 
@@ -87,6 +88,21 @@ def _first_step_at(threshold: float, step_seconds: float, after: int) -> int:
     return step
 
 
+def _prune(retention, kept: List[Checkpoint], incremental: bool) -> None:
+    """Apply retention to ``kept`` in place after a save, as the checkpoint store does.
+
+    Without a ranking by metric, a checkpoint's keep mask depends only on itself
+    (final, keep_every) and on its place among the newest ``keep_last``.  A
+    checkpoint older than the newest ``keep_last + 1`` has already been judged
+    outside that window and survived for reasons that cannot change, so only
+    the window needs judging again: the simulation stays linear in the saves.
+    """
+    start = max(0, len(kept) - retention.keep_last - 1) if incremental else 0
+    window = kept[start:]
+    mask = explain_retention(retention, window)
+    kept[start:] = [c for c, why in zip(window, mask) if why]
+
+
 def simulate(policy, total_steps, steps_per_epoch=None, step_seconds=None, metrics: Optional[MetricsFn] = None):
     for name, value in (("total_steps", total_steps), ("steps_per_epoch", steps_per_epoch)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -129,8 +145,7 @@ def simulate(policy, total_steps, steps_per_epoch=None, step_seconds=None, metri
             Checkpoint(step, None if step_seconds is None else step * step_seconds, reported, "final" in decision.reasons)
         )
         if policy.retention is not None:  # no [retention] table keeps everything
-            mask = policy.retain(kept)
-            kept = [c for c, keep in zip(kept, mask) if keep]
+            _prune(policy.retention, kept, incremental=policy.retention.keep_best is None or metrics is None)
         peak = max(peak, len(kept))
 
     bounds = [0] + [s for s, _ in saves]
