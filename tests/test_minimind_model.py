@@ -233,7 +233,7 @@ def test_rope_scores_depend_only_on_relative_offset():
     assert score(12, 10) != pytest.approx(score(11, 10), abs=1e-3)
     # rotation preserves norms
     rq = apply_rope(q.view(1, head_dim), cos[33:34], sin[33:34])
-    assert rq.norm() == pytest.approx(q.norm(), rel=1e-5)
+    assert rq.norm().item() == pytest.approx(q.norm().item(), rel=1e-5)
 
 
 def test_model_output_invariant_to_absolute_position_shift():
