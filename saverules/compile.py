@@ -13,10 +13,18 @@ A node answers two questions about one rule:
   finds nothing), never late.  It holds whatever the previously decided step
   is, as long as it is at least ``after``: the decider is called with steps
   that jump, so the bound must not assume the steps in between were decided.
+  A decision may also repeat the step ``after`` itself: a rule that may fire
+  on such a repeat (``window``, ``not``) reports ``after``.
 * ``next_fire(after, run)``: the same bound for a run that is asked at every
   step (the previously decided step is always ``step - 1``).  It may be later
   than ``next_step`` (``all`` leapfrogs to a step where every child fires at
   once); the simulator uses it to jump over steps at which nothing happens.
+  In a simulation (``run._sim`` holds the run's shape) the clock and the
+  epoch ends are known in advance, so ``every_time`` and ``epoch_end`` report
+  where they fire too.
+* ``next_change(after, run)``: where a rule's own state may change even though
+  its parent does not fire (a ``final`` nested in ``all`` remembers that the
+  total was reached).  Decisions are only skipped below this step too.
 
 ``run`` is the :class:`~saverules.decider.Decider`; nodes read its
 ``_prev`` (the previously decided step), ``_last_save_step``,
@@ -64,6 +72,12 @@ class Node:
 
     def next_fire(self, after: int, run) -> int:
         return self.next_step(after, run)
+
+    def next_change(self, after: int, run) -> int:
+        """Lowest step after ``after`` at which evaluating this rule, or a rule nested
+        in it, may change its state while the run is quiet.  Skipping a decision is
+        only sound below it, even when the rule itself cannot fire there."""
+        return min((c.next_change(after, run) for c in self.children), default=INF)
 
     def time_threshold(self, run) -> float:
         return min((c.time_threshold(run) for c in self.children), default=_NEVER)
@@ -128,6 +142,12 @@ class Window(Node):
         return self.after < p.step <= self.until
 
     def next_step(self, after, run):
+        # A window is a plain predicate of the step: asked again at the step it
+        # was last asked at (a repeated decision), it is as true as it was then.
+        step = max(after, self.after + 1)
+        return step if step <= self.until else INF
+
+    def next_fire(self, after, run):
         step = max(after + 1, self.after + 1)
         return step if step <= self.until else INF
 
@@ -159,6 +179,9 @@ class Final(Node):
         if total is None or self.reached == total:
             return INF
         return max(total, after + 1)
+
+    def next_change(self, after, run):
+        return self.next_step(after, run)  # reaching the total is remembered
 
     def state(self):
         return {"reached": self.reached}
@@ -210,6 +233,12 @@ class EveryTime(Node):
         anchor = run._last_save_time
         return -_NEVER if anchor is None else anchor + self.seconds
 
+    def next_fire(self, after, run):
+        shape = run._sim
+        if shape is None or shape.step_seconds is None:
+            return INF  # a live run: the clock is watched through time_threshold
+        return first_step_at(self.time_threshold(run), shape.step_seconds, after)
+
 
 class EpochEnd(Node):
     watches_epochs = True
@@ -219,6 +248,22 @@ class EpochEnd(Node):
 
     def fires(self, p, run):
         return bool(p.epoch_end) and (p.epoch + 1) % self.every == 0
+
+    def next_fire(self, after, run):
+        shape = run._sim
+        if shape is None:
+            return INF  # a live run: epoch ends are events
+        total, per_epoch = shape.total_steps, shape.steps_per_epoch
+        best = INF
+        if per_epoch:
+            stride = per_epoch * self.every  # the end of every `every`-th epoch
+            best = (after // stride + 1) * stride
+            last_epoch = (total - 1) // per_epoch
+            if (last_epoch + 1) % self.every == 0 and total > after:
+                best = min(best, total)  # a last, partial epoch ends at the last step
+        elif self.every == 1 and total > after:
+            best = total  # the whole run is one epoch
+        return best if best <= total else INF
 
 
 _SIGNAL_NAMES = {int(s): s.name for s in _signal.Signals}
@@ -282,6 +327,20 @@ class Improved(Node):
         self.best = None if best is None else float(best)
 
 
+def first_step_at(threshold: float, step_seconds: float, after: int) -> int:
+    """Smallest step > after whose clock (step * step_seconds) reaches threshold."""
+    if threshold == -math.inf:
+        return after + 1
+    if not math.isfinite(threshold):
+        return INF
+    step = max(after + 1, math.ceil(threshold / step_seconds))
+    while step - 1 > after and (step - 1) * step_seconds >= threshold:
+        step -= 1
+    while step * step_seconds < threshold:
+        step += 1
+    return step
+
+
 # -- combinators -------------------------------------------------------------
 
 
@@ -332,6 +391,15 @@ class Not(_Combinator):
         return not self.children[0].fires(p, run)
 
     def next_step(self, after, run):
+        # `not` of a crossing rule is true at a repeated decision of the same step,
+        # so the bound includes `after` itself, unless the child is a window that
+        # holds from `after` on.
+        child = self.children[0]
+        if isinstance(child, Window) and child.after < after <= child.until:
+            return child.until + 1 if child.until < INF else INF
+        return after
+
+    def next_fire(self, after, run):
         child = self.children[0]
         step = after + 1
         if isinstance(child, Window) and child.after < step <= child.until:

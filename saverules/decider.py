@@ -51,6 +51,7 @@ class Decider:
         self._total: Optional[int] = None
         self._compiled = None
         self._unresolved: Optional[ResolveError] = None
+        self._sim = None  # the run's shape, when a simulation drives this decider
         fallback = policy.run.total_steps if policy.run is not None else None
         self._set_total(total_steps if total_steps is not None else fallback)
 
@@ -136,7 +137,10 @@ class Decider:
         if self._compiled is None:
             return
         after = self._prev
-        self._next_step = min((node.next_step(after, self) for node, _ in self._compiled), default=INF)
+        self._next_step = min(
+            (min(node.next_step(after, self), node.next_change(after, self)) for node, _ in self._compiled),
+            default=INF,
+        )
         self._next_time = min((node.time_threshold(self) for node, _ in self._compiled), default=math.inf)
 
     def _next_fire(self) -> int:
@@ -145,7 +149,10 @@ class Decider:
         if self._compiled is None:
             return INF
         after = self._prev
-        return min((node.next_fire(after, self) for node, _ in self._compiled), default=INF)
+        return min(
+            (min(node.next_fire(after, self), node.next_change(after, self)) for node, _ in self._compiled),
+            default=INF,
+        )
 
     def _skip_to(self, step: int) -> None:
         """Record that every step up to ``step`` was decided and nothing was saved.
@@ -183,7 +190,9 @@ class Decider:
         t = state.get("last_save_time")
         self._last_save_time = None if t is None else float(t)
         total = state.get("total_steps")
-        if self._total is None and total is not None:
+        if total is not None and int(total) != self._total:
+            # the run's length is part of what is restored; a Progress that
+            # carries another total changes it again at the next decision
             self._set_total(int(total))
         self._load_node_states(state.get("rules") or {})
         self._refresh()

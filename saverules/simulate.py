@@ -1,11 +1,11 @@
 """Simulate a policy over a run shape, before the run.
 
 The simulator drives the real :class:`~saverules.decider.Decider`, but only at
-the steps where something can happen: the next step any rule may fire at, epoch
-ends, the step at which the training clock crosses the next time threshold,
-and the last step.  The steps skipped over are ones at which a per-step run
-decides quietly, so the decider is told they passed before the next decision,
-which then sees exactly what it would see in a per-step run.  A 10^9-step run
+the steps where something can happen: the next step at which any rule may
+fire, with the run's clock and epoch ends known in advance, and the last step.
+The steps skipped over are ones at which a per-step run decides quietly, so
+the decider is told they passed before the next decision, which then sees
+exactly what it would see in a per-step run.  A 10^9-step run
 costs about as many decisions as it has saves.  With a ``metrics``
 callable every step is visited, since any step may report a metric.
 """
@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
+from .compile import first_step_at
 from .progress import Checkpoint, Progress
 from .quantities import format_seconds
 from .retention import explain_retention
@@ -74,18 +75,7 @@ def progress_at(step: int, total: int, steps_per_epoch: Optional[int], step_seco
     )
 
 
-def _first_step_at(threshold: float, step_seconds: float, after: int) -> int:
-    """Smallest step > after whose clock (step * step_seconds) reaches threshold."""
-    if threshold == -math.inf:
-        return after + 1
-    if not math.isfinite(threshold):
-        return 1 << 62
-    step = max(after + 1, math.ceil(threshold / step_seconds))
-    while step - 1 > after and (step - 1) * step_seconds >= threshold:
-        step -= 1
-    while step * step_seconds < threshold:
-        step += 1
-    return step
+_first_step_at = first_step_at  # the clock's crossing step (kept under its old name)
 
 
 def _prune(retention, kept: List[Checkpoint], incremental: bool) -> None:
@@ -103,6 +93,13 @@ def _prune(retention, kept: List[Checkpoint], incremental: bool) -> None:
     kept[start:] = [c for c, why in zip(window, mask) if why]
 
 
+class _Shape:
+    """What a simulated run looks like in advance, for rules that watch the clock or epochs."""
+
+    def __init__(self, total_steps, steps_per_epoch, step_seconds):
+        self.total_steps, self.steps_per_epoch, self.step_seconds = total_steps, steps_per_epoch, step_seconds
+
+
 def simulate(policy, total_steps, steps_per_epoch=None, step_seconds=None, metrics: Optional[MetricsFn] = None):
     for name, value in (("total_steps", total_steps), ("steps_per_epoch", steps_per_epoch)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -113,8 +110,7 @@ def simulate(policy, total_steps, steps_per_epoch=None, step_seconds=None, metri
         raise ValueError(f"step_seconds must be a positive number, got {step_seconds!r}")
 
     decider = policy.compile(total_steps)
-    watch_epochs = decider.watches_epochs
-    watch_time = decider.watches_time and step_seconds is not None
+    decider._sim = _Shape(total_steps, steps_per_epoch, step_seconds)
     saves: List[Tuple[int, Tuple[str, ...]]] = []
     fired: Dict[str, int] = {}
     kept: List[Checkpoint] = []
@@ -124,12 +120,9 @@ def simulate(policy, total_steps, steps_per_epoch=None, step_seconds=None, metri
         if metrics is not None:
             nxt = step + 1
         else:
-            nxt = min(decider._next_fire(), total_steps)
-            if watch_epochs:
-                nxt = min(nxt, (step // steps_per_epoch + 1) * steps_per_epoch if steps_per_epoch else total_steps)
-            if watch_time:
-                nxt = min(nxt, _first_step_at(decider.next_time, step_seconds, step))
-            nxt = max(nxt, step + 1)
+            # the next step at which any rule can fire, the clock and epoch ends
+            # included; the first decision is always made, as it starts the clock
+            nxt = max(min(decider._next_fire(), total_steps), step + 1) if step else 1
             # Nothing fires at the steps skipped over; a per-step run decides each
             # of them quietly, so the decision at `nxt` crosses from nxt - 1.
             decider._skip_to(nxt - 1)

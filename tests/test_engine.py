@@ -467,3 +467,49 @@ def test_zero_is_rejected_not_off(rule):
         policy(rule)
     (d,) = err.value.diagnostics
     assert "0" in d.message and ("remove it" in d.message or "at least 1" in d.message)
+
+
+# -- decisions the quiet path must not skip ---------------------------------------------------------
+
+
+def test_a_repeated_decision_of_the_same_step_is_decided_in_full():
+    # not(every_steps(1)) is false on a new step and true when the same step is asked again
+    p = policy('kind = "not"\nrule = { kind = "every_steps", every = 1 }', head="final = false")
+    d = p.compile()
+    assert not d(Progress(5)).save
+    assert d(Progress(5)).save
+    w = policy('kind = "all"\nrules = [{ kind = "not", rule = { kind = "every_steps", every = 2 } }, '
+               '{ kind = "window", after = 3 }]', head="final = false").compile()
+    assert not w(Progress(4)).save and w(Progress(4)).save
+
+
+def test_a_final_nested_in_a_combinator_remembers_the_total_was_reached():
+    # any(every_steps(4), final) becomes true once, at the first decision at or past 10
+    p = policy('kind = "all"\nrules = [{ kind = "every_steps", every = 9 }, '
+               '{ kind = "any", rules = [{ kind = "every_steps", every = 4 }, { kind = "final" }] }]',
+               head="final = false")
+    assert run(p.compile(10), [9, 16, 18]) == [9]
+    assert p.simulate(40).saved_steps == [36]
+    assert [s for s, _ in oracle_saves(p, 40)] == [36]
+
+
+def test_restoring_a_state_restores_the_runs_total():
+    p = policy('kind = "every_steps"\nevery = "50%"', head="[run]\ntotal_steps = 1000\n")
+    first = p.compile(100)
+    run(first, [10])
+    second = p.compile()  # [run] says 1000, the run was 100 steps long
+    second.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert second.total_steps == 100
+    assert run(second, range(11, 101)) == [50, 100]
+
+
+def test_simulating_a_clock_rule_behind_an_epoch_rule_visits_few_steps():
+    # all(epoch_end, every_time): once the clock passes 48 h, every step would be a candidate;
+    # the simulator knows where epochs end and jumps to the first one after that
+    p = policy('kind = "all"\nrules = [{ kind = "epoch_end" }, { kind = "every_time", every = "48h" }]',
+               head="final = false")
+    sim = p.simulate(2_000_000, steps_per_epoch=100_000, step_seconds=1.0)
+    # the clock starts at step 1: 48 h later is step 172801, the next epoch ends at 200000
+    assert sim.saved_steps == list(range(200_000, 2_000_001, 200_000))
+    small = p.simulate(5000, steps_per_epoch=700, step_seconds=100.0)
+    assert small.saves == oracle_saves(p, 5000, 700, 100.0)
