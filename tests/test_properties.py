@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import math
 
-from hypothesis import assume, given
+from hypothesis import given
 from hypothesis import strategies as st
 
 from oracle import Oracle, oracle_retain, oracle_simulation, steps_of
 from saverules import Checkpoint, Policy, PolicyError, Progress
-from saverules.policy import KeepBest, Retention
+from saverules.policy import Retention
 from saverules.simulate import progress_at
 from strategies import (
     METRICS, durations, has_shares, intervals, metric_functions, policy_docs, progress_sequences, replay, retentions, shares,
