@@ -57,11 +57,6 @@ class ResolveError(ValueError):
 
 
 class Node:
-    watches_time = False
-    watches_signals = False
-    watches_metrics = False
-    watches_epochs = False
-    watches_last = False
     children: tuple = ()
 
     def fires(self, p, run) -> bool:  # pragma: no cover - abstract
@@ -162,7 +157,6 @@ class Final(Node):
     never saved twice, whatever fires).
     """
 
-    watches_last = True
 
     def __init__(self):
         self.reached: Optional[int] = None  # the total whose last step was reached
@@ -220,7 +214,6 @@ class Tail(Node):
 
 
 class EveryTime(Node):
-    watches_time = True
 
     def __init__(self, seconds: float):
         self.seconds = seconds
@@ -241,7 +234,6 @@ class EveryTime(Node):
 
 
 class EpochEnd(Node):
-    watches_epochs = True
 
     def __init__(self, every: int):
         self.every = every
@@ -270,7 +262,6 @@ _SIGNAL_NAMES = {int(s): s.name for s in _signal.Signals}
 
 
 class OnSignal(Node):
-    watches_signals = True
 
     def __init__(self, names):
         self.names = frozenset(names)
@@ -290,7 +281,6 @@ class OnSignal(Node):
 
 
 class Improved(Node):
-    watches_metrics = True
 
     def __init__(self, metric: str, mode: str, min_delta: float):
         self.metric, self.mode, self.min_delta = metric, mode, min_delta
@@ -347,9 +337,6 @@ def first_step_at(threshold: float, step_seconds: float, after: int) -> int:
 class _Combinator(Node):
     def __init__(self, children):
         self.children = tuple(children)
-        for flag in ("watches_time", "watches_signals", "watches_metrics", "watches_epochs", "watches_last"):
-            if any(getattr(c, flag) for c in self.children):
-                setattr(self, flag, True)
 
 
 class All(_Combinator):

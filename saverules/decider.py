@@ -56,21 +56,9 @@ class Decider:
         self._set_total(total_steps if total_steps is not None else fallback)
 
     # -- what the policy reacts to (for DDP sync and the simulator) ----------
-    @property
-    def watches_time(self) -> bool:
-        return _uses(self.policy, EveryTimeRule)
-
-    @property
-    def watches_signals(self) -> bool:
-        return _uses(self.policy, OnSignalRule)
-
-    @property
-    def watches_metrics(self) -> bool:
-        return _uses(self.policy, ImprovedRule)
-
-    @property
-    def watches_epochs(self) -> bool:
-        return _uses(self.policy, EpochEndRule)
+    # Set per policy on the specialised class (see _specialised); a subclass
+    # made some other way is assumed to react to everything.
+    watches_last = watches_signals = watches_epochs = watches_time = watches_metrics = True
 
     @property
     def total_steps(self) -> Optional[int]:
@@ -248,6 +236,11 @@ def _specialised(flags) -> type:
     )
     namespace = {"NO_SAVE": NO_SAVE}
     exec(compile(source, f"<saverules quiet path {flags}>", "exec"), namespace)
-    cls = type("Decider", (Decider,), {"__call__": namespace["__call__"], "__module__": __name__, "_quiet_source": source})
+    attributes = {
+        "__call__": namespace["__call__"], "__module__": __name__, "_quiet_source": source,
+        "watches_last": last, "watches_signals": signals, "watches_epochs": epochs,
+        "watches_time": clock, "watches_metrics": metrics,
+    }
+    cls = type("Decider", (Decider,), attributes)
     _CLASSES[flags] = cls
     return cls

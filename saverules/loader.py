@@ -9,7 +9,7 @@ import difflib
 import os
 import re
 import sys
-from typing import Any, List, Tuple
+from typing import List
 
 from pydantic import ValidationError
 

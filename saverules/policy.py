@@ -15,7 +15,7 @@ from pydantic import BeforeValidator, PlainValidator, PrivateAttr, WithJsonSchem
 
 from .progress import Checkpoint
 from .quantities import Count, PositiveReal
-from .rules import Model, Name, Rule, RuleModel, _as_tuple
+from .rules import Model, Name, Rule, _as_tuple
 
 Position = Tuple[int, int]
 

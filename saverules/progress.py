@@ -7,7 +7,7 @@ preemption signals.  No rule reads a clock or a global itself.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, NamedTuple, Optional, Union
+from typing import Mapping, NamedTuple, Optional, Union
 
 SignalLike = Union[bool, str, int, None]
 

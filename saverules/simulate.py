@@ -15,7 +15,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
-from .compile import first_step_at
 from .progress import Checkpoint, Progress
 from .quantities import format_seconds
 from .retention import explain_retention
@@ -73,9 +72,6 @@ def progress_at(step: int, total: int, steps_per_epoch: Optional[int], step_seco
         metrics=metrics,
         signal=False,
     )
-
-
-_first_step_at = first_step_at  # the clock's crossing step (kept under its old name)
 
 
 def _prune(retention, kept: List[Checkpoint], incremental: bool) -> None:
