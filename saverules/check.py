@@ -25,7 +25,7 @@ from . import rules as R
 from .errors import Diagnostic, PolicyError
 from .loader import load
 from .policy import Policy
-from .quantities import Share, format_seconds
+from .quantities import Share, format_seconds, resolve_steps
 from .simulate import Simulation
 
 #: With more saves than this, the text report shows the first and last few.
@@ -188,7 +188,7 @@ def _rule_findings(report, policy, sim, total, spe, secs) -> None:
 
 def _longer_than_run(rule, total, epochs, secs) -> Optional[Tuple[str, str]]:
     if isinstance(rule, R.EveryStepsRule):
-        every = rule.every.resolve(total) if isinstance(rule.every, Share) else rule.every
+        every = resolve_steps(rule.every, total)
         if every > total:
             return "every", f"interval {every:,} steps is longer than the run ({total:,} steps): it never fires"
     if isinstance(rule, R.EveryTimeRule) and secs is not None:

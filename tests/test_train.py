@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -163,6 +162,16 @@ def test_tiny_run_with_the_default_rules_saves_the_final_step_and_learns(tmp_pat
 RESUME_ARGS = ["--epochs", "3", "--accumulation_steps", "3", "--seed", "7"]
 
 
+def start_held_run(tmp_path, hold_at=6):
+    """The resume-shaped run (every 2 steps), held after step ``hold_at``; returns (proc, rules, data)."""
+    data = write_data(tmp_path / "data.jsonl", 40)
+    rules = write_policy(tmp_path / "p.toml", every=2)
+    cmd = train_cmd("--rules", rules, "--data_path", data, *RESUME_ARGS)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env_for({"SAVERULES_TEST_HOLD_AT": str(hold_at)}),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, rules, data
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """3 epochs of 10 micro-batches with accumulation 3: 4 steps per epoch (the last window has 1)."""
@@ -182,12 +191,8 @@ def test_uninterrupted_run_shape(uninterrupted):
 
 def test_resume_after_sigkill_is_exact(uninterrupted, tmp_path):
     full, full_out = uninterrupted
-    data = write_data(tmp_path / "data.jsonl", 40)
-    rules = write_policy(tmp_path / "p.toml", every=2)
-    cmd = train_cmd("--rules", rules, "--data_path", data, *RESUME_ARGS)
-    # Hold after step 5 (mid-epoch; step 4 is saved), then SIGKILL: no chance to save.
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env_for({"SAVERULES_TEST_HOLD_AT": "6"}),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Hold after step 6 (mid-epoch), then SIGKILL: no chance to save anything more.
+    proc, rules, data = start_held_run(tmp_path)
     try:
         first = wait_for_line(proc, "holding at step 6")
     finally:
@@ -215,11 +220,7 @@ def test_resume_after_sigkill_is_exact(uninterrupted, tmp_path):
 
 def test_sigterm_saves_the_next_step_exits_0_and_resumes(uninterrupted, tmp_path):
     full, full_out = uninterrupted
-    data = write_data(tmp_path / "data.jsonl", 40)
-    rules = write_policy(tmp_path / "p.toml", every=2)
-    cmd = train_cmd("--rules", rules, "--data_path", data, *RESUME_ARGS)
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env_for({"SAVERULES_TEST_HOLD_AT": "6"}),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, rules, data = start_held_run(tmp_path)
     try:
         wait_for_line(proc, "holding at step 6")
         proc.send_signal(signal.SIGTERM)
