@@ -17,7 +17,8 @@ from typing import Optional
 from .compile import INF, ResolveError, compile_rules
 from .errors import Diagnostic, PolicyError, dotted
 from .progress import NO_SAVE, Decision
-from .rules import EpochEndRule, EveryTimeRule, FinalRule, ImprovedRule, OnSignalRule, walk
+from .cost import COST_WINDOW, check_cost, estimate
+from .rules import AdaptiveRule, EpochEndRule, EveryTimeRule, FinalRule, ImprovedRule, OnSignalRule, walk
 
 STATE_VERSION = 1
 
@@ -35,7 +36,7 @@ class Decider:
                 policy.final or _uses(policy, FinalRule),
                 _uses(policy, OnSignalRule),
                 _uses(policy, EpochEndRule),
-                _uses(policy, EveryTimeRule),
+                _uses(policy, (EveryTimeRule, AdaptiveRule)),
                 _uses(policy, ImprovedRule),
             )
             cls = _specialised(flags)
@@ -52,6 +53,8 @@ class Decider:
         self._compiled = None
         self._unresolved: Optional[ResolveError] = None
         self._sim = None  # the run's shape, when a simulation drives this decider
+        self._costs: list = []  # the latest measured save costs [(stall, write)], oldest first
+        self._cost = None  # their estimate (see saverules.cost.estimate), None before any
         fallback = policy.run.total_steps if policy.run is not None else None
         self._set_total(total_steps if total_steps is not None else fallback)
 
@@ -86,7 +89,9 @@ class Decider:
             raise self._policy_error(self._unresolved)
         if self._last_save_time is None and p.time is not None:
             self._last_save_time = p.time  # clock rules count from the first decision
-        reasons = [name for node, name in self._compiled if node.fires(p, self)]
+        reasons = [
+            name if name.__class__ is str else name(self) for node, name in self._compiled if node.fires(p, self)
+        ]
         step = p.step
         save = bool(reasons) and step != self._last_save_step
         self._prev = step
@@ -103,6 +108,23 @@ class Decider:
         if time is not None:
             self._last_save_time = time
         self._refresh()
+
+    def note_cost(self, stall_seconds: float, write_seconds: Optional[float] = None) -> None:
+        """Report what the latest save cost: ``stall_seconds`` of training-thread stall
+        (the whole save when synchronous, the snapshot when asynchronous) and the
+        ``write_seconds`` of wall time the whole write took (the stall, when omitted).
+
+        The ``adaptive`` rule plans its interval from the mean of the last
+        three reports.  The Checkpointer reports every save it makes.
+        """
+        self._costs = (self._costs + [check_cost(stall_seconds, write_seconds)])[-COST_WINDOW:]
+        self._cost = estimate(self._costs)
+        self._refresh()
+
+    @property
+    def save_cost(self):
+        """The estimated (stall, write) seconds of a save, or None before any report."""
+        return self._cost
 
     # -- internals --------------------------------------------------------------
     def _set_total(self, total: Optional[int]) -> None:
@@ -166,6 +188,7 @@ class Decider:
             "last_save_time": self._last_save_time,
             "total_steps": self._total,
             "rules": _node_states(self._compiled) if self._compiled else {},
+            "costs": [list(c) for c in self._costs],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -183,6 +206,8 @@ class Decider:
             # carries another total changes it again at the next decision
             self._set_total(int(total))
         self._load_node_states(state.get("rules") or {})
+        self._costs = [check_cost(*c) for c in state.get("costs") or ()][-COST_WINDOW:]
+        self._cost = estimate(self._costs)
         self._refresh()
 
     def _load_node_states(self, states: dict) -> None:

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
+from .cost import check_cost
 from .progress import Checkpoint, Progress
 from .quantities import format_seconds
 from .retention import explain_retention
@@ -92,11 +93,13 @@ def _prune(retention, kept: List[Checkpoint], incremental: bool) -> None:
 class _Shape:
     """What a simulated run looks like in advance, for rules that watch the clock or epochs."""
 
-    def __init__(self, total_steps, steps_per_epoch, step_seconds):
+    def __init__(self, total_steps, steps_per_epoch, step_seconds, save_seconds=None):
         self.total_steps, self.steps_per_epoch, self.step_seconds = total_steps, steps_per_epoch, step_seconds
+        self.save_seconds = save_seconds  # what every save costs; None: adaptive rules are not simulated
 
 
-def simulate(policy, total_steps, steps_per_epoch=None, step_seconds=None, metrics: Optional[MetricsFn] = None):
+def simulate(policy, total_steps, steps_per_epoch=None, step_seconds=None, metrics: Optional[MetricsFn] = None,
+             *, save_seconds=None, write_seconds=None):
     for name, value in (("total_steps", total_steps), ("steps_per_epoch", steps_per_epoch)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -105,8 +108,14 @@ def simulate(policy, total_steps, steps_per_epoch=None, step_seconds=None, metri
     if step_seconds is not None and not (isinstance(step_seconds, (int, float)) and 0 < step_seconds < math.inf):
         raise ValueError(f"step_seconds must be a positive number, got {step_seconds!r}")
 
+    cost = None
+    if save_seconds is not None or write_seconds is not None:
+        if save_seconds is None:
+            raise ValueError("write_seconds needs save_seconds: give the stall of a save too")
+        cost = check_cost(save_seconds, write_seconds)  # reported to the decider after every save
+
     decider = policy.compile(total_steps)
-    decider._sim = _Shape(total_steps, steps_per_epoch, step_seconds)
+    decider._sim = _Shape(total_steps, steps_per_epoch, step_seconds, None if cost is None else cost[0])
     saves: List[Tuple[int, Tuple[str, ...]]] = []
     fired: Dict[str, int] = {}
     kept: List[Checkpoint] = []
@@ -127,6 +136,8 @@ def simulate(policy, total_steps, steps_per_epoch=None, step_seconds=None, metri
         decision = decider(progress_at(step, total_steps, steps_per_epoch, step_seconds, reported))
         if not decision.save:
             continue
+        if cost is not None:
+            decider.note_cost(*cost)
         saves.append((step, decision.reasons))
         for reason in decision.reasons:
             fired[reason] = fired.get(reason, 0) + 1
