@@ -377,7 +377,8 @@ def to_json(r: Report) -> dict:
         doc["final"] = r.policy.final
         doc["digest"] = r.policy.digest
         doc["run"] = {"total_steps": r.total_steps, "steps_per_epoch": r.steps_per_epoch,
-                      "step_seconds": r.step_seconds, "from": r.shape_from or None, **r.costs}
+                      "step_seconds": r.step_seconds, "from": r.shape_from or None,
+                      **{k: v for k, v in r.costs.items() if v is not None}}
     sim = r.simulation
     if sim is not None:
         doc.update(
