@@ -128,15 +128,36 @@ def test_adaptive_interval_equals_the_formula(doc, reports):
     assert decider.next_time == 100.0 + expected
 
 
-@given(st.floats(0, 10**6, allow_nan=False), st.floats(1e-3, 10**7, allow_nan=False))
-def test_daly_interval_is_the_published_formula_and_near_the_optimum(c, m):
+def _daly_waste(t, c, m):
+    """Daly's (2006) expected run time per unit of work, for saves of cost c every t seconds
+    of work and exponential failures with mean m (restart time left out: it is a constant
+    factor): m * (exp((t + c) / m) - 1) / t."""
+    return m * math.expm1((t + c) / m) / t
+
+
+def _argmin_waste(c, m):
+    lo, hi = math.log(1e-9 * m + 1e-300), math.log(100 * m)
+    g = (math.sqrt(5) - 1) / 2
+    for _ in range(200):  # golden-section search on log t; the waste is unimodal in t
+        a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+        if _daly_waste(math.exp(a), c, m) < _daly_waste(math.exp(b), c, m):
+            hi = b
+        else:
+            lo = a
+    return _daly_waste(math.exp((lo + hi) / 2), c, m)
+
+
+@given(st.floats(1e-2, 10**7, allow_nan=False), st.floats(-8, math.log10(2) - 1e-9, allow_nan=False)
+       | st.floats(math.log10(2), 3, allow_nan=False))
+def test_daly_interval_is_the_published_formula_and_near_the_optimum(m, log_ratio):
+    """For c < 2M the higher-order interval's waste under Daly's exponential failure model
+    is within 0.5% of the true minimum; from c = 2M on the interval is M."""
+    c = m * 10**log_ratio
     t = daly_interval(c, m)
     assert t == oracle_daly(c, m)
     if c < 2 * m:
-        young = math.sqrt(2 * c * m)
-        # Daly's correction to Young's sqrt(2cM) is small while c is small against M
-        if c < m / 100:
-            assert abs(t - (young - c)) <= 0.02 * young + 1e-9
+        assert t > 0
+        assert _daly_waste(t, c, m) <= 1.005 * _argmin_waste(c, m)
     else:
         assert t == m
 
