@@ -14,7 +14,8 @@ from typing import Annotated, Any, Callable, Dict, Literal, Optional, Tuple, Uni
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from .quantities import Count, NonNegativeReal, Overhead, Seconds, Share, StepBound, Steps
+from .cost import adaptive_interval
+from .quantities import Count, NonNegativeReal, Overhead, Seconds, Share, StepBound, Steps, format_seconds
 
 
 def _as_tuple(value: Any) -> Any:
@@ -214,8 +215,6 @@ class AdaptiveRule(RuleModel):
 
     def interval(self, cost) -> float:
         """The interval this rule plans for a save cost ``(c, w)``, or for no cost yet (None)."""
-        from .cost import adaptive_interval
-
         return adaptive_interval(
             cost,
             None if self.max_overhead is None else float(self.max_overhead.percent / 100),
@@ -343,7 +342,6 @@ def static_reason(reason: str) -> str:
 
 def interval_annotation(cost) -> Callable[[RuleModel], Dict[str, str]]:
     """The :func:`describe` annotation of a decision: each adaptive rule's interval for ``cost``."""
-    from .quantities import format_seconds
 
     def annotate(rule: RuleModel) -> Dict[str, str]:
         if isinstance(rule, AdaptiveRule):
