@@ -48,11 +48,14 @@ def make_trainer(root, callbacks=(), **kw):
     return L.Trainer(callbacks=list(callbacks), **settings)
 
 
-def fit(root, callbacks=(), ckpt_path=None, val=False, **kw):
+def fit(root, callbacks=(), ckpt_path=None, val=False, n=16, batch=16, **kw):
+    """One batch per epoch by default: a resumed fit then restarts exactly at an epoch boundary."""
     import lightning.pytorch as L
 
     L.seed_everything(0, workers=True, verbose=False)
     model = module_class()()
+    if val:
+        kw.setdefault("limit_val_batches", 1)
     trainer = make_trainer(root, callbacks, **kw)
-    trainer.fit(model, loader(), loader(16, 16, seed=1) if val else None, ckpt_path=ckpt_path)
+    trainer.fit(model, loader(n, batch), loader(16, 16, seed=1) if val else None, ckpt_path=ckpt_path)
     return trainer, model
