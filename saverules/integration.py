@@ -160,6 +160,38 @@ def make_decider(policy: Policy, total_steps: Optional[int], sync_seconds: float
                          sync_signals=sync_signals)
 
 
+def restore_decider(decider, data: Optional[Mapping[str, Any]], step: int, digest: str, owner: str) -> Optional[float]:
+    """Restore the decider from the state saved at ``step``; return the training clock at that save.
+
+    Without a state (a checkpoint written without the callback), with a state
+    of another policy, or with one that does not load, the decider starts
+    fresh from ``step``, as if it had saved it, with a warning.
+    """
+    import warnings
+
+    from .decider import STATE_VERSION
+
+    clock = None
+    problem = None
+    if not data or not isinstance(data.get("decider"), dict):
+        problem = f"the checkpoint of step {step} holds no {owner} state (written without it?)"
+    else:
+        clock = data.get("clock")
+        clock = float(clock) if isinstance(clock, (int, float)) and math.isfinite(clock) else None
+        if data.get("policy_digest") != digest:
+            problem = f"the policy changed since step {step} was saved"
+        else:
+            try:
+                decider.load_state_dict(data["decider"])
+            except (ValueError, KeyError, TypeError) as exc:
+                problem = f"the decider state saved at step {step} does not load ({exc})"
+    if problem is not None:
+        warnings.warn(f"saverules: {problem}; the decider starts fresh from that step", stacklevel=3)
+        decider.load_state_dict({"version": STATE_VERSION, "prev_step": step, "last_save_step": step,
+                                 "last_save_time": clock, "total_steps": None, "rules": {}})
+    return clock
+
+
 def say(message: str) -> None:
     """Log a save or a removal: through the ``saverules`` logger, shown on stderr when nothing else is set up."""
     if not log.handlers and not logging.getLogger().handlers:

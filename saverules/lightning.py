@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -31,7 +30,7 @@ from lightning.pytorch.callbacks import Checkpoint
 from . import framework_manifest as fm
 from .integration import (
     COMMON_OPTIONS, ConflictingSettingsError, SignalFlags, TrainingClock, check_options, describe, load_policy,
-    make_decider, say,
+    make_decider, restore_decider, say,
 )
 from .progress import Progress
 
@@ -141,21 +140,9 @@ class SaverulesCheckpoint(Checkpoint):
 
     def _restore(self, step: int) -> None:
         data, self._restored = self._restored, None
-        if not data or not isinstance(data.get("decider"), dict):
-            warnings.warn(f"saverules: the checkpoint of step {step} holds no {_OWNER} state (written without "
-                          "it?); the decider starts fresh from that step", stacklevel=3)
-            self._decider.note_save(step, None)
-            return
-        self._clock.restore(data.get("clock"))
-        self._last_time = data.get("clock")
-        if data.get("policy_digest") != self.policy.digest:
-            warnings.warn(f"saverules: the policy changed since step {step} was saved; the decider starts fresh "
-                          "from that step", stacklevel=3)
-            self._decider.note_save(step, data.get("clock"))
-            return
-        self._decider.load_state_dict(data["decider"])
-
-    # -- state in the checkpoint --------------------------------------------------------
+        clock = restore_decider(self._decider, data, step, self.policy.digest, _OWNER)
+        self._clock.restore(clock)
+        self._last_time = clock
 
     def state_dict(self) -> Dict[str, Any]:
         if self._decider is None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from typing import Any, Dict, Optional
 
 from transformers import TrainerCallback
@@ -30,7 +29,8 @@ from transformers.trainer_callback import ExportableState
 
 from . import framework_manifest as fm
 from .integration import (
-    COMMON_OPTIONS, ConflictingSettingsError, SignalFlags, TrainingClock, check_options, describe, load_policy, make_decider, say,
+    COMMON_OPTIONS, ConflictingSettingsError, SignalFlags, TrainingClock, check_options, describe, load_policy,
+    make_decider, restore_decider, say,
 )
 from .progress import Progress
 
@@ -174,20 +174,9 @@ class SaverulesCallback(TrainerCallback, ExportableState):
         if isinstance(saved, list):
             saved = saved[0] if saved else None
         data = (saved or {}).get("attributes", {}).get("saverules_state") if isinstance(saved, dict) else None
-        step = state.global_step
-        if not data or not isinstance(data.get("decider"), dict):
-            warnings.warn(f"saverules: the checkpoint of step {step} holds no {_OWNER} state (written without "
-                          "it?); the decider starts fresh from that step", stacklevel=3)
-            self._decider.note_save(step, None)
-            return
-        self._clock.restore(data.get("clock"))
-        self._last_time = data.get("clock")
-        if data.get("policy_digest") != self.policy.digest:
-            warnings.warn(f"saverules: the policy changed since step {step} was saved; the decider starts fresh "
-                          "from that step", stacklevel=3)
-            self._decider.note_save(step, data.get("clock"))
-            return
-        self._decider.load_state_dict(data["decider"])
+        clock = restore_decider(self._decider, data, state.global_step, self.policy.digest, _OWNER)
+        self._clock.restore(clock)
+        self._last_time = clock
 
     def _decide(self, progress: Progress, control) -> None:
         decision = self._decider(progress)

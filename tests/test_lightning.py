@@ -181,3 +181,35 @@ def test_bad_options_are_rejected_in_the_constructor(tmp_path):
         SaverulesCheckpoint(policy, dirpath=3)
     with pytest.raises(ValueError, match="sync_seconds must be a positive number"):
         SaverulesCheckpoint(policy, sync_seconds=float("nan"))
+
+
+def test_early_stopping_saves_the_step_it_stops_at(tmp_path):
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    cb = SaverulesCheckpoint(saverules.loads(EVERY_40), dirpath=tmp_path / "c")
+    # val_loss falls, so mode="max" stops at the second validation (step 14); no every_steps save before it
+    stop = EarlyStopping(monitor="val_loss", mode="max", patience=0, check_on_train_epoch_end=False)
+    trainer, _ = fit(tmp_path, [stop, cb], val=True, check_val_every_n_epoch=7)
+    assert trainer.global_step == 14 and trainer.should_stop
+    assert cb.saved_steps == saved_files(tmp_path / "c") == [14]
+    assert manifest(tmp_path / "c" / "step-00000014.ckpt")["reasons"] == ["final"]
+
+
+def test_keyboard_interrupt_saves_what_the_final_rule_says(tmp_path):
+    import lightning.pytorch as L
+
+    class Interrupt(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 50:
+                raise KeyboardInterrupt  # as Ctrl-C during step 51
+
+    cb = SaverulesCheckpoint(saverules.loads(EVERY_40), dirpath=tmp_path / "c")
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):  # Lightning's own handling: a graceful shutdown, then exit 1
+            fit(tmp_path, [Interrupt(), cb])
+    finally:
+        signal.signal(signal.SIGINT, previous)  # Lightning ignores SIGINT after the first one
+    assert cb.saved_steps == saved_files(tmp_path / "c") == [40, 50]
+    assert manifest(tmp_path / "c" / "step-00000050.ckpt")["reasons"] == ["final"]
+    assert ckpt(tmp_path / "c" / "step-00000050.ckpt")["global_step"] == 50

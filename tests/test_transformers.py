@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -217,3 +216,20 @@ def test_bad_options_are_rejected_in_the_constructor(tmp_path):
         SaverulesCallback(42)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         SaverulesCallback(str(tmp_path / "missing.toml"))
+
+
+def test_resuming_with_a_changed_policy_warns_and_decides_from_the_saved_step(tmp_path):
+    train(tmp_path, EVERY_40, max_steps=80)
+    cb = SaverulesCallback(policy('version = 1\n[[rules]]\nkind = "every_steps"\nevery = 30\n'))
+    trainer = make_trainer(tmp_path, [cb])
+    with pytest.warns(UserWarning, match="the policy changed since step 80 was saved"):
+        trainer.train(resume_from_checkpoint=last_good_checkpoint(tmp_path))
+    assert cb.saved_steps == [90, 120, 130]
+
+
+def test_importing_saverules_imports_no_framework():
+    code = ("import sys, saverules, saverules.integration, saverules.framework_manifest, saverules.ls\n"
+            "loaded = [m for m in ('torch', 'transformers', 'lightning') if m in sys.modules]\n"
+            "assert not loaded, loaded\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=env(), cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
