@@ -3,7 +3,7 @@
 One row per checkpoint: its step, epoch, training clock, when it was saved,
 why, its size, whether every file still matches the sha256 in its manifest,
 and which retention rule keeps it.  The retention rules come from
-``DIR/policy.toml`` (written by :class:`saverules.torch.Checkpointer` and by the
+``DIR/policy.toml`` (written by :class:`saverules.store.Checkpointer` and by the
 trainer integrations) or from ``--policy FILE``.  A Hugging Face output
 directory (``checkpoint-N/``) or a Lightning ``dirpath`` (``.ckpt`` files) is
 listed from the manifests :mod:`saverules.framework_manifest` describes.
@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence
 
 __all__ = ["main", "format_table"]
 
-#: Same name as saverules.torch.POLICY_FILE (not imported from there: that module imports torch).
+#: Same name as saverules.store.POLICY_FILE (not imported from there: that package imports torch).
 POLICY_FILE = "policy.toml"
 
 
@@ -117,10 +117,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     else:
         notes.append(f"no {POLICY_FILE} in {root}; pass --policy FILE to see which retention rule keeps what")
 
+    import dataclasses
+
     infos = _framework_checkpoints(root, args, notes)  # None: not a Hugging Face / Lightning directory
     store = None
     if infos is None:
-        from . import torch as store  # imports torch: only once the arguments are known to be usable
+        from . import store  # imports torch: only once the arguments are known to be usable
 
         try:
             infos = store.scan(root, verify=not args.no_verify)
@@ -133,9 +135,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         for info in infos:
             if info.ok:
                 try:
-                    store._read_payload(info, "cpu")
+                    store.read_checkpoint(info, "cpu")
                 except store.CheckpointError as exc:
-                    info = store.dataclasses.replace(info, verified=False, error=str(exc))
+                    info = dataclasses.replace(info, verified=False, error=str(exc))
             loaded.append(info)
         infos = loaded
 
