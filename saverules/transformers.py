@@ -143,6 +143,13 @@ class SaverulesCallback(TrainerCallback, ExportableState):
                 "(every = N, or a share such as \"25%\"), save_strategy=\"epoch\" -> epoch_end, "
                 "save_strategy=\"best\" -> improved."
             )
+        if getattr(args, "restore_callback_states_from_checkpoint", False) and not self.state()["args"]:
+            raise ConflictingSettingsError(
+                "TrainingArguments(restore_callback_states_from_checkpoint=True) rebuilds callbacks from their "
+                f"saved arguments, and {_OWNER} was given a Policy object, not a file it can be rebuilt from. "
+                f"Pass the policy as a path, or leave that setting False: {_OWNER} restores its own state "
+                "from the checkpoint either way."
+            )
         if args.save_total_limit is not None:
             raise ConflictingSettingsError(
                 f"TrainingArguments(save_total_limit={args.save_total_limit}) makes the Trainer delete checkpoints "

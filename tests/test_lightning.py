@@ -20,6 +20,9 @@ from saverules.lightning import ConflictingSettingsError, SaverulesCheckpoint
 from integ_procs import REPO, env, held, kill_held, result, run
 from lightning_common import fit, loader
 
+pytestmark = [pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`"),
+              pytest.mark.filterwarnings("ignore:.*LeafSpec.*is deprecated")]
+
 EVERY_40 = 'version = 1\n[[rules]]\nkind = "every_steps"\nevery = 40\n'
 
 

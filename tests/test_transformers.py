@@ -20,6 +20,8 @@ from integ_procs import REPO, env, held, kill_held, result
 
 from saverules.transformers import ConflictingSettingsError, SaverulesCallback, last_good_checkpoint
 
+pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:DeprecationWarning")
+
 EVERY_40 = 'version = 1\n[[rules]]\nkind = "every_steps"\nevery = 40\n'
 
 
@@ -201,6 +203,19 @@ def test_conflicting_trainer_settings_raise_with_what_to_change(tmp_path):
     assert "every_steps" in str(e.value)
     with pytest.raises(ConflictingSettingsError, match="keep_last = 2"):
         make_trainer(tmp_path, [SaverulesCallback(policy(EVERY_40))], save_total_limit=2)
+    with pytest.raises(ConflictingSettingsError, match="Pass the policy as a path"):
+        make_trainer(tmp_path, [SaverulesCallback(policy(EVERY_40))], restore_callback_states_from_checkpoint=True)
+
+
+def test_restore_callback_states_from_checkpoint_rebuilds_the_callback_with_its_state(tmp_path):
+    pfile = tmp_path / "policy.toml"
+    pfile.write_text(EVERY_40)
+    out = tmp_path / "run"
+    make_trainer(out, [SaverulesCallback(str(pfile))], max_steps=90).train()
+    trainer = make_trainer(out, [SaverulesCallback(str(pfile))], restore_callback_states_from_checkpoint=True)
+    trainer.train(resume_from_checkpoint=last_good_checkpoint(out))
+    (rebuilt,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, SaverulesCallback)]
+    assert rebuilt.saved_steps == [120, 130] and saved_dirs(out) == [40, 80, 90, 120, 130]
 
 
 def test_bad_options_are_rejected_in_the_constructor(tmp_path):
