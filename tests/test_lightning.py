@@ -44,6 +44,7 @@ def test_the_policy_saves_step_130_which_model_checkpoint_does_not(tmp_path):
     names = sorted(p.name for p in (tmp_path / "own").iterdir())
     assert names == ["epoch=119-step=120.ckpt", "epoch=39-step=40.ckpt", "epoch=79-step=80.ckpt", "last.ckpt"]
     assert ckpt(tmp_path / "own" / "last.ckpt")["global_step"] == 120  # steps 121-130 are lost
+    assert not (tmp_path / "own" / "last.ckpt").is_symlink()  # and step 120 was written twice
 
     cb = SaverulesCheckpoint(saverules.loads(EVERY_40), dirpath=tmp_path / "policy")
     trainer, _ = fit(tmp_path, [cb])
