@@ -47,6 +47,7 @@ FORMAT_VERSION = 1
 DIR_MANIFEST = "saverules-manifest.json"
 SIDECAR_SUFFIX = ".saverules-manifest.json"
 POLICY_FILE = "policy.toml"  # the same name the checkpoint store uses
+STORE_MANIFEST = "manifest.json"  # the checkpoint store's own manifest (saverules.store)
 FRAMEWORKS = ("transformers", "lightning")
 
 _HF_DIR = re.compile(r"^checkpoint-(\d+)$")
@@ -424,7 +425,10 @@ def _candidates(root: Path) -> List[Path]:
         except OSError:
             continue
         if is_dir:
-            if _HF_DIR.match(entry.name) or os.path.lexists(os.path.join(entry.path, DIR_MANIFEST)):
+            ours = os.path.lexists(os.path.join(entry.path, DIR_MANIFEST))
+            # a checkpoint-N directory of the store itself ([storage].name = "checkpoint-{step}") is not ours
+            unfinished = _HF_DIR.match(entry.name) and not os.path.lexists(os.path.join(entry.path, STORE_MANIFEST))
+            if ours or unfinished:
                 out.append(Path(entry.path))
         elif entry.name.endswith(".ckpt") or (entry.name + SIDECAR_SUFFIX) in names:
             out.append(Path(entry.path))

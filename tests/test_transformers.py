@@ -248,3 +248,19 @@ def test_importing_saverules_imports_no_framework():
             "assert not loaded, loaded\n")
     proc = subprocess.run([sys.executable, "-c", code], env=env(), cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_ls_still_reads_a_store_whose_directories_are_named_like_the_trainers(tmp_path):
+    from saverules.store import Checkpointer
+
+    store_policy = policy(EVERY_40 + '[storage]\nname = "checkpoint-{step}"\n')
+    model = torch.nn.Linear(2, 1)
+    with Checkpointer(store_policy, dir=tmp_path) as ckpt:
+        for step in range(1, 81):
+            ckpt.step(saverules.Progress(step, total_steps=80), {"model": model})
+    assert not fm.is_framework_dir(tmp_path)
+    listing = subprocess.run([sys.executable, "-m", "saverules.ls", str(tmp_path), "--json"], env=env(), cwd=REPO,
+                             capture_output=True, text=True)
+    assert listing.returncode == 0, listing.stderr
+    assert [(c["name"], c["verified"]) for c in json.loads(listing.stdout)["checkpoints"]] == [
+        ("checkpoint-40", True), ("checkpoint-80", True)]
