@@ -228,7 +228,15 @@ class SaverulesCheckpoint(Checkpoint):
                 os.unlink(fm.manifest_path(final))  # a file of the same name is replaced: not a checkpoint meanwhile
             except FileNotFoundError:
                 pass
-        trainer.save_checkpoint(str(tmp), weights_only=False)  # every rank takes part; only global zero writes
+        try:
+            trainer.save_checkpoint(str(tmp), weights_only=False)  # every rank takes part; only global zero writes
+        except BaseException:
+            if trainer.is_global_zero:
+                try:
+                    os.unlink(tmp)
+                except FileNotFoundError:
+                    pass
+            raise
         self.saved_steps.append(step)
         if not trainer.is_global_zero:
             return
