@@ -217,3 +217,31 @@ def test_keyboard_interrupt_saves_what_the_final_rule_says(tmp_path):
     assert cb.saved_steps == saved_files(tmp_path / "c") == [40, 50]
     assert manifest(tmp_path / "c" / "step-00000050.ckpt")["reasons"] == ["final"]
     assert ckpt(tmp_path / "c" / "step-00000050.ckpt")["global_step"] == 50
+
+
+def test_a_save_that_cannot_be_written_raises_and_leaves_no_partial_file(tmp_path):
+    import resource
+    import warnings
+
+    import lightning.pytorch as L
+
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    xfsz = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+
+    class FillTheDisk(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 41:  # after the save of step 40: no file may grow past 1 KiB
+                resource.setrlimit(resource.RLIMIT_FSIZE, (1024, limit[1]))
+
+    cb = SaverulesCheckpoint(saverules.loads(EVERY_40), dirpath=tmp_path / "c")
+    try:
+        with pytest.raises(OSError):
+            fit(tmp_path, [FillTheDisk(), cb])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, xfsz)
+    names = sorted(p.name for p in (tmp_path / "c").iterdir())
+    assert names == ["policy.toml", "step-00000040.ckpt", f"step-00000040.ckpt{fm.SIDECAR_SUFFIX}"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ManifestWarning)
+        assert SaverulesCheckpoint.last_good(tmp_path / "c") == str(tmp_path / "c" / "step-00000040.ckpt")
