@@ -264,3 +264,17 @@ def test_ls_still_reads_a_store_whose_directories_are_named_like_the_trainers(tm
     assert listing.returncode == 0, listing.stderr
     assert [(c["name"], c["verified"]) for c in json.loads(listing.stdout)["checkpoints"]] == [
         ("checkpoint-40", True), ("checkpoint-80", True)]
+
+
+def test_improved_on_an_eval_metric_saves_the_evaluations_that_beat_the_best(tmp_path):
+    text = 'version = 1\n[[rules]]\nkind = "improved"\nmetric = "eval_loss"\nmode = "min"\nmin_delta = 0.3\n'
+    trainer, cb = train(tmp_path, text, max_steps=60, eval_steps=5)
+    evals = [(e["step"], e["eval_loss"]) for e in trainer.state.log_history if "eval_loss" in e]
+    expected, best = [], None
+    for step, value in evals:
+        if best is None or best - value > 0.3:
+            expected.append(step)
+            best = value
+    expected = sorted(set(expected) | {60})  # and the final step
+    assert {step for step, _ in evals} - set(expected), "the data should leave some evaluations unsaved"
+    assert cb.saved_steps == saved_dirs(tmp_path) == expected
