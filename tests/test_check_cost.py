@@ -143,3 +143,13 @@ def test_adaptive_rules_are_refused_under_ddp_rather_than_left_to_diverge():
     with pytest.raises(ValueError, match="not supported under DDP"):
         SyncedDecider(policy.compile(), rank=0, world_size=2)
     SyncedDecider(policy.compile(), rank=0, world_size=1)  # one process: nothing to agree on
+
+
+def test_the_trainer_callbacks_refuse_adaptive_rules_they_cannot_feed():
+    from saverules.integration import make_decider
+
+    policy = saverules.loads('version = 1\n[[rules]]\nkind = "adaptive"\nmax_overhead = "2%"\n')
+    with pytest.raises(ValueError, match="trainer callbacks do not report"):
+        make_decider(policy, 100, 1.0, metrics_synced=False)
+    plain = saverules.loads('version = 1\n[[rules]]\nkind = "every_time"\nevery = "1h"\n')
+    assert make_decider(plain, 100, 1.0, metrics_synced=False)(saverules.Progress(1, time=0.0)).save is False
