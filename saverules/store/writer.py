@@ -70,7 +70,7 @@ NO_STABLE = Stable(())
 
 
 class HashingFile:
-    """A write-only file object that computes sha256 and size of what goes through it.
+    """A write-only file object that computes the digest and size of what goes through it.
 
     The hash is computed on the hash worker thread.  Chunks from memory that
     the save keeps alive (:class:`Stable`) are queued by reference and the
@@ -79,9 +79,9 @@ class HashingFile:
     ``write`` returns (their memory is only valid during the call).
     """
 
-    def __init__(self, f, stable: Stable = NO_STABLE):
+    def __init__(self, f, stable: Stable = NO_STABLE, algo: Optional[str] = None):
         self._f = f
-        self._stream = digest.HashStream()
+        self._stream = digest.HashStream(algo)
         self._small = bytearray()
         self._stable = stable
         self._finished = False
@@ -168,16 +168,19 @@ def tensors_in(obj: Any) -> List[torch.Tensor]:
     return out
 
 
-def write_file(path: str, producer) -> Dict[str, Any]:
-    """Create ``path``, let ``producer(fileobj)`` fill it, fsync it; return its size and sha256.
+def write_file(path: str, producer, algo: Optional[str] = None) -> Dict[str, Any]:
+    """Create ``path``, let ``producer(fileobj)`` fill it, fsync it; return its manifest entry.
 
-    The sha256 is computed from the bytes handed to the file, on the hash
-    worker, while this thread writes and then fsyncs.
+    The entry is ``{"size": bytes, ALGO: hex}`` (``algo`` defaults to
+    :data:`saverules.store.digest.DEFAULT`).  The digest is computed from the
+    bytes handed to the file, on the hash worker, while this thread writes
+    and then fsyncs.
     """
+    algo = algo or digest.DEFAULT
     tensors = getattr(producer, "tensors", ())
     stable = Stable(tensors) if tensors else NO_STABLE
     with fs.open_write(path) as f:
-        hf = HashingFile(f, stable)
+        hf = HashingFile(f, stable, algo)
         try:
             producer(hf)
             hf.push()
@@ -187,4 +190,4 @@ def write_file(path: str, producer) -> Dict[str, Any]:
             hf.drain()  # nothing queued may outlive the memory it points into
             raise
         digest_hex = hf.hexdigest()
-    return {"size": hf.size, "sha256": digest_hex}
+    return digest.make_entry(hf.size, algo, digest_hex)
