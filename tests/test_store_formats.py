@@ -369,3 +369,20 @@ def test_mmap_load_gives_the_same_state(tmp_path):
     assert Checkpointer(policy(fmt="tensors"), tmp_path).latest().verified is True
     with pytest.raises(ValueError, match="mmap must be True or False"):
         Checkpointer(policy(fmt="tensors"), tmp_path).load_latest({}, mmap="yes")
+
+
+def test_a_resume_reads_the_tensor_file_once_and_checks_its_digest_as_it_reads(tmp_path, monkeypatch):
+    from saverules.store import digest
+
+    state = _state(4.0)
+    Checkpointer(policy(fmt="tensors"), tmp_path).save(Progress(1), state)
+    reread = []
+    real = digest.hash_file
+    monkeypatch.setattr(digest, "hash_file", lambda path, *a, **k: reread.append(Path(path).name) or real(path, *a, **k))
+    ck = Checkpointer(policy(fmt="tensors"), tmp_path)
+    back = {"w": None, "opt": None, "n": None}
+    assert ck.load_latest(back).step == 1
+    same(state, back)
+    assert reread == ["state.pt"]  # the structure before unpickling it; the data only by the reader
+    info = ck.latest()  # the checks made while reading count as a verification
+    assert info.verified is True and reread == ["state.pt"]

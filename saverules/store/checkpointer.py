@@ -61,6 +61,14 @@ def _close_all_at_exit() -> None:
 atexit.register(_close_all_at_exit)
 
 
+def _needs_digest_pass(info: CheckpointInfo) -> bool:
+    """Whether a checkpoint's digests must be checked before it is decoded (not when its reader checks them)."""
+    try:
+        return not formats.get(info.format).digests_while_decoding
+    except CheckpointError:
+        return True
+
+
 @dataclasses.dataclass
 class _Job:
     """One save between the training thread and the writer."""
@@ -393,7 +401,7 @@ class Checkpointer:
             )
         if self.is_writer:
             self._collect(block=True)
-        for info in newest_good(self.dir, self._cache, self._warn_skip):
+        for info in newest_good(self.dir, self._cache, self._warn_skip, deep=_needs_digest_pass):
             try:
                 payload = formats.read(info, map_location, mmap=mmap)
             except UnsafeCheckpointError:
@@ -401,6 +409,8 @@ class Checkpointer:
             except CheckpointError as exc:
                 self._warn_skip(dataclasses.replace(info, verified=False, error=str(exc)))
                 continue
+            if info.verified is None:  # its reader checked every digest while reading
+                self._cache.put(info.path, dataclasses.replace(info, verified=True))
             self._clock_offset = restore(info, payload, state, self.decider, self.policy.digest)
             self._clock_t0 = _time.monotonic()
             return progress_of(info, self._clock_offset)

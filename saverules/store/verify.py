@@ -142,14 +142,19 @@ def scan(dir: Union[str, os.PathLike], verify: bool = True, _cache: Optional[Ver
     return infos
 
 
-def newest_good(root: Path, cache: VerifyCache, skip: Callable[[CheckpointInfo], None]) -> Iterator[CheckpointInfo]:
-    """The checkpoints that verify, newest first; ``skip(info)`` hears of every one that does not."""
+def newest_good(root: Path, cache: VerifyCache, skip: Callable[[CheckpointInfo], None],
+                deep: Callable[[CheckpointInfo], bool] = lambda info: True) -> Iterator[CheckpointInfo]:
+    """The checkpoints that verify, newest first; ``skip(info)`` hears of every one that does not.
+
+    A checkpoint for which ``deep(info)`` is False is only checked shallowly
+    (manifest and sizes): its reader checks the digests as it reads.
+    """
     infos = scan(root, verify=False)
     for info in infos:
         if info.step is None:
             skip(info)
     for shallow in sorted((i for i in infos if i.step is not None), key=sort_key, reverse=True):
-        info = cache.get(shallow.path, root, True) if shallow.ok else shallow
+        info = cache.get(shallow.path, root, deep(shallow)) if shallow.ok else shallow
         if info.ok:
             yield info
         else:

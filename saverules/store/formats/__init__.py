@@ -31,7 +31,11 @@ A format is an object with:
 
 ``decode(source, map_location, mmap=False) -> Payload``
     Read a committed checkpoint back (``mmap``: map the files rather than
-    read them, where the format can).  ``source`` gives the directory, the
+    read them, where the format can).  A format whose ``digests_while_decoding``
+    is True checks every file's size and digest (``source.files``) against
+    the bytes it reads and raises ``CheckpointError`` on a mismatch; a resume
+    then skips the separate digest pass over its files.  Otherwise the store
+    checks the digests before ``decode`` is called.  ``source`` gives the directory, the
     manifest's step, its file entries and the format metadata.  Nothing read
     from a file may run code: torch files go through
     :func:`saverules.store.formats.torchfile.load` (``weights_only``), other
@@ -117,6 +121,7 @@ class Format:
     """The base of every format (see the module docstring for the contract)."""
 
     name: str = ""
+    digests_while_decoding: bool = False
 
     def check_available(self) -> None:
         return None

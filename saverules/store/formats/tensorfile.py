@@ -147,36 +147,56 @@ def read_header(path: Path, f) -> Tuple[int, Dict[str, Tuple[torch.dtype, List[i
     return start, out, raw
 
 
-def read_storages(path: Path, mmap: bool = False) -> Dict[str, torch.UntypedStorage]:
+def read_storages(path: Path, mmap: bool = False,
+                  expected: Optional[Tuple[str, str]] = None) -> Dict[str, torch.UntypedStorage]:
     """Every entry of the file as a CPU storage of its bytes.
 
     Read: one buffer per entry, filled straight from the file (no storage
     outlives what it holds).  ``mmap``: slices of one private (copy-on-write)
-    map of the file, as ``torch.load(mmap=True)`` does.
+    map of the file, as ``torch.load(mmap=True)`` does.  With ``expected``
+    (algorithm, hex digest) the digest of every byte of the file is computed
+    from what was read (behind the reader, on the hash worker) and compared.
     """
+    from .. import digest
+
     try:
         with open(path, "rb", buffering=0) as f:
-            start, entries, _ = read_header(path, f)
+            start, entries, raw = read_header(path, f)
+            size = os.fstat(f.fileno()).st_size
+            stream = digest.HashStream(expected[0]) if expected else None
+            if stream is not None:
+                stream.h.update(len(raw).to_bytes(8, "little") + raw)
             if mmap:
-                size = os.fstat(f.fileno()).st_size
                 whole = torch.UntypedStorage.from_file(str(path), False, size)
-                return {name: whole[start + b: start + e] for name, (_, _, b, e) in entries.items()}
-            out: Dict[str, torch.UntypedStorage] = {}
-            for name, (_, _, b, e) in sorted(entries.items(), key=lambda kv: kv[1][2]):
-                buf = torch.empty(e - b, dtype=torch.uint8)
-                if e > b:
-                    f.seek(start + b)
-                    view = memoryview(buf.numpy())
-                    got = 0
-                    while got < e - b:
-                        n = f.readinto(view[got:])
-                        if not n:
-                            raise _bad(path, "it ended early")
-                        got += n
-                out[name] = buf.untyped_storage()
-            return out
+                if stream is not None and size > start:
+                    mapped = torch.empty(0, dtype=torch.uint8).set_(whole, 0, (size,), (1,))
+                    stream.h.update(memoryview(mapped.numpy())[start:])
+                out = {name: whole[start + b: start + e] for name, (_, _, b, e) in entries.items()}
+            else:
+                out = {}
+                for name, (_, _, b, e) in sorted(entries.items(), key=lambda kv: kv[1][2]):
+                    buf = torch.empty(e - b, dtype=torch.uint8)
+                    if e > b:
+                        f.seek(start + b)
+                        view = memoryview(buf.numpy())
+                        got = 0
+                        while got < e - b:
+                            n = f.readinto(view[got:])
+                            if not n:
+                                raise _bad(path, "it ended early")
+                            got += n
+                        if stream is not None:
+                            digest.HASHER.submit(stream, view)  # the buffer stays alive: no wait
+                    out[name] = buf.untyped_storage()
+                if stream is not None:
+                    digest.HASHER.submit(stream, None, wait=True).wait()
+                    if stream.error is not None:
+                        raise stream.error
     except OSError as exc:
         raise CheckpointError(f"saverules: cannot read {path}: {exc.strerror or exc}") from exc
+    if stream is not None and stream.h.hexdigest() != expected[1]:
+        raise CheckpointError(f"{path.name} does not match its {expected[0]} digest (damaged)")
+    return out
 
 
 def view(storage: torch.UntypedStorage, dtype: torch.dtype, offset: int, shape: Sequence[int],

@@ -169,12 +169,28 @@ class TensorsFormat(Format):
         h.update(head[8:])
         return Encoded(files, {"tensors_header": {"bytes": len(head) - 8, "algorithm": algo, "digest": h.hexdigest()}})
 
+    digests_while_decoding = True
+
     def decode(self, source: Source, map_location: Any, mmap: bool = False) -> Payload:
         path = source.dir / STATE_FILE
+        expected = {}
+        for fname in (STATE_FILE, TENSORS_FILE):
+            entry = source.files.get(fname)
+            if entry is None:
+                raise CheckpointError(f"saverules: {source.dir} lists no {fname}")
+            expected[fname] = digest.entry_digest(entry)
+        algo, want = expected[STATE_FILE]  # the structure is small: check it before unpickling it
+        try:
+            size, got = digest.hash_file(path, algo)
+        except OSError as exc:
+            raise CheckpointError(f"saverules: cannot read {path}: {exc.strerror or exc}") from exc
+        if got != want:
+            raise CheckpointError(f"{STATE_FILE} does not match its {algo} digest (damaged)")
         data = torchfile.read_payload_dict(path, source.step, "cpu")
         if data.get("layout") != self.name or not isinstance(data.get("tensors"), list):
             raise CheckpointError(f"saverules: {path} is not the structure of a tensors-format checkpoint")
-        storages = _on(tensorfile.read_storages(source.dir / TENSORS_FILE, mmap=mmap), map_location)
+        storages = _on(tensorfile.read_storages(source.dir / TENSORS_FILE, mmap=mmap,
+                                                expected=expected[TENSORS_FILE]), map_location)
         try:
             tensors = [_tensor(ref, storages, i) for i, ref in enumerate(data["tensors"])]
             tree = _node(data.get("tree"), tensors)
