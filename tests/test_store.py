@@ -1217,3 +1217,20 @@ def test_fresh_files_are_reread_through_a_map_with_the_same_result(tmp_path, mon
     assert digest.hash_file(path) == expected and mapped == [1]
     (tmp_path / "empty").write_bytes(b"")
     assert digest.hash_file(tmp_path / "empty") == (0, hashlib.sha256(b"").hexdigest())
+
+
+def test_write_back_of_large_chunks_is_started_in_order_without_gaps(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(writer, "_START_WRITEBACK", lambda fd, offset, n, flags: calls.append((offset, n, flags)))
+    tensors = [torch.randn(1 << 18), torch.randn(3 << 18)]  # 1 MiB and 3 MiB
+
+    def producer(f):
+        f.write(b"header")
+        for t in tensors:
+            f.write(memoryview(t.numpy()).cast("B"))
+        f.write(b"tail")
+
+    entry = writer.write_file(str(tmp_path / "f.bin"), writer.Producer(producer, tensors))
+    assert entry["size"] == (tmp_path / "f.bin").stat().st_size == 6 + (4 << 20) + 4
+    assert [(o, n) for o, n, _ in calls] == [(0, 6 + (1 << 20)), (6 + (1 << 20), 3 << 20)]
+    assert {flags for _, _, flags in calls} == {2}  # SYNC_FILE_RANGE_WRITE: start, do not wait
