@@ -311,3 +311,10 @@ def test_rules_and_their_quantities_are_immutable_and_hashable():
             setattr(value, field, "changed")
     assert hash(policy.rules[0]) == hash(loads('version = 1\n[[rules]]\nkind = "every_steps"\nevery = "5%"\n').rules[0])
     assert len({policy.rules[0], policy.rules[1], policy.rules[0]}) == 2
+
+
+def test_a_zero_padded_width_counts_as_its_width():
+    assert loads(_storage("{step:0255d}")).storage.render_name(7, 0) == "0" * 254 + "7"
+    assert "width beyond 255" in _error(_storage("{step:0256d}"))
+    assert "width beyond 255" in _error(_storage("{step:" + "9" * 5000 + "d}"))  # refused without converting
+    assert loads(_storage("{step:" + "0" * 5000 + "9d}")).storage.render_name(7, 0) == "000000007"
