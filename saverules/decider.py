@@ -16,8 +16,8 @@ from typing import Optional
 
 from .compile import INF, ResolveError, compile_rules
 from .errors import Diagnostic, PolicyError, dotted
-from .progress import NO_SAVE, Decision
 from .cost import COST_WINDOW, check_cost, estimate
+from .progress import NO_SAVE, Decision, Progress, checked_total
 from .rules import AdaptiveRule, EpochEndRule, EveryTimeRule, FinalRule, ImprovedRule, OnSignalRule, walk
 
 STATE_VERSION = 1
@@ -56,6 +56,7 @@ class Decider:
         self._costs: list = []  # the latest measured save costs [(stall, write)], oldest first
         self._cost = None  # their estimate (see saverules.cost.estimate), None before any
         fallback = policy.run.total_steps if policy.run is not None else None
+        total_steps = checked_total(total_steps, "total_steps")
         self._set_total(total_steps if total_steps is not None else fallback)
 
     # -- what the policy reacts to (for DDP sync and the simulator) ----------
@@ -82,6 +83,11 @@ class Decider:
         return self._decide(progress)
 
     def _decide(self, p) -> Decision:
+        if type(p) is not Progress:
+            p = _as_progress(p)
+        step = p.step
+        if step < self._prev:
+            raise ValueError(_backwards_message(step, self._prev))
         total = p.total_steps
         if total is not None and total != self._total:
             self._set_total(total)
@@ -92,7 +98,6 @@ class Decider:
         reasons = [
             name if name.__class__ is str else name(self) for node, name in self._compiled if node.fires(p, self)
         ]
-        step = p.step
         save = bool(reasons) and step != self._last_save_step
         self._prev = step
         if save:
@@ -218,6 +223,31 @@ class Decider:
                 node.load(states[key])
 
 
+def _as_progress(p) -> Progress:
+    """A checked Progress for ``p`` (a Progress subclass, or an object with the same fields)."""
+    if isinstance(p, Progress):
+        return p
+    try:
+        fields = {name: getattr(p, name) for name in ("step", "total_steps", "epoch", "epoch_end", "is_last",
+                                                      "time", "metrics", "signal") if hasattr(p, name)}
+        return Progress(**fields)
+    except TypeError as exc:
+        if "step" not in fields:
+            raise TypeError(
+                f"a decider is called with a saverules.Progress, got {type(p).__name__}"
+            ) from None
+        raise exc from None
+
+
+def _backwards_message(step: int, prev: int) -> str:
+    return (
+        f"Progress.step went backwards: step {step} after step {prev}. Steps count completed optimizer steps and "
+        f"never decrease (a repeat of step {prev} is allowed). To continue a run from a checkpoint, restore the "
+        "decider's state with the checkpoint (Checkpointer.load_latest does, or Decider.load_state_dict) and go on "
+        f"from the saved step + 1; to start the run over, build a new decider with policy.compile()"
+    )
+
+
 def _stateful(compiled):
     for index, (node, _) in enumerate(compiled):
         for sub_index, sub in enumerate(node.walk()):
@@ -240,26 +270,29 @@ def _specialised(flags) -> type:
     if cls is not None:
         return cls
     last, signals, epochs, clock, metrics = flags
-    checks = ["p.step < self._next_step"]
+    # A Progress is checked when it is built, so on the quiet path the step is
+    # an int >= 1; what is left to test is its order.  The fields are read
+    # from the Progress's slots directly, the cheapest read there is.
+    checks = ["type(p) is Progress", "self._prev <= p._step < self._next_step"]
     if last:
-        checks.append("p.is_last is not True")
+        checks.append("p._is_last is not True")
     if signals:
-        checks.append("not p.signal")
+        checks.append("not p._signal")
     if epochs:
-        checks.append("not p.epoch_end")
+        checks.append("not p._epoch_end")
     if clock:
-        checks.append("(p.time is None or p.time < self._next_time)")
+        checks.append("(p._time is None or p._time < self._next_time)")
     if metrics:
-        checks.append("not p.metrics")
-    checks.append("(p.total_steps == self._total or p.total_steps is None)")
+        checks.append("not p._metrics")
+    checks.append("(p._total_steps == self._total or p._total_steps is None)")
     source = (
         "def __call__(self, p):\n"
         f"    if {' and '.join(checks)}:\n"
-        "        self._prev = p.step\n"
+        "        self._prev = p._step\n"
         "        return NO_SAVE\n"
         "    return self._decide(p)\n"
     )
-    namespace = {"NO_SAVE": NO_SAVE}
+    namespace = {"NO_SAVE": NO_SAVE, "Progress": Progress}
     exec(compile(source, f"<saverules quiet path {flags}>", "exec"), namespace)
     attributes = {
         "__call__": namespace["__call__"], "__module__": __name__, "_quiet_source": source,

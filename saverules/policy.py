@@ -122,7 +122,9 @@ class Storage(Model):
         fields = [f for f, _ in parsed]
         for field, spec in parsed:
             # a width such as {step:99999999} would render an enormous name
-            if any(len(digits) > 3 or int(digits) > _MAX_NAME for digits in re.findall(r"\d+", spec)):
+            # (a leading 0 is the zero-padding flag: "{step:0255d}" is 255 wide)
+            widths = (digits.lstrip("0") or "0" for digits in re.findall(r"\d+", spec))
+            if any(len(width) > 3 or int(width) > _MAX_NAME for width in widths):
                 raise ValueError(
                     f"the format of {{{field}}} asks for a width beyond {_MAX_NAME} characters, "
                     "longer than a directory name can be"

@@ -26,9 +26,13 @@ from saverules.rules import (
 from saverules.simulate import progress_at
 
 __all__ = [
-    "Oracle", "oracle_run", "oracle_saves", "oracle_retain", "oracle_simulation", "NoTotal", "oracle_interval",
-    "oracle_daly",
+    "BackwardsStep", "Oracle", "oracle_run", "oracle_saves", "oracle_retain", "oracle_simulation", "NoTotal",
+    "oracle_interval", "oracle_daly",
 ]
+
+
+class BackwardsStep(Exception):
+    """A decision asked for a step below the previous one (steps never go backwards)."""
 
 
 class NoTotal(Exception):
@@ -102,6 +106,8 @@ class Oracle:
 
     # -- one decision -----------------------------------------------------------
     def decide(self, p: Progress) -> Tuple[bool, Tuple[str, ...]]:
+        if p.step < self.prev:
+            raise BackwardsStep(p.step, self.prev)  # refused before anything changes
         if p.total_steps is not None:
             self.total = p.total_steps
         if self.clock_anchor is None and p.time is not None:
