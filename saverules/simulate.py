@@ -58,10 +58,12 @@ class Simulation:
 def progress_at(step: int, total: int, steps_per_epoch: Optional[int], step_seconds: Optional[float], metrics=None):
     """The Progress a loop of this shape reports after optimizer step ``step``."""
     if steps_per_epoch:
+        # as in the reference loop: an epoch ends at a multiple of steps_per_epoch
+        # only; a run that stops mid-epoch does not end one at its last step
         epoch = (step - 1) // steps_per_epoch
-        epoch_end = step % steps_per_epoch == 0 or step == total
+        epoch_end = step % steps_per_epoch == 0
     else:
-        epoch, epoch_end = 0, step == total
+        epoch, epoch_end = 0, False  # no epoch length, no simulated epoch ends
     return Progress(
         step=step,
         total_steps=total,
@@ -106,7 +108,7 @@ def simulate(policy, total_steps, steps_per_epoch=None, step_seconds=None, metri
         raise ValueError(f"step_seconds must be a positive number, got {step_seconds!r}")
 
     decider = policy.compile(total_steps)
-    decider._sim = _Shape(total_steps, steps_per_epoch, step_seconds)
+    decider._simulate(_Shape(total_steps, steps_per_epoch, step_seconds))
     saves: List[Tuple[int, Tuple[str, ...]]] = []
     fired: Dict[str, int] = {}
     kept: List[Checkpoint] = []

@@ -74,7 +74,8 @@ def test_flags_override_the_run_table(capsys):
     doc = json.loads(out)["files"][0]
     steps = [s["step"] for s in doc["saves"]]
     assert doc["run"] == {"total_steps": 1000, "steps_per_epoch": 300, "step_seconds": 2.0, "from": "flags"}
-    assert {300, 600, 900, 1000} <= set(steps)           # epoch ends, the last one at the final step
+    assert {300, 600, 900} <= set(steps)                 # epoch ends
+    assert doc["saves"][-1]["reasons"] == ["final", "every_steps(every=5%)", "tail(interval=5%)"]  # 1000 ends no epoch
     assert set(range(50, 951, 50)) <= set(steps)          # 5% of 1000
     assert doc["saves"][-1]["time"] == 2000.0
     assert doc["max_gap_steps"] == max(b - a for a, b in zip([0] + steps, steps))

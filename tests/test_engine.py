@@ -12,6 +12,7 @@ from oracle import oracle_saves
 from saverules import Checkpoint, Policy, PolicyError, Progress, loads
 from saverules.policy import Retention
 from saverules.quantities import Share
+from saverules.simulate import progress_at
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,12 +55,25 @@ def test_legacy_policy_without_the_guarantee_loses_the_tail():
     assert sim.unsaved_tail == 19998 and sim.max_gap_steps == 20000
 
 
-def test_epoch_ends_including_a_last_partial_epoch():
+def test_simulated_epoch_ends_are_the_reference_loops_multiples_of_steps_per_epoch_only():
+    # as in saverules/minimind/train.py: an epoch ends at a multiple of steps_per_epoch;
+    # a run that stops mid-epoch (--max_steps) ends no epoch at its last step
     p = policy('kind = "epoch_end"', head="final = false")
-    assert saved(p, 350, steps_per_epoch=100) == [100, 200, 300, 350]
+    assert saved(p, 350, steps_per_epoch=100) == [100, 200, 300]
+    assert saved(p, 400, steps_per_epoch=100) == [100, 200, 300, 400]
     every_other = policy('kind = "epoch_end"\nevery = 2', head="final = false")
-    assert saved(every_other, 350, steps_per_epoch=100) == [200, 350]  # epochs 1 and 3 (0-based) end there
-    assert saved(p, 350) == [350]  # without epochs, the whole run is one epoch
+    assert saved(every_other, 350, steps_per_epoch=100) == [200]  # epoch 1 (0-based) ends there; 3 never ends
+    assert saved(every_other, 400, steps_per_epoch=100) == [200, 400]
+    assert saved(p, 350) == []  # without steps_per_epoch no epoch ends are simulated
+    assert saved(p, 1) == []  # the 1-step run of the issue: no epoch ended, nothing saved
+    assert saved(p, 1, steps_per_epoch=1) == [1]
+
+
+def test_simulated_epoch_ends_match_the_progress_a_loop_reports():
+    for total, per_epoch in ((350, 100), (400, 100), (7, 3), (1, 5), (10, 1)):
+        ends = [s for s in range(1, total + 1) if progress_at(s, total, per_epoch, None).epoch_end]
+        assert ends == list(range(per_epoch, total + 1, per_epoch))
+        assert not any(progress_at(s, total, None, None).epoch_end for s in range(1, total + 1))
 
 
 def test_tail_sequence_from_the_issue():
