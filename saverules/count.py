@@ -146,8 +146,38 @@ def _count_multiples(lo: int, hi: int, moduli: List[int], budget: _Budget) -> in
     return total
 
 
+#: A stretch this short is counted by marking its steps when inclusion-exclusion costs too much.
+SIEVE_STEPS = 1 << 22
+
+
+def _sieve(all_pieces: List[Piece], lo: int, hi: int, budget: _Budget) -> int:
+    marks = bytearray(hi - lo)  # step lo + 1 + i is marks[i]
+    for plo, phi, k in all_pieces:
+        plo, phi = max(plo, lo), min(phi, hi)
+        first = (plo // k + 1) * k
+        if first <= phi:
+            n = (phi - first) // k + 1
+            budget.spend(1 + n // 64)
+            marks[first - lo - 1:phi - lo:k] = b"\x01" * n
+    return marks.count(1)
+
+
 def count_union(all_pieces: List[Piece], lo: int, hi: int, budget: _Budget) -> int:
     """How many steps in (lo, hi] lie in at least one piece."""
+    if hi - lo <= SIEVE_STEPS and len(all_pieces) > 64:
+        # many pieces over a short stretch: try the arithmetic, and mark the steps if it costs too much
+        trial = _Budget(min(budget.left, WORK // 8))
+        try:
+            count = _count_union(all_pieces, lo, hi, trial)
+        except _TooCostly:
+            budget.spend(WORK // 8)
+            return _sieve(all_pieces, lo, hi, budget)
+        budget.spend(budget.left - trial.left if trial.left >= 0 else 0)
+        return count
+    return _count_union(all_pieces, lo, hi, budget)
+
+
+def _count_union(all_pieces: List[Piece], lo: int, hi: int, budget: _Budget) -> int:
     events: Dict[int, List[Tuple[int, int]]] = {}
     for plo, phi, k in all_pieces:
         plo, phi = max(plo, lo), min(phi, hi)

@@ -55,6 +55,8 @@ class Simulation:
     fired_total: Optional[Dict[str, int]] = None
     #: When incomplete and counted: the saves at the very end of the run, simulated after the count.
     last_saves: List[Tuple[int, Tuple[str, ...]]] = field(default_factory=list)
+    #: When incomplete and counted: the step of the run's last save (None: no save at all).
+    last_saved: Optional[int] = None
 
     def __post_init__(self):
         if self.complete:
@@ -75,9 +77,11 @@ class Simulation:
     def unsaved_tail(self) -> Optional[int]:
         """Trained steps after the last save: work that exists in no checkpoint (None when
         the listing stops before the end of the run)."""
-        if not self.complete:
+        if self.complete:
+            return self.total_steps - (self.saves[-1][0] if self.saves else 0)
+        if self.save_count is None:
             return None
-        return self.total_steps - (self.saves[-1][0] if self.saves else 0)
+        return self.total_steps - (self.last_saved or 0)
 
     def summary(self) -> str:
         gap = f"{self.max_gap_steps} steps" + (
@@ -189,11 +193,12 @@ def simulate(policy, total_steps, steps_per_epoch=None, step_seconds=None, metri
     max_gap = max(b - a for a, b in zip(bounds, bounds[1:]))
     save_count = fired_total = None
     last_saves: List[Tuple[int, Tuple[str, ...]]] = []
+    last_saved = None
     if not complete and metrics is None:
         counted = _count_rest(decider, saves, fired, listed_to, total_steps, steps_per_epoch, step_seconds,
                               max_saves)
         if counted is not None:
-            save_count, fired_total, last_saves = counted
+            save_count, fired_total, last_saves, last_saved = counted
     return Simulation(
         total_steps=total_steps,
         steps_per_epoch=steps_per_epoch,
@@ -209,6 +214,7 @@ def simulate(policy, total_steps, steps_per_epoch=None, step_seconds=None, metri
         save_count=len(saves) if complete else save_count,
         fired_total=dict(fired) if complete else fired_total,
         last_saves=last_saves,
+        last_saved=None if complete else last_saved,
     )
 
 
@@ -246,4 +252,5 @@ def _count_rest(decider, saves, fired, listed_to, total_steps, steps_per_epoch, 
                 for reason in decision.reasons:
                     by_reason[reason] = by_reason.get(reason, 0) + 1
         count += len(last_saves)
-    return count, by_reason, last_saves
+    last_saved = last_saves[-1][0] if last_saves else rest.last_save
+    return count, by_reason, last_saves, last_saved
