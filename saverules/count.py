@@ -266,7 +266,7 @@ def plan_rest(compiled, total: int, steps_per_epoch: Optional[int], step_seconds
                 elif step_seconds is not None:  # every_time: does the clock between two saves reach it?
                     slack = 4 * total * step_seconds * 2.0 ** -52 + 1e-9 * value  # rounding, with room
                     if gap * step_seconds + slack >= value:
-                        upto = after
+                        return None  # it may fire anywhere: only simulating each save tells where
             upto = max(upto, after)
         count = count_union(union, after, upto, budget)
         counted = {}
