@@ -97,8 +97,12 @@ def compact_path(where: tuple) -> str:
             while parts[i + n * period:i + (n + 1) * period] == unit:
                 n += 1
             if len(unit) == period and n >= 4:
-                out.append(f"({''.join(unit)} x{n})")
-                i += n * period
+                start, count = i, n
+                if i == 0:  # the path's head is written out: rules[0](.rules[0] x3)
+                    out.extend(unit)
+                    count -= 1
+                out.append(f"({''.join(unit)} x{count})")
+                i = start + n * period
                 break
         else:
             out.append(parts[i])

@@ -158,9 +158,8 @@ def simulate(policy, total_steps, steps_per_epoch=None, step_seconds=None, metri
     kept: List[Checkpoint] = []
     peak = 0
     step = 0
+    overflow = False
     while step < total_steps:
-        if max_saves is not None and len(saves) >= max_saves:
-            break  # listed enough: the rest is counted below
         if metrics is not None:
             nxt = step + 1
         else:
@@ -175,6 +174,9 @@ def simulate(policy, total_steps, steps_per_epoch=None, step_seconds=None, metri
         decision = decider(progress_at(step, total_steps, steps_per_epoch, step_seconds, reported))
         if not decision.save:
             continue
+        if max_saves is not None and len(saves) >= max_saves:
+            overflow = True  # one save more than are listed: the rest is counted below
+            break
         saves.append((step, decision.reasons))
         for reason in decision.reasons:
             fired[reason] = fired.get(reason, 0) + 1
@@ -185,8 +187,8 @@ def simulate(policy, total_steps, steps_per_epoch=None, step_seconds=None, metri
             _prune(policy.retention, kept, incremental=policy.retention.keep_best is None or metrics is None)
         peak = max(peak, len(kept))
 
-    complete = step >= total_steps
-    listed_to = total_steps if complete else step
+    complete = not overflow
+    listed_to = step - 1 if overflow else total_steps  # every save up to here is listed
     bounds = [0] + [s for s, _ in saves]
     if bounds[-1] != listed_to:
         bounds.append(listed_to)
@@ -195,7 +197,7 @@ def simulate(policy, total_steps, steps_per_epoch=None, step_seconds=None, metri
     last_saves: List[Tuple[int, Tuple[str, ...]]] = []
     last_saved = None
     if not complete and metrics is None:
-        counted = _count_rest(decider, saves, fired, listed_to, total_steps, steps_per_epoch, step_seconds,
+        counted = _count_rest(policy, saves, fired, listed_to, total_steps, steps_per_epoch, step_seconds,
                               max_saves)
         if counted is not None:
             save_count, fired_total, last_saves, last_saved = counted
@@ -218,10 +220,12 @@ def simulate(policy, total_steps, steps_per_epoch=None, step_seconds=None, metri
     )
 
 
-def _count_rest(decider, saves, fired, listed_to, total_steps, steps_per_epoch, step_seconds, max_saves):
-    """(saves in the run, saves per reason, the last saves) once the listing stopped at
-    ``listed_to``: counted by arithmetic as far as the rules allow, then simulated to
-    the end; None if that is not possible within the limits."""
+def _count_rest(policy, saves, fired, listed_to, total_steps, steps_per_epoch, step_seconds, max_saves):
+    """(saves in the run, saves per reason, the last saves, the last saved step) once the
+    listing stopped at ``listed_to``: counted by arithmetic as far as the rules allow, then
+    simulated to the end; None if that is not possible within the limits."""
+    decider = policy.compile(total_steps)  # fresh: no rule has seen the steps beyond listed_to
+    decider._sim = _Shape(total_steps, steps_per_epoch, step_seconds)
     rest = plan_rest(decider._compiled, total_steps, steps_per_epoch, step_seconds, listed_to,
                      saves[-1][0] if saves else None)
     if rest is None:
@@ -235,6 +239,8 @@ def _count_rest(decider, saves, fired, listed_to, total_steps, steps_per_epoch, 
         # the end of the run, where rules that depend on the last save may fire: simulate it
         # from the counted stretch's end, as a per-step run would stand there
         decider._prev = rest.upto
+        if step_seconds is not None:
+            decider._last_save_time = step_seconds  # the clock starts at the first decision
         if rest.last_save is not None:
             decider._last_save_step = rest.last_save
             if step_seconds is not None:

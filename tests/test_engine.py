@@ -527,3 +527,54 @@ def test_simulating_a_clock_rule_behind_an_epoch_rule_visits_few_steps():
     assert sim.saved_steps == list(range(200_000, 2_000_001, 200_000))
     small = p.simulate(5000, steps_per_epoch=700, step_seconds=100.0)
     assert small.saves == oracle_saves(p, 5000, 700, 100.0)
+
+
+# -- more saves than a simulation lists -------------------------------------------------------
+
+
+def test_a_capped_simulation_of_the_default_policy_counts_what_the_full_one_lists():
+    p = saverules.load(ROOT / "rules" / "default.toml")
+    full = p.simulate(10**8, steps_per_epoch=20_000, step_seconds=0.4, max_saves=None)
+    capped = p.simulate(10**8, steps_per_epoch=20_000, step_seconds=0.4, max_saves=1000)
+    assert full.complete and full.fired["epoch_end"] == 5000 and len(full.saves) > 5000
+    assert not capped.complete and capped.saves == full.saves[:1000]
+    assert capped.save_count == len(full.saves) and capped.fired_total == full.fired
+    assert capped.last_saves == full.saves[-len(capped.last_saves):] and capped.last_saves[-1][0] == 10**8
+    assert capped.unsaved_tail == 0 and capped.summary().startswith(f"{len(full.saves):,} saves (the first 1,000")
+
+
+def test_a_clock_rule_behind_a_denser_step_rule_never_fires_and_is_counted():
+    # every 7 steps at 1 s a step is a save every 7 s: a 10 s clock rule never comes due
+    p = policy('kind = "every_time"\nevery = "10s"', 'kind = "every_steps"\nevery = 7')
+    sim = p.simulate(10**8, step_seconds=1.0, max_saves=100)
+    assert sim.save_count == 10**8 // 7 + 1 and sim.fired_total == {"every_steps(every=7)": 10**8 // 7, "final": 1}
+    small = p.simulate(7000, step_seconds=1.0, max_saves=None)
+    assert "every_time(every=10s)" not in small.fired and len(small.saves) == 1000
+    p = policy('kind = "every_time"\nevery = "10s"', 'kind = "every_steps"\nevery = 13')
+    assert p.simulate(10**8, step_seconds=1.0, max_saves=100).save_count is None  # it may fire: not counted
+
+
+def test_simulate_refuses_a_run_beyond_2_63_minus_1_and_a_bad_cap():
+    p = policy('kind = "every_steps"\nevery = 10')
+    with pytest.raises(ValueError, match=r"total_steps must be at most 9,223,372,036,854,775,807 \(2\^63-1\)"):
+        p.simulate(1 << 63)
+    with pytest.raises(ValueError, match="max_saves must be a positive integer or None"):
+        p.simulate(100, max_saves=0)
+    sim = p.simulate((1 << 63) - 1)
+    assert sim.save_count == ((1 << 63) - 1) // 10 + 1 and sim.saves[:2] == [(10, ("every_steps(every=10)",)),
+                                                                              (20, ("every_steps(every=10)",))]
+
+
+def test_a_decision_with_thousands_of_rules_evaluates_only_those_due():
+    rules = [f'kind = "every_steps"\nevery = {1000 + i}' for i in range(3000)]
+    p = policy(*rules, 'kind = "on_signal"')
+    d = p.compile(10**6)
+    calls = []
+    for node, _ in d._compiled:
+        fires = node.fires
+        node.fires = lambda prog, run, fires=fires, node=node: calls.append(node) or fires(prog, run)
+    assert d(Progress(1000, 10**6)).reasons == ("every_steps(every=1000)",)
+    assert len(calls) == 1  # not the 2,999 others nor final
+    calls.clear()
+    assert d(Progress(1001, 10**6, signal="SIGTERM")).reasons == ("every_steps(every=1001)", "on_signal")
+    assert len(calls) == 2
