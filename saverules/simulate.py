@@ -84,7 +84,7 @@ class Simulation:
         return self.total_steps - (self.last_saved or 0)
 
     def summary(self) -> str:
-        gap = f"{self.max_gap_steps} steps" + (
+        gap = f"{self.max_gap_steps} step{'' if self.max_gap_steps == 1 else 's'}" + (
             f" ({format_seconds(self.max_gap_seconds)})" if self.max_gap_seconds is not None else ""
         )
         if not self.complete:
