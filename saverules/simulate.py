@@ -197,8 +197,8 @@ def simulate(policy, total_steps, steps_per_epoch=None, step_seconds=None, metri
     last_saves: List[Tuple[int, Tuple[str, ...]]] = []
     last_saved = None
     if not complete and metrics is None:
-        counted = _count_rest(policy, saves, fired, listed_to, total_steps, steps_per_epoch, step_seconds,
-                              max_saves)
+        counted = _count_rest(policy, decider._compiled, saves, fired, listed_to, total_steps, steps_per_epoch,
+                              step_seconds, max_saves)
         if counted is not None:
             save_count, fired_total, last_saves, last_saved = counted
     return Simulation(
@@ -220,13 +220,11 @@ def simulate(policy, total_steps, steps_per_epoch=None, step_seconds=None, metri
     )
 
 
-def _count_rest(policy, saves, fired, listed_to, total_steps, steps_per_epoch, step_seconds, max_saves):
+def _count_rest(policy, compiled, saves, fired, listed_to, total_steps, steps_per_epoch, step_seconds, max_saves):
     """(saves in the run, saves per reason, the last saves, the last saved step) once the
     listing stopped at ``listed_to``: counted by arithmetic as far as the rules allow, then
     simulated to the end; None if that is not possible within the limits."""
-    decider = policy.compile(total_steps)  # fresh: no rule has seen the steps beyond listed_to
-    decider._sim = _Shape(total_steps, steps_per_epoch, step_seconds)
-    rest = plan_rest(decider._compiled, total_steps, steps_per_epoch, step_seconds, listed_to,
+    rest = plan_rest(compiled, total_steps, steps_per_epoch, step_seconds, listed_to,
                      saves[-1][0] if saves else None)
     if rest is None:
         return None
@@ -237,7 +235,10 @@ def _count_rest(policy, saves, fired, listed_to, total_steps, steps_per_epoch, s
     last_saves = []
     if rest.upto < total_steps:
         # the end of the run, where rules that depend on the last save may fire: simulate it
-        # from the counted stretch's end, as a per-step run would stand there
+        # from the counted stretch's end, as a per-step run would stand there, with a fresh
+        # decider (no rule has seen the steps beyond listed_to)
+        decider = policy.compile(total_steps)
+        decider._sim = _Shape(total_steps, steps_per_epoch, step_seconds)
         decider._prev = rest.upto
         if step_seconds is not None:
             decider._last_save_time = step_seconds  # the clock starts at the first decision
