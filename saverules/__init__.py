@@ -8,7 +8,7 @@
             ...save...
 
 The core is pure Python and imports no torch; the checkpoint store lives in
-:mod:`saverules.torch`.
+:mod:`saverules.store` (also importable as :mod:`saverules.torch`).
 """
 from .decider import Decider
 from .errors import Diagnostic, PolicyError

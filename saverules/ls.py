@@ -3,7 +3,7 @@
 One row per checkpoint: its step, epoch, training clock, when it was saved,
 why, its size, whether every file still matches the sha256 in its manifest,
 and which retention rule keeps it.  The retention rules come from
-``DIR/policy.toml`` (written by :class:`saverules.torch.Checkpointer`) or from
+``DIR/policy.toml`` (written by :class:`saverules.store.Checkpointer`) or from
 ``--policy FILE``.
 
 Exit status: 0 when every checkpoint verifies, 1 when any fails
@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence
 
 __all__ = ["main", "format_table"]
 
-#: Same name as saverules.torch.POLICY_FILE (not imported from there: that module imports torch).
+#: Same name as saverules.store.POLICY_FILE (not imported from there: that package imports torch).
 POLICY_FILE = "policy.toml"
 
 
@@ -104,7 +104,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     else:
         notes.append(f"no {POLICY_FILE} in {root}; pass --policy FILE to see which retention rule keeps what")
 
-    from . import torch as store  # imports torch: only once the arguments are known to be usable
+    import dataclasses
+
+    from . import store  # imports torch: only once the arguments are known to be usable
 
     try:
         infos = store.scan(root, verify=not args.no_verify)
@@ -117,9 +119,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         for info in infos:
             if info.ok:
                 try:
-                    store._read_payload(info, "cpu")
+                    store.read_checkpoint(info, "cpu")
                 except store.CheckpointError as exc:
-                    info = store.dataclasses.replace(info, verified=False, error=str(exc))
+                    info = dataclasses.replace(info, verified=False, error=str(exc))
             loaded.append(info)
         infos = loaded
 

@@ -19,6 +19,14 @@ import torch
 
 import saverules
 import saverules.torch as st
+from saverules.store import digest
+from saverules.store import layout
+from saverules.store.formats import safetensors_file
+from saverules.store import snapshot
+from saverules.store import fs as store_fs
+from saverules.store import state as store_state
+from saverules.store.formats import torchfile
+from saverules.store import writer
 from saverules import Progress
 from saverules.torch import (
     CheckpointError,
@@ -586,14 +594,14 @@ def test_retention_rehashes_old_checkpoints_only_when_it_deletes(tmp_path, monke
     for s in (1, 2, 3):
         ck.step(Progress(s), small_state(s))
     hashed = []
-    real_hash = st._hash_file
+    real_hash = digest.hash_file
 
     def counting_hash(path):
         name = Path(path).parent.name
         hashed.append("new" if name.startswith(".tmp-") else name)  # "new": the write being verified
         return real_hash(path)
 
-    monkeypatch.setattr(st, "_hash_file", counting_hash)
+    monkeypatch.setattr(digest, "hash_file", counting_hash)
     # A new process: nothing is cached. Keeping everything needs no re-hash of old checkpoints.
     Checkpointer(policy(keep_10), tmp_path).step(Progress(4), small_state(4))
     assert hashed == ["new"]
@@ -616,7 +624,7 @@ def test_retention_rehashes_old_checkpoints_only_when_it_deletes(tmp_path, monke
 
 def test_verify_modes(tmp_path, monkeypatch):
     calls = {"hash": 0, "load": 0}
-    real_hash, real_load = st._hash_file, st._torch_load
+    real_hash, real_load = digest.hash_file, torchfile.load
 
     def counting_hash(path):
         calls["hash"] += 1
@@ -626,8 +634,8 @@ def test_verify_modes(tmp_path, monkeypatch):
         calls["load"] += 1
         return real_load(*a, **k)
 
-    monkeypatch.setattr(st, "_hash_file", counting_hash)
-    monkeypatch.setattr(st, "_torch_load", counting_load)
+    monkeypatch.setattr(digest, "hash_file", counting_hash)
+    monkeypatch.setattr(torchfile, "load", counting_load)
     for mode, hashes, loads in (("none", 0, 0), ("hash", 1, 0), ("load", 1, 1)):
         calls.update(hash=0, load=0)
         ck = Checkpointer(policy(), tmp_path / mode, verify=mode)
@@ -639,7 +647,7 @@ def test_verify_modes(tmp_path, monkeypatch):
 def test_a_file_that_does_not_read_back_is_not_committed(tmp_path, monkeypatch):
     ck = Checkpointer(policy(), tmp_path)
     ck.save(Progress(2), small_state())
-    monkeypatch.setattr(st, "_hash_file", lambda path: (0, "0" * 64))
+    monkeypatch.setattr(digest, "hash_file", lambda path: (0, "0" * 64))
     with pytest.raises(st.CheckpointVerifyError, match="did not read back"):
         ck.save(Progress(4), small_state())
     monkeypatch.undo()
@@ -713,7 +721,7 @@ def test_safetensors_writer_round_trips_every_dtype_and_shape(tmp_path):
         "grad": torch.ones(2, requires_grad=True),
     }
     buf = io.BytesIO()
-    st._write_safetensors(buf, weights, {"format": "pt"})
+    safetensors_file.write(buf, weights, {"format": "pt"})
     data = buf.getvalue()
     header_len = int.from_bytes(data[:8], "little")
     assert header_len % 8 == 0
@@ -745,8 +753,8 @@ class _Holder:
 def test_safetensors_state_dict_metadata_survives(tmp_path):
     net = TiedNet()
     Checkpointer(policy(fmt="safetensors"), tmp_path).save(Progress(1), {"model": net})
-    payload = st._read_payload(Checkpointer(policy(fmt="safetensors"), tmp_path).latest(), "cpu")
-    sd = payload["objects"]["model"]
+    payload = st.read_checkpoint(Checkpointer(policy(fmt="safetensors"), tmp_path).latest(), "cpu")
+    sd = payload.objects["model"]
     assert type(sd) is collections.OrderedDict
     assert sd._metadata == net.state_dict()._metadata
     assert list(sd) == list(net.state_dict())
@@ -772,8 +780,8 @@ def test_async_save_snapshots_at_the_call(tmp_path):
 
 def test_async_snapshot_keeps_shared_storage_shared():
     base = torch.arange(8.0)
-    snap = st._Snapshot()
-    copied = st._checked({"a": base[:4], "b": base[2:6], "c": base}, "s", snap)
+    snap = snapshot.Snapshot()
+    copied = store_state.checked({"a": base[:4], "b": base[2:6], "c": base}, "s", snap)
     assert copied["a"].untyped_storage().data_ptr() == copied["c"].untyped_storage().data_ptr()
     assert copied["c"].untyped_storage().data_ptr() != base.untyped_storage().data_ptr()
     base.zero_()
@@ -797,7 +805,7 @@ def test_async_snapshot_reuses_buffers(tmp_path):
 def test_at_most_one_write_in_flight(tmp_path, monkeypatch):
     active, peak = [0], [0]
     lock = threading.Lock()
-    real_write = st._write_file
+    real_write = writer.write_file
 
     def slow_write(path, producer):
         with lock:
@@ -810,7 +818,7 @@ def test_at_most_one_write_in_flight(tmp_path, monkeypatch):
             with lock:
                 active[0] -= 1
 
-    monkeypatch.setattr(st, "_write_file", slow_write)
+    monkeypatch.setattr(writer, "write_file", slow_write)
     ck = Checkpointer(policy(EVERY_1_KEEP_2), tmp_path, async_save=True)
     t0 = time.perf_counter()
     ck.step(Progress(1), small_state())
@@ -833,7 +841,7 @@ def test_background_failure_surfaces_at_the_next_step(tmp_path, monkeypatch):
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(st._fs, "fsync", full)
+    monkeypatch.setattr(store_fs.fs, "fsync", full)
     ck.step(Progress(2), small_state())
     ck._thread.join()
     monkeypatch.undo()
@@ -854,7 +862,7 @@ def test_background_failure_warns_with_on_error_warn(tmp_path, monkeypatch):
     def full(path):
         raise OSError(errno.ENOSPC, "No space left on device", path)
 
-    monkeypatch.setattr(st._fs, "mkdir", full)
+    monkeypatch.setattr(store_fs.fs, "mkdir", full)
     ck.step(Progress(1), small_state())
     ck._thread.join()
     monkeypatch.undo()
@@ -869,7 +877,7 @@ def test_close_reports_a_pending_failure(tmp_path, monkeypatch):
     import errno
 
     ck = Checkpointer(policy(), tmp_path, async_save=True)
-    monkeypatch.setattr(st._fs, "rename", lambda a, b: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error", a)))
+    monkeypatch.setattr(store_fs.fs, "rename", lambda a, b: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error", a)))
     ck.save(Progress(1), small_state())
     with pytest.raises(st.CheckpointWriteError, match="I/O error"):
         ck.close()
@@ -879,7 +887,7 @@ def test_close_reports_a_pending_failure(tmp_path, monkeypatch):
 def test_context_manager_does_not_hide_the_loop_exception(tmp_path, monkeypatch):
     import errno
 
-    monkeypatch.setattr(st._fs, "mkdir", lambda p: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error", p)))
+    monkeypatch.setattr(store_fs.fs, "mkdir", lambda p: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error", p)))
     with pytest.raises(KeyError):
         with pytest.warns(CheckpointWarning, match="I/O error"):
             with Checkpointer(policy(), tmp_path, async_save=True) as ck:
@@ -1044,13 +1052,13 @@ def test_the_examples_in_docs_checkpoints_run(tmp_path, monkeypatch):
     blocks = re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
     assert len(blocks) >= 3
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(st._fs, "fsync", st._fs.fsync)  # put back even if an example fails half-way
+    monkeypatch.setattr(store_fs.fs, "fsync", store_fs.fs.fsync)  # put back even if an example fails half-way
     namespace = {"__name__": "__doc_example__"}
     for i, code in enumerate(blocks):
         exec(compile(code, f"docs/checkpoints.md[python block {i + 1}]", "exec"), namespace)
     assert checkpoint_dirs(tmp_path / "checkpoints") == ["step-00000150", "step-00000200"]
     assert checkpoint_dirs(tmp_path / "warn-demo") == ["step-00000011"]
-    assert st._fs.fsync.__self__ is st._fs  # the example put the real fsync back
+    assert store_fs.fs.fsync.__self__ is store_fs.fs  # the example put the real fsync back
 
 
 # --------------------------------------------------------------------------
@@ -1118,16 +1126,16 @@ def test_manifest_hash_of_large_tensors_is_the_hash_of_the_file(tmp_path, fmt, a
 
 def test_writer_does_not_wait_for_the_hash_of_tensor_memory(tmp_path, monkeypatch):
     waits = []
-    real_submit = st._HASHER.submit
+    real_submit = digest.HASHER.submit
 
     def recording_submit(stream, data, wait=False):
         if data is not None:
             waits.append((memoryview(data).nbytes, wait))
         return real_submit(stream, data, wait)
 
-    monkeypatch.setattr(st._HASHER, "submit", recording_submit)
+    monkeypatch.setattr(digest.HASHER, "submit", recording_submit)
     Checkpointer(policy(), tmp_path, verify="hash").save(Progress(1), big_state())
-    large = [w for n, w in waits if n >= st._PARALLEL_HASH_MIN]
+    large = [w for n, w in waits if n >= digest.PARALLEL_HASH_MIN]
     assert len(large) >= 2 and not any(large)  # queued by reference, never waited for one by one
     assert Checkpointer(policy(), tmp_path).latest().verified is True
 
@@ -1141,14 +1149,14 @@ def test_a_chunk_from_foreign_memory_is_hashed_before_write_returns(tmp_path):
         buf[:] = bytes(len(buf))  # the caller reuses its buffer as soon as write returns
         f.write(b"tail")
 
-    entry = st._write_file(str(tmp_path / "f.bin"), st._Producer(producer, [torch.zeros(1 << 20)]))
+    entry = writer.write_file(str(tmp_path / "f.bin"), writer.Producer(producer, [torch.zeros(1 << 20)]))
     assert entry == {"size": (3 << 20) + 4, "sha256": expected}
 
 
 def test_a_failed_write_waits_for_the_queued_hashing_before_raising(tmp_path, monkeypatch):
     tensor = torch.randn(1 << 20)
     drained = []
-    real_drain = st._HashingFile.drain
+    real_drain = writer.HashingFile.drain
 
     def recording_drain(self):
         real_drain(self)
@@ -1158,9 +1166,9 @@ def test_a_failed_write_waits_for_the_queued_hashing_before_raising(tmp_path, mo
         f.write(memoryview(tensor.numpy()).cast("B"))
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(st._HashingFile, "drain", recording_drain)
+    monkeypatch.setattr(writer.HashingFile, "drain", recording_drain)
     with pytest.raises(OSError, match="No space"):
-        st._write_file(str(tmp_path / "f.bin"), st._Producer(producer, [tensor]))
+        writer.write_file(str(tmp_path / "f.bin"), writer.Producer(producer, [tensor]))
     # Before the error left _write_file, the tensor's queued chunk had been hashed (its memory may go now).
     assert drained == [hashlib.sha256(tensor.numpy().tobytes()).hexdigest()]
 
@@ -1170,12 +1178,12 @@ def test_fresh_files_are_reread_through_a_map_with_the_same_result(tmp_path, mon
     data = os.urandom((2 << 20) + 5)
     path.write_bytes(data)
     expected = (len(data), hashlib.sha256(data).hexdigest())
-    assert st._hash_file(path) == expected
+    assert digest.hash_file(path) == expected
     mapped = []
-    real = st._hash_mapped
-    monkeypatch.setattr(st, "_hash_mapped", lambda f: mapped.append(1) or real(f))
-    assert st._hash_file(path) == expected and not mapped  # a file outside a write in progress: plain reads
-    monkeypatch.setattr(st, "_INFLIGHT", {str(tmp_path)})
-    assert st._hash_file(path) == expected and mapped == [1]
+    real = digest.hash_mapped
+    monkeypatch.setattr(digest, "hash_mapped", lambda f: mapped.append(1) or real(f))
+    assert digest.hash_file(path) == expected and not mapped  # a file outside a write in progress: plain reads
+    monkeypatch.setattr(layout, "INFLIGHT", {str(tmp_path)})
+    assert digest.hash_file(path) == expected and mapped == [1]
     (tmp_path / "empty").write_bytes(b"")
-    assert st._hash_file(tmp_path / "empty") == (0, hashlib.sha256(b"").hexdigest())
+    assert digest.hash_file(tmp_path / "empty") == (0, hashlib.sha256(b"").hexdigest())

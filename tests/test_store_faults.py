@@ -31,6 +31,8 @@ import torch
 
 import saverules
 import saverules.torch as st
+from saverules.store import fs as store_fs
+from saverules.store import writer
 from saverules import Progress
 from saverules.torch import (
     CheckpointError,
@@ -469,11 +471,11 @@ class Injector:
         self.calls = []
         self.fail_at = fail_at
         self.code = code
-        real = st._FileSystem()
+        real = store_fs.FileSystem()
         for op in self.OPS:
             if op == "write":
                 continue
-            monkeypatch.setattr(st._fs, op, self._wrap(op, getattr(real, op)))
+            monkeypatch.setattr(store_fs.fs, op, self._wrap(op, getattr(real, op)))
 
     def _maybe_fail(self, op, path):
         self.calls.append(op)
@@ -617,7 +619,7 @@ def test_an_unwritable_store_directory_is_a_clear_error(tmp_path, monkeypatch):
     def refuse(path):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
 
-    monkeypatch.setattr(st._fs, "makedirs", refuse)
+    monkeypatch.setattr(store_fs.fs, "makedirs", refuse)
     with pytest.raises(CheckpointWriteError) as info:
         Checkpointer(policy(), target)
     assert str(target) in str(info.value) and "read-only" in str(info.value)
@@ -638,7 +640,7 @@ def test_permission_error_message_names_the_path_and_the_fix(tmp_path, monkeypat
     def denied(path):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
 
-    monkeypatch.setattr(st._fs, "open_write", denied)
+    monkeypatch.setattr(store_fs.fs, "open_write", denied)
     with pytest.raises(CheckpointWriteError) as info:
         ck.save(Progress(1), small_state(1.0))
     text = str(info.value)
@@ -656,7 +658,7 @@ def test_an_in_flight_async_write_survives_another_store_starting(tmp_path, monk
     import threading
 
     gate, entered = threading.Event(), threading.Event()
-    real_write = st._write_file
+    real_write = writer.write_file
 
     def held_write(path, producer):
         if path.endswith("state.pt"):
@@ -667,7 +669,7 @@ def test_an_in_flight_async_write_survives_another_store_starting(tmp_path, monk
     ck = Checkpointer(policy(EVERY_1_KEEP_2), tmp_path, async_save=True)
     ck.save(Progress(1), small_state(1.0))
     ck.wait()
-    monkeypatch.setattr(st, "_write_file", held_write)
+    monkeypatch.setattr(writer, "write_file", held_write)
     ck.save(Progress(2), small_state(2.0))
     assert entered.wait(30)
     tmp = hidden_entries(tmp_path)

@@ -1,0 +1,397 @@
+"""The façade: :class:`Checkpointer` asks the policy on every step and, when it says save, runs a save.
+
+A save is a straight line through the modules of the store:
+
+decide (the policy's decider) -> :mod:`~saverules.store.snapshot` (async: copy the state)
+-> :mod:`~saverules.store.formats` (encode) -> :mod:`~saverules.store.writer` (write and digest)
+-> :mod:`~saverules.store.commit` (atomic rename) -> :mod:`~saverules.store.verify` (re-read, before the
+manifest goes in) -> :mod:`~saverules.store.retain`.
+
+A resume walks :func:`~saverules.store.verify.newest_good`, decodes with the
+format the manifest names and hands the state to :mod:`~saverules.store.restore`.
+"""
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import os
+import sys
+import threading
+import time as _time
+import weakref
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Tuple, Union
+
+import torch
+
+from ..progress import Decision, Progress
+from . import commit, formats, retain
+from .errors import (
+    CheckpointError,
+    StateTypeError,
+    UnsafeCheckpointError,
+    log,
+    type_name,
+    warn,
+    write_error,
+)
+from .fs import fs
+from .manifest import CheckpointInfo, info_from_manifest, new_manifest, progress_of
+from .policyfile import write_policy_file
+from .restore import restore
+from .snapshot import Pool, Snapshot
+from .state import Payload, capture
+from .verify import VerifyCache, check_written, newest_good, scan
+
+VERIFY_CHOICES = ("hash", "load", "none")
+ON_ERROR_CHOICES = ("raise", "warn")
+
+_LIVE: "weakref.WeakSet[Checkpointer]" = weakref.WeakSet()
+
+
+def _close_all_at_exit() -> None:
+    for ckpt in list(_LIVE):
+        try:
+            ckpt._finish_at_exit()
+        except BaseException as exc:  # pragma: no cover - reported, never raised at exit
+            print(f"saverules: a checkpoint write failed: {exc}", file=sys.stderr)
+
+
+atexit.register(_close_all_at_exit)
+
+
+@dataclasses.dataclass
+class _Job:
+    """One save between the training thread and the writer."""
+
+    name: str
+    step: int
+    manifest: Dict[str, Any]
+    payload: Optional[Payload]
+    snapshot: Optional[Snapshot] = None
+
+
+class Checkpointer:
+    """Decides when to save (from the policy) and saves so that no save is ever half-lost.
+
+    Parameters
+    ----------
+    policy:
+        A :class:`saverules.Policy` or the path of a policy TOML file.
+    dir:
+        The store's directory; overrides ``[storage].dir``.  Relative paths
+        are taken from the current directory at construction.
+    async_save:
+        Copy the state to CPU memory in the training thread and write it from
+        one background thread (at most one write in flight).
+    verify:
+        ``"hash"`` (default) re-reads every file after writing and checks its
+        sha256; ``"load"`` also loads it; ``"none"`` skips the re-read.
+    on_error:
+        ``"raise"`` (default) turns a failed save into an exception;
+        ``"warn"`` emits a :class:`CheckpointWarning` and training goes on
+        (the next decision to save tries again).
+    total_steps:
+        Passed to ``policy.compile``; shares of the run ("5%") need it unless
+        ``[run].total_steps`` or the Progress carries it.
+    run_name:
+        The ``{run}`` placeholder of ``[storage].name``.
+    sync:
+        Under DDP (an initialised process group with more than one rank) the
+        decider is wrapped in :class:`saverules.distributed.SyncedDecider`;
+        ``sync`` holds its keyword options, e.g. ``{"sync_seconds": 2.0}`` or
+        ``{"sync_signals": True}``.  Ignored in a single process.
+    """
+
+    def __init__(
+        self,
+        policy: Any,
+        dir: Union[str, os.PathLike, None] = None,
+        *,
+        async_save: bool = False,
+        verify: str = "hash",
+        on_error: str = "raise",
+        total_steps: Optional[int] = None,
+        run_name: str = "run",
+        sync: Optional[Mapping[str, Any]] = None,
+    ) -> None:
+        import saverules
+
+        if isinstance(policy, (str, os.PathLike)):
+            policy = saverules.load(policy)
+        elif not (hasattr(policy, "compile") and hasattr(policy, "storage") and hasattr(policy, "retain")):
+            raise ValueError(
+                f"policy must be a saverules.Policy or the path of a policy TOML file, got {type_name(policy)}"
+            )
+        if dir is not None and not isinstance(dir, (str, os.PathLike)):
+            raise ValueError(f"dir must be a path or None, got {type_name(dir)}")
+        if dir is not None and not os.fspath(dir):
+            raise ValueError("dir must not be empty")
+        if not isinstance(async_save, bool):
+            raise ValueError(f"async_save must be True or False, got {async_save!r}")
+        if verify not in VERIFY_CHOICES:
+            raise ValueError(f"verify must be one of {', '.join(map(repr, VERIFY_CHOICES))}, got {verify!r}")
+        if on_error not in ON_ERROR_CHOICES:
+            raise ValueError(f"on_error must be one of {', '.join(map(repr, ON_ERROR_CHOICES))}, got {on_error!r}")
+        if not isinstance(run_name, str) or not run_name or any(c in run_name for c in "/\\\0"):
+            raise ValueError(f"run_name must be a non-empty string without path separators, got {run_name!r}")
+        fmt = policy.storage.format
+        if fmt not in formats.names():
+            raise ValueError(
+                f"[storage].format must be {' or '.join(map(repr, formats.names()))}, got {fmt!r}"
+            )
+        self._format = formats.get(fmt)
+        self._format.check_available()
+
+        self.policy = policy
+        self.dir = Path(os.path.abspath(os.fspath(dir if dir is not None else policy.storage.dir)))
+        self.async_save = async_save
+        self.verify = verify
+        self.on_error = on_error
+        self.run_name = run_name
+        self.format = fmt
+
+        self.rank, self.world_size = 0, 1
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        if sync is not None and not isinstance(sync, Mapping):
+            raise ValueError(f"sync must be a mapping of SyncedDecider options or None, got {type_name(sync)}")
+        decider = policy.compile(total_steps)
+        if self.world_size > 1:
+            from saverules.distributed import SyncedDecider
+
+            # Under DDP every rank must take the same decision: see docs/distributed.md.
+            # ``sync`` passes SyncedDecider's options (sync_seconds, max_interval, sync_signals, ...).
+            decider = SyncedDecider(decider, **dict(sync or {}))
+        self.decider = decider
+
+        self._clock_offset = 0.0
+        self._clock_t0 = _time.monotonic()
+        self._cache = VerifyCache()
+        self._warned: set = set()
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+        self._pool: Pool = {}
+        self._lock = threading.Lock()
+
+        if self.is_writer:
+            try:
+                fs.makedirs(str(self.dir))
+            except OSError as exc:
+                err = write_error(exc, None, str(self.dir), "create the checkpoint directory")
+                if on_error == "raise":
+                    raise err from exc
+                warn(str(err))
+            else:
+                commit.cleanup(self.dir)
+                write_policy_file(self.dir, self.policy)
+        _LIVE.add(self)
+
+    # -- small public helpers ----------------------------------------------------
+
+    @property
+    def is_writer(self) -> bool:
+        """True on the process that writes (rank 0, or the only process)."""
+        return self.rank == 0
+
+    def clock(self) -> float:
+        """Seconds of training so far, continuous across resumes: pass it as ``Progress.time``."""
+        return self._clock_offset + (_time.monotonic() - self._clock_t0)
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception as err:  # do not hide the exception already on its way
+            warn(f"saverules: {err}")
+
+    def __repr__(self) -> str:
+        return (
+            f"Checkpointer(dir={str(self.dir)!r}, format={self.format!r}, async_save={self.async_save}, "
+            f"verify={self.verify!r}, on_error={self.on_error!r})"
+        )
+
+    # -- deciding and saving ---------------------------------------------------------
+
+    def step(self, progress: Progress, state: Mapping[str, Any]) -> Decision:
+        """Ask the policy about this step; save when it says so. Returns the decision."""
+        self._collect(block=False)
+        decision = self.decider(progress)
+        if decision.save:
+            self._save(progress, state, tuple(decision.reasons))
+        return decision
+
+    def save(self, progress: Progress, state: Mapping[str, Any], reason: str = "manual") -> Decision:
+        """Save now, whatever the policy says; the decider is told (time rules measure from here)."""
+        if not isinstance(reason, str) or not reason:
+            raise ValueError(f"reason must be a non-empty string, got {reason!r}")
+        self._collect(block=False)
+        time_ = progress.time if progress.time is not None else self.clock()
+        self.decider.note_save(progress.step, time_)
+        self._save(progress, state, (reason,))
+        return Decision(True, (reason,))
+
+    def wait(self) -> None:
+        """Block until the write in flight (if any) is committed; report its failure."""
+        self._collect(block=True)
+
+    def close(self) -> None:
+        """Wait for pending writes and report a failure. The checkpointer stays usable."""
+        self._collect(block=True)
+
+    def _finish_at_exit(self) -> None:
+        self._join()
+        err, self._error = self._error, None
+        if err is not None:
+            print(f"saverules: the last checkpoint write failed: {err}", file=sys.stderr)
+
+    def _join(self) -> None:
+        thread = self._thread
+        if thread is not None:
+            thread.join()
+            self._thread = None
+
+    def _collect(self, block: bool) -> None:
+        thread = self._thread
+        if thread is not None:
+            if not block and thread.is_alive():
+                return
+            self._join()
+        err, self._error = self._error, None
+        if err is not None:
+            self._report(err)
+
+    def _report(self, err: BaseException) -> None:
+        if self.on_error == "raise" or not isinstance(err, (CheckpointError, OSError)):
+            raise err
+        warn(f"{err} (on_error='warn': training continues; the next save will try again)")
+
+    def _save(self, progress: Progress, state: Mapping[str, Any], reasons: Tuple[str, ...]) -> None:
+        if not self.is_writer:
+            return
+        self._collect(block=True)  # at most one write in flight
+        job = self._prepare(progress, state, reasons)
+        if self.async_save:
+            thread = threading.Thread(target=self._run_background, args=(job,), name="saverules-writer")
+            self._thread = thread
+            thread.start()
+        else:
+            try:
+                self._run(job)
+            except (CheckpointError, OSError) as err:
+                self._report(err)
+
+    def _prepare(self, progress: Progress, state: Mapping[str, Any], reasons: Tuple[str, ...]) -> _Job:
+        """In the training thread: check the state (and copy it, for an async save); name the checkpoint."""
+        if not isinstance(state, Mapping):
+            raise StateTypeError(f"state must be a dict of names to objects and values, got {type_name(state)}")
+        if not isinstance(progress, Progress):
+            raise TypeError(f"progress must be a saverules.Progress, got {type_name(progress)}")
+        metrics = None
+        if progress.metrics is not None:
+            metrics = {}
+            for k, v in progress.metrics.items():
+                try:
+                    metrics[str(k)] = float(v)
+                except (TypeError, ValueError):
+                    raise StateTypeError(f"Progress.metrics[{k!r}] is not a number: {v!r}") from None
+        snap = Snapshot(self._pool) if self.async_save else None
+        if snap is not None:
+            self._pool = {}
+        clock = float(progress.time) if progress.time is not None else self.clock()
+        payload = capture(state, progress.step, self.decider.state_dict(), clock, snap)
+        utc = datetime.now(timezone.utc)
+        name = self.policy.storage.render_name(step=progress.step, epoch=progress.epoch, time=utc, run=self.run_name)
+        manifest = new_manifest(name=name, progress=progress, clock=clock, utc=utc, reasons=reasons,
+                                metrics=metrics, policy_digest=self.policy.digest, storage_format=self.format,
+                                world_size=self.world_size)
+        return _Job(name=name, step=int(progress.step), manifest=manifest, payload=payload, snapshot=snap)
+
+    def _run_background(self, job: _Job) -> None:
+        try:
+            self._run(job)
+        except BaseException as err:
+            self._error = err
+        finally:
+            if job.snapshot is not None:
+                job.payload = None
+                snapshot, job.snapshot = job.snapshot, None
+                self._pool = snapshot.release()
+
+    def _run(self, job: _Job) -> None:
+        """In the writer: encode, write and digest, verify, commit; then retention."""
+        payload, fmt = job.payload, self._format
+
+        def check(tmp: Path, files: Mapping[str, Any], metadata) -> None:
+            check_written(tmp, job.step, files, fmt, self.verify, metadata)
+
+        path, manifest = commit.commit(self.dir, job.name, job.step, job.manifest,
+                                       encode=lambda out: fmt.encode(payload, out),
+                                       check=check if self.verify != "none" else None)
+        verified = True if self.verify != "none" else None
+        if verified:
+            self._cache.put(path, info_from_manifest(path, self.dir, manifest, True, None))
+        else:
+            self._cache.forget(path)
+        log.info("saved checkpoint %s (step %d, %s)", path, job.step, ", ".join(job.manifest["reasons"]))
+        try:
+            retain.retain(self.dir, path, self.policy, self._cache, self.verify != "none", self._warned)
+        except Exception as exc:  # retention must never fail a save that was committed
+            warn(f"saverules: retention after saving {path} failed: {exc}")
+
+    # -- reading -------------------------------------------------------------------------
+
+    def list(self) -> List[CheckpointInfo]:
+        """Every checkpoint in the store, oldest first, each re-hashed (results are cached)."""
+        if self.is_writer:
+            self._collect(block=True)
+        return scan(self.dir, verify=True, _cache=self._cache)
+
+    def latest(self) -> Optional[CheckpointInfo]:
+        """The newest checkpoint that verifies, or None. Damaged newer ones are skipped with a warning."""
+        if self.is_writer:
+            self._collect(block=True)
+        for info in newest_good(self.dir, self._cache, self._warn_skip):
+            return info
+        return None
+
+    def _warn_skip(self, info: CheckpointInfo) -> None:
+        key = (str(info.path), info.error)
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        warn(f"saverules: skipping checkpoint {info.path}: {info.error}; falling back to an older checkpoint")
+
+    def load_latest(self, state: MutableMapping[str, Any], map_location: Any = "cpu") -> Optional[Progress]:
+        """Restore the newest good checkpoint into ``state`` and the decider.
+
+        Objects with ``load_state_dict`` get it called; plain values are
+        written back into ``state``.  Returns the Progress of the saved step
+        (continue with ``step + 1``), or None when there is nothing to resume.
+        """
+        if not isinstance(state, MutableMapping):
+            raise TypeError(
+                f"state must be a mutable mapping (a dict) of names to objects and values, so that plain values "
+                f"can be written back; got {type_name(state)}"
+            )
+        if self.is_writer:
+            self._collect(block=True)
+        for info in newest_good(self.dir, self._cache, self._warn_skip):
+            try:
+                payload = formats.read(info, map_location)
+            except UnsafeCheckpointError:
+                raise
+            except CheckpointError as exc:
+                self._warn_skip(dataclasses.replace(info, verified=False, error=str(exc)))
+                continue
+            self._clock_offset = restore(info, payload, state, self.decider, self.policy.digest)
+            self._clock_t0 = _time.monotonic()
+            return progress_of(info, self._clock_offset)
+        return None

@@ -1,0 +1,155 @@
+"""Formats: how the state of one checkpoint becomes files in a directory, and files become a state again.
+
+The store owns everything around a format: the temporary directory, the
+fsyncs and renames of the commit, the manifest, digests, verification and
+retention.  A format only encodes and decodes.
+
+The interface
+-------------
+A format is an object with:
+
+``name``
+    The value of ``[storage].format`` and of the manifest's
+    ``storage_format``; a checkpoint is decoded by the format it names.
+
+``check_available() -> None``
+    Raise ``ValueError`` saying what to install when a dependency is
+    missing (called when a :class:`~saverules.store.Checkpointer` is made).
+
+``encode(payload, out) -> Encoded``
+    Write ``payload`` (a :class:`~saverules.store.state.Payload`) as files
+    into the temporary directory ``out.dir``.  A file the store should write
+    goes through ``out.write(name, fill, tensors)``: ``fill(fileobj)`` writes
+    the bytes, the store digests them as they pass and fsyncs the file, and
+    the entry (size, digest) comes back.  Files written by other means, such
+    as every rank of a job writing its own shard through
+    ``torch.distributed.checkpoint``, are put straight into ``out.dir`` and
+    listed with the entry ``None``: the store fsyncs and digests them after
+    ``encode`` returns.  ``Encoded.files`` lists every file (flat names, no
+    directories); ``Encoded.metadata`` is a small JSON object the manifest
+    keeps under ``format_metadata`` and hands back to ``decode``.
+
+``decode(source, map_location) -> Payload``
+    Read a committed checkpoint back.  ``source`` gives the directory, the
+    manifest's step, its file entries and the format metadata.  Nothing read
+    from a file may run code: torch files go through
+    :func:`saverules.store.formats.torchfile.load` (``weights_only``), other
+    files are parsed as data.  Failures raise
+    :class:`~saverules.store.errors.CheckpointError` (or
+    :class:`~saverules.store.errors.UnsafeCheckpointError`), never anything else.
+
+``check_loads(source) -> None``
+    What ``verify="load"`` runs on a checkpoint just written, before it is
+    committed: load every file back as a resume would, raising
+    :class:`~saverules.store.errors.CheckpointError` when one does not.
+
+``encode`` runs in the writer (a background thread for asynchronous saves)
+on memory the store keeps alive and unchanged until it returns.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
+
+import torch
+
+from ..errors import CheckpointError
+
+#: A file's manifest entry: ``{"size": bytes, "sha256": hex}``.
+FileEntry = Dict[str, Any]
+
+
+@dataclasses.dataclass
+class Encoded:
+    """What :meth:`Format.encode` wrote: every file (entry, or None for the store to digest) and metadata."""
+
+    files: Dict[str, Optional[FileEntry]]
+    metadata: Optional[Dict[str, Any]] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A checkpoint directory to decode: its files and what the manifest says of them."""
+
+    dir: Path
+    step: int
+    files: Mapping[str, FileEntry]
+    metadata: Optional[Mapping[str, Any]] = None
+
+    @classmethod
+    def of(cls, path: Path, manifest: Mapping[str, Any]) -> "Source":
+        return cls(Path(path), int(manifest["step"]), manifest["files"], manifest.get("format_metadata"))
+
+
+class Output:
+    """The temporary directory a format writes one checkpoint into.
+
+    ``stage`` names what is being done (for the error message when it fails).
+    """
+
+    def __init__(self, directory: Path, write_file: Callable[[str, Any], FileEntry]):
+        self.dir = Path(directory)
+        self._write_file = write_file
+        self.stage = "write the files"
+
+    def write(self, name: str, fill: Callable[[Any], None], tensors: Sequence[torch.Tensor] = ()) -> FileEntry:
+        """Create ``name``, let ``fill(fileobj)`` write it, fsync it; its entry (size, digest)."""
+        from ..writer import Producer
+
+        if not name or "/" in name or "\\" in name or name.startswith("."):
+            raise CheckpointError(f"saverules: a format may only write plain file names, not {name!r}")
+        self.stage = f"write {name}"
+        return self._write_file(str(self.dir / name), Producer(fill, tensors))
+
+
+class Format:
+    """The base of every format (see the module docstring for the contract)."""
+
+    name: str = ""
+
+    def check_available(self) -> None:
+        return None
+
+    def encode(self, payload, out: Output) -> Encoded:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def decode(self, source: Source, map_location: Any):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def check_loads(self, source: Source) -> None:
+        self.decode(source, "cpu")
+
+
+_REGISTRY: Dict[str, Format] = {}
+
+
+def register(fmt: Format) -> Format:
+    _REGISTRY[fmt.name] = fmt
+    return fmt
+
+
+def names() -> Sequence[str]:
+    return tuple(_REGISTRY)
+
+
+def get(name: Optional[str]) -> Format:
+    """The format called ``name`` (checkpoints without a ``storage_format`` were written as "torch")."""
+    fmt = _REGISTRY.get(name or "torch")
+    if fmt is None:
+        raise CheckpointError(
+            f"saverules: this checkpoint was written in the format {name!r}, which this saverules does not read "
+            f"(it reads {', '.join(map(repr, _REGISTRY))}); upgrade saverules"
+        )
+    return fmt
+
+
+from . import safetensors_format, torch_format  # noqa: E402  (they register themselves)
+
+register(torch_format.TorchFormat())
+register(safetensors_format.SafetensorsFormat())
+
+
+def read(info: Any, map_location: Any = "cpu"):
+    """Decode the committed checkpoint ``info`` (a CheckpointInfo) with the format its manifest names."""
+    return get(info.format).decode(Source.of(info.path, info.manifest), map_location)

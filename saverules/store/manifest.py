@@ -1,0 +1,223 @@
+"""``manifest.json``: what a checkpoint holds, written last; its schema, reading and checking.
+
+A directory is a checkpoint only when its manifest reads and checks out.
+:class:`CheckpointInfo` is how the rest of the store (and ``saverules.ls``)
+sees one checkpoint directory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+from ..progress import Checkpoint, Progress
+from .layout import MANIFEST, STATE_FILE
+
+#: ``manifest.json`` identifies itself with these two fields.
+FORMAT_NAME = "saverules-checkpoint"
+FORMAT_VERSION = 1
+
+MAX_MANIFEST_BYTES = 16 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointInfo:
+    """One checkpoint directory as the store sees it.
+
+    ``verified`` is True when every file was re-hashed and matched the
+    manifest, False when something is wrong (``error`` says what), and None
+    when only the manifest and file sizes were checked.  ``time`` is the
+    training clock (seconds) at the save, ``utc`` the wall-clock moment.
+    """
+
+    path: Path
+    name: str
+    step: Optional[int] = None
+    epoch: Optional[int] = None
+    time: Optional[float] = None
+    utc: Optional[datetime] = None
+    reasons: Tuple[str, ...] = ()
+    size: int = 0
+    verified: Optional[bool] = None
+    error: Optional[str] = None
+    final: bool = False
+    metrics: Optional[Mapping[str, float]] = None
+    policy_digest: Optional[str] = None
+    format: Optional[str] = None
+    manifest: Optional[Mapping[str, Any]] = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def ok(self) -> bool:
+        """Usable: the manifest and files check out (``verified`` is not False)."""
+        return self.error is None and self.verified is not False
+
+    def as_checkpoint(self) -> Checkpoint:
+        """What retention sees."""
+        return Checkpoint(self.step, self.time, self.metrics, self.final)
+
+
+class Invalid(Exception):
+    """A manifest that cannot be taken for a checkpoint's; the message says why."""
+
+
+def check_manifest(data: Any) -> Dict[str, Any]:
+    if not isinstance(data, dict):
+        raise Invalid("manifest.json is not a JSON object")
+    if data.get("format") != FORMAT_NAME:
+        raise Invalid("manifest.json is not a saverules manifest")
+    version = data.get("format_version")
+    if type(version) is not int or version < 1:
+        raise Invalid("manifest.json has no valid format_version")
+    if version > FORMAT_VERSION:
+        raise Invalid(
+            f"manifest format version {version} is newer than this saverules reads ({FORMAT_VERSION}); upgrade saverules"
+        )
+    step = data.get("step")
+    if type(step) is not int or step < 0:
+        raise Invalid("manifest.json has no valid step")
+    epoch = data.get("epoch")
+    if type(epoch) is not int or epoch < 0:
+        raise Invalid("manifest.json has no valid epoch")
+    clock = data.get("time")
+    if clock is not None and (type(clock) not in (int, float) or not math.isfinite(clock)):
+        raise Invalid("manifest.json has no valid time")
+    reasons = data.get("reasons")
+    if not isinstance(reasons, list) or not all(isinstance(r, str) for r in reasons):
+        raise Invalid("manifest.json has no valid reasons")
+    utc = data.get("utc")
+    try:
+        moment = datetime.fromisoformat(utc) if isinstance(utc, str) else None
+    except ValueError:
+        moment = None
+    if moment is None:
+        raise Invalid("manifest.json has no valid utc time")
+    metrics = data.get("metrics")
+    if metrics is not None and not (
+        isinstance(metrics, dict) and all(isinstance(k, str) and type(v) in (int, float) for k, v in metrics.items())
+    ):
+        raise Invalid("manifest.json has invalid metrics")
+    files = data.get("files")
+    if not isinstance(files, dict) or STATE_FILE not in files:
+        raise Invalid(f"manifest.json lists no {STATE_FILE}")
+    for fname, entry in files.items():
+        if (
+            not isinstance(fname, str)
+            or fname in ("", ".", "..", MANIFEST)
+            or "/" in fname
+            or "\\" in fname
+            or "\0" in fname
+        ):
+            raise Invalid(f"manifest.json lists a bad file name {fname!r}")
+        if (
+            not isinstance(entry, dict)
+            or type(entry.get("size")) is not int
+            or entry["size"] < 0
+            or not isinstance(entry.get("sha256"), str)
+            or len(entry["sha256"]) != 64
+        ):
+            raise Invalid(f"manifest.json has a bad entry for {fname}")
+    return data
+
+
+def read_manifest(path: Path) -> Dict[str, Any]:
+    """The checked manifest of the checkpoint directory ``path``; raises :class:`Invalid`."""
+    mpath = path / MANIFEST
+    try:
+        with open(mpath, "rb") as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
+    except FileNotFoundError:
+        raise Invalid("manifest.json is missing") from None
+    except OSError as exc:
+        raise Invalid(f"cannot read manifest.json: {exc.strerror or exc}") from None
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise Invalid("manifest.json is too large")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise Invalid(f"manifest.json is damaged ({exc})") from None
+    return check_manifest(data)
+
+
+def encode_manifest(manifest: Mapping[str, Any]) -> bytes:
+    return json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8")
+
+
+def info_from_manifest(path: Path, root: Path, m: Mapping[str, Any], verified, error) -> CheckpointInfo:
+    return CheckpointInfo(
+        path=path,
+        name=os.path.relpath(path, root),
+        step=m["step"],
+        epoch=m["epoch"],
+        time=float(m["time"]) if m.get("time") is not None else None,
+        utc=datetime.fromisoformat(m["utc"]),
+        reasons=tuple(m["reasons"]),
+        size=sum(int(e["size"]) for e in m["files"].values()),
+        verified=verified,
+        error=error,
+        final=bool(m.get("final", "final" in m["reasons"])),
+        metrics=dict(m["metrics"]) if m.get("metrics") is not None else None,
+        policy_digest=m.get("policy_digest"),
+        format=m.get("storage_format"),
+        manifest=m,
+    )
+
+
+def library_version() -> Optional[str]:
+    import saverules
+
+    version = getattr(saverules, "__version__", None)
+    if version:
+        return str(version)
+    try:
+        from importlib.metadata import version as _v
+
+        return _v("saverules")
+    except Exception:
+        return None
+
+
+def new_manifest(*, name: str, progress: Progress, clock: float, utc: datetime, reasons: Sequence[str],
+                 metrics: Optional[Dict[str, float]], policy_digest: str, storage_format: str,
+                 world_size: int) -> Dict[str, Any]:
+    """Every field of a manifest but ``files`` (added by the commit once the files are written)."""
+    import torch
+
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "step": int(progress.step),
+        "epoch": int(progress.epoch),
+        "epoch_end": bool(progress.epoch_end),
+        "is_last": progress.is_last,
+        "total_steps": progress.total_steps,
+        "time": clock,
+        "utc": utc.isoformat(),
+        "reasons": list(reasons),
+        "final": "final" in reasons,
+        "metrics": metrics,
+        "policy_digest": policy_digest,
+        "storage_format": storage_format,
+        "saverules_version": library_version(),
+        "torch_version": torch.__version__,
+        "python_version": ".".join(map(str, sys.version_info[:3])),
+        "world_size": world_size,
+    }
+
+
+def progress_of(info: CheckpointInfo, clock: float) -> Progress:
+    """The Progress of the saved step, as ``load_latest`` returns it."""
+    return Progress(
+        step=info.step,
+        total_steps=info.manifest.get("total_steps"),
+        epoch=info.epoch,
+        epoch_end=bool(info.manifest.get("epoch_end", False)),
+        is_last=info.manifest.get("is_last"),
+        time=clock,
+        metrics=info.metrics,
+    )

@@ -1,0 +1,177 @@
+"""Verification: re-read what was written, check checkpoints on disk, and fall back past damaged ones.
+
+* :func:`check_written` runs after a save wrote its files and before the
+  manifest goes in: ``verify="hash"`` re-reads every file and compares size
+  and sha256 with the digest of the bytes written; ``verify="load"`` also
+  loads the files back through the format (safely).
+* :func:`inspect_checkpoint` checks a committed checkpoint: manifest, file
+  sizes, and (``verify=True``) every file's sha256.  :class:`VerifyCache`
+  remembers the result by file fingerprint, so each checkpoint is hashed
+  once per process.
+* :func:`scan` lists a store; :func:`newest_good` walks it newest first,
+  skipping what fails.
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+
+from . import digest, formats, layout
+from .errors import CheckpointError, CheckpointVerifyError
+from .manifest import CheckpointInfo, Invalid, info_from_manifest, read_manifest
+
+
+def _signature(path: Path, manifest: Optional[Mapping]) -> Optional[tuple]:
+    """A cheap fingerprint of the files: when it is unchanged, a past hash check still holds."""
+    names = [layout.MANIFEST] + (sorted(manifest["files"]) if manifest else [])
+    sig = []
+    for fname in names:
+        try:
+            st = os.stat(path / fname)
+        except OSError:
+            return None
+        sig.append((fname, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+    return tuple(sig)
+
+
+def inspect_checkpoint(path: Union[str, os.PathLike], root: Union[str, os.PathLike, None] = None,
+                       verify: bool = True) -> CheckpointInfo:
+    """Read one checkpoint directory's manifest and check its files.
+
+    With ``verify`` every file is re-hashed (``verified`` True / False);
+    without it only the manifest and the file sizes are checked
+    (``verified`` None unless a problem was found).
+    """
+    path = Path(path)
+    root = Path(root) if root is not None else path.parent
+    try:
+        manifest = read_manifest(path)
+    except Invalid as exc:
+        return CheckpointInfo(path=path, name=os.path.relpath(path, root), size=layout.disk_size(path),
+                              verified=False, error=str(exc))
+
+    def failed(error: str) -> CheckpointInfo:
+        return info_from_manifest(path, root, manifest, False, error)
+
+    for fname, entry in manifest["files"].items():
+        try:
+            size = os.stat(path / fname).st_size
+        except FileNotFoundError:
+            return failed(f"{fname} is missing")
+        except OSError as exc:
+            return failed(f"cannot read {fname}: {exc.strerror or exc}")
+        if size != entry["size"]:
+            return failed(f"{fname} has {size} bytes, the manifest says {entry['size']} (truncated?)")
+    if not verify:
+        return info_from_manifest(path, root, manifest, None, None)
+    for fname, entry in manifest["files"].items():
+        try:
+            size, hexdigest = digest.hash_file(path / fname)
+        except OSError as exc:
+            return failed(f"cannot read {fname}: {exc.strerror or exc}")
+        if size != entry["size"]:
+            return failed(f"{fname} has {size} bytes, the manifest says {entry['size']} (truncated?)")
+        if hexdigest != entry["sha256"]:
+            return failed(f"{fname} does not match its sha256 (damaged)")
+    return info_from_manifest(path, root, manifest, True, None)
+
+
+class VerifyCache:
+    """Remembers hash checks by file fingerprint, so each checkpoint is hashed once."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._entries: Dict[str, Tuple[tuple, CheckpointInfo]] = {}
+
+    def get(self, path: Path, root: Path, deep: bool) -> CheckpointInfo:
+        shallow = inspect_checkpoint(path, root, verify=False)
+        if not deep or shallow.error is not None:
+            return shallow
+        sig = _signature(path, shallow.manifest)
+        key = str(path)
+        with self._lock:
+            hit = self._entries.get(key)
+        if hit is not None and sig is not None and hit[0] == sig:
+            return hit[1]
+        info = inspect_checkpoint(path, root, verify=True)
+        if sig is not None and sig == _signature(path, info.manifest):
+            with self._lock:
+                self._entries[key] = (sig, info)
+        return info
+
+    def put(self, path: Path, info: CheckpointInfo) -> None:
+        sig = _signature(path, info.manifest)
+        if sig is not None:
+            with self._lock:
+                self._entries[str(path)] = (sig, info)
+
+    def forget(self, path: Path) -> None:
+        with self._lock:
+            self._entries.pop(str(path), None)
+
+
+def sort_key(info: CheckpointInfo):
+    known = info.step is not None
+    return (
+        not known,
+        info.step if known else 0,
+        info.time if info.time is not None else -math.inf,
+        info.utc.timestamp() if info.utc is not None else -math.inf,
+        info.name,
+    )
+
+
+def scan(dir: Union[str, os.PathLike], verify: bool = True, _cache: Optional[VerifyCache] = None) -> List[CheckpointInfo]:
+    """Every checkpoint directory under ``dir``, oldest first, each with its verification status.
+
+    Directories that hold checkpoint files but no valid manifest are listed
+    too (``verified`` False, step None, at the end).
+    """
+    root = Path(dir)
+    infos = []
+    for path in layout.candidates(root):
+        if _cache is not None:
+            infos.append(_cache.get(path, root, verify))
+        else:
+            infos.append(inspect_checkpoint(path, root, verify=verify))
+    infos.sort(key=sort_key)
+    return infos
+
+
+def newest_good(root: Path, cache: VerifyCache, skip: Callable[[CheckpointInfo], None]) -> Iterator[CheckpointInfo]:
+    """The checkpoints that verify, newest first; ``skip(info)`` hears of every one that does not."""
+    infos = scan(root, verify=False)
+    for info in infos:
+        if info.step is None:
+            skip(info)
+    for shallow in sorted((i for i in infos if i.step is not None), key=sort_key, reverse=True):
+        info = cache.get(shallow.path, root, True) if shallow.ok else shallow
+        if info.ok:
+            yield info
+        else:
+            skip(info)
+
+
+def check_written(tmp: Path, step: int, files: Mapping[str, Mapping], fmt: formats.Format, mode: str,
+                  metadata: Optional[Mapping] = None) -> None:
+    """Verify the files of a save before it is committed (``mode`` "hash" or "load"); raise CheckpointVerifyError."""
+    for fname, entry in files.items():
+        size, hexdigest = digest.hash_file(tmp / fname)
+        if size != entry["size"] or hexdigest != entry["sha256"]:
+            raise CheckpointVerifyError(
+                f"saverules: {tmp / fname} did not read back as written "
+                f"({size} bytes, sha256 {hexdigest[:12]}..., expected {entry['size']} bytes, "
+                f"{entry['sha256'][:12]}...); the checkpoint was not committed"
+            )
+    if mode == "load":
+        try:
+            fmt.check_loads(formats.Source(Path(tmp), step, files, metadata))
+        except CheckpointError as exc:
+            raise CheckpointVerifyError(f"{exc}; the checkpoint was not committed") from exc
+        except Exception as exc:
+            raise CheckpointVerifyError(
+                f"saverules: {tmp} does not load back ({exc}); the checkpoint was not committed"
+            ) from exc
