@@ -92,7 +92,8 @@ class Decider:
 
     def _decide(self, p) -> Decision:
         total = p.total_steps
-        if total is not None and total != self._total:
+        retotalled = total is not None and total != self._total
+        if retotalled:
             self._set_total(total)
         if self._compiled is None:
             raise self._policy_error(self._unresolved)
@@ -100,7 +101,8 @@ class Decider:
             self._last_save_time = p.time  # clock rules count from the first decision
         agenda = self._agenda
         compiled = self._compiled
-        due = agenda.due(p, self)
+        # A new total moves every rule's bounds, even for this very step: all are evaluated.
+        due = range(len(compiled)) if retotalled else agenda.due(p, self)
         reasons = [compiled[i][1] for i in due if compiled[i][0].fires(p, self)]
         step = p.step
         save = bool(reasons) and step != self._last_save_step

@@ -578,3 +578,16 @@ def test_a_decision_with_thousands_of_rules_evaluates_only_those_due():
     calls.clear()
     assert d(Progress(1001, 10**6, signal="SIGTERM")).reasons == ("every_steps(every=1001)", "on_signal")
     assert len(calls) == 2
+
+
+def test_a_new_total_is_judged_at_the_very_step_that_brings_it():
+    # final and tail bounds move with the total: a decision that repeats the previous
+    # step with a new total must evaluate them there, not only from the next step on
+    d = policy(head="final = true").compile()
+    assert not d(Progress(14)).save
+    d.note_save(14)
+    assert not d(Progress(14, total_steps=1)).save  # the total is reached here; step 14 is saved already
+    assert not d(Progress(15)).save  # so final does not fire again at 15
+    d = policy('kind = "tail"\ninterval = 5', head="final = false").compile()
+    assert not d(Progress(10)).save
+    assert d(Progress(10, total_steps=12)).reasons == ("tail(interval=5)",)
