@@ -3,8 +3,10 @@
 One row per checkpoint: its step, epoch, training clock, when it was saved,
 why, its size, whether every file still matches the sha256 in its manifest,
 and which retention rule keeps it.  The retention rules come from
-``DIR/policy.toml`` (written by :class:`saverules.store.Checkpointer`) or from
-``--policy FILE``.
+``DIR/policy.toml`` (written by :class:`saverules.store.Checkpointer` and by the
+trainer integrations) or from ``--policy FILE``.  A Hugging Face output
+directory (``checkpoint-N/``) or a Lightning ``dirpath`` (``.ckpt`` files) is
+listed from the manifests :mod:`saverules.framework_manifest` describes.
 
 Exit status: 0 when every checkpoint verifies, 1 when any fails
 verification, 2 on a usage error (DIR missing, unreadable policy given with
@@ -62,6 +64,17 @@ def _load_policy(path: str):
     return saverules.load(path)
 
 
+def _framework_checkpoints(root: str, args, notes: List[str]):
+    """The checkpoints of a Hugging Face output dir or a Lightning dirpath (no torch import), else None."""
+    from . import framework_manifest
+
+    if not framework_manifest.is_framework_dir(root):
+        return None
+    if args.load:
+        notes.append("--load reads the store's own state files; framework checkpoints are checked by their hashes")
+    return framework_manifest.scan(root, verify=not args.no_verify)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m saverules.ls",
@@ -106,15 +119,18 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     import dataclasses
 
-    from . import store  # imports torch: only once the arguments are known to be usable
+    infos = _framework_checkpoints(root, args, notes)  # None: not a Hugging Face / Lightning directory
+    store = None
+    if infos is None:
+        from . import store  # imports torch: only once the arguments are known to be usable
 
-    try:
-        infos = store.scan(root, verify=not args.no_verify)
-    except OSError as exc:
-        print(f"saverules.ls: error: cannot read {root}: {exc.strerror or exc}", file=sys.stderr)
-        return 2
+        try:
+            infos = store.scan(root, verify=not args.no_verify)
+        except OSError as exc:
+            print(f"saverules.ls: error: cannot read {root}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
 
-    if args.load:
+    if args.load and store is not None:
         loaded = []
         for info in infos:
             if info.ok:
