@@ -319,7 +319,12 @@ class OracleSimulation:
 
 
 def oracle_simulation(policy, total_steps: int, steps_per_epoch=None, step_seconds=None, metrics=None):
-    """Brute force: decide at every step 1..total_steps, applying retention after each save."""
+    """Brute force: decide at every step 1..total_steps, applying retention after each save.
+
+    The loop's Progress at each step is :func:`saverules.simulate.progress_at`'s, which
+    reads epoch ends as the reference loop reports them: at multiples of
+    ``steps_per_epoch`` only (none without it), never at a last step that ends no epoch.
+    No save is left unlisted here, however many there are."""
     oracle = Oracle(policy, total_steps)
     saves: List[Tuple[int, Tuple[str, ...]]] = []
     kept: List[Checkpoint] = []
