@@ -13,6 +13,7 @@ from typing import Annotated, Any, Callable, Dict, Literal, Mapping, Optional, S
 
 from pydantic import BeforeValidator, PlainValidator, PrivateAttr, ValidationInfo, WithJsonSchema, field_validator
 
+from .limits import SAVE_LIMIT
 from .progress import Checkpoint
 from .quantities import Bytes, Count, NonNegativeReal, PositiveReal, Seconds
 from .rules import Model, Name, Rule, _as_tuple
@@ -211,15 +212,19 @@ class Policy(Model):
         steps_per_epoch: Optional[int] = None,
         step_seconds: Optional[float] = None,
         metrics: Optional[Callable[[int], Optional[Mapping[str, float]]]] = None,
+        max_saves: Optional[int] = SAVE_LIMIT,
+        *,
         save_seconds: Optional[float] = None,
         write_seconds: Optional[float] = None,
     ):
         """Simulate a run of this shape without training; see :mod:`saverules.simulate`.
 
+        At most ``max_saves`` saves are listed (``None``: every save, however
+        many); the rest are counted, see :attr:`~saverules.simulate.Simulation.complete`.
         ``save_seconds`` (and ``write_seconds``, the stall when omitted) is what
         every save costs; without it ``adaptive`` rules are not simulated.
         """
         from .simulate import simulate
 
-        return simulate(self, total_steps, steps_per_epoch, step_seconds, metrics,
+        return simulate(self, total_steps, steps_per_epoch, step_seconds, metrics, max_saves,
                         save_seconds=save_seconds, write_seconds=write_seconds)

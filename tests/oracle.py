@@ -370,6 +370,11 @@ def oracle_simulation(policy, total_steps: int, steps_per_epoch=None, step_secon
                       save_seconds=None, write_seconds=None):
     """Brute force: decide at every step 1..total_steps, applying retention after each save.
 
+    The loop's Progress at each step is :func:`saverules.simulate.progress_at`'s, which
+    reads epoch ends as the reference loop reports them: at multiples of
+    ``steps_per_epoch`` only (none without it), never at a last step that ends no epoch.
+    No save is left unlisted here, however many there are.
+
     With ``save_seconds`` every save reports that cost (and ``write_seconds``, the
     stall when omitted); without it adaptive rules do not fire."""
     oracle = Oracle(policy, total_steps)

@@ -153,3 +153,34 @@ def test_the_trainer_callbacks_refuse_adaptive_rules_they_cannot_feed():
         make_decider(policy, 100, 1.0, metrics_synced=False)
     plain = saverules.loads('version = 1\n[[rules]]\nkind = "every_time"\nevery = "1h"\n')
     assert make_decider(plain, 100, 1.0, metrics_synced=False)(saverules.Progress(1, time=0.0)).save is False
+
+
+def test_a_run_with_more_saves_than_are_listed_gets_no_cost_report_and_says_so(capsys, tmp_path):
+    # 30,000 saves of a 60,000-step run: the listing stops at the 10,000th, so the gaps and
+    # the disk use of the rest are not known and no part-run report is given
+    path = write(tmp_path, 'version = 1\n[run]\ntotal_steps = 60000\nstep_seconds = 1\nsave_seconds = 0.5\n'
+                           'mtbf = "6h"\ncheckpoint_size = "1GB"\n[[rules]]\nkind = "every_steps"\nevery = 2\n')
+    code, out, _ = main(capsys, path, "--format", "json")
+    (doc,) = json.loads(out)["files"]
+    assert code == 0 and doc["complete"] is False and doc["save_count"] == 30_000
+    assert "cost" not in doc
+    (note,) = [n["message"] for n in doc["notes"] if "cost and disk report" in n["message"]]
+    assert "30,000 saves" in note and "10,000" in note
+    code, out, _ = main(capsys, path)
+    assert "  saving " not in out and "  rework " not in out and "  disk " not in out
+    assert "note: no cost and disk report: it needs every save of the run" in out
+    # the same policy over a run whose saves are all listed has the report
+    code, out, _ = main(capsys, path, "--total-steps", "20000", "--format", "json")
+    (doc,) = json.loads(out)["files"]
+    assert doc["complete"] is True and doc["cost"]["saves"] == 10_000
+
+
+def test_saves_beyond_the_listing_of_an_adaptive_rule_are_not_counted(tmp_path):
+    # a 1 s interval (min_every) on a 1 s step: a save at every step
+    policy = saverules.loads('version = 1\n[[rules]]\nkind = "adaptive"\nmax_overhead = "50%"\nmin_every = "1s"\n')
+    sim = policy.simulate(30_000, None, 1.0, None, 100, save_seconds=0.25)
+    assert not sim.complete and len(sim.saves) == 100
+    assert sim.save_count is None and sim.fired_total is None  # unknown, never a guess
+    full = policy.simulate(30_000, None, 1.0, None, None, save_seconds=0.25)
+    assert full.complete and full.save_count == 29_999 == len(full.saves)  # from step 2: the clock starts at step 1
+    assert full.saves[:100] == sim.saves
