@@ -389,3 +389,11 @@ def test_a_resume_reads_the_tensor_file_once_and_checks_its_digest_as_it_reads(t
     assert reread == ["state.pt"]  # the structure before unpickling it; the data only by the reader
     info = ck.latest()  # the checks made while reading count as a verification
     assert info.verified is True and reread == ["state.pt"]
+
+
+def test_an_empty_slice_past_its_empty_storage_round_trips(tmp_path):
+    # t[1:] of a (2, 0) tensor has storage offset 1 over a storage of 0 bytes: valid, and holding nothing.
+    t = torch.zeros((2, 0), dtype=torch.float64)[1:]
+    assert t.storage_offset() == 1 and t.untyped_storage().nbytes() == 0
+    back = _encode_decode(tmp_path / "ck", {"e": t}, False)
+    assert back.values["e"].shape == (1, 0) and back.values["e"].dtype == torch.float64
