@@ -204,7 +204,7 @@ def test_resume_after_sigkill_is_exact(uninterrupted, tmp_path):
 
     resumed = run_train(tmp_path, "--rules", rules, "--data_path", data, *RESUME_ARGS, "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from step 6 (epoch 1)" in resumed.stdout
+    assert "resumed from step 6 (epoch 2/3)" in resumed.stdout  # 1-based, as the log lines count epochs
     assert saved_lines(first) + saved_lines(resumed.stdout) == saved_lines(full_out)
 
     a, b = checkpoints(full / "out"), checkpoints(tmp_path / "out")
