@@ -327,3 +327,83 @@ def test_listing_and_hashing_do_not_import_torch(tmp_path):
                               capture_output=True, text=True, env=env, timeout=120)
         last = proc.stdout.strip().splitlines()[-1]
         assert last == f"RC 0 TORCH {torch_expected}", proc.stdout + proc.stderr
+
+
+# --------------------------------------------------------------------------
+# The structure check answers every input with a verdict, never a crash
+# --------------------------------------------------------------------------
+
+from hypothesis import given, strategies as hst  # noqa: E402
+
+from saverules.store import structure  # noqa: E402
+
+
+def _archive(pickle_bytes: bytes, compress: int = zipfile.ZIP_STORED) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compress) as z:
+        z.writestr("archive/data.pkl", pickle_bytes)
+        z.writestr("archive/version", "3\n")
+    return out.getvalue()
+
+
+def _saved_state() -> bytes:
+    buf = io.BytesIO()
+    state = {"format": "saverules-state", "step": 3, "objects": {"m": {"w": torch.ones(2), "b": torch.zeros(3)}},
+             "values": {"lr": 0.1, "name": "x", "size": torch.Size([2]), "flags": [True, None]}}
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+SAVED = _saved_state()
+with zipfile.ZipFile(io.BytesIO(SAVED)) as _z:
+    PICKLE_NAME = next(n for n in _z.namelist() if n.endswith("data.pkl"))
+    VALID_PICKLE = _z.read(PICKLE_NAME)
+
+
+def _with_pickle(pickle_bytes: bytes) -> bytes:
+    """The saved archive with its data.pkl replaced (every tensor record kept)."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(SAVED)) as zin, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zout:
+        for item in zin.infolist():
+            zout.writestr(item, pickle_bytes if item.filename == PICKLE_NAME else zin.read(item.filename))
+    return out.getvalue()
+
+
+@given(hst.binary(max_size=400))
+def test_any_bytes_as_a_state_file_get_a_verdict(tmp_path_factory, data):
+    path = tmp_path_factory.mktemp("fuzz") / "state.pt"
+    for content in (data, _with_pickle(data)):
+        path.write_bytes(content)
+        with pytest.raises(structure.StructureError):
+            structure.check_state_file(str(path), 3)
+
+
+@given(hst.data())
+def test_a_mutated_pickle_gets_a_verdict_and_what_passes_torch_loads(tmp_path_factory, data):
+    raw = bytearray(VALID_PICKLE)
+    for _ in range(data.draw(hst.integers(1, 3))):
+        i = data.draw(hst.integers(0, len(raw) - 1))
+        raw[i] = data.draw(hst.integers(0, 255))
+    path = tmp_path_factory.mktemp("mutated") / "state.pt"
+    path.write_bytes(_with_pickle(bytes(raw)))
+    try:
+        facts = structure.check_state_file(str(path), 3)
+    except structure.StructureError:
+        return
+    # Accepted: then resume's own reader must accept it too, and find what the check found.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's notes on unusual opcodes
+        loaded = torch.load(path, weights_only=True, map_location="cpu")  # as resume reads it
+    assert facts.step == 3 and loaded["step"] == 3 and loaded["format"] == "saverules-state"
+
+
+def test_a_compressed_data_pkl_is_foreign_and_tensor_records_must_be_there(tmp_path):
+    path = tmp_path / "state.pt"
+    path.write_bytes(_with_pickle(VALID_PICKLE))
+    assert structure.check_state_file(str(path), 3).step == 3  # the rebuilt archive is a good one
+    path.write_bytes(_archive(VALID_PICKLE, zipfile.ZIP_DEFLATED))
+    with pytest.raises(structure.StructureError, match="compressed"):
+        structure.check_state_file(str(path), 3)
+    path.write_bytes(_archive(VALID_PICKLE))
+    with pytest.raises(structure.StructureError, match="lacks the tensor data record"):
+        structure.check_state_file(str(path), 3)  # the pickle is fine, its tensors are not in this archive

@@ -48,11 +48,13 @@ _STORAGE_BYTES = {
     "ComplexFloatStorage": 8, "DoubleStorage": 8, "FloatStorage": 4, "HalfStorage": 2, "IntStorage": 4,
     "LongStorage": 8, "ShortStorage": 2,
 }
-_DTYPES = (
-    "bfloat16", "bits16", "bits1x8", "bits2x4", "bits4x2", "bits8", "bool", "complex128", "complex32", "complex64",
-    "float16", "float32", "float4_e2m1fn_x2", "float64", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2",
-    "float8_e5m2fnuz", "float8_e8m0fnu", "int16", "int32", "int64", "int8", "uint16", "uint32", "uint64", "uint8",
-)
+#: Bytes per element of every dtype a tensor in a checkpoint may have.
+_DTYPES = {
+    "bfloat16": 2, "bits16": 2, "bits1x8": 1, "bits2x4": 1, "bits4x2": 1, "bits8": 1, "bool": 1, "complex128": 16,
+    "complex32": 4, "complex64": 8, "float16": 2, "float32": 4, "float4_e2m1fn_x2": 1, "float64": 8,
+    "float8_e4m3fn": 1, "float8_e4m3fnuz": 1, "float8_e5m2": 1, "float8_e5m2fnuz": 1, "float8_e8m0fnu": 1,
+    "int16": 2, "int32": 4, "int64": 8, "int8": 1, "uint16": 2, "uint32": 4, "uint64": 8, "uint8": 1,
+}
 
 #: Every global a state file written by the store may name: what tensors, parameters, ``torch.Size``,
 #: ``torch.dtype``, ``torch.device``, ``OrderedDict`` and ``bytes`` pickle to.  All of them are in
@@ -113,6 +115,9 @@ class _Persistent:
 
 _MARK = object()
 
+_TENSOR_REBUILDS = ("torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor_v3")
+_PARAMETER_REBUILDS = ("torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state")
+
 _PUSH_ARG = frozenset(
     {
         "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "STRING", "BINSTRING",
@@ -121,7 +126,7 @@ _PUSH_ARG = frozenset(
     }
 )
 _CONSTANTS = {"NONE": None, "NEWTRUE": True, "NEWFALSE": False}
-_SKIP = frozenset({"PROTO", "FRAME"})
+_SKIP = frozenset({"FRAME"})
 #: Opcodes no file of the store contains, and that need more than data to interpret.
 _REFUSED = {
     "EXT1": "an extension-registry object", "EXT2": "an extension-registry object",
@@ -143,8 +148,8 @@ def _pop_mark(stack: List[Any]) -> List[Any]:
     raise StructureError("has a damaged pickle (no MARK)")
 
 
-def _read_pickle(data: bytes) -> Tuple[Any, List[Any]]:
-    """Interpret the opcodes of ``data`` as data only; return (top object, persistent ids).
+def _read_pickle(data: bytes) -> Tuple[Any, List[Any], List[_Call]]:
+    """Interpret the opcodes of ``data`` as data only; return (top object, persistent ids, calls).
 
     Containers are built as plain lists, tuples and dicts; a global is only
     looked up by name in :data:`ALLOWED_GLOBALS`, never imported, and a call
@@ -153,6 +158,7 @@ def _read_pickle(data: bytes) -> Tuple[Any, List[Any]]:
     stack: List[Any] = []
     memo: Dict[Any, Any] = {}
     pids: List[Any] = []
+    calls: List[_Call] = []
     try:
         for op, arg, _pos in pickletools.genops(data):
             name = op.name
@@ -162,6 +168,9 @@ def _read_pickle(data: bytes) -> Tuple[Any, List[Any]]:
                 stack.append(_CONSTANTS[name])
             elif name in _SKIP:
                 continue
+            elif name == "PROTO":
+                if not 0 <= arg <= 5:
+                    raise StructureError(f"has a damaged pickle (protocol {arg})")
             elif name == "MARK":
                 stack.append(_MARK)
             elif name == "EMPTY_DICT":
@@ -188,27 +197,25 @@ def _read_pickle(data: bytes) -> Tuple[Any, List[Any]]:
             elif name == "DICT":
                 items = _pop_mark(stack)
                 stack.append(_pairs({}, items))
-            elif name == "APPEND":
-                value = stack.pop()
+            elif name in ("APPEND", "APPENDS"):
+                items = _pop_mark(stack) if name == "APPENDS" else [stack.pop()]
                 target = stack[-1]
-                if isinstance(target, list):
-                    target.append(value)
-            elif name == "APPENDS":
-                items = _pop_mark(stack)
-                target = stack[-1]
-                if isinstance(target, list):
-                    target.extend(items)
-            elif name == "SETITEM":
-                value = stack.pop()
-                key = stack.pop()
-                target = stack[-1]
-                if isinstance(target, dict):
-                    _pairs(target, [key, value])
-            elif name == "SETITEMS":
-                items = _pop_mark(stack)
+                if not isinstance(target, list):
+                    raise StructureError("has a damaged pickle (items appended to something that is not a list)")
+                target.extend(items)
+            elif name in ("SETITEM", "SETITEMS"):
+                if name == "SETITEMS":
+                    items = _pop_mark(stack)
+                else:
+                    value = stack.pop()
+                    items = [stack.pop(), value]
                 target = stack[-1]
                 if isinstance(target, dict):
                     _pairs(target, items)
+                elif _is_call(target, "collections.OrderedDict"):
+                    _pairs({}, items)
+                else:
+                    raise StructureError("has a damaged pickle (items set on something that is not a dict)")
             elif name == "POP":
                 stack.pop()
             elif name == "POP_MARK":
@@ -237,24 +244,21 @@ def _read_pickle(data: bytes) -> Tuple[Any, List[Any]]:
                 if full not in ALLOWED_GLOBALS:
                     raise _refuse(full)
                 stack.append(_Global(full))
-            elif name in ("REDUCE", "NEWOBJ"):
+            elif name == "REDUCE":
                 args = stack.pop()
                 func = stack.pop()
                 if not isinstance(func, _Global):
                     raise _refuse("a call of something that is not a named global")
-                stack.append(_Call(func, args))
-            elif name == "NEWOBJ_EX":
-                stack.pop()
-                args = stack.pop()
-                func = stack.pop()
-                if not isinstance(func, _Global):
-                    raise _refuse("a call of something that is not a named global")
-                stack.append(_Call(func, args))
+                call = _Call(func, args)
+                calls.append(call)
+                stack.append(call)
+            elif name in ("NEWOBJ", "NEWOBJ_EX"):
+                raise StructureError(f"has a pickle opcode torch.save never writes ({name})")
             elif name in ("INST", "OBJ"):
                 raise _refuse("an instance of a class")
             elif name == "BUILD":
                 stack.pop()
-                if not isinstance(stack[-1], _Call):
+                if not _is_call(stack[-1], "collections.OrderedDict", *_TENSOR_REBUILDS, *_PARAMETER_REBUILDS):
                     raise StructureError("has a damaged pickle (object state set on a plain value)")
             elif name == "BINPERSID":
                 pid = stack.pop()
@@ -265,7 +269,7 @@ def _read_pickle(data: bytes) -> Tuple[Any, List[Any]]:
             elif name == "STOP":
                 if len(stack) != 1:
                     raise StructureError("has a damaged pickle (unbalanced stack)")
-                return stack[0], pids
+                return stack[0], pids, calls
             else:  # pragma: no cover - every opcode of protocols 0-5 is handled above
                 raise _refuse(f"opcode {name}")
     except IndexError:
@@ -275,14 +279,22 @@ def _read_pickle(data: bytes) -> Tuple[Any, List[Any]]:
     raise StructureError("has a damaged pickle (no STOP)")
 
 
+_KEY_TYPES = (str, int, float, bool, type(None), bytes)
+
+
+def _plain_key(key: Any) -> bool:
+    if isinstance(key, tuple):
+        return all(_plain_key(k) for k in key)
+    return type(key) in _KEY_TYPES
+
+
 def _pairs(target: dict, items: List[Any]) -> dict:
     if len(items) % 2:
         raise StructureError("has a damaged pickle (odd SETITEMS)")
     for i in range(0, len(items), 2):
-        try:
-            target[items[i]] = items[i + 1]
-        except TypeError:
-            raise StructureError("has a damaged pickle (a dict key that is not a plain value)") from None
+        if not _plain_key(items[i]):
+            raise StructureError("has a damaged pickle (a dict key that is not a plain value)")
+        target[items[i]] = items[i + 1]
     return target
 
 
@@ -313,6 +325,72 @@ def _storage_size(pid: Any) -> Tuple[str, int]:
     return key, numel * per
 
 
+
+
+def _ints(value: Any) -> bool:
+    return isinstance(value, tuple) and all(type(v) is int and v >= 0 for v in value)
+
+
+def _is_call(value: Any, *names: str) -> bool:
+    return isinstance(value, _Call) and value.func.name in names
+
+
+def _elements(storage: Any, dtype: Any) -> int:
+    """How many elements of the tensor's dtype its storage holds."""
+    if not isinstance(storage, _Persistent):
+        raise StructureError("has a damaged pickle (a tensor without a storage)")
+    _, nbytes = _storage_size(storage.pid)
+    if storage.pid[1].name == "torch.storage.UntypedStorage":
+        short = dtype.name.rsplit(".", 1)[-1] if isinstance(dtype, _Global) else None
+        if short not in _DTYPES:
+            raise StructureError("has a damaged pickle (a tensor of an unknown dtype)")
+        return nbytes // _DTYPES[short]
+    return storage.pid[4]
+
+
+def _check_call(call: _Call) -> None:
+    """The arguments of each call torch would make on load must be what that call accepts.
+
+    Resume loads what passes here; a tensor whose view reaches past its
+    storage, or a Size of strings, would fail only when torch rebuilt it.
+    """
+    name, args = call.func.name, call.args
+    damaged = StructureError(f"has a damaged pickle (malformed arguments to {name})")
+    if not isinstance(args, tuple):
+        raise damaged
+    if name in _TENSOR_REBUILDS:
+        v3 = name.endswith("v3")
+        if len(args) not in ((7, 8) if v3 else (6, 7)):
+            raise damaged
+        storage, offset, size, stride, requires_grad, hooks = args[:6]
+        if not (type(offset) is int and offset >= 0 and _ints(size) and _ints(stride) and len(size) == len(stride)
+                and type(requires_grad) is bool and (_is_call(hooks, "collections.OrderedDict") or hooks == {})):
+            raise damaged
+        elements = _elements(storage, args[6] if v3 else None)
+        if all(size):
+            last = offset + sum((n - 1) * st for n, st in zip(size, stride))
+            if last >= elements:
+                raise StructureError("has a damaged pickle (a tensor that reaches past its storage)")
+    elif name in _PARAMETER_REBUILDS:
+        if len(args) != (3 if name.endswith("parameter") else 4) or not _is_call(args[0], *_TENSOR_REBUILDS) \
+                or type(args[1]) is not bool:
+            raise damaged
+    elif name == "torch.Size":
+        if len(args) != 1 or not _ints(args[0]):
+            raise damaged
+    elif name == "torch.device":
+        if not (1 <= len(args) <= 2 and isinstance(args[0], str) and all(type(a) is int for a in args[1:])):
+            raise damaged
+    elif name == "collections.OrderedDict":
+        if args not in ((), ([],)):
+            raise damaged
+    elif name == "_codecs.encode":
+        if not (len(args) == 2 and isinstance(args[0], str) and args[1] in ("latin1", "latin-1")):
+            raise damaged
+    else:  # a dtype or a storage type called as a function
+        raise damaged
+
+
 def check_state_file(path: str, step: int) -> StateFacts:
     """Check ``state.pt`` as resume would read it, without unpickling; raise StructureError / UnsafeStructure."""
     try:
@@ -328,13 +406,20 @@ def check_state_file(path: str, step: int) -> StateFacts:
             pickles = [n for n in infos if n.endswith("/data.pkl") and n.count("/") == 1]
             if len(pickles) != 1:
                 raise StructureError("is a zip archive but not one written by torch.save (no data.pkl)")
+            record = infos[pickles[0]]
+            # torch.save stores its records uncompressed: a compressed one is foreign, and could be a
+            # small file that inflates to gigabytes.
+            if record.compress_type != zipfile.ZIP_STORED or record.file_size > os.path.getsize(path):
+                raise StructureError("is a zip archive but not one written by torch.save (a compressed data.pkl)")
             prefix = pickles[0][: -len("data.pkl")]
             data = z.read(pickles[0])
     except StructureError:
         raise
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
         raise StructureError(f"is not a readable zip archive (damaged?): {exc}") from None
-    top, pids = _read_pickle(data)
+    top, pids, calls = _read_pickle(data)
+    for call in calls:
+        _check_call(call)
     for pid in pids:
         key, nbytes = _storage_size(pid)
         record = infos.get(f"{prefix}data/{key}")
