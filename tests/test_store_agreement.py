@@ -407,3 +407,16 @@ def test_a_compressed_data_pkl_is_foreign_and_tensor_records_must_be_there(tmp_p
     path.write_bytes(_archive(VALID_PICKLE))
     with pytest.raises(structure.StructureError, match="lacks the tensor data record"):
         structure.check_state_file(str(path), 3)  # the pickle is fine, its tensors are not in this archive
+
+
+def test_a_format_the_structure_check_does_not_know_is_left_to_its_hashes(tmp_path):
+    store = tmp_path / "store"
+    three_saves(store)
+    d = store / "step-00000003"
+    (d / "state.pt").write_bytes(b"another format's own layout")
+    rehash(d)
+    m = json.loads((d / "manifest.json").read_text())
+    assert inspect_checkpoint(d, store).verified is False  # as a "torch" checkpoint it is damaged
+    m["storage_format"] = "some-future-format"
+    (d / "manifest.json").write_text(json.dumps(m))
+    assert inspect_checkpoint(d, store).verified is True  # its own format checks its files
