@@ -13,12 +13,10 @@ import subprocess
 import sys
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 import pytest
 import torch
 
-import saverules
 from saverules import Progress
 from saverules.torch import CheckpointError, Checkpointer, StoreLockedError
 from store_common import EVERY_2, REPO, checkpoint_dirs, policy, run_ls

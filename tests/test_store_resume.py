@@ -22,7 +22,7 @@ from saverules.torch import (
     NoValidCheckpointError,
     scan,
 )
-from store_common import EVERY_2, checkpoint_dirs, policy, run_ls
+from store_common import checkpoint_dirs, policy, run_ls
 
 
 def small_state(value: float):

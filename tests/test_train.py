@@ -470,7 +470,9 @@ def test_ddp_two_gloo_ranks_agree_with_skewed_clocks_and_a_one_rank_signal(tmp_p
     assert manifest(ck[40])["world_size"] == 2
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoints"]
     names = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
-    assert names == ["policy.toml", "step-00000016", "step-00000032", "step-00000040"]
+    # the writing rank's lock file (cleared when it closed the store), the policy, the checkpoints
+    assert names == [".saverules.lock", "policy.toml", "step-00000016", "step-00000032", "step-00000040"]
+    assert (tmp_path / "out" / "checkpoints" / ".saverules.lock").read_text() == ""
     assert "stopped by SIGTERM after step 40 of 48" in proc.stdout
 
 

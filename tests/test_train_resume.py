@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import json
-import subprocess
-from pathlib import Path
 
-from test_train import checkpoints, run_train, train_cmd, env_for, write_policy
+from test_train import checkpoints, run_train, write_policy
 
 EVERY_3_KEEP_1 = """
 version = 1
