@@ -3,8 +3,10 @@
 One row per checkpoint: its step, epoch, training clock, when it was saved,
 why, its size, whether every file still matches the sha256 in its manifest,
 and which retention rule keeps it.  The retention rules come from
-``DIR/policy.toml`` (written by :class:`saverules.store.Checkpointer`) or from
-``--policy FILE``.
+``DIR/policy.toml`` (written by :class:`saverules.store.Checkpointer` and by the
+trainer integrations) or from ``--policy FILE``.  A Hugging Face output
+directory (``checkpoint-N/``) or a Lightning ``dirpath`` (``.ckpt`` files) is
+listed from the manifests :mod:`saverules.framework_manifest` describes.
 
 "Verified" means what resume means: the files match their sha256, and
 their structure (the torch archive, the pickle's opcodes, read and never
@@ -72,6 +74,17 @@ def _load_policy(path: str):
     return saverules.load(path)
 
 
+def _framework_checkpoints(root: str, args, notes: List[str]):
+    """The checkpoints of a Hugging Face output dir or a Lightning dirpath (no torch import), else None."""
+    from . import framework_manifest
+
+    if not framework_manifest.is_framework_dir(root):
+        return None
+    if args.load:
+        notes.append("--load reads the store's own state files; framework checkpoints are checked by their hashes")
+    return framework_manifest.scan(root, verify=not args.no_verify)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m saverules.ls",
@@ -128,10 +141,13 @@ def _writer_note(root: str) -> Optional[str]:
     return f"written by {who}, according to its lock file (a process on another host)"
 
 
-def _examine(root: str, args, policy) -> list:
-    """The checkpoints of one store, with ``--load`` applied."""
+def _examine(root: str, args, policy, notes: List[str]) -> list:
+    """The checkpoints of one store (or framework directory), with ``--load`` applied."""
     import dataclasses
 
+    framework = _framework_checkpoints(root, args, notes)  # None: not a Hugging Face / Lightning directory
+    if framework is not None:
+        return framework
     from .store import verify
 
     infos = verify.scan(root, verify=not args.no_verify)
@@ -175,7 +191,7 @@ def _as_json(root: str, infos: list, kept: dict, notes: List[str]) -> dict:
             "reasons": list(info.reasons),
             "size": info.size,
             "verified": info.verified,
-            "unsafe": bool(info.unsafe),
+            "unsafe": bool(getattr(info, "unsafe", False)),
             "error": info.error,
             "kept_by": list(kept[id(info)]) if id(info) in kept else None,
         })
@@ -188,7 +204,7 @@ def _print_table(root: str, infos: list, kept: dict, writer: Optional[str]) -> N
         if info.ok:
             verified = "yes" if info.verified else "size only"
         else:
-            verified = "UNSAFE" if info.unsafe else "FAILED"
+            verified = "UNSAFE" if getattr(info, "unsafe", False) else "FAILED"
         if not info.ok:
             why = "(not counted)"
         elif id(info) in kept:
@@ -213,7 +229,7 @@ def _print_table(root: str, infos: list, kept: dict, writer: Optional[str]) -> N
     if rows:
         print(format_table(rows, header))
     for info in infos:
-        if info.unsafe:
+        if getattr(info, "unsafe", False):
             print(f"UNSAFE {info.name}: {info.error} (refused: nothing of it is loaded)")
         elif not info.ok:
             print(f"FAILED {info.name}: {info.error}")
@@ -222,10 +238,11 @@ def _print_table(root: str, infos: list, kept: dict, writer: Optional[str]) -> N
 def _summary(infos: list) -> int:
     """The closing lines on stderr; the exit status."""
     failed = [i for i in infos if not i.ok]
-    unsafe = [i for i in failed if i.unsafe]
+    unsafe = [i for i in failed if getattr(i, "unsafe", False)]
     if unsafe:
         newest = max((i for i in infos if i.step is not None), key=lambda i: i.step, default=None)
-        where = "the newest checkpoint" if newest is not None and newest.unsafe else "a checkpoint"
+        newest_unsafe = newest is not None and getattr(newest, "unsafe", False)
+        where = "the newest checkpoint" if newest_unsafe else "a checkpoint"
         print(
             f"{len(unsafe)} checkpoint{'s' if len(unsafe) != 1 else ''} refused as unsafe (it asks to unpickle "
             f"code, which saverules never runs); {where} is unsafe, and resume stops at an unsafe checkpoint "
@@ -244,6 +261,7 @@ def _summary(infos: list) -> int:
 
 def _stores_below(root: str) -> List[str]:
     """Directories below ``root`` (a few levels, not following links) that hold checkpoints."""
+    from . import framework_manifest
     from .store.layout import POLICY_FILE, candidates
 
     found: List[str] = []
@@ -262,7 +280,8 @@ def _stores_below(root: str) -> List[str]:
                 seen += 1
                 if seen > SEARCH_LIMIT:
                     return found
-                if os.path.exists(os.path.join(sub, POLICY_FILE)) or candidates(Path(sub)):
+                if os.path.exists(os.path.join(sub, POLICY_FILE)) or candidates(Path(sub)) \
+                        or framework_manifest.is_framework_dir(sub):
                     found.append(sub)
                 else:
                     below.append(sub)
@@ -287,7 +306,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     notes: List[str] = []
     try:
         policy = _policy_for(root, args.policy, notes)
-        infos = _examine(root, args, policy)
+        infos = _examine(root, args, policy, notes)
     except _Usage as exc:
         print(f"saverules.ls: error: {exc}", file=sys.stderr)
         return 2
@@ -327,7 +346,7 @@ def _list_below(root: str, stores: List[str], args) -> int:
             print(f"saverules.ls: error: {exc}", file=sys.stderr)
             return 2
         try:
-            infos = _examine(store_dir, args, policy)
+            infos = _examine(store_dir, args, policy, notes)
         except OSError as exc:
             print(f"saverules.ls: error: cannot read {store_dir}: {exc.strerror or exc}", file=sys.stderr)
             status = 2

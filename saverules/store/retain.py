@@ -34,7 +34,7 @@ def retention_view(infos: Sequence[CheckpointInfo]) -> List[Checkpoint]:
     """
     if not infos:
         return []
-    totals = [i.manifest.get("total_steps") if i.manifest else None for i in infos]
+    totals = [(getattr(i, "manifest", None) or {}).get("total_steps") for i in infos]
     current = totals[-1]
     finals = [k for k, i in enumerate(infos) if i.final]
     if current is not None:
