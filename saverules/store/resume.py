@@ -39,12 +39,15 @@ def unsafe_error(info: CheckpointInfo) -> UnsafeCheckpointError:
 
 
 def pick(root: Path, cache: VerifyCache, skip: Callable[[CheckpointInfo], None], if_none_valid: str = "raise",
-         decode: Optional[Callable[[CheckpointInfo], Any]] = None) -> Optional[Tuple[CheckpointInfo, Any]]:
+         decode: Optional[Callable[[CheckpointInfo], Any]] = None,
+         deep: Callable[[CheckpointInfo], bool] = lambda info: True) -> Optional[Tuple[CheckpointInfo, Any]]:
     """The newest usable checkpoint of ``root`` and (with ``decode``) what it decodes to.
 
     ``skip(info)`` hears of each checkpoint passed over.  Returns None when
     there is nothing to resume: an empty store, or (``if_none_valid=
     "start_fresh"``) a store whose checkpoints are all unusable, with a warning.
+    ``deep(info)`` False: only the manifest and sizes are checked before
+    ``decode`` (a format whose reader checks the digests as it reads).
     """
     check_if_none_valid(if_none_valid)
     rejected: List[CheckpointInfo] = []
@@ -55,7 +58,7 @@ def pick(root: Path, cache: VerifyCache, skip: Callable[[CheckpointInfo], None],
         rejected.append(info)
         skip(info)
 
-    for info in newest_good(root, cache, passed_over):
+    for info in newest_good(root, cache, passed_over, deep=deep):
         if decode is None:
             return info, None
         try:

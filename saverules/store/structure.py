@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 #: The formats (the manifest's ``storage_format``) whose files this module knows how to check.
-CHECKED_FORMATS = frozenset({"torch", "safetensors"})
+CHECKED_FORMATS = frozenset({"tensors", "torch", "safetensors"})
 #: The files it checks (the names those formats write them under).
 STATE_FILE = "state.pt"
 WEIGHTS_FILE = "model.safetensors"
