@@ -2,7 +2,7 @@
 
     python tests/disk_full_child.py ROOT FSIZE_LIMIT STATE_MIB MODE:FORMAT [MODE:FORMAT ...]
 
-Each scenario (MODE sync, async or warn; FORMAT torch or safetensors) opens a
+Each scenario (MODE sync, async or warn; FORMAT tensors, torch or safetensors) opens a
 store in ROOT/MODE-FORMAT and saves steps 1 and 2 with a state of STATE_MIB.
 With FSIZE_LIMIT > 0 the process ignores SIGXFSZ and lowers its RLIMIT_FSIZE
 to that many bytes around those saves, so a write past it fails with EFBIG
@@ -82,7 +82,7 @@ def scenario(root, limit, mib, mode, fmt):
         "tmp_left": tmp_left,
         "checkpoints": [(info.name, info.verified) for info in reader.list()],
         "resumed": resumed.step if resumed is not None else None,
-        "restored_value": float(back["model"].w[0]) if resumed is not None else None,
+        "restored_value": back["model"].w.detach()[0].item() if resumed is not None else None,
     }
     shutil.rmtree(directory)
     return result

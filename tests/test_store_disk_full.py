@@ -28,7 +28,7 @@ from saverules.torch import CheckpointWarning, CheckpointWriteError, Checkpointe
 from store_common import REPO, checkpoint_dirs, hidden_entries, policy
 
 CHILD = Path(__file__).with_name("disk_full_child.py")
-SCENARIOS = ["sync:torch", "async:torch", "warn:torch", "sync:safetensors", "async:safetensors", "warn:safetensors"]
+SCENARIOS = [f"{mode}:{fmt}" for fmt in ("tensors", "torch", "safetensors") for mode in ("sync", "async", "warn")]
 
 
 def run_child(root, limit: int, mib: float, scenarios=SCENARIOS, preexec=None):
