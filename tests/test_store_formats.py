@@ -21,7 +21,9 @@ from hypothesis import strategies as hs
 
 import saverules
 from saverules import Progress
-from saverules.store import Checkpointer, CheckpointError, CheckpointVerifyError, CheckpointWarning, StateTypeError
+from saverules.store import (
+    Checkpointer, CheckpointError, CheckpointVerifyError, CheckpointWarning, NoValidCheckpointError, StateTypeError,
+)
 from saverules.store import formats, verify, writer
 from saverules.store.formats import tensorfile
 from saverules.store.formats.tensors_format import TENSORS_FILE
@@ -313,8 +315,9 @@ def test_damage_before_the_check_is_caught_by_every_mode_that_claims_it(tmp_path
             warnings.simplefilter("always")
             ck.save(Progress(1), _state(1.0))  # not what this mode checks at save time...
         monkeypatch.undo()
-        with pytest.warns(CheckpointWarning, match="falling back"):  # ...but a resume never takes it
-            assert Checkpointer(policy(fmt="tensors"), tmp_path).latest() is None
+        with pytest.warns(CheckpointWarning, match="falling back"):  # ...but a resume never takes it,
+            with pytest.raises(NoValidCheckpointError, match="none of them can be resumed"):  # nor starts over
+                Checkpointer(policy(fmt="tensors"), tmp_path).latest()
 
 
 # -- safety --------------------------------------------------------------------------------------
