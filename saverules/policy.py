@@ -93,7 +93,7 @@ class Storage(Model):
 
     dir: Name = "checkpoints"
     name: Name = "step-{step:08d}"
-    format: Literal["torch", "safetensors"] = "torch"
+    format: Literal["torch", "safetensors", "dcp"] = "torch"
 
     @field_validator("name")
     @classmethod

@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Tuple, Un
 import torch
 
 from ..progress import Decision, Progress
-from . import commit, formats, retain
+from . import commit, formats, retain, sharded
 from .errors import (
     CheckpointError,
     StateTypeError,
@@ -39,6 +39,7 @@ from .errors import (
 from .fs import fs
 from .manifest import CheckpointInfo, info_from_manifest, new_manifest, progress_of
 from .policyfile import write_policy_file
+from .ranks import RankFailure, Ranks, timeout_from
 from .restore import restore
 from .snapshot import Pool, Snapshot
 from .state import Payload, capture
@@ -70,6 +71,7 @@ class _Job:
     manifest: Dict[str, Any]
     payload: Optional[Payload]
     snapshot: Optional[Snapshot] = None
+    tmp: Optional[Path] = None  # a sharded save's temporary directory, agreed by every rank
 
 
 class Checkpointer:
@@ -102,6 +104,11 @@ class Checkpointer:
         decider is wrapped in :class:`saverules.distributed.SyncedDecider`;
         ``sync`` holds its keyword options, e.g. ``{"sync_seconds": 2.0}`` or
         ``{"sync_signals": True}``.  Ignored in a single process.
+    commit_timeout:
+        ``[storage].format = "dcp"`` only: seconds each collective of a
+        sharded save or load waits for the other ranks before it fails with
+        :class:`~saverules.store.ranks.RankFailure` (default 600, or
+        ``$SAVERULES_COMMIT_TIMEOUT``).  See docs/distributed.md.
     """
 
     def __init__(
@@ -115,6 +122,7 @@ class Checkpointer:
         total_steps: Optional[int] = None,
         run_name: str = "run",
         sync: Optional[Mapping[str, Any]] = None,
+        commit_timeout: Optional[float] = None,
     ) -> None:
         import saverules
 
@@ -166,6 +174,13 @@ class Checkpointer:
             # ``sync`` passes SyncedDecider's options (sync_seconds, max_interval, sync_signals, ...).
             decider = SyncedDecider(decider, **dict(sync or {}))
         self.decider = decider
+        # A sharded format: every rank writes, rank 0 commits (saverules.store.sharded). Creating the
+        # ranks' group is a collective, like the construction of the Checkpointer on every rank.
+        self._ranks = None
+        if getattr(self._format, "sharded", False):
+            self._ranks = Ranks(timeout_from(commit_timeout))
+        elif commit_timeout is not None:
+            timeout_from(commit_timeout)  # checked all the same: a typo should not wait for a format change
 
         self._clock_offset = 0.0
         self._clock_t0 = _time.monotonic()
@@ -269,12 +284,17 @@ class Checkpointer:
             self._report(err)
 
     def _report(self, err: BaseException) -> None:
-        if self.on_error == "raise" or not isinstance(err, (CheckpointError, OSError)):
+        if self.on_error == "raise" or isinstance(err, RankFailure) or not isinstance(err, (CheckpointError, OSError)):
             raise err
         warn(f"{err} (on_error='warn': training continues; the next save will try again)")
 
+    @property
+    def _writes(self) -> bool:
+        """This process writes files: rank 0, or every rank of a sharded format."""
+        return self.is_writer or self._ranks is not None
+
     def _save(self, progress: Progress, state: Mapping[str, Any], reasons: Tuple[str, ...]) -> None:
-        if not self.is_writer:
+        if not self._writes:
             return
         self._collect(block=True)  # at most one write in flight
         job = self._prepare(progress, state, reasons)
@@ -306,13 +326,18 @@ class Checkpointer:
         if snap is not None:
             self._pool = {}
         clock = float(progress.time) if progress.time is not None else self.clock()
-        payload = capture(state, progress.step, self.decider.state_dict(), clock, snap)
         utc = datetime.now(timezone.utc)
         name = self.policy.storage.render_name(step=progress.step, epoch=progress.epoch, time=utc, run=self.run_name)
+        tmp = None
+        if self._ranks is not None:
+            tmp, name, payload = sharded.start(self._ranks, self.dir, name, progress.step, lambda: self._format.capture(
+                state, progress.step, self.decider.state_dict(), clock, snap))
+        else:
+            payload = capture(state, progress.step, self.decider.state_dict(), clock, snap)
         manifest = new_manifest(name=name, progress=progress, clock=clock, utc=utc, reasons=reasons,
                                 metrics=metrics, policy_digest=self.policy.digest, storage_format=self.format,
                                 world_size=self.world_size)
-        return _Job(name=name, step=int(progress.step), manifest=manifest, payload=payload, snapshot=snap)
+        return _Job(name=name, step=int(progress.step), manifest=manifest, payload=payload, snapshot=snap, tmp=tmp)
 
     def _run_background(self, job: _Job) -> None:
         try:
@@ -332,9 +357,16 @@ class Checkpointer:
         def check(tmp: Path, files: Mapping[str, Any], metadata) -> None:
             check_written(tmp, job.step, files, fmt, self.verify, metadata)
 
-        path, manifest = commit.commit(self.dir, job.name, job.step, job.manifest,
-                                       encode=lambda out: fmt.encode(payload, out),
-                                       check=check if self.verify != "none" else None)
+        if self._ranks is not None:
+            done = sharded.commit(self._ranks, fmt, self.dir, job.tmp, job.name, job.step, job.manifest, payload,
+                                  self.verify)
+            if done is None:  # not rank 0: rank 0 committed, and alone applies retention
+                return
+            path, manifest = done
+        else:
+            path, manifest = commit.commit(self.dir, job.name, job.step, job.manifest,
+                                           encode=lambda out: fmt.encode(payload, out),
+                                           check=check if self.verify != "none" else None)
         verified = True if self.verify != "none" else None
         if verified:
             self._cache.put(path, info_from_manifest(path, self.dir, manifest, True, None))
@@ -350,13 +382,13 @@ class Checkpointer:
 
     def list(self) -> List[CheckpointInfo]:
         """Every checkpoint in the store, oldest first, each re-hashed (results are cached)."""
-        if self.is_writer:
+        if self._writes:
             self._collect(block=True)
         return scan(self.dir, verify=True, _cache=self._cache)
 
     def latest(self) -> Optional[CheckpointInfo]:
         """The newest checkpoint that verifies, or None. Damaged newer ones are skipped with a warning."""
-        if self.is_writer:
+        if self._writes:
             self._collect(block=True)
         for info in newest_good(self.dir, self._cache, self._warn_skip):
             return info
@@ -381,8 +413,17 @@ class Checkpointer:
                 f"state must be a mutable mapping (a dict) of names to objects and values, so that plain values "
                 f"can be written back; got {type_name(state)}"
             )
-        if self.is_writer:
+        if self._writes:
             self._collect(block=True)
+        if self._ranks is not None:  # every rank takes part; rank 0 chooses (saverules.store.sharded)
+            got = sharded.load_latest(self._ranks, self.dir, self._cache, self._warn_skip, state, map_location)
+            if got is None:
+                return None
+            info, payload, restored = got
+            self._clock_offset = restore(info, payload, sharded.Without(state, restored), self.decider,
+                                         self.policy.digest)
+            self._clock_t0 = _time.monotonic()
+            return progress_of(info, self._clock_offset)
         for info in newest_good(self.dir, self._cache, self._warn_skip):
             try:
                 payload = formats.read(info, map_location)

@@ -149,6 +149,10 @@ from . import safetensors_format, torch_format  # noqa: E402  (they register the
 register(torch_format.TorchFormat())
 register(safetensors_format.SafetensorsFormat())
 
+from . import dcp as _dcp  # noqa: E402  (torch.distributed.checkpoint is imported only when used)
+
+register(_dcp.DcpFormat())
+
 
 def read(info: Any, map_location: Any = "cpu"):
     """Decode the committed checkpoint ``info`` (a CheckpointInfo) with the format its manifest names."""
