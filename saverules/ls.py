@@ -42,6 +42,12 @@ def _clock(seconds: Optional[float]) -> str:
     return f"{h}:{m:02d}:{sec:02d}"
 
 
+def _world(info) -> Optional[int]:
+    """How many ranks wrote the checkpoint (its manifest's world size), or None when unknown."""
+    world = (info.manifest or {}).get("world_size")
+    return world if type(world) is int and world > 0 else None
+
+
 def format_table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
     """Left-aligned columns separated by two spaces (numbers right-aligned)."""
     widths = [len(h) for h in header]
@@ -147,6 +153,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 "size": info.size,
                 "verified": info.verified,
                 "error": info.error,
+                "format": info.format,
+                "world_size": _world(info),
                 "kept_by": list(kept[id(info)]) if id(info) in kept else None,
             })
         print(json.dumps({"dir": os.path.abspath(root), "checkpoints": out, "notes": notes}, indent=1))
@@ -176,6 +184,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             why,
         ])
     header = ["NAME", "STEP", "EPOCH", "CLOCK", "SAVED (UTC)", "REASONS", "SIZE", "VERIFIED", "KEPT BY"]
+    if any(info.format == "dcp" or (_world(info) or 1) > 1 for info in infos):
+        # sharded checkpoints: how many ranks wrote each one (a dcp checkpoint loads on any number)
+        header.insert(7, "RANKS")
+        for info, row in zip(infos, rows):
+            world = _world(info)
+            row.insert(7, (f"{world} (dcp)" if info.format == "dcp" else str(world)) if world else "?")
     print(f"{os.path.abspath(root)}: {len(infos)} checkpoint{'s' if len(infos) != 1 else ''}")
     if rows:
         print(format_table(rows, header))

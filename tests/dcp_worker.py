@@ -118,7 +118,7 @@ def main(plan_path: str) -> int:
                 if action.get("resume") or op == "load":
                     got = ck.load_latest(state)
                     rec["resumed"] = got.step if got is not None else None
-                    rec["counter"] = counter.value
+                    rec["counter"] = dict(counter.value)
                     rec["note"] = state["note"]
                     if got is not None:
                         restore_rng_state(state["rng"])

@@ -319,6 +319,10 @@ def _load_shards(ranks: Ranks, fmt, source, state, layouts, name: str) -> None:
     except BaseException as exc:
         if not isinstance(exc, Exception) and type(exc).__name__ != "CheckpointException":
             raise
+        from .formats.dcp_files import UnsafeMetadata, unwrap
+
+        if isinstance(unwrap(exc), UnsafeMetadata):
+            raise UnsafeCheckpointError(f"saverules: refused to load {source.dir}: {unwrap(exc)}") from None
         raise CheckpointError(f"saverules: restoring the models and optimizers from {source.dir} failed: "
                               f"{_describe(exc)}") from None
     log.info("loaded the shards of %s on rank %d of %d", source.dir, ranks.rank, ranks.size)

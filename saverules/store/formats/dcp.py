@@ -167,8 +167,20 @@ class DcpFormat(Format):
         A rank that did not exist when the checkpoint was saved (a job that
         grew) reads rank 0's file: its per-rank values start as rank 0's.
         """
+        from . import dcp_files
+
         saved = rank if rank < world else 0
         data = torchfile.read_payload_dict(source.dir / rank_file(saved), source.step, map_location)
+        mpath = source.dir / dcp_files.METADATA_FILE
+        try:  # DCP reads it again; read here first so that a planted one is refused before anything is loaded
+            dcp_files.load_metadata(mpath)
+        except dcp_files.UnsafeMetadata as exc:
+            raise UnsafeCheckpointError(
+                f"saverules: refused to load {mpath}: it asks to unpickle {exc}, which is not DCP metadata. "
+                "Loading it would run code from the file, which saverules never does"
+            ) from None
+        except (ValueError, OSError) as exc:
+            raise CheckpointError(f"saverules: cannot read {mpath}: {exc}") from None
         layouts = data.get("dcp")
         if not isinstance(layouts, dict):
             raise CheckpointError(f"saverules: {source.dir / rank_file(saved)} is not a rank file of a dcp checkpoint")
@@ -203,10 +215,14 @@ class DcpFormat(Format):
         payload, layouts = self.read_rank(source, 0, 1, map_location)
         try:
             tensors = dcp_files.read_tensors(source.dir)
-        except dcp_files.UnsafeMetadata as exc:
-            raise UnsafeCheckpointError(f"saverules: refused to read {source.dir}: {exc}") from None
-        except Exception as exc:
-            raise CheckpointError(f"saverules: cannot read the shards of {source.dir}: {exc}") from exc
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # DCP wraps every error in a CheckpointException (a BaseException)
+            inner = dcp_files.unwrap(exc)
+            if isinstance(inner, dcp_files.UnsafeMetadata):  # a pickled item (read_rank checked the index)
+                raise UnsafeCheckpointError(f"saverules: refused to read {source.dir}: {inner}") from None
+            raise CheckpointError(f"saverules: cannot read the shards of {source.dir}: "
+                                  f"{type(inner).__name__}: {inner}") from None
         for name, lay in layouts.items():
             try:
                 payload.objects[name] = dcp_state.rebuild(lay["skeleton"], lay["slots"], tensors, name)

@@ -45,6 +45,15 @@ class UnsafeMetadata(Exception):
     """``.metadata`` asks to unpickle something that is not DCP metadata."""
 
 
+def unwrap(exc: BaseException) -> BaseException:
+    """The first rank's error inside DCP's ``CheckpointException`` (which wraps every error it meets), or ``exc``."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = failures[min(failures)]
+        return inner[0] if isinstance(inner, tuple) else inner
+    return exc
+
+
 # --------------------------------------------------------------------------
 # Reading .metadata without running code
 # --------------------------------------------------------------------------
