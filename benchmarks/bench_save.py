@@ -18,6 +18,9 @@ For each state, in interleaved rounds into a temporary directory on the same dis
 Stall is the time ``save()`` blocks the caller; throughput is the checkpoint's
 bytes on disk divided by the time from ``save()`` until the write is
 committed.
+
+Then the sharded row (:mod:`benchmarks.bench_save_sharded`): 2 gloo ranks,
+FSDP2, ``format = "dcp"`` against ``dcp.save`` and ``dcp.async_save``.
 """
 from __future__ import annotations
 
@@ -193,4 +196,8 @@ def run(quick: bool = False) -> list:
                     vs="raw write", samples=[x[2] / 1e6 / x[1] for x in res["async"]],
                     note="save() until the background write is committed"),
             ]
+    # The sharded row: 2 ranks writing format "dcp", against DCP itself (benchmarks/bench_save_sharded.py).
+    from . import bench_save_sharded
+
+    rows += bench_save_sharded.run(quick)
     return rows

@@ -152,17 +152,25 @@ def is_sharded_object(obj: Any) -> bool:
 
 def get_state(state: Mapping[str, Any]) -> Tuple[Dict[str, Sharded], Dict[str, torch.Tensor]]:
     """Every model and optimizer of ``state`` split for DCP: ({name: Sharded}, {flat key: tensor})."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict, get_state_dict
 
     own = owners(state)
     layouts: Dict[str, Sharded] = {}
     tensors: Dict[str, torch.Tensor] = {}
+    # A model with a single optimizer: one get_state_dict call (one pass over the parameters) for both.
+    single = {m: [o for o, mm in own.items() if mm == m] for m in set(own.values())}
+    pairs: Dict[str, Any] = {}
+    for m, opts in single.items():
+        if len(opts) == 1:
+            pairs[m], pairs[opts[0]] = get_state_dict(state[m], state[opts[0]])
     for name, obj in state.items():
         if isinstance(obj, torch.nn.Module):
-            sd, kind, owner = get_model_state_dict(obj), MODEL, None
+            sd = pairs[name] if name in pairs else get_model_state_dict(obj)
+            kind, owner = MODEL, None
         elif isinstance(obj, torch.optim.Optimizer):
             owner = own[name]
-            sd, kind = get_optimizer_state_dict(state[owner], obj), OPTIMIZER
+            sd = pairs[name] if name in pairs else get_optimizer_state_dict(state[owner], obj)
+            kind = OPTIMIZER
         else:
             continue
         skeleton, slots, flat = split(name, sd)
@@ -221,18 +229,23 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 def sharding_summary(tensors: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
     """How the tensors are laid out across ranks: meshes, placements, counts (JSON)."""
     meshes: Dict[tuple, Dict[str, Any]] = {}
+    by_object: Dict[int, tuple] = {}  # DeviceMesh.mesh is recomputed on every access: look once per mesh
     plain = 0
     for t in tensors.values():
         if not is_dtensor(t):
             plain += 1
             continue
         mesh = t.device_mesh
-        key = (tuple(mesh.mesh.shape), tuple(mesh.mesh_dim_names or ()), mesh.device_type)
+        key = by_object.get(id(mesh))
+        if key is None:
+            ranks = mesh.mesh
+            key = (tuple(ranks.shape), tuple(mesh.mesh_dim_names or ()), mesh.device_type, tuple(ranks.flatten().tolist()))
+            by_object[id(mesh)] = key
         entry = meshes.setdefault(key, {
-            "shape": list(mesh.mesh.shape),
-            "dim_names": list(mesh.mesh_dim_names) if mesh.mesh_dim_names else None,
-            "device_type": mesh.device_type,
-            "ranks": mesh.mesh.flatten().tolist(),
+            "shape": list(key[0]),
+            "dim_names": list(key[1]) if key[1] else None,
+            "device_type": key[2],
+            "ranks": list(key[3]),
             "tensors": 0,
             "placements": {},
         })
