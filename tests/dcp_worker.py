@@ -18,6 +18,11 @@ tensors to ``.pt`` files), for the test to check.  Actions:
     ``<out>/<name>.pt``.
 ``{"op": "load", "dir"}``
     Build the model, ``load_latest`` and record the step (then ``gather`` it).
+``{"op": "full_disk", "dir", "rank", "limits": [bytes, ...]}``
+    Save step 1; then, for each limit, save once more while rank ``rank``
+    may write files of at most that many bytes (RLIMIT_FSIZE: a real EFBIG
+    from the kernel), recording the error each rank got; then save again
+    without a limit, and record the steps in the store.
 
 The environment: SAVERULES_TEST_OUT (where to write), SAVERULES_COMMIT_TIMEOUT.
 """
@@ -136,6 +141,35 @@ def main(plan_path: str) -> int:
                             rec["visible"].append([i.step for i in ck.list()])
                     ck.close()
             rec["warnings"] = [str(w.message) for w in caught]
+        elif op == "full_disk":
+            import resource
+            import signal
+
+            from saverules.torch import CheckpointWriteError
+
+            model, opt = build(world)
+            state = {"model": model, "optimizer": opt, "counter": Counter(rank)}
+            ck = Checkpointer(loads(POLICY.format(every=10**6)), dir=action["dir"])
+            step = 1
+            ck.save(Progress(step), state)
+            rec["errors"] = []
+            soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+            for limit in action["limits"]:
+                step += 1
+                if rank == action["rank"]:
+                    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a signal
+                    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+                try:
+                    ck.save(Progress(step), state)
+                    rec["errors"].append(None)
+                except CheckpointWriteError as exc:
+                    rec["errors"].append([str(exc), exc.errno])
+                finally:
+                    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            step += 1
+            ck.save(Progress(step), state)
+            rec["steps"] = [i.step for i in ck.list()]
+            rec["hidden"] = sorted(p.name for p in Path(action["dir"]).iterdir() if p.name.startswith("."))
         elif op == "gather":
             msd, osd = gathered(model, opt)
             if rank == 0:

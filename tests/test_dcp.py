@@ -97,6 +97,8 @@ def runs(tmp_path_factory):
         {"op": "gather", "out": "truncated12"},
         {"op": "load", "dir": str(base / "single")},
         {"op": "gather", "out": "two8"},
+        # rank 1's disk fills up: first its rank file cannot be written, then its shards
+        {"op": "full_disk", "dir": str(base / "full"), "rank": 1, "limits": [1000, 30000]},
     ], base)
     return base, first, single, resumed
 
@@ -173,6 +175,22 @@ def test_a_damaged_shard_is_caught_on_resume_and_every_rank_falls_back(runs, nam
     warned = resumed[0]["actions"][index]["warnings"]
     assert len(warned) == 1 and reason in warned[0] and "falling back" in warned[0]
     assert_same_state(full(base, "sync12"), full(base, f"{name}12"))
+
+
+def test_a_full_disk_on_one_rank_fails_the_save_on_every_rank_and_commits_nothing(runs):
+    base, _, _, resumed = runs
+    for rank, report in enumerate(resumed):
+        action = report["actions"][8]
+        assert action["steps"] == [1, 4], rank   # the saves of steps 2 and 3 left nothing
+        assert action["hidden"] == []
+        for error in action["errors"]:
+            assert error is not None, rank
+            text = error[0]
+            assert "the checkpoint for step" in text and "rank 1:" in text and "File too large" in text, text
+            assert "Nothing was committed" in text
+    # the rank file failed first (limit 1000 bytes), then a shard (limit 30000 bytes)
+    first, second = (e[0] for e in resumed[0]["actions"][8]["errors"])
+    assert "rank-00001.pt" in first and "__1_0.distcp" in second, (first, second)
 
 
 def test_resharding_two_ranks_onto_one_gives_the_gathered_state(runs):
@@ -297,3 +315,23 @@ def test_a_planted_metadata_file_is_refused_unread(runs, tmp_path):
         with pytest.raises(UnsafeCheckpointError, match="refused to load .*metadata"):
             Checkpointer(policy, dir=store).load_latest(state)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_the_torchrun_example_of_docs_distributed_md_runs_and_resumes_on_fewer_ranks(tmp_path):
+    import re
+
+    text = (ROOT / "docs" / "distributed.md").read_text()
+    blocks = [b for b in re.findall(r"^```python\n(.*?)^```", text, re.S | re.M) if b.startswith("# sharded.py")]
+    assert len(blocks) == 1
+    (tmp_path / "sharded.py").write_text(blocks[0])
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+
+    def launch(n):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), "sharded.py"]
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        return proc.stdout.splitlines()
+
+    assert launch(2)[-1] == "[(30, 2), (40, 2)]"  # what the page says it prints
+    shutil.rmtree(tmp_path / "checkpoints" / "step-00000040")
+    assert launch(1)[-2:] == ["resumed from step 30 on 1 rank(s)", "[(30, 2), (40, 1)]"]

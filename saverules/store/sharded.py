@@ -75,7 +75,9 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, CheckpointError):
         return str(exc).replace("saverules: ", "", 1)
     if isinstance(exc, OSError):
-        return f"{exc.strerror or exc} ({exc.filename})" if exc.filename else str(exc.strerror or exc)
+        if exc.filename:
+            return f"could not write {os.path.basename(exc.filename)}: {exc.strerror or exc} ({exc.filename})"
+        return str(exc.strerror or exc)
     return f"{type(exc).__name__}: {exc}"
 
 

@@ -24,7 +24,7 @@ from typing import Any, Dict, Mapping, MutableMapping, Optional, Tuple
 
 import torch
 
-from ..errors import CheckpointError, StateTypeError, UnsafeCheckpointError, warn
+from ..errors import CheckpointError, StateTypeError, UnsafeCheckpointError, warn, write_error
 from ..state import Payload, capture, checked
 from ..writer import HashingFile, Stable, tensors_in
 from . import Encoded, Format, Output, Source, torchfile
@@ -143,6 +143,8 @@ class DcpFormat(Format):
             files[rank_file(rank)] = out.write(rank_file(rank), lambda f: torch.save(data, f), tensors_in(data))
         except BaseException as exc:  # the other ranks are entering DCP: join them and fail there, together
             failure = exc
+            if isinstance(exc, OSError):
+                failure = write_error(exc, sp.step, str(out.dir / rank_file(rank)), f"write {rank_file(rank)}")
         locals_ = [dcp_state.local_tensor(t) for t in sp.tensors.values()]
         stable = Stable(locals_)
         writer = dcp_files.DigestingWriter(

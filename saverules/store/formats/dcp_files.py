@@ -234,17 +234,22 @@ class _DigestingFileSystem(FileSystem):
             return
         w = self._writer
         name = os.path.basename(os.fspath(path))
-        f = w._open(os.fspath(path))
-        stream = _DigestingStream(f, w._digesting, lambda s: w._record(name, s.entry), w._fsync)
         try:
-            yield stream
-        except BaseException:
-            if not stream._done:
-                stream._done = True
-                stream._hf.drain()
-                f.close()
+            f = w._open(os.fspath(path))
+            stream = _DigestingStream(f, w._digesting, lambda s: w._record(name, s.entry), w._fsync)
+            try:
+                yield stream
+            except BaseException:
+                if not stream._done:
+                    stream._done = True
+                    stream._hf.drain()
+                    f.close()
+                raise
+            stream.close()
+        except OSError as exc:
+            if exc.filename is None:  # say which file: the error travels to the other ranks as text
+                raise OSError(exc.errno, exc.strerror, os.fspath(path)) from exc
             raise
-        stream.close()
 
     def rename(self, path, new_path) -> None:
         self._writer._rename(os.fspath(path), os.fspath(new_path))
