@@ -18,11 +18,12 @@ tensors to ``.pt`` files), for the test to check.  Actions:
     ``<out>/<name>.pt``.
 ``{"op": "load", "dir"}``
     Build the model, ``load_latest`` and record the step (then ``gather`` it).
-``{"op": "full_disk", "dir", "rank", "limits": [bytes, ...]}``
+``{"op": "full_disk", "dir", "rank", "limits": [bytes, ...], "on_error"?}``
     Save step 1; then, for each limit, save once more while rank ``rank``
     may write files of at most that many bytes (RLIMIT_FSIZE: a real EFBIG
-    from the kernel), recording the error each rank got; then save again
-    without a limit, and record the steps in the store.
+    from the kernel), recording the error (or, with ``on_error="warn"``, the
+    warnings) each rank got; then save again without a limit, and record
+    the steps in the store.
 
 The environment: SAVERULES_TEST_OUT (where to write), SAVERULES_COMMIT_TIMEOUT.
 """
@@ -149,7 +150,8 @@ def main(plan_path: str) -> int:
 
             model, opt = build(world)
             state = {"model": model, "optimizer": opt, "counter": Counter(rank)}
-            ck = Checkpointer(loads(POLICY.format(every=10**6)), dir=action["dir"])
+            ck = Checkpointer(loads(POLICY.format(every=10**6)), dir=action["dir"],
+                              on_error=action.get("on_error", "raise"))
             step = 1
             ck.save(Progress(step), state)
             rec["errors"] = []
@@ -160,8 +162,10 @@ def main(plan_path: str) -> int:
                     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a signal
                     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
                 try:
-                    ck.save(Progress(step), state)
-                    rec["errors"].append(None)
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always")
+                        ck.save(Progress(step), state)
+                    rec["errors"].append(["warned: " + str(w.message) for w in caught] or None)
                 except CheckpointWriteError as exc:
                     rec["errors"].append([str(exc), exc.errno])
                 finally:

@@ -99,6 +99,7 @@ def runs(tmp_path_factory):
         {"op": "gather", "out": "two8"},
         # rank 1's disk fills up: first its rank file cannot be written, then its shards
         {"op": "full_disk", "dir": str(base / "full"), "rank": 1, "limits": [1000, 30000]},
+        {"op": "full_disk", "dir": str(base / "full-warn"), "rank": 1, "limits": [30000], "on_error": "warn"},
     ], base)
     return base, first, single, resumed
 
@@ -191,6 +192,14 @@ def test_a_full_disk_on_one_rank_fails_the_save_on_every_rank_and_commits_nothin
     # the rank file failed first (limit 1000 bytes), then a shard (limit 30000 bytes)
     first, second = (e[0] for e in resumed[0]["actions"][8]["errors"])
     assert "rank-00001.pt" in first and "__1_0.distcp" in second, (first, second)
+    # on_error="warn": every rank warns, training goes on, and the next save is written
+    for rank, report in enumerate(resumed):
+        action = report["actions"][9]
+        assert action["steps"] == [1, 3], rank
+        [warned] = action["errors"]
+        assert len(warned) == 1 and warned[0].startswith("warned: saverules: the checkpoint for step 2 was not written")
+        assert "rank 1: could not write __1_0.distcp: File too large" in warned[0]
+        assert "training continues" in warned[0]
 
 
 def test_resharding_two_ranks_onto_one_gives_the_gathered_state(runs):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
-from pathlib import Path
 from typing import Any, Dict, Mapping, MutableMapping, Optional, Tuple
 
 import torch
