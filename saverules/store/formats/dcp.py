@@ -209,8 +209,11 @@ class DcpFormat(Format):
                      planner=dcp_files.SafeLoadPlanner(), process_group=group, no_dist=group is None)
         dcp_state.set_state(state, usable, templates)
 
-    def decode(self, source: Source, map_location: Any) -> Payload:
-        """The whole checkpoint in one process: rank 0's payload with every model and optimizer unsharded."""
+    def decode(self, source: Source, map_location: Any, mmap: bool = False) -> Payload:
+        """The whole checkpoint in one process: rank 0's payload with every model and optimizer unsharded.
+
+        (``mmap`` is accepted for the interface; DCP reads its files itself.)
+        """
         from . import dcp_files, dcp_state
 
         payload, layouts = self.read_rank(source, 0, 1, map_location)
@@ -230,6 +233,9 @@ class DcpFormat(Format):
             except KeyError as exc:
                 raise CheckpointError(f"saverules: {source.dir}: {exc.args[0]}") from None
         return payload
+
+    def check_index(self, source: Source) -> bool:
+        return False  # DCP's files have no index of ours: the store re-reads them
 
     def check_loads(self, source: Source) -> None:
         self.decode(source, "cpu")
