@@ -6,7 +6,7 @@
 writes what it saw to ``<out>/rank<R>.json`` (and rank 0 may write gathered
 tensors to ``.pt`` files), for the test to check.  Actions:
 
-``{"op": "train", "dir", "first", "last", "every", "async"?, "resume"?, "verify"?}``
+``{"op": "train", "dir", "first", "last", "every", "async"?, "resume"?, "verify"?, "keep_last"?}``
     A tiny FSDP2 model (``fully_shard`` on each layer when there is more than
     one rank) and AdamW, trained on deterministic per-rank data plus noise
     from the global RNG; a Checkpointer with ``format = "dcp"`` saves every
@@ -115,7 +115,10 @@ def main(plan_path: str) -> int:
             model, opt = build(world)
             counter = Counter(rank)
             state = {"model": model, "optimizer": opt, "counter": counter, "rng": None, "note": f"rank {rank}"}
-            policy = loads(POLICY.format(every=action.get("every", 4)))
+            text = POLICY.format(every=action.get("every", 4))
+            if action.get("keep_last"):
+                text += f"[retention]\nkeep_last = {action['keep_last']}\n"
+            policy = loads(text)
             ck = Checkpointer(policy, dir=action["dir"], async_save=bool(action.get("async")),
                               verify=action.get("verify", "hash"))
             first = action.get("first", 1)

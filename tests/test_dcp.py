@@ -71,6 +71,7 @@ def runs(tmp_path_factory):
         {"op": "train", "dir": str(base / "sync"), "last": 12, "every": 4},
         {"op": "gather", "out": "sync12"},
         {"op": "train", "dir": str(base / "async"), "last": 9, "every": 3, "async": True, "verify": "load"},
+        {"op": "train", "dir": str(base / "kept"), "last": 12, "every": 3, "keep_last": 2},
     ], base)
     single = torchrun(1, [
         {"op": "load", "dir": str(base / "sync")},
@@ -150,6 +151,17 @@ def test_async_sharded_writes_complete_and_verify(runs):
 
     infos = scan(base / "async", verify=True)
     assert [(i.step, i.verified, i.format) for i in infos] == [(3, True, "dcp"), (6, True, "dcp"), (9, True, "dcp")]
+
+
+def test_retention_runs_on_rank_0_after_each_commit_and_before_any_rank_returns(runs):
+    base, first, _, _ = runs
+    for report in first:
+        action = report["actions"][3]
+        assert action["saved"] == [3, 6, 9, 12]
+        # every rank sees the store as retention left it, as soon as its save returns
+        assert action["visible"] == [[3], [3, 6], [6, 9], [9, 12]]
+        assert action["warnings"] == []
+    assert sorted(p.name for p in (base / "kept").iterdir()) == ["policy.toml", "step-00000009", "step-00000012"]
 
 
 def test_exact_resume_on_the_same_ranks_is_bitwise_and_saves_at_the_same_steps(runs):

@@ -357,16 +357,17 @@ class Checkpointer:
         def check(tmp: Path, files: Mapping[str, Any], metadata) -> None:
             check_written(tmp, job.step, files, fmt, self.verify, metadata)
 
-        if self._ranks is not None:
-            done = sharded.commit(self._ranks, fmt, self.dir, job.tmp, job.name, job.step, job.manifest, payload,
-                                  self.verify)
-            if done is None:  # not rank 0: rank 0 committed, and alone applies retention
-                return
-            path, manifest = done
-        else:
-            path, manifest = commit.commit(self.dir, job.name, job.step, job.manifest,
-                                           encode=lambda out: fmt.encode(payload, out),
-                                           check=check if self.verify != "none" else None)
+        if self._ranks is not None:  # rank 0 settles (cache, retention) before every rank returns
+            sharded.commit(self._ranks, fmt, self.dir, job.tmp, job.name, job.step, job.manifest, payload,
+                           self.verify, settle=lambda path, manifest: self._settle(job, path, manifest))
+            return
+        path, manifest = commit.commit(self.dir, job.name, job.step, job.manifest,
+                                       encode=lambda out: fmt.encode(payload, out),
+                                       check=check if self.verify != "none" else None)
+        self._settle(job, path, manifest)
+
+    def _settle(self, job: _Job, path: Path, manifest: Mapping[str, Any]) -> None:
+        """After a commit, on the writer: remember the checkpoint as verified, then retention."""
         verified = True if self.verify != "none" else None
         if verified:
             self._cache.put(path, info_from_manifest(path, self.dir, manifest, True, None))

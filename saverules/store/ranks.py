@@ -108,6 +108,8 @@ class Ranks:
         self.check()
         try:
             return fn()
+        except CheckpointError:  # the store's own errors (a RuntimeError too) say what they are
+            raise
         except RuntimeError as exc:  # gloo: connection closed / reset, or the timeout
             raise self.failed(doing, exc) from exc
 

@@ -98,7 +98,7 @@ def start(ranks: Ranks, root: Path, name: str, step: int, capture: Callable[[], 
     sp = None
     try:
         sp = capture()
-    except (StateTypeError, CheckpointError, OSError, TypeError, ValueError) as exc:
+    except Exception as exc:  # raised below, after the other ranks have heard of it
         mine = exc
     tmp: Optional[Path] = None
     if ranks.rank == 0 and mine is None:
@@ -159,8 +159,13 @@ class _RankPart:
 
 
 def commit(ranks: Ranks, fmt, root: Path, tmp: Path, name: str, step: int, manifest: Mapping[str, Any], sp,
-           verify_mode: str) -> Optional[Tuple[Path, Dict[str, Any]]]:
-    """Steps 2 to 5 on every rank; rank 0 gets (path, manifest) of the committed checkpoint, others None.
+           verify_mode: str, settle: Optional[Callable[[Path, Dict[str, Any]], None]] = None
+           ) -> Optional[Tuple[Path, Dict[str, Any]]]:
+    """Steps 2 to 6 on every rank; rank 0 gets (path, manifest) of the committed checkpoint, others None.
+
+    ``settle(path, manifest)`` runs on rank 0 once the checkpoint is committed
+    and before the confirmation (retention): when ``save`` returns on any
+    rank, the store is in its final state.
 
     Raises on every rank when the checkpoint was not committed: the error
     says which rank failed and why.  :class:`RankFailure` means a rank did
@@ -190,6 +195,11 @@ def commit(ranks: Ranks, fmt, root: Path, tmp: Path, name: str, step: int, manif
             outcome = {"error": str(exc)}
         finally:
             layout.unmark_inflight(tmp)
+        if result is not None and settle is not None:
+            try:
+                settle(*result)
+            except Exception as exc:  # the checkpoint is committed: say so, and confirm it all the same
+                warn(f"saverules: after committing {result[0]}: {exc}")
     try:
         outcome = ranks.broadcast(outcome, f"confirm the commit of step {step}")
     except RankFailure as exc:
