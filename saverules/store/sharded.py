@@ -15,7 +15,8 @@ A save, on every rank at the same step:
    writes ``manifest.json`` last (every file of every rank, the world size,
    the sharding), fsyncs it and the directory, renames the directory into
    place and fsyncs the store;
-5. **confirm**: a broadcast of the outcome, so that every rank returns only
+5. **retain** (rank 0): retention, after the commit;
+6. **confirm**: a broadcast of the outcome, so that every rank returns only
    after the commit, and every rank raises when it failed.
 
 The rename of step 4 is the commit point.  Before it nothing is visible,
