@@ -13,7 +13,7 @@ DCP's own conversion planner (the one behind
 the number of ranks that wrote it; the other formats are read as a resume
 reads them.
 
-OUT ending in ``.safetensors`` gets a flat ``{name: tensor}`` state dict (a
+Only the shards of the exported entry are read.  OUT ending in ``.safetensors`` gets a flat ``{name: tensor}`` state dict (a
 model's, for inference: ``model.load_state_dict(safetensors.torch.load_file(OUT))``);
 OUT ending in ``.pt`` gets the object's state dict as it was saved, written
 with ``torch.save`` (readable with ``torch.load(weights_only=True)``).
@@ -62,6 +62,30 @@ def _pick(path: str, verify: bool):
     return infos[-1]
 
 
+def _read_entry(info, name: str):
+    """The saved state's entry ``name``; a sharded checkpoint reads only that entry's shards."""
+    from . import store
+    from .store import formats
+
+    try:
+        fmt = formats.get(info.format)
+        if hasattr(fmt, "read_object"):
+            source = formats.Source.of(info.path, info.manifest)
+            try:
+                return fmt.read_object(source, name)
+            except KeyError:
+                names = ", ".join(fmt.entries(source)) or "nothing"
+        else:
+            payload = store.read_checkpoint(info, "cpu")
+            entries = {**payload.objects, **payload.values}
+            if name in entries:
+                return entries[name]
+            names = ", ".join(sorted(entries)) or "nothing"
+    except store.CheckpointError as exc:
+        raise _Failed(str(exc).replace("saverules: ", "", 1), 1) from None
+    raise _Failed(f"{info.path} has no entry {name!r} (it holds {names}); pass --object NAME", 2)
+
+
 def _flat_tensors(name: str, sd) -> dict:
     import torch
 
@@ -97,15 +121,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from . import store
 
         info = _pick(args.checkpoint, verify=not args.no_verify)
-        try:
-            payload = store.read_checkpoint(info, "cpu")
-        except store.CheckpointError as exc:
-            raise _Failed(str(exc).replace("saverules: ", "", 1), 1) from None
-        entries = {**payload.objects, **payload.values}
-        if args.object not in entries:
-            names = ", ".join(sorted(entries)) or "nothing"
-            raise _Failed(f"{info.path} has no entry {args.object!r} (it holds {names}); pass --object NAME", 2)
-        sd = entries[args.object]
+        sd = _read_entry(info, args.object)
         if os.path.exists(args.out):
             raise _Failed(f"{args.out} exists already; remove it or choose another name", 2)
         import torch

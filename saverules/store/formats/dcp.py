@@ -209,16 +209,36 @@ class DcpFormat(Format):
                      planner=dcp_files.SafeLoadPlanner(), process_group=group, no_dist=group is None)
         dcp_state.set_state(state, usable, templates)
 
-    def decode(self, source: Source, map_location: Any, mmap: bool = False) -> Payload:
-        """The whole checkpoint in one process: rank 0's payload with every model and optimizer unsharded.
+    def read_object(self, source: Source, name: str) -> Any:
+        """One entry of the saved state in this process, unsharded; only its own shards are read.
 
-        (``mmap`` is accepted for the interface; DCP reads its files itself.)
+        ``KeyError`` when the checkpoint has no such entry.
         """
-        from . import dcp_files, dcp_state
+        from . import dcp_state
 
-        payload, layouts = self.read_rank(source, 0, 1, map_location)
+        payload, layouts = self.read_rank(source, 0, 1, "cpu")
+        if name not in layouts:
+            entries = {**payload.objects, **payload.values}
+            if name not in entries:
+                raise KeyError(name)
+            return entries[name]
+        lay = layouts[name]
+        tensors = self._read_tensors(source, [slot[-1] for slot in lay["slots"]])
         try:
-            tensors = dcp_files.read_tensors(source.dir)
+            return dcp_state.rebuild(lay["skeleton"], lay["slots"], tensors, name)
+        except KeyError as exc:
+            raise CheckpointError(f"saverules: {source.dir}: {exc.args[0]}") from None
+
+    def entries(self, source: Source) -> list:
+        """The names of the saved state's entries (models, optimizers, rank 0's objects and values)."""
+        payload, layouts = self.read_rank(source, 0, 1, "cpu")
+        return sorted({*layouts, *payload.objects, *payload.values})
+
+    def _read_tensors(self, source: Source, keys=None):
+        from . import dcp_files
+
+        try:
+            return dcp_files.read_tensors(source.dir, keys)
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:  # DCP wraps every error in a CheckpointException (a BaseException)
@@ -227,6 +247,16 @@ class DcpFormat(Format):
                 raise UnsafeCheckpointError(f"saverules: refused to read {source.dir}: {inner}") from None
             raise CheckpointError(f"saverules: cannot read the shards of {source.dir}: "
                                   f"{type(inner).__name__}: {inner}") from None
+
+    def decode(self, source: Source, map_location: Any, mmap: bool = False) -> Payload:
+        """The whole checkpoint in one process: rank 0's payload with every model and optimizer unsharded.
+
+        (``mmap`` is accepted for the interface; DCP reads its files itself.)
+        """
+        from . import dcp_state
+
+        payload, layouts = self.read_rank(source, 0, 1, map_location)
+        tensors = self._read_tensors(source)
         for name, lay in layouts.items():
             try:
                 payload.objects[name] = dcp_state.rebuild(lay["skeleton"], lay["slots"], tensors, name)
