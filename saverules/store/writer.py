@@ -139,6 +139,10 @@ class HashingFile:
             self.finish()
         return self._stream.h.hexdigest()
 
+    def entry(self) -> Dict[str, Any]:
+        """The manifest entry of what was written: ``{"size": bytes, "sha256": hex}``."""
+        return {"size": self.size, "sha256": self.hexdigest()}
+
 
 class Producer:
     """What fills one file: ``fn(fileobj)``, and the tensors whose memory it writes from."""
@@ -186,5 +190,5 @@ def write_file(path: str, producer) -> Dict[str, Any]:
         except BaseException:
             hf.drain()  # nothing queued may outlive the memory it points into
             raise
-        digest_hex = hf.hexdigest()
-    return {"size": hf.size, "sha256": digest_hex}
+        entry = hf.entry()
+    return entry

@@ -80,7 +80,7 @@ class _Digesting:
         return self._hf.size
 
     def entry(self) -> Dict[str, Any]:
-        return {"size": self._hf.size, "sha256": self._hf.hexdigest()}
+        return self._hf.entry()  # the store's own form of an entry, as for the files it writes itself
 
 
 class DcpFormat(Format):
