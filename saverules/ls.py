@@ -3,8 +3,10 @@
 One row per checkpoint: its step, epoch, training clock, when it was saved,
 why, its size, whether every file still matches the sha256 in its manifest,
 and which retention rule keeps it.  The retention rules come from
-``DIR/policy.toml`` (written by :class:`saverules.store.Checkpointer`) or from
-``--policy FILE``.
+``DIR/policy.toml`` (written by :class:`saverules.store.Checkpointer` and by the
+trainer integrations) or from ``--policy FILE``.  A Hugging Face output
+directory (``checkpoint-N/``) or a Lightning ``dirpath`` (``.ckpt`` files) is
+listed from the manifests :mod:`saverules.framework_manifest` describes.
 
 Exit status: 0 when every checkpoint verifies, 1 when any fails
 verification, 2 on a usage error (DIR missing, unreadable policy given with
@@ -44,7 +46,7 @@ def _clock(seconds: Optional[float]) -> str:
 
 def _world(info) -> Optional[int]:
     """How many ranks wrote the checkpoint (its manifest's world size), or None when unknown."""
-    world = (info.manifest or {}).get("world_size")
+    world = (getattr(info, "manifest", None) or {}).get("world_size")  # a framework checkpoint has none
     return world if type(world) is int and world > 0 else None
 
 
@@ -66,6 +68,17 @@ def _load_policy(path: str):
     import saverules
 
     return saverules.load(path)
+
+
+def _framework_checkpoints(root: str, args, notes: List[str]):
+    """The checkpoints of a Hugging Face output dir or a Lightning dirpath (no torch import), else None."""
+    from . import framework_manifest
+
+    if not framework_manifest.is_framework_dir(root):
+        return None
+    if args.load:
+        notes.append("--load reads the store's own state files; framework checkpoints are checked by their hashes")
+    return framework_manifest.scan(root, verify=not args.no_verify)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -112,15 +125,18 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     import dataclasses
 
-    from . import store  # imports torch: only once the arguments are known to be usable
+    infos = _framework_checkpoints(root, args, notes)  # None: not a Hugging Face / Lightning directory
+    store = None
+    if infos is None:
+        from . import store  # imports torch: only once the arguments are known to be usable
 
-    try:
-        infos = store.scan(root, verify=not args.no_verify)
-    except OSError as exc:
-        print(f"saverules.ls: error: cannot read {root}: {exc.strerror or exc}", file=sys.stderr)
-        return 2
+        try:
+            infos = store.scan(root, verify=not args.no_verify)
+        except OSError as exc:
+            print(f"saverules.ls: error: cannot read {root}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
 
-    if args.load:
+    if args.load and store is not None:
         loaded = []
         for info in infos:
             if info.ok:
@@ -153,7 +169,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 "size": info.size,
                 "verified": info.verified,
                 "error": info.error,
-                "format": info.format,
+                "format": getattr(info, "format", None),
                 "world_size": _world(info),
                 "kept_by": list(kept[id(info)]) if id(info) in kept else None,
             })
@@ -184,12 +200,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             why,
         ])
     header = ["NAME", "STEP", "EPOCH", "CLOCK", "SAVED (UTC)", "REASONS", "SIZE", "VERIFIED", "KEPT BY"]
-    if any(info.format == "dcp" or (_world(info) or 1) > 1 for info in infos):
+    if any(getattr(info, "format", None) == "dcp" or (_world(info) or 1) > 1 for info in infos):
         # sharded checkpoints: how many ranks wrote each one (a dcp checkpoint loads on any number)
         header.insert(7, "RANKS")
         for info, row in zip(infos, rows):
             world = _world(info)
-            row.insert(7, (f"{world} (dcp)" if info.format == "dcp" else str(world)) if world else "?")
+            sharded = getattr(info, "format", None) == "dcp"
+            row.insert(7, (f"{world} (dcp)" if sharded else str(world)) if world else "?")
     print(f"{os.path.abspath(root)}: {len(infos)} checkpoint{'s' if len(infos) != 1 else ''}")
     if rows:
         print(format_table(rows, header))
