@@ -194,6 +194,9 @@ def commit(ranks: Ranks, fmt, root: Path, tmp: Path, name: str, step: int, manif
             outcome = {"path": str(result[0])}
         except CheckpointError as exc:
             outcome = {"error": str(exc)}
+        except Exception as exc:  # still tell the other ranks (they wait for the outcome); _seal aborted
+            outcome = {"error": f"saverules: could not commit the checkpoint for step {step}: "
+                                f"{type(exc).__name__}: {exc}. {_nothing(step)}"}
         finally:
             layout.unmark_inflight(tmp)
         if result is not None and settle is not None:
