@@ -93,7 +93,7 @@ class Storage(Model):
 
     dir: Name = "checkpoints"
     name: Name = "step-{step:08d}"
-    format: Literal["torch", "safetensors", "dcp"] = "torch"
+    format: Literal["tensors", "torch", "safetensors", "dcp"] = "tensors"
 
     @field_validator("name")
     @classmethod

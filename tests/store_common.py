@@ -34,8 +34,11 @@ keep_last = 2
 
 
 def policy(text: str = EVERY_2, fmt: str = "torch", extra: str = "") -> saverules.Policy:
-    storage = f'\n[storage]\nformat = "{fmt}"\n' if fmt != "torch" else ""
-    return saverules.loads(text + extra + storage)
+    """A policy from ``text`` + ``extra`` whose [storage].format is ``fmt`` (the store's tests name it)."""
+    doc = text + extra
+    if "[storage]\n" in doc:
+        return saverules.loads(doc.replace("[storage]\n", f'[storage]\nformat = "{fmt}"\n', 1))
+    return saverules.loads(doc + f'\n[storage]\nformat = "{fmt}"\n')
 
 
 class TiedNet(torch.nn.Module):

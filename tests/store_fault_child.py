@@ -79,7 +79,7 @@ def check(state, step: int) -> None:
 
 def parse_mode(mode: str):
     sync, fmt = mode.split("-")
-    assert sync in ("sync", "async") and fmt in ("torch", "safetensors"), mode
+    assert sync in ("sync", "async") and fmt in ("tensors", "torch", "safetensors"), mode
     return sync == "async", fmt
 
 

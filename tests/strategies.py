@@ -229,7 +229,7 @@ def policy_docs(
                 optional={
                     "dir": st.sampled_from(["checkpoints", "out/ckpt", "/tmp/x"]),
                     "name": st.sampled_from(["step-{step:08d}", "{run}-{step}", "e{epoch}-s{step:06d}", "{step}-{time}"]),
-                    "format": st.sampled_from(["torch", "safetensors"]),
+                    "format": st.sampled_from(["tensors", "torch", "safetensors"]),
                 },
             )
         )

@@ -4,7 +4,7 @@ disk-full / read-only / permission errors at every write stage, malicious pickle
 The kill trials use a fork server (tests/store_fault_child.py) that imports torch
 once, so each trial costs a fork instead of a fresh interpreter.  CI runs
 ``SAVERULES_FAULT_TRIALS`` trials (default 24, spread over sync/async x
-torch/safetensors); set it higher for a longer local run, e.g.
+tensors/torch/safetensors); set it higher for a longer local run, e.g.
 ``SAVERULES_FAULT_TRIALS=400 pytest tests/test_store_faults.py``.
 
 Read-only and permission errors are injected by making the store's file-system
@@ -45,7 +45,7 @@ from store_common import EVERY_1_KEEP_2, REPO, checkpoint_dirs, hidden_entries, 
 import store_fault_child as child
 
 TRIALS = int(os.environ.get("SAVERULES_FAULT_TRIALS", "24"))
-MODES = ("sync-torch", "async-torch", "sync-safetensors", "async-safetensors")
+MODES = ("sync-tensors", "async-tensors", "sync-torch", "async-torch", "sync-safetensors", "async-safetensors")
 
 
 def small_state(value: float):
@@ -265,8 +265,8 @@ def _swap_state(d: Path) -> None:
 
 CORRUPTIONS = {
     "truncated state": (lambda d: _truncate(d / "state.pt"), "truncated"),
-    "flipped byte": (lambda d: _flip(d / "state.pt", 200), "sha256"),
-    "flipped last byte": (lambda d: _flip(d / "state.pt", (d / "state.pt").stat().st_size - 1), "sha256"),
+    "flipped byte": (lambda d: _flip(d / "state.pt", 200), "digest (damaged)"),
+    "flipped last byte": (lambda d: _flip(d / "state.pt", (d / "state.pt").stat().st_size - 1), "digest (damaged)"),
     "state deleted": (lambda d: os.unlink(d / "state.pt"), "state.pt is missing"),
     "manifest deleted": (lambda d: os.unlink(d / "manifest.json"), "manifest.json is missing"),
     "manifest truncated": (lambda d: _truncate(d / "manifest.json"), "manifest.json is damaged"),
@@ -320,7 +320,7 @@ def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, capsys, kind):
 def test_latest_skips_a_damaged_checkpoint_too(tmp_path):
     _three_saves(tmp_path)
     _flip(tmp_path / "step-00000003" / "state.pt", 100)
-    with pytest.warns(CheckpointWarning, match="step-00000003.*sha256"):
+    with pytest.warns(CheckpointWarning, match="step-00000003.*digest"):
         info = Checkpointer(policy(), tmp_path).latest()
     assert info.step == 2 and info.verified is True
 

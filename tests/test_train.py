@@ -91,7 +91,13 @@ def manifest(path):
 
 
 def payload(path):
-    return torch.load(Path(path) / "state.pt", weights_only=True, map_location="cpu")
+    """What a checkpoint holds, read by the store (whatever its format), as {"objects", "values"}."""
+    from saverules.store import inspect_checkpoint, read_checkpoint
+
+    info = inspect_checkpoint(path)
+    assert info.ok, info.error
+    got = read_checkpoint(info, "cpu")
+    return {"objects": got.objects, "values": got.values, "decider": got.decider, "clock": got.clock}
 
 
 def same_tensors(a, b):

@@ -45,7 +45,7 @@ from .snapshot import Pool, Snapshot
 from .state import Payload, capture
 from .verify import VerifyCache, check_written, newest_good, scan
 
-VERIFY_CHOICES = ("hash", "load", "none")
+VERIFY_CHOICES = ("hash", "device", "load", "none")
 ON_ERROR_CHOICES = ("raise", "warn")
 
 _LIVE: "weakref.WeakSet[Checkpointer]" = weakref.WeakSet()
@@ -60,6 +60,14 @@ def _close_all_at_exit() -> None:
 
 
 atexit.register(_close_all_at_exit)
+
+
+def _needs_digest_pass(info: CheckpointInfo) -> bool:
+    """Whether a checkpoint's digests must be checked before it is decoded (not when its reader checks them)."""
+    try:
+        return not formats.get(info.format).digests_while_decoding
+    except CheckpointError:
+        return True
 
 
 @dataclasses.dataclass
@@ -88,8 +96,13 @@ class Checkpointer:
         Copy the state to CPU memory in the training thread and write it from
         one background thread (at most one write in flight).
     verify:
-        ``"hash"`` (default) re-reads every file after writing and checks its
-        sha256; ``"load"`` also loads it; ``"none"`` skips the re-read.
+        What is checked after writing, before the checkpoint is committed:
+        ``"hash"`` (default): every file's size and the format's index (a
+        format without one: every file re-read and its digest compared);
+        ``"device"``: every file re-read from the device and its digest
+        compared; ``"load"``: that, and the checkpoint decoded back;
+        ``"none"``: nothing.  Every mode records the digest of the bytes
+        written, and a resume checks it (docs/checkpoints.md).
     on_error:
         ``"raise"`` (default) turns a failed save into an exception;
         ``"warn"`` emits a :class:`CheckpointWarning` and training goes on
@@ -402,13 +415,18 @@ class Checkpointer:
         self._warned.add(key)
         warn(f"saverules: skipping checkpoint {info.path}: {info.error}; falling back to an older checkpoint")
 
-    def load_latest(self, state: MutableMapping[str, Any], map_location: Any = "cpu") -> Optional[Progress]:
+    def load_latest(self, state: MutableMapping[str, Any], map_location: Any = "cpu", *,
+                    mmap: bool = False) -> Optional[Progress]:
         """Restore the newest good checkpoint into ``state`` and the decider.
 
         Objects with ``load_state_dict`` get it called; plain values are
         written back into ``state``.  Returns the Progress of the saved step
         (continue with ``step + 1``), or None when there is nothing to resume.
+        ``mmap=True`` maps the checkpoint's files (copy-on-write) instead of
+        reading them into fresh memory, as ``torch.load(mmap=True)`` does.
         """
+        if not isinstance(mmap, bool):
+            raise ValueError(f"mmap must be True or False, got {mmap!r}")
         if not isinstance(state, MutableMapping):
             raise TypeError(
                 f"state must be a mutable mapping (a dict) of names to objects and values, so that plain values "
@@ -425,14 +443,16 @@ class Checkpointer:
                                          self.policy.digest)
             self._clock_t0 = _time.monotonic()
             return progress_of(info, self._clock_offset)
-        for info in newest_good(self.dir, self._cache, self._warn_skip):
+        for info in newest_good(self.dir, self._cache, self._warn_skip, deep=_needs_digest_pass):
             try:
-                payload = formats.read(info, map_location)
+                payload = formats.read(info, map_location, mmap=mmap)
             except UnsafeCheckpointError:
                 raise
             except CheckpointError as exc:
                 self._warn_skip(dataclasses.replace(info, verified=False, error=str(exc)))
                 continue
+            if info.verified is None:  # its reader checked every digest while reading
+                self._cache.put(info.path, dataclasses.replace(info, verified=True))
             self._clock_offset = restore(info, payload, state, self.decider, self.policy.digest)
             self._clock_t0 = _time.monotonic()
             return progress_of(info, self._clock_offset)

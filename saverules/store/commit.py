@@ -39,8 +39,8 @@ def _digest_foreign(tmp: Path, name: str) -> Dict[str, Any]:
         fs.fsync(fd)
     finally:
         os.close(fd)
-    size, hexdigest = digest.hash_file(path)
-    return {"size": size, "sha256": hexdigest}
+    size, hexdigest = digest.hash_file(path, digest.DEFAULT)
+    return digest.make_entry(size, digest.DEFAULT, hexdigest)
 
 
 def commit(root: Path, name: str, step: int, manifest: Mapping[str, Any],

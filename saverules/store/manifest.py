@@ -16,11 +16,14 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from ..progress import Checkpoint, Progress
+from .digest import KNOWN as _DIGESTS
 from .layout import MANIFEST, STATE_FILE
 
-#: ``manifest.json`` identifies itself with these two fields.
+#: ``manifest.json`` identifies itself with these two fields.  Version 2 names each file's digest
+#: algorithm (``{"size": n, "xxh3_128": hex}``, or ``"blake3"``, ``"sha256"``) and may carry
+#: ``format_metadata``; version 1 holds ``{"size": n, "sha256": hex}`` entries only.  Both are read.
 FORMAT_NAME = "saverules-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 MAX_MANIFEST_BYTES = 16 << 20
 
@@ -120,15 +123,19 @@ def check_manifest(data: Any) -> Dict[str, Any]:
             or "\0" in fname
         ):
             raise Invalid(f"manifest.json lists a bad file name {fname!r}")
-        if (
-            not isinstance(entry, dict)
-            or type(entry.get("size")) is not int
-            or entry["size"] < 0
-            or not isinstance(entry.get("sha256"), str)
-            or len(entry["sha256"]) != 64
-        ):
+        if not isinstance(entry, dict) or type(entry.get("size")) is not int or entry["size"] < 0:
             raise Invalid(f"manifest.json has a bad entry for {fname}")
+        algos = [a for a in _DIGESTS if a in entry] if version >= 2 else ["sha256"]
+        if len(algos) != 1 or not _is_hex(entry.get(algos[0]), _DIGESTS[algos[0]]):
+            raise Invalid(f"manifest.json has a bad entry for {fname}")
+    meta = data.get("format_metadata")
+    if meta is not None and not isinstance(meta, dict):
+        raise Invalid("manifest.json has invalid format_metadata")
     return data
+
+
+def _is_hex(value: Any, length: int) -> bool:
+    return isinstance(value, str) and len(value) == length and all(c in "0123456789abcdef" for c in value)
 
 
 def read_manifest(path: Path) -> Dict[str, Any]:

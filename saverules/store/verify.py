@@ -1,11 +1,9 @@
 """Verification: re-read what was written, check checkpoints on disk, and fall back past damaged ones.
 
 * :func:`check_written` runs after a save wrote its files and before the
-  manifest goes in: ``verify="hash"`` re-reads every file and compares size
-  and sha256 with the digest of the bytes written; ``verify="load"`` also
-  loads the files back through the format (safely).
+  manifest goes in, as ``verify`` says (see :data:`MODES`).
 * :func:`inspect_checkpoint` checks a committed checkpoint: manifest, file
-  sizes, and (``verify=True``) every file's sha256.  :class:`VerifyCache`
+  sizes, and (``verify=True``) every file's digest.  :class:`VerifyCache`
   remembers the result by file fingerprint, so each checkpoint is hashed
   once per process.
 * :func:`scan` lists a store; :func:`newest_good` walks it newest first,
@@ -68,14 +66,17 @@ def inspect_checkpoint(path: Union[str, os.PathLike], root: Union[str, os.PathLi
     if not verify:
         return info_from_manifest(path, root, manifest, None, None)
     for fname, entry in manifest["files"].items():
+        algo, expected = digest.entry_digest(entry)
         try:
-            size, hexdigest = digest.hash_file(path / fname)
+            size, hexdigest = digest.hash_file(path / fname, algo)
         except OSError as exc:
             return failed(f"cannot read {fname}: {exc.strerror or exc}")
+        except CheckpointError as exc:
+            return failed(str(exc))
         if size != entry["size"]:
             return failed(f"{fname} has {size} bytes, the manifest says {entry['size']} (truncated?)")
-        if hexdigest != entry["sha256"]:
-            return failed(f"{fname} does not match its sha256 (damaged)")
+        if hexdigest != expected:
+            return failed(f"{fname} does not match its {algo} digest (damaged)")
     return info_from_manifest(path, root, manifest, True, None)
 
 
@@ -141,37 +142,75 @@ def scan(dir: Union[str, os.PathLike], verify: bool = True, _cache: Optional[Ver
     return infos
 
 
-def newest_good(root: Path, cache: VerifyCache, skip: Callable[[CheckpointInfo], None]) -> Iterator[CheckpointInfo]:
-    """The checkpoints that verify, newest first; ``skip(info)`` hears of every one that does not."""
+def newest_good(root: Path, cache: VerifyCache, skip: Callable[[CheckpointInfo], None],
+                deep: Callable[[CheckpointInfo], bool] = lambda info: True) -> Iterator[CheckpointInfo]:
+    """The checkpoints that verify, newest first; ``skip(info)`` hears of every one that does not.
+
+    A checkpoint for which ``deep(info)`` is False is only checked shallowly
+    (manifest and sizes): its reader checks the digests as it reads.
+    """
     infos = scan(root, verify=False)
     for info in infos:
         if info.step is None:
             skip(info)
     for shallow in sorted((i for i in infos if i.step is not None), key=sort_key, reverse=True):
-        info = cache.get(shallow.path, root, True) if shallow.ok else shallow
+        info = cache.get(shallow.path, root, deep(shallow)) if shallow.ok else shallow
         if info.ok:
             yield info
         else:
             skip(info)
 
 
-def check_written(tmp: Path, step: int, files: Mapping[str, Mapping], fmt: formats.Format, mode: str,
-                  metadata: Optional[Mapping] = None) -> None:
-    """Verify the files of a save before it is committed (``mode`` "hash" or "load"); raise CheckpointVerifyError."""
+#: What ``verify`` checks after a save wrote its files, before the manifest goes in (docs/checkpoints.md).
+MODES = ("none", "hash", "device", "load")
+
+
+def _reread(tmp: Path, files: Mapping[str, Mapping], from_device: bool) -> None:
     for fname, entry in files.items():
-        size, hexdigest = digest.hash_file(tmp / fname)
-        if size != entry["size"] or hexdigest != entry["sha256"]:
+        algo, expected = digest.entry_digest(entry)
+        size, hexdigest = digest.hash_file(tmp / fname, algo, from_device=from_device)
+        if size != entry["size"] or hexdigest != expected:
             raise CheckpointVerifyError(
                 f"saverules: {tmp / fname} did not read back as written "
-                f"({size} bytes, sha256 {hexdigest[:12]}..., expected {entry['size']} bytes, "
-                f"{entry['sha256'][:12]}...); the checkpoint was not committed"
+                f"({size} bytes, {algo} {hexdigest[:12]}..., expected {entry['size']} bytes, "
+                f"{expected[:12]}...); the checkpoint was not committed"
             )
-    if mode == "load":
-        try:
-            fmt.check_loads(formats.Source(Path(tmp), step, files, metadata))
-        except CheckpointError as exc:
-            raise CheckpointVerifyError(f"{exc}; the checkpoint was not committed") from exc
-        except Exception as exc:
-            raise CheckpointVerifyError(
-                f"saverules: {tmp} does not load back ({exc}); the checkpoint was not committed"
-            ) from exc
+
+
+def check_written(tmp: Path, step: int, files: Mapping[str, Mapping], fmt: formats.Format, mode: str,
+                  metadata: Optional[Mapping] = None) -> None:
+    """Verify the files of a save before it is committed; raise CheckpointVerifyError.
+
+    * ``"hash"``: every file's size on disk is the number of bytes written,
+      and the format re-reads its index (for a format without one, every file
+      is re-read from the page cache and its digest compared);
+    * ``"device"``: every file is re-read after its cached pages were
+      dropped, so from the device, and its digest compared;
+    * ``"load"``: as ``"device"``, and the checkpoint is decoded back (safely).
+    """
+    source = formats.Source(Path(tmp), step, files, metadata)
+    try:
+        if mode == "hash":
+            for fname, entry in files.items():
+                size = os.stat(tmp / fname).st_size
+                if size != entry["size"]:
+                    raise CheckpointVerifyError(
+                        f"saverules: {tmp / fname} did not read back as written ({size} bytes on disk, "
+                        f"{entry['size']} written); the checkpoint was not committed"
+                    )
+            if not fmt.check_index(source):
+                _reread(tmp, files, from_device=False)
+            return
+        _reread(tmp, files, from_device=True)
+        if mode == "load":
+            fmt.check_loads(source)
+    except CheckpointVerifyError:
+        raise
+    except CheckpointError as exc:
+        raise CheckpointVerifyError(f"{exc}; the checkpoint was not committed") from exc
+    except OSError:
+        raise
+    except Exception as exc:
+        raise CheckpointVerifyError(
+            f"saverules: {tmp} does not read back ({exc}); the checkpoint was not committed"
+        ) from exc

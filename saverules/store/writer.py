@@ -20,6 +20,27 @@ except ImportError:  # pragma: no cover - numpy ships with torch wheels; without
     _np = None
 
 
+def _sync_file_range():
+    """Linux's sync_file_range(2), or None: it starts write-back of a range without waiting for it."""
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+#: Start write-back of each large chunk as soon as it is written (SYNC_FILE_RANGE_WRITE), so that
+#: the fsync at the end has less left to wait for.  Only a hint: the fsync still decides and reports.
+_START_WRITEBACK = _sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
 class Stable:
     """Memory that stays alive and unchanged until a file has been written and hashed.
 
@@ -70,7 +91,7 @@ NO_STABLE = Stable(())
 
 
 class HashingFile:
-    """A write-only file object that computes sha256 and size of what goes through it.
+    """A write-only file object that computes the digest and size of what goes through it.
 
     The hash is computed on the hash worker thread.  Chunks from memory that
     the save keeps alive (:class:`Stable`) are queued by reference and the
@@ -79,12 +100,13 @@ class HashingFile:
     ``write`` returns (their memory is only valid during the call).
     """
 
-    def __init__(self, f, stable: Stable = NO_STABLE):
+    def __init__(self, f, stable: Stable = NO_STABLE, algo: Optional[str] = None):
         self._f = f
-        self._stream = digest.HashStream()
+        self._stream = digest.HashStream(algo)
         self._small = bytearray()
         self._stable = stable
         self._finished = False
+        self._started = 0  # bytes whose write-back has been started
         self.size = 0
 
     def write(self, data) -> int:
@@ -107,8 +129,22 @@ class HashingFile:
                 finally:
                     done.wait()  # the buffer is only valid during this call
                 self._check()
+            self.size += n
+            self._start_writeback()
+            return n
         self.size += n
         return n
+
+    def _start_writeback(self) -> None:
+        """Everything up to ``size`` is in the kernel now (a large write bypasses the buffer): send it on."""
+        if _START_WRITEBACK is None:
+            return
+        try:
+            fd = self._f.fileno()
+        except (AttributeError, OSError, ValueError):
+            return
+        _START_WRITEBACK(fd, self._started, self.size - self._started, _SYNC_FILE_RANGE_WRITE)
+        self._started = self.size
 
     def push(self) -> None:
         """Queue the small chunks gathered so far."""
@@ -140,8 +176,8 @@ class HashingFile:
         return self._stream.h.hexdigest()
 
     def entry(self) -> Dict[str, Any]:
-        """The manifest entry of what was written: ``{"size": bytes, "sha256": hex}``."""
-        return {"size": self.size, "sha256": self.hexdigest()}
+        """The manifest entry of what was written: ``{"size": bytes, ALGO: hex}``."""
+        return digest.make_entry(self.size, self._stream.algo, self.hexdigest())
 
 
 class Producer:
@@ -172,16 +208,19 @@ def tensors_in(obj: Any) -> List[torch.Tensor]:
     return out
 
 
-def write_file(path: str, producer) -> Dict[str, Any]:
-    """Create ``path``, let ``producer(fileobj)`` fill it, fsync it; return its size and sha256.
+def write_file(path: str, producer, algo: Optional[str] = None) -> Dict[str, Any]:
+    """Create ``path``, let ``producer(fileobj)`` fill it, fsync it; return its manifest entry.
 
-    The sha256 is computed from the bytes handed to the file, on the hash
-    worker, while this thread writes and then fsyncs.
+    The entry is ``{"size": bytes, ALGO: hex}`` (``algo`` defaults to
+    :data:`saverules.store.digest.DEFAULT`).  The digest is computed from the
+    bytes handed to the file, on the hash worker, while this thread writes
+    and then fsyncs.
     """
+    algo = algo or digest.DEFAULT
     tensors = getattr(producer, "tensors", ())
     stable = Stable(tensors) if tensors else NO_STABLE
     with fs.open_write(path) as f:
-        hf = HashingFile(f, stable)
+        hf = HashingFile(f, stable, algo)
         try:
             producer(hf)
             hf.push()

@@ -29,14 +29,28 @@ A format is an object with:
     directories); ``Encoded.metadata`` is a small JSON object the manifest
     keeps under ``format_metadata`` and hands back to ``decode``.
 
-``decode(source, map_location) -> Payload``
-    Read a committed checkpoint back.  ``source`` gives the directory, the
+``decode(source, map_location, mmap=False) -> Payload``
+    Read a committed checkpoint back (``mmap``: map the files rather than
+    read them, where the format can).  A format whose ``digests_while_decoding``
+    is True checks every file's size and digest (``source.files``) against
+    the bytes it reads and raises ``CheckpointError`` on a mismatch; a resume
+    then skips the separate digest pass over its files.  Otherwise the store
+    checks the digests before ``decode`` is called.  ``source`` gives the directory, the
     manifest's step, its file entries and the format metadata.  Nothing read
     from a file may run code: torch files go through
     :func:`saverules.store.formats.torchfile.load` (``weights_only``), other
     files are parsed as data.  Failures raise
     :class:`~saverules.store.errors.CheckpointError` (or
     :class:`~saverules.store.errors.UnsafeCheckpointError`), never anything else.
+
+``check_index(source) -> bool``
+    What ``verify="hash"`` runs on a checkpoint just written, before it is
+    committed (the store has already compared every file's size on disk
+    with the bytes written): re-read the format's index (headers, the small
+    structure file) and check it is exactly what was written, raising
+    :class:`~saverules.store.errors.CheckpointError` when it is not.  Return
+    False when the format has no index to check: the store then re-reads
+    every file in full and compares its digest.
 
 ``check_loads(source) -> None``
     What ``verify="load"`` runs on a checkpoint just written, before it is
@@ -56,7 +70,7 @@ import torch
 
 from ..errors import CheckpointError
 
-#: A file's manifest entry: ``{"size": bytes, "sha256": hex}``.
+#: A file's manifest entry: ``{"size": bytes, ALGORITHM: hex}`` (see :mod:`saverules.store.digest`).
 FileEntry = Dict[str, Any]
 
 
@@ -107,6 +121,7 @@ class Format:
     """The base of every format (see the module docstring for the contract)."""
 
     name: str = ""
+    digests_while_decoding: bool = False
 
     def check_available(self) -> None:
         return None
@@ -114,8 +129,11 @@ class Format:
     def encode(self, payload, out: Output) -> Encoded:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def decode(self, source: Source, map_location: Any):  # pragma: no cover - abstract
+    def decode(self, source: Source, map_location: Any, mmap: bool = False):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def check_index(self, source: Source) -> bool:
+        return False
 
     def check_loads(self, source: Source) -> None:
         self.decode(source, "cpu")
@@ -144,8 +162,9 @@ def get(name: Optional[str]) -> Format:
     return fmt
 
 
-from . import safetensors_format, torch_format  # noqa: E402  (they register themselves)
+from . import safetensors_format, tensors_format, torch_format  # noqa: E402
 
+register(tensors_format.TensorsFormat())
 register(torch_format.TorchFormat())
 register(safetensors_format.SafetensorsFormat())
 
@@ -154,6 +173,6 @@ from . import dcp as _dcp  # noqa: E402  (torch.distributed.checkpoint is import
 register(_dcp.DcpFormat())
 
 
-def read(info: Any, map_location: Any = "cpu"):
+def read(info: Any, map_location: Any = "cpu", mmap: bool = False):
     """Decode the committed checkpoint ``info`` (a CheckpointInfo) with the format its manifest names."""
-    return get(info.format).decode(Source.of(info.path, info.manifest), map_location)
+    return get(info.format).decode(Source.of(info.path, info.manifest), map_location, mmap=mmap)

@@ -148,8 +148,8 @@ class SafetensorsFormat(Format):
         files[STATE_FILE] = out.write(STATE_FILE, lambda f: torch.save(data, f), tensors_in(data))
         return Encoded(files)
 
-    def decode(self, source: Source, map_location: Any) -> Payload:
-        data = torchfile.read_payload_dict(source.dir / STATE_FILE, source.step, map_location)
+    def decode(self, source: Source, map_location: Any, mmap: bool = False) -> Payload:
+        data = torchfile.read_payload_dict(source.dir / STATE_FILE, source.step, map_location, mmap=mmap)
         if data.get("safetensors"):
             attach_weights(source, data, map_location)
         return torchfile.as_payload(data)

@@ -19,8 +19,8 @@ class TorchFormat(Format):
         entry = out.write(STATE_FILE, lambda f: torch.save(data, f), tensors_in(data))
         return Encoded({STATE_FILE: entry})
 
-    def decode(self, source: Source, map_location: Any) -> Payload:
-        data = torchfile.read_payload_dict(source.dir / STATE_FILE, source.step, map_location)
+    def decode(self, source: Source, map_location: Any, mmap: bool = False) -> Payload:
+        data = torchfile.read_payload_dict(source.dir / STATE_FILE, source.step, map_location, mmap=mmap)
         if data.get("safetensors"):
             # A state file that points at weights elsewhere: read it as the format that wrote it would.
             from .safetensors_format import attach_weights
