@@ -1,5 +1,5 @@
-"""Benchmarks for saverules: decision overhead, schedule simulation, checker
-start-up, save stall and throughput, loop overhead and DDP collectives.
+"""Benchmarks for saverules: decision overhead, schedule simulation, the checker
+at its input limits, checker start-up, save stall and throughput, loop overhead and DDP collectives.
 
 Run them all with ``python -m benchmarks`` (``--quick`` for a smoke run,
 ``--only NAME`` for one benchmark, ``--json PATH`` for machine-readable
@@ -22,6 +22,7 @@ __all__ = ["Row", "interleaved", "median", "fmt_value", "BENCHMARKS"]
 BENCHMARKS = [
     ("decide", "bench_decide"),
     ("simulate", "bench_simulate"),
+    ("check", "bench_check"),
     ("startup", "bench_startup"),
     ("save", "bench_save"),
     ("loop", "bench_loop"),

@@ -23,6 +23,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from . import rules as R
 from .errors import Diagnostic, PolicyError
+from .limits import MAX_STEPS, steps_text
 from .loader import load
 from .policy import Policy
 from .quantities import Share, format_seconds, resolve_steps
@@ -72,14 +73,21 @@ def _where(policy: Policy, *path) -> Tuple[int, int]:
     return (1, 1)
 
 
-def _is_event_driven(rule: R.RuleModel, with_metrics: bool) -> bool:
-    """Rules that fire on outside events (signals, metrics) the simulation does not invent."""
+def _is_event_driven(rule: R.RuleModel, with_metrics: bool, with_epochs: bool = True) -> bool:
+    """Rules that fire on outside events (signals, metrics, epoch ends without an epoch
+    length) the simulation does not invent."""
     for node in R.walk(rule):
         if isinstance(node, R.OnSignalRule):
             return True
         if isinstance(node, R.ImprovedRule) and not with_metrics:
             return True
+        if isinstance(node, R.EpochEndRule) and not with_epochs:
+            return True
     return False
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
 
 
 def _uses_share(rule: R.RuleModel) -> Optional[tuple]:
@@ -144,7 +152,8 @@ def analyse(path: str, args) -> Report:
         return report
     if spe is not None and spe > total:
         report.warnings.append(Finding(*_where(policy, "run", "steps_per_epoch"),
-                                       f"steps_per_epoch {spe:,} is longer than the run ({total:,} steps)"))
+                                       f"steps_per_epoch {spe:,} is longer than the run ({_plural(total, 'step')}): "
+                                       "no epoch ends in it"))
     try:
         sim = policy.simulate(total, spe, secs)
     except PolicyError as exc:  # a share that resolves to something impossible for this total
@@ -153,27 +162,32 @@ def analyse(path: str, args) -> Report:
     report.simulation = sim
     _rule_findings(report, policy, sim, total, spe, secs)
     _retention_findings(report, policy, sim)
-    if not policy.final:
-        last = sim.saves[-1][0] if sim.saves else 0
-        lost = total - last
+    if not policy.final and sim.unsaved_tail is None:
+        report.warnings.append(Finding(*_where(policy, "final"), final_off))
+    elif not policy.final:
+        lost = sim.unsaved_tail
+        last = total - lost
         if lost == 0:
             report.warnings.append(Finding(*_where(policy, "final"), final_off + " (this run saves it anyway)"))
         else:
             report.warnings.append(Finding(
                 *_where(policy, "final"),
-                f"{final_off}: in this run steps {last + 1:,}-{total:,} ({lost:,} step{'s' if lost != 1 else ''}"
+                f"{final_off}: in this run steps {last + 1:,}-{total:,} ({_plural(lost, 'step')}"
                 + (f", {format_seconds(lost * secs)} of training" if secs else "")
                 + ") are in no checkpoint; remove `final = false` to save the last step"))
     return report
 
 
 def _rule_findings(report, policy, sim, total, spe, secs) -> None:
-    epochs = math.ceil(total / spe) if spe else 1
+    epochs = total // spe if spe else 0  # the epochs that end in this run
+    fired = sim.fired_total  # None when the saves beyond the listing are not known
     for i, rule in enumerate(policy.rules):
         where = _where(policy, "rules", i)
         name = R.describe(rule)
-        if _is_event_driven(rule, with_metrics=False):
-            report.notes.append(Finding(*where, f"rules[{i}] {name} fires on events, not simulated"))
+        if _is_event_driven(rule, with_metrics=False, with_epochs=spe is not None):
+            hint = ("" if _is_event_driven(rule, with_metrics=False) else
+                    ": epoch ends are simulated only with --steps-per-epoch or [run] steps_per_epoch")
+            report.notes.append(Finding(*where, f"rules[{i}] {name} fires on events, not simulated{hint}"))
             continue
         if any(isinstance(n, R.EveryTimeRule) for n in R.walk(rule)) and secs is None:
             report.notes.append(Finding(*where, f"rules[{i}] {name} reads the training clock, not simulated: "
@@ -182,21 +196,25 @@ def _rule_findings(report, policy, sim, total, spe, secs) -> None:
         longer = _longer_than_run(rule, total, epochs, secs)
         if longer:
             report.warnings.append(Finding(*_where(policy, "rules", i, longer[0]), f"rules[{i}] {longer[1]}"))
-        elif name not in sim.fired:
-            report.warnings.append(Finding(*where, f"rules[{i}] {name} never fires in this run of {total:,} steps"))
+        elif fired is not None and name not in fired:
+            report.warnings.append(Finding(*where, f"rules[{i}] {name} never fires in this run of "
+                                                   f"{_plural(total, 'step')}"))
 
 
 def _longer_than_run(rule, total, epochs, secs) -> Optional[Tuple[str, str]]:
     if isinstance(rule, R.EveryStepsRule):
         every = resolve_steps(rule.every, total)
         if every > total:
-            return "every", f"interval {every:,} steps is longer than the run ({total:,} steps): it never fires"
+            return "every", (f"interval {every:,} steps is longer than the run ({_plural(total, 'step')}): "
+                             "it never fires")
     if isinstance(rule, R.EveryTimeRule) and secs is not None:
         if rule.every.seconds > total * secs:
             return "every", (f"interval {rule.every} is longer than the run "
                              f"({format_seconds(total * secs)} of training): it never fires")
     if isinstance(rule, R.EpochEndRule) and rule.every > epochs:
-        return "every", f"every {rule.every} epochs, but the run has {epochs}: it never fires"
+        every = "every epoch" if rule.every == 1 else f"every {rule.every} epochs"
+        return "every", (f"{every}, but {_plural(epochs, 'epoch')} end{'s' if epochs == 1 else ''} in this run "
+                         "(an epoch ends at a multiple of steps_per_epoch): it never fires")
     return None
 
 
@@ -208,8 +226,8 @@ def _retention_findings(report, policy, sim) -> None:
     if retention.keep_every is not None and retention.keep_every > total:
         report.warnings.append(Finding(*_where(policy, "retention", "keep_every"),
                                        f"keep_every {retention.keep_every:,} is longer than the run "
-                                       f"({total:,} steps): it keeps nothing"))
-    if len(sim.saves) > 1 and len(sim.kept) == 1 and sim.kept[0] == sim.saves[-1][0]:
+                                       f"({_plural(total, 'step')}): it keeps nothing"))
+    if sim.complete and len(sim.saves) > 1 and len(sim.kept) == 1 and sim.kept[0] == sim.saves[-1][0]:
         report.warnings.append(Finding(
             *_where(policy, "retention"),
             "retention leaves only the final checkpoint: if it is damaged there is nothing to fall back to; "
@@ -224,20 +242,34 @@ def _fmt_steps(n: int) -> str:
 
 
 def _timeline(sim: Simulation, width: int = TIMELINE_WIDTH) -> str:
-    """One character per 1/width of the run: '.' no save, '|' one, '#' several."""
+    """One character per 1/width of the run: '.' no save, '|' one, '#' several; when the
+    saves are not all listed, '~' where they are counted or unknown, not listed."""
     total = sim.total_steps
     width = min(width, total)
     counts = [0] * width
-    for step, _ in sim.saves:
-        counts[min(width - 1, (step - 1) * width // total)] += 1
-    return "".join("." if c == 0 else "|" if c == 1 else "#" for c in counts)
+    column = lambda step: min(width - 1, (step - 1) * width // total)  # noqa: E731
+    for step, _ in list(sim.saves) + list(sim.last_saves):
+        counts[column(step)] += 1
+    chars = ["." if c == 0 else "|" if c == 1 else "#" for c in counts]
+    if not sim.complete:
+        end = sim.last_saves[0][0] if sim.last_saves else total + 1
+        for i in range(column(sim.listed_to + 1), column(end - 1) + 1 if end - 1 > sim.listed_to else 0):
+            chars[i] = "~" if counts[i] == 0 else chars[i]
+    return "".join(chars)
 
 
 def _run_line(r: Report) -> str:
-    parts = [f"{_fmt_steps(r.total_steps)} steps"]
-    if r.steps_per_epoch:
-        epochs = math.ceil(r.total_steps / r.steps_per_epoch)
-        parts.append(f"{epochs} epoch{'s' if epochs != 1 else ''} of {_fmt_steps(r.steps_per_epoch)}")
+    parts = [_plural(r.total_steps, "step")]
+    spe = r.steps_per_epoch
+    if spe:
+        ended, rest = divmod(r.total_steps, spe)
+        if not ended:
+            parts.append(f"less than one epoch of {_fmt_steps(spe)} (no epoch ends)")
+        elif rest:
+            parts.append(f"{_plural(ended, 'epoch')} of {_fmt_steps(spe)} and {_plural(rest, 'step')} "
+                         "of one that does not end")
+        else:
+            parts.append(f"{_plural(ended, 'epoch')} of {_fmt_steps(spe)}")
     if r.step_seconds:
         parts.append(f"{r.step_seconds:g} s/step ({format_seconds(r.total_steps * r.step_seconds)})")
     return ", ".join(parts) + (f"   (from {r.shape_from})" if r.shape_from else "")
@@ -262,7 +294,16 @@ def render_text(r: Report, show_all: bool, out) -> None:
     print(f"{r.file}: valid, {rules} rule{'s' if rules != 1 else ''}, {guarantee}", file=out)
     if sim is not None:
         print(f"  run      {_run_line(r)}", file=out)
-        print(f"  saves    {len(sim.saves)}", file=out)
+        if sim.complete:
+            print(f"  saves    {len(sim.saves)}", file=out)
+        elif sim.save_count is not None:
+            print(f"  saves    {sim.save_count:,}: counted; the first {len(sim.saves):,} are listed (to step "
+                  f"{sim.listed_to:,})" + (f" and the last {len(sim.last_saves):,}" if sim.last_saves else ""),
+                  file=out)
+        else:
+            print(f"  saves    more than {len(sim.saves):,}: the first {len(sim.saves):,} are listed (to step "
+                  f"{sim.listed_to:,}); the rest cannot be counted for this policy without simulating each",
+                  file=out)
         timed = r.step_seconds is not None
         rows = [(s, reasons) for s, reasons in sim.saves]
         width = max([len(_fmt_steps(s)) for s, _ in rows] + [4])
@@ -273,7 +314,17 @@ def render_text(r: Report, show_all: bool, out) -> None:
             time = f"{format_seconds(sim.time_of(step)):>9}  " if timed else ""
             return f"    {_fmt_steps(step):>{width}}  {time}{', '.join(reasons)}"
 
-        if len(rows) > ELIDE_ABOVE and not show_all:
+        if not sim.complete:
+            shown = rows if show_all else rows[:SHOWN_AT_EACH_END]
+            for s, reasons in shown:
+                print(row(s, reasons), file=out)
+            unlisted = (sim.save_count - len(shown) - len(sim.last_saves)) if sim.save_count is not None else None
+            what = (f"{unlisted:,} more saves, not listed" if unlisted is not None else "more saves, not counted")
+            more = f"; --all lists the first {len(rows):,}" if not show_all and len(rows) > len(shown) else ""
+            print(f"    {'...':>{width}}  {what} (a simulation lists at most {len(rows):,}){more}", file=out)
+            for s, reasons in sim.last_saves[-SHOWN_AT_EACH_END:] if not show_all else sim.last_saves:
+                print(row(s, reasons), file=out)
+        elif len(rows) > ELIDE_ABOVE and not show_all:
             hidden = rows[SHOWN_AT_EACH_END:-SHOWN_AT_EACH_END]
             for s, reasons in rows[:SHOWN_AT_EACH_END]:
                 print(row(s, reasons), file=out)
@@ -284,12 +335,20 @@ def render_text(r: Report, show_all: bool, out) -> None:
         else:
             for s, reasons in rows:
                 print(row(s, reasons), file=out)
-        kept = ", ".join(_fmt_steps(s) for s in sim.kept) or "none"
-        print(f"  kept     {kept}   ({len(sim.kept)} at the end, at most {sim.peak_kept} at once)", file=out)
-        gap = f"{_fmt_steps(sim.max_gap_steps)} steps"
+        upto = "" if sim.complete else f" (at step {sim.listed_to:,}, where the listing stops)"
+        kept = sim.kept if len(sim.kept) <= ELIDE_ABOVE or show_all else sim.kept[-SHOWN_AT_EACH_END:]
+        kept = ("..., " if len(kept) < len(sim.kept) else "") + (", ".join(_fmt_steps(s) for s in kept) or "none")
+        print(f"  kept     {kept}   ({len(sim.kept)} at the end{upto}, at most {sim.peak_kept} at once)", file=out)
+        gap = _plural(sim.max_gap_steps, "step")
         if sim.max_gap_seconds is not None:
             gap += f" ({format_seconds(sim.max_gap_seconds)} of training)"
-        print(f"  max gap  {gap}: the most work a crash can lose", file=out)
+        where = "" if sim.complete else f" in steps 1-{sim.listed_to:,} (not known beyond)"
+        print(f"  max gap  {gap}{where}: the most work a crash can lose", file=out)
+        if not sim.complete and sim.fired_total is not None:
+            counts = sorted(sim.fired_total.items(), key=lambda item: -item[1])
+            shown = counts if show_all or len(counts) <= SHOWN_AT_EACH_END else counts[:SHOWN_AT_EACH_END]
+            rest = f", and {len(counts) - len(shown):,} more reasons (--all lists them)" if len(shown) < len(counts) else ""
+            print(f"  fired    {', '.join(f'{reason} x{n:,}' for reason, n in shown)}{rest}", file=out)
         print(f"  timeline 0 [{_timeline(sim)}] {_fmt_steps(sim.total_steps)}", file=out)
     for n in r.notes:
         print(f"  note: {n.message}", file=out)
@@ -320,6 +379,11 @@ def to_json(r: Report) -> dict:
             max_gap_seconds=sim.max_gap_seconds,
             fired=sim.fired,
             timeline=_timeline(sim),
+            complete=sim.complete,
+            listed_to=sim.listed_to,
+            save_count=sim.save_count,
+            fired_total=sim.fired_total,
+            last_saves=[{"step": s, "time": sim.time_of(s), "reasons": list(reasons)} for s, reasons in sim.last_saves],
         )
     return doc
 
@@ -335,12 +399,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _positive_int(text: str) -> int:
+    digits = text.strip().replace("_", "")
+    if len(digits) > 30:  # int() of a huge string is slow; no step count is this long
+        raise argparse.ArgumentTypeError(f"must be at most {steps_text(MAX_STEPS)}, got a {len(digits)}-digit number")
     try:
-        value = int(text.replace("_", ""))
+        value = int(digits)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value > MAX_STEPS:
+        raise argparse.ArgumentTypeError(f"must be at most {steps_text(MAX_STEPS)}, got {value:,}")
     return value
 
 

@@ -44,7 +44,7 @@ from .rules import (
     OnSignalRule, PiecewiseRule, RuleModel, TailRule, WindowRule, describe,
 )
 
-INF = 1 << 62
+INF = 1 << 64  # beyond any step (steps are at most 2^63 - 1)
 _NEVER = math.inf
 
 
@@ -114,14 +114,15 @@ class Piecewise(Node):
     def __init__(self, segments):
         # (every, low, high): fires at multiples of every in (low, high]
         self.segments = segments
+        self.highs = [high for _, _, high in segments]  # increasing: found by bisection
 
     def fires(self, p, run):
         return self.next_step(run._prev, run) <= p.step
 
     def next_step(self, after, run):
-        for every, low, high in self.segments:
-            if high <= after:
-                continue
+        segments = self.segments
+        for i in range(bisect_right(self.highs, after), len(segments)):
+            every, low, high = segments[i]
             start = max(after, low)
             candidate = (start // every + 1) * every
             if candidate <= high:
@@ -246,15 +247,12 @@ class EpochEnd(Node):
         if shape is None:
             return INF  # a live run: epoch ends are events
         total, per_epoch = shape.total_steps, shape.steps_per_epoch
-        best = INF
-        if per_epoch:
-            stride = per_epoch * self.every  # the end of every `every`-th epoch
-            best = (after // stride + 1) * stride
-            last_epoch = (total - 1) // per_epoch
-            if (last_epoch + 1) % self.every == 0 and total > after:
-                best = min(best, total)  # a last, partial epoch ends at the last step
-        elif self.every == 1 and total > after:
-            best = total  # the whole run is one epoch
+        if not per_epoch:
+            return INF  # no epoch length: no epoch ends are simulated
+        # As in the reference loop, an epoch ends at a multiple of steps_per_epoch
+        # and nowhere else: a run that stops mid-epoch ends no epoch at its last step.
+        stride = per_epoch * self.every  # the end of every `every`-th epoch
+        best = (after // stride + 1) * stride
         return best if best <= total else INF
 
 

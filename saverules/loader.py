@@ -14,6 +14,7 @@ from typing import List
 from pydantic import ValidationError
 
 from .errors import Diagnostic, PolicyError, dotted
+from .limits import MAX_FILE_BYTES, MAX_NESTING, MAX_RULES
 from .locate import key_positions, locate
 from .policy import KeepBest, Policy, Retention, RunShape, Storage
 from .rules import RULE_KINDS, Segment
@@ -51,6 +52,11 @@ def _message(error: dict) -> str:
     ctx = error.get("ctx") or {}
     if kind == "union_tag_invalid":
         tag = ctx.get("tag")
+        given = error.get("input")
+        value = given.get("kind") if isinstance(given, dict) else tag
+        if not isinstance(value, str):
+            return (f"kind must be a string, got {_type_name(value)} {value!r}; "
+                    f"write kind = \"...\" with one of: {', '.join(RULE_KINDS)}")
         return f"unknown rule kind {tag!r}{_suggest(tag, RULE_KINDS)} (kinds: {', '.join(RULE_KINDS)})"
     if kind == "union_tag_not_found":
         return f"this rule has no `kind`; add kind = \"...\" with one of: {', '.join(RULE_KINDS)}"
@@ -74,6 +80,36 @@ def _message(error: dict) -> str:
     return message
 
 
+def _type_name(value) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a float", list: "an array", dict: "a table"}.get(
+        type(value), type(value).__name__)
+
+
+def compact_path(where: tuple) -> str:
+    """A key path, with a run of repeated levels written once with its count:
+    ``rules[0].rule.rule.rule.rule`` is ``rules[0](.rule x4)``."""
+    parts = [f"[{p}]" if isinstance(p, int) else f".{p}" for p in where]
+    out, i = [], 0
+    while i < len(parts):
+        for period in (1, 2):
+            unit = parts[i:i + period]
+            n = 1
+            while parts[i + n * period:i + (n + 1) * period] == unit:
+                n += 1
+            if len(unit) == period and n >= 4:
+                start, count = i, n
+                if i == 0:  # the path's head is written out: rules[0](.rules[0] x3)
+                    out.extend(unit)
+                    count -= 1
+                out.append(f"({''.join(unit)} x{count})")
+                i = start + n * period
+                break
+        else:
+            out.append(parts[i])
+            i += 1
+    return "".join(out).lstrip(".") or "<document>"
+
+
 def diagnostics_from_validation(exc: ValidationError, source: str, positions) -> List[Diagnostic]:
     out = []
     seen = set()
@@ -84,7 +120,7 @@ def diagnostics_from_validation(exc: ValidationError, source: str, positions) ->
         line, col = locate(positions, loc)
         where = _strip_tags(loc)
         message = _message(error)
-        text = f"{dotted(where)}: {message}" if where else message
+        text = f"{compact_path(where)}: {message}" if where else message
         if (line, col, text) not in seen:
             seen.add((line, col, text))
             out.append(Diagnostic(source, line, col, text))
@@ -107,12 +143,104 @@ def _syntax_error(exc: Exception, source: str, text: str) -> Diagnostic:
     return Diagnostic(source, line, max(col, 1), f"TOML syntax: {message}")
 
 
+# Strings and comments, whose brackets do not nest, and the brackets that do.
+_TOKENS = re.compile(
+    r'"""(?:[^"\\]|\\[\s\S]|"(?!""))*"{3,5}'
+    r"|'''(?:[^']|'(?!''))*'{3,5}"
+    r'|"(?:[^"\\\n]|\\.)*"'
+    r"|'[^'\n]*'"
+    r"|#[^\n]*"
+    r"|[\[\]{}]"
+)
+
+
+def _nesting(text: str):
+    """(deepest nesting of brackets, offset where it first passes MAX_NESTING or None)."""
+    depth = deepest = 0
+    crossed = None
+    for match in _TOKENS.finditer(text):
+        ch = match.group()
+        if ch in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if depth > MAX_NESTING and crossed is None:
+                    crossed = match.start()
+        elif ch in "]}":
+            depth -= 1
+    return deepest, crossed
+
+
+def _too_deep(depth: int) -> str:
+    return (f"tables and arrays are nested {depth} levels deep here; the limit is {MAX_NESTING} "
+            "(each `not` takes one level, each `all` / `any` two): flatten the rules")
+
+
+def _data_depth(data):
+    """(path to the first value nested deeper than MAX_NESTING, the deepest nesting) in parsed
+    data, or None.  Depths count as brackets do: the two levels of a top-level
+    ``[[rules]]`` (its array and its table) are not counted, as a header writes them."""
+    limit = MAX_NESTING + 2
+    stack = [(data, (), 0)]
+    first, deepest = None, 0
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > deepest:
+            deepest = depth
+        if depth > limit and first is None:
+            first = path
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, child in items:
+            if isinstance(child, (dict, list)):
+                stack.append((child, path + (key,), depth + 1))
+    return None if first is None else (first, deepest - 2)
+
+
+def _count_rules(data) -> tuple:
+    """(number of rules, nested ones included; the index of the top-level rule that passes MAX_RULES)."""
+    rules = data.get("rules") if isinstance(data, dict) else None
+    if not isinstance(rules, list):
+        return 0, None
+    count, crossed = 0, None
+    for index, top in enumerate(rules):
+        stack = [top]
+        while stack:
+            rule = stack.pop()
+            count += 1
+            if isinstance(rule, dict):
+                inner = rule.get("rules")
+                if isinstance(inner, list):
+                    stack.extend(inner)
+                if isinstance(rule.get("rule"), dict):
+                    stack.append(rule["rule"])
+        if count > MAX_RULES and crossed is None:
+            crossed = index
+    return count, crossed
+
+
+def _check_size(size: int, source: str, unit: str = "bytes") -> None:
+    if size > MAX_FILE_BYTES:
+        raise PolicyError([Diagnostic(
+            source, 1, 1,
+            f"the policy is {size:,} {unit} long; the limit is {MAX_FILE_BYTES:,} {unit} (1 MiB): "
+            "a policy needs a few kilobytes, so this is probably not a policy file")])
+
+
 def loads(text: str, source: str = "<string>") -> Policy:
     """Parse and validate a policy from TOML text."""
     if isinstance(text, bytes):
+        _check_size(len(text), source)
         return loads(_decode(text, source), source)
     if not isinstance(text, str):
         raise PolicyError([Diagnostic(source, 1, 1, f"expected TOML text, got {type(text).__name__}")])
+    _check_size(len(text), source, "characters")
+    if text.startswith("\ufeff"):
+        text = text[1:]  # a UTF-8 byte order mark, as some Windows editors write
+    depth, crossed = _nesting(text)
+    if crossed is not None:
+        line = text.count("\n", 0, crossed) + 1
+        col = crossed - (text.rfind("\n", 0, crossed) + 1) + 1
+        raise PolicyError([Diagnostic(source, line, col, _too_deep(depth))])
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -120,6 +248,17 @@ def loads(text: str, source: str = "<string>") -> Policy:
     except Exception as exc:  # tomllib may raise other errors on pathological input
         raise PolicyError([Diagnostic(source, 1, 1, f"TOML syntax: {exc}")]) from None
     positions = key_positions(text)
+    deep = _data_depth(data)
+    if deep is not None:  # nested through table headers such as [rules.rule.rule]
+        path, depth = deep
+        line, col = locate(positions, path)
+        raise PolicyError([Diagnostic(source, line, col, f"{compact_path(path)}: {_too_deep(depth)}")])
+    count, crossed = _count_rules(data)
+    if crossed is not None:
+        line, col = locate(positions, ("rules", crossed))
+        raise PolicyError([Diagnostic(
+            source, line, col,
+            f"rules[{crossed}]: the policy has {count:,} rules (nested rules included); the limit is {MAX_RULES:,}")])
     try:
         policy = Policy.model_validate(data)
     except ValidationError as exc:
@@ -148,7 +287,10 @@ def load(path: "str | os.PathLike[str]") -> Policy:
     source = os.fspath(path)
     try:
         with open(source, "rb") as handle:
-            data = handle.read()
+            data = handle.read(MAX_FILE_BYTES + 1)  # never more than the limit and a byte
+            if len(data) > MAX_FILE_BYTES:
+                size = os.fstat(handle.fileno()).st_size
+                _check_size(max(size, len(data)), source)
     except OSError as exc:
         raise PolicyError([Diagnostic(source, 1, 1, f"cannot read the file: {exc.strerror or exc}")]) from None
     return loads(_decode(data, source), source)

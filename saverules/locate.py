@@ -8,6 +8,7 @@ array element, keyed by the same path pydantic reports in its errors:
 """
 from __future__ import annotations
 
+from bisect import bisect_right
 from typing import Dict, Tuple
 
 Path = Tuple[object, ...]
@@ -25,14 +26,8 @@ class _Scanner:
 
     # -- helpers --------------------------------------------------------------
     def where(self, offset: int) -> Tuple[int, int]:
-        lo, hi = 0, len(self.line_starts) - 1
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if self.line_starts[mid] <= offset:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo + 1, offset - self.line_starts[lo] + 1
+        line = bisect_right(self.line_starts, offset) - 1  # the last line starting at or before offset
+        return line + 1, offset - self.line_starts[line] + 1
 
     def record(self, path: Path, offset: int) -> None:
         self.positions.setdefault(path, self.where(offset))

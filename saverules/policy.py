@@ -13,6 +13,7 @@ from typing import Annotated, Any, Callable, Dict, Literal, Mapping, Optional, S
 
 from pydantic import BeforeValidator, PlainValidator, PrivateAttr, WithJsonSchema, field_validator
 
+from .limits import SAVE_LIMIT
 from .progress import Checkpoint
 from .quantities import Count, PositiveReal
 from .rules import Model, Name, Rule, _as_tuple
@@ -105,7 +106,9 @@ class Storage(Model):
         fields = [f for f, _ in parsed]
         for field, spec in parsed:
             # a width such as {step:99999999} would render an enormous name
-            if any(len(digits) > 3 or int(digits) > _MAX_NAME for digits in re.findall(r"\d+", spec)):
+            # (a leading 0 is the zero-padding flag: "{step:0255d}" is 255 wide)
+            widths = (digits.lstrip("0") or "0" for digits in re.findall(r"\d+", spec))
+            if any(len(width) > 3 or int(width) > _MAX_NAME for width in widths):
                 raise ValueError(
                     f"the format of {{{field}}} asks for a width beyond {_MAX_NAME} characters, "
                     "longer than a directory name can be"
@@ -192,8 +195,13 @@ class Policy(Model):
         steps_per_epoch: Optional[int] = None,
         step_seconds: Optional[float] = None,
         metrics: Optional[Callable[[int], Optional[Mapping[str, float]]]] = None,
+        max_saves: Optional[int] = SAVE_LIMIT,
     ):
-        """Simulate a run of this shape without training; see :mod:`saverules.simulate`."""
+        """Simulate a run of this shape without training; see :mod:`saverules.simulate`.
+
+        At most ``max_saves`` saves are listed (``None``: every save, however
+        many); the rest are counted, see :attr:`~saverules.simulate.Simulation.complete`.
+        """
         from .simulate import simulate
 
-        return simulate(self, total_steps, steps_per_epoch, step_seconds, metrics)
+        return simulate(self, total_steps, steps_per_epoch, step_seconds, metrics, max_saves)

@@ -14,6 +14,8 @@ from typing import Annotated, Union
 
 from pydantic import PlainSerializer, PlainValidator, WithJsonSchema
 
+from .limits import MAX_STEPS, steps_text
+
 ZERO_IS_NOT_OFF = "0 does not mean 'off' here: to disable a rule, remove it"
 
 _SHARE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*%\s*")
@@ -82,6 +84,8 @@ def _step_validator(minimum: int, allow_share: bool = True):
         if value < minimum:
             hint = f"; {ZERO_IS_NOT_OFF}" if value == 0 else ""
             raise ValueError(f"must be at least {minimum}, got {value}{hint}")
+        if value > MAX_STEPS:
+            raise ValueError(f"must be at most {steps_text(MAX_STEPS)}, got {value:,}")
         return value
 
     return validate
@@ -93,7 +97,7 @@ def _serialize_step(value: StepValue) -> int | str:
 
 _STEP_SCHEMA = {
     "anyOf": [
-        {"type": "integer", "minimum": 1},
+        {"type": "integer", "minimum": 1, "maximum": MAX_STEPS},
         {"type": "string", "pattern": r"^\d+(\.\d+)?%$", "description": 'a share of the run, e.g. "5%"'},
     ]
 }
@@ -110,13 +114,13 @@ StepBound = Annotated[
     StepValue,
     PlainValidator(_step_validator(0)),
     PlainSerializer(_serialize_step),
-    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 0}, _STEP_SCHEMA["anyOf"][1]]}),
+    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 0, "maximum": MAX_STEPS}, _STEP_SCHEMA["anyOf"][1]]}),
 ]
 #: A positive whole number (no shares).
 Count = Annotated[
     int,
     PlainValidator(_step_validator(1, allow_share=False)),
-    WithJsonSchema({"type": "integer", "minimum": 1}),
+    WithJsonSchema({"type": "integer", "minimum": 1, "maximum": MAX_STEPS}),
 ]
 
 

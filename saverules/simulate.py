@@ -8,6 +8,14 @@ the decider is told they passed before the next decision, which then sees
 exactly what it would see in a per-step run.  A 10^9-step run
 costs about as many decisions as it has saves.  With a ``metrics``
 callable every step is visited, since any step may report a metric.
+
+A simulation lists at most ``max_saves`` saves (:data:`~saverules.limits.SAVE_LIMIT`
+by default).  A run with more stops there: :attr:`Simulation.complete` is
+false, the listed saves, what is kept and the largest gap describe steps
+1..:attr:`Simulation.listed_to`, and :attr:`Simulation.save_count` is the
+number of saves in the whole run, counted by arithmetic
+(:mod:`saverules.count`) where the policy allows it and ``None`` where it does
+not.
 """
 from __future__ import annotations
 
@@ -15,6 +23,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
+from .count import plan_rest
+from .limits import MAX_STEPS, SAVE_LIMIT, steps_text
 from .progress import Checkpoint, Progress
 from .quantities import format_seconds
 from .retention import explain_retention
@@ -35,6 +45,26 @@ class Simulation:
     max_gap_seconds: Optional[float]
     peak_kept: int
     fired: Dict[str, int] = field(default_factory=dict)
+    #: False when the run has more saves than were listed (see the module's docs).
+    complete: bool = True
+    #: The last step the listed saves, ``kept``, ``peak_kept`` and the gaps cover.
+    listed_to: int = 0
+    #: Saves in the whole run: ``len(saves)`` when complete, else counted, or None if unknown.
+    save_count: Optional[int] = None
+    #: Saves per reason in the whole run (``fired`` when complete; counted, or None if unknown).
+    fired_total: Optional[Dict[str, int]] = None
+    #: When incomplete and counted: the saves at the very end of the run, simulated after the count.
+    last_saves: List[Tuple[int, Tuple[str, ...]]] = field(default_factory=list)
+    #: When incomplete and counted: the step of the run's last save (None: no save at all).
+    last_saved: Optional[int] = None
+
+    def __post_init__(self):
+        if self.complete:
+            self.listed_to = self.listed_to or self.total_steps
+            if self.save_count is None:
+                self.save_count = len(self.saves)
+            if self.fired_total is None:
+                self.fired_total = dict(self.fired)
 
     @property
     def saved_steps(self) -> List[int]:
@@ -44,24 +74,35 @@ class Simulation:
         return None if self.step_seconds is None else step * self.step_seconds
 
     @property
-    def unsaved_tail(self) -> int:
-        """Trained steps after the last save: work that exists in no checkpoint."""
-        return self.total_steps - (self.saves[-1][0] if self.saves else 0)
+    def unsaved_tail(self) -> Optional[int]:
+        """Trained steps after the last save: work that exists in no checkpoint (None when
+        the listing stops before the end of the run)."""
+        if self.complete:
+            return self.total_steps - (self.saves[-1][0] if self.saves else 0)
+        if self.save_count is None:
+            return None
+        return self.total_steps - (self.last_saved or 0)
 
     def summary(self) -> str:
-        gap = f"{self.max_gap_steps} steps" + (
+        gap = f"{self.max_gap_steps} step{'' if self.max_gap_steps == 1 else 's'}" + (
             f" ({format_seconds(self.max_gap_seconds)})" if self.max_gap_seconds is not None else ""
         )
+        if not self.complete:
+            count = "an unknown number of" if self.save_count is None else f"{self.save_count:,}"
+            return (f"{count} saves (the first {len(self.saves):,} listed, to step {self.listed_to:,}); "
+                    f"to there {len(self.kept)} kept, largest gap {gap}")
         return f"{len(self.saves)} saves, {len(self.kept)} kept, largest gap {gap}"
 
 
 def progress_at(step: int, total: int, steps_per_epoch: Optional[int], step_seconds: Optional[float], metrics=None):
     """The Progress a loop of this shape reports after optimizer step ``step``."""
     if steps_per_epoch:
+        # as in the reference loop: an epoch ends at a multiple of steps_per_epoch
+        # only; a run that stops mid-epoch does not end one at its last step
         epoch = (step - 1) // steps_per_epoch
-        epoch_end = step % steps_per_epoch == 0 or step == total
+        epoch_end = step % steps_per_epoch == 0
     else:
-        epoch, epoch_end = 0, step == total
+        epoch, epoch_end = 0, False  # no epoch length, no simulated epoch ends
     return Progress(
         step=step,
         total_steps=total,
@@ -96,22 +137,28 @@ class _Shape:
         self.total_steps, self.steps_per_epoch, self.step_seconds = total_steps, steps_per_epoch, step_seconds
 
 
-def simulate(policy, total_steps, steps_per_epoch=None, step_seconds=None, metrics: Optional[MetricsFn] = None):
+def simulate(policy, total_steps, steps_per_epoch=None, step_seconds=None, metrics: Optional[MetricsFn] = None,
+             max_saves: Optional[int] = SAVE_LIMIT):
     for name, value in (("total_steps", total_steps), ("steps_per_epoch", steps_per_epoch)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if value is not None and value > MAX_STEPS:
+            raise ValueError(f"{name} must be at most {steps_text(MAX_STEPS)}, got {value:,}")
+    if max_saves is not None and (isinstance(max_saves, bool) or not isinstance(max_saves, int) or max_saves < 1):
+        raise ValueError(f"max_saves must be a positive integer or None, got {max_saves!r}")
     if total_steps is None:
         raise ValueError("total_steps is required to simulate a run")
     if step_seconds is not None and not (isinstance(step_seconds, (int, float)) and 0 < step_seconds < math.inf):
         raise ValueError(f"step_seconds must be a positive number, got {step_seconds!r}")
 
     decider = policy.compile(total_steps)
-    decider._sim = _Shape(total_steps, steps_per_epoch, step_seconds)
+    decider._simulate(_Shape(total_steps, steps_per_epoch, step_seconds))
     saves: List[Tuple[int, Tuple[str, ...]]] = []
     fired: Dict[str, int] = {}
     kept: List[Checkpoint] = []
     peak = 0
     step = 0
+    overflow = False
     while step < total_steps:
         if metrics is not None:
             nxt = step + 1
@@ -127,6 +174,9 @@ def simulate(policy, total_steps, steps_per_epoch=None, step_seconds=None, metri
         decision = decider(progress_at(step, total_steps, steps_per_epoch, step_seconds, reported))
         if not decision.save:
             continue
+        if max_saves is not None and len(saves) >= max_saves:
+            overflow = True  # one save more than are listed: the rest is counted below
+            break
         saves.append((step, decision.reasons))
         for reason in decision.reasons:
             fired[reason] = fired.get(reason, 0) + 1
@@ -137,10 +187,20 @@ def simulate(policy, total_steps, steps_per_epoch=None, step_seconds=None, metri
             _prune(policy.retention, kept, incremental=policy.retention.keep_best is None or metrics is None)
         peak = max(peak, len(kept))
 
+    complete = not overflow
+    listed_to = step - 1 if overflow else total_steps  # every save up to here is listed
     bounds = [0] + [s for s, _ in saves]
-    if bounds[-1] != total_steps:
-        bounds.append(total_steps)
+    if bounds[-1] != listed_to:
+        bounds.append(listed_to)
     max_gap = max(b - a for a, b in zip(bounds, bounds[1:]))
+    save_count = fired_total = None
+    last_saves: List[Tuple[int, Tuple[str, ...]]] = []
+    last_saved = None
+    if not complete and metrics is None:
+        counted = _count_rest(policy, decider._compiled, saves, fired, listed_to, total_steps, steps_per_epoch,
+                              step_seconds, max_saves)
+        if counted is not None:
+            save_count, fired_total, last_saves, last_saved = counted
     return Simulation(
         total_steps=total_steps,
         steps_per_epoch=steps_per_epoch,
@@ -151,4 +211,53 @@ def simulate(policy, total_steps, steps_per_epoch=None, step_seconds=None, metri
         max_gap_seconds=None if step_seconds is None else max_gap * step_seconds,
         peak_kept=peak,
         fired=fired,
+        complete=complete,
+        listed_to=listed_to,
+        save_count=len(saves) if complete else save_count,
+        fired_total=dict(fired) if complete else fired_total,
+        last_saves=last_saves,
+        last_saved=None if complete else last_saved,
     )
+
+
+def _count_rest(policy, compiled, saves, fired, listed_to, total_steps, steps_per_epoch, step_seconds, max_saves):
+    """(saves in the run, saves per reason, the last saves, the last saved step) once the
+    listing stopped at ``listed_to``: counted by arithmetic as far as the rules allow, then
+    simulated to the end; None if that is not possible within the limits."""
+    rest = plan_rest(compiled, total_steps, steps_per_epoch, step_seconds, listed_to,
+                     saves[-1][0] if saves else None)
+    if rest is None:
+        return None
+    count = len(saves) + rest.count
+    by_reason = dict(fired)
+    for reason, n in rest.by_reason.items():
+        by_reason[reason] = by_reason.get(reason, 0) + n
+    last_saves = []
+    if rest.upto < total_steps:
+        # the end of the run, where rules that depend on the last save may fire: simulate it
+        # from the counted stretch's end, as a per-step run would stand there, with a fresh
+        # decider (no rule has seen the steps beyond listed_to)
+        decider = policy.compile(total_steps)
+        decider._sim = _Shape(total_steps, steps_per_epoch, step_seconds)
+        decider._prev = rest.upto
+        if step_seconds is not None:
+            decider._last_save_time = step_seconds  # the clock starts at the first decision
+        if rest.last_save is not None:
+            decider._last_save_step = rest.last_save
+            if step_seconds is not None:
+                decider._last_save_time = rest.last_save * step_seconds
+        decider._refresh()
+        step = rest.upto
+        while step < total_steps:
+            if max_saves is not None and len(last_saves) >= max_saves:
+                return None
+            step = max(min(decider._next_fire(), total_steps), step + 1)
+            decider._skip_to(step - 1)
+            decision = decider(progress_at(step, total_steps, steps_per_epoch, step_seconds))
+            if decision.save:
+                last_saves.append((step, decision.reasons))
+                for reason in decision.reasons:
+                    by_reason[reason] = by_reason.get(reason, 0) + 1
+        count += len(last_saves)
+    last_saved = last_saves[-1][0] if last_saves else rest.last_save
+    return count, by_reason, last_saves, last_saved

@@ -25,7 +25,11 @@ from saverules.rules import (
 )
 from saverules.simulate import progress_at
 
-__all__ = ["Oracle", "oracle_run", "oracle_saves", "oracle_retain", "oracle_simulation", "NoTotal"]
+__all__ = ["BackwardsStep", "Oracle", "oracle_run", "oracle_saves", "oracle_retain", "oracle_simulation", "NoTotal"]
+
+
+class BackwardsStep(Exception):
+    """A decision asked for a step below the previous one (steps never go backwards)."""
 
 
 class NoTotal(Exception):
@@ -70,6 +74,8 @@ class Oracle:
 
     # -- one decision -----------------------------------------------------------
     def decide(self, p: Progress) -> Tuple[bool, Tuple[str, ...]]:
+        if p.step < self.prev:
+            raise BackwardsStep(p.step, self.prev)  # refused before anything changes
         if p.total_steps is not None:
             self.total = p.total_steps
         if self.clock_anchor is None and p.time is not None:
@@ -313,7 +319,12 @@ class OracleSimulation:
 
 
 def oracle_simulation(policy, total_steps: int, steps_per_epoch=None, step_seconds=None, metrics=None):
-    """Brute force: decide at every step 1..total_steps, applying retention after each save."""
+    """Brute force: decide at every step 1..total_steps, applying retention after each save.
+
+    The loop's Progress at each step is :func:`saverules.simulate.progress_at`'s, which
+    reads epoch ends as the reference loop reports them: at multiples of
+    ``steps_per_epoch`` only (none without it), never at a last step that ends no epoch.
+    No save is left unlisted here, however many there are."""
     oracle = Oracle(policy, total_steps)
     saves: List[Tuple[int, Tuple[str, ...]]] = []
     kept: List[Checkpoint] = []

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-ALL = ["decide", "simulate", "startup", "save", "loop"]
+ALL = ["decide", "simulate", "check", "startup", "save", "loop"]
 ROW_KEYS = {"benchmark", "name", "value", "unit", "ratio", "vs", "goal", "met", "extrapolated", "note", "samples"}
 
 
@@ -117,5 +117,5 @@ def test_unknown_benchmark_is_a_clear_error():
     proc = _run("--only", "decide,nosuch")
     assert proc.returncode == 2
     assert "unknown benchmark(s) nosuch" in proc.stderr
-    assert "decide, simulate, startup, save, loop" in proc.stderr
+    assert ", ".join(ALL) in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -12,6 +12,7 @@ from oracle import oracle_saves
 from saverules import Checkpoint, Policy, PolicyError, Progress, loads
 from saverules.policy import Retention
 from saverules.quantities import Share
+from saverules.simulate import progress_at
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,12 +55,25 @@ def test_legacy_policy_without_the_guarantee_loses_the_tail():
     assert sim.unsaved_tail == 19998 and sim.max_gap_steps == 20000
 
 
-def test_epoch_ends_including_a_last_partial_epoch():
+def test_simulated_epoch_ends_are_the_reference_loops_multiples_of_steps_per_epoch_only():
+    # as in saverules/minimind/train.py: an epoch ends at a multiple of steps_per_epoch;
+    # a run that stops mid-epoch (--max_steps) ends no epoch at its last step
     p = policy('kind = "epoch_end"', head="final = false")
-    assert saved(p, 350, steps_per_epoch=100) == [100, 200, 300, 350]
+    assert saved(p, 350, steps_per_epoch=100) == [100, 200, 300]
+    assert saved(p, 400, steps_per_epoch=100) == [100, 200, 300, 400]
     every_other = policy('kind = "epoch_end"\nevery = 2', head="final = false")
-    assert saved(every_other, 350, steps_per_epoch=100) == [200, 350]  # epochs 1 and 3 (0-based) end there
-    assert saved(p, 350) == [350]  # without epochs, the whole run is one epoch
+    assert saved(every_other, 350, steps_per_epoch=100) == [200]  # epoch 1 (0-based) ends there; 3 never ends
+    assert saved(every_other, 400, steps_per_epoch=100) == [200, 400]
+    assert saved(p, 350) == []  # without steps_per_epoch no epoch ends are simulated
+    assert saved(p, 1) == []  # the 1-step run of the issue: no epoch ended, nothing saved
+    assert saved(p, 1, steps_per_epoch=1) == [1]
+
+
+def test_simulated_epoch_ends_match_the_progress_a_loop_reports():
+    for total, per_epoch in ((350, 100), (400, 100), (7, 3), (1, 5), (10, 1)):
+        ends = [s for s in range(1, total + 1) if progress_at(s, total, per_epoch, None).epoch_end]
+        assert ends == list(range(per_epoch, total + 1, per_epoch))
+        assert not any(progress_at(s, total, None, None).epoch_end for s in range(1, total + 1))
 
 
 def test_tail_sequence_from_the_issue():
@@ -513,3 +527,67 @@ def test_simulating_a_clock_rule_behind_an_epoch_rule_visits_few_steps():
     assert sim.saved_steps == list(range(200_000, 2_000_001, 200_000))
     small = p.simulate(5000, steps_per_epoch=700, step_seconds=100.0)
     assert small.saves == oracle_saves(p, 5000, 700, 100.0)
+
+
+# -- more saves than a simulation lists -------------------------------------------------------
+
+
+def test_a_capped_simulation_of_the_default_policy_counts_what_the_full_one_lists():
+    p = saverules.load(ROOT / "rules" / "default.toml")
+    full = p.simulate(10**8, steps_per_epoch=20_000, step_seconds=0.4, max_saves=None)
+    capped = p.simulate(10**8, steps_per_epoch=20_000, step_seconds=0.4, max_saves=1000)
+    assert full.complete and full.fired["epoch_end"] == 5000 and len(full.saves) > 5000
+    assert not capped.complete and capped.saves == full.saves[:1000]
+    assert capped.save_count == len(full.saves) and capped.fired_total == full.fired
+    assert capped.last_saves == full.saves[-len(capped.last_saves):] and capped.last_saves[-1][0] == 10**8
+    assert capped.unsaved_tail == 0 and capped.summary().startswith(f"{len(full.saves):,} saves (the first 1,000")
+
+
+def test_a_clock_rule_behind_a_denser_step_rule_never_fires_and_is_counted():
+    # every 7 steps at 1 s a step is a save every 7 s: a 10 s clock rule never comes due
+    p = policy('kind = "every_time"\nevery = "10s"', 'kind = "every_steps"\nevery = 7')
+    sim = p.simulate(10**8, step_seconds=1.0, max_saves=100)
+    assert sim.save_count == 10**8 // 7 + 1 and sim.fired_total == {"every_steps(every=7)": 10**8 // 7, "final": 1}
+    small = p.simulate(7000, step_seconds=1.0, max_saves=None)
+    assert "every_time(every=10s)" not in small.fired and len(small.saves) == 1000
+    p = policy('kind = "every_time"\nevery = "10s"', 'kind = "every_steps"\nevery = 13')
+    assert p.simulate(10**8, step_seconds=1.0, max_saves=100).save_count is None  # it may fire: not counted
+
+
+def test_simulate_refuses_a_run_beyond_2_63_minus_1_and_a_bad_cap():
+    p = policy('kind = "every_steps"\nevery = 10')
+    with pytest.raises(ValueError, match=r"total_steps must be at most 9,223,372,036,854,775,807 \(2\^63-1\)"):
+        p.simulate(1 << 63)
+    with pytest.raises(ValueError, match="max_saves must be a positive integer or None"):
+        p.simulate(100, max_saves=0)
+    sim = p.simulate((1 << 63) - 1)
+    assert sim.save_count == ((1 << 63) - 1) // 10 + 1 and sim.saves[:2] == [(10, ("every_steps(every=10)",)),
+                                                                              (20, ("every_steps(every=10)",))]
+
+
+def test_a_decision_with_thousands_of_rules_evaluates_only_those_due():
+    rules = [f'kind = "every_steps"\nevery = {1000 + i}' for i in range(3000)]
+    p = policy(*rules, 'kind = "on_signal"')
+    d = p.compile(10**6)
+    calls = []
+    for node, _ in d._compiled:
+        fires = node.fires
+        node.fires = lambda prog, run, fires=fires, node=node: calls.append(node) or fires(prog, run)
+    assert d(Progress(1000, 10**6)).reasons == ("every_steps(every=1000)",)
+    assert len(calls) == 1  # not the 2,999 others nor final
+    calls.clear()
+    assert d(Progress(1001, 10**6, signal="SIGTERM")).reasons == ("every_steps(every=1001)", "on_signal")
+    assert len(calls) == 2
+
+
+def test_a_new_total_is_judged_at_the_very_step_that_brings_it():
+    # final and tail bounds move with the total: a decision that repeats the previous
+    # step with a new total must evaluate them there, not only from the next step on
+    d = policy(head="final = true").compile()
+    assert not d(Progress(14)).save
+    d.note_save(14)
+    assert not d(Progress(14, total_steps=1)).save  # the total is reached here; step 14 is saved already
+    assert not d(Progress(15)).save  # so final does not fire again at 15
+    d = policy('kind = "tail"\ninterval = 5', head="final = false").compile()
+    assert not d(Progress(10)).save
+    assert d(Progress(10, total_steps=12)).reasons == ("tail(interval=5)",)

@@ -17,6 +17,7 @@ from saverules.policy import Retention
 from saverules.simulate import progress_at
 from strategies import (
     METRICS, durations, has_shares, intervals, metric_functions, policy_docs, progress_sequences, replay, retentions, shares,
+    step_rules,
     step_counts, step_policy_docs,
 )
 
@@ -423,3 +424,68 @@ def test_peak_kept_is_at_most_keep_last_plus_pinned(doc, total, steps_per_epoch,
     assert set(sim.kept) <= set(sim.saved_steps)
     if sim.saves:
         assert sim.kept[-1] == sim.saved_steps[-1]
+
+
+# -- many rules: a decision looks only at the rules that can fire ----------------------------
+
+
+@given(st.data())
+def test_decider_with_many_rules_matches_oracle(data):
+    """Policies of dozens of rules: the decider evaluates only the rules whose bound has come
+    or whose event the Progress carries, and must decide exactly as the oracle, which
+    evaluates every rule at every decision."""
+    total = data.draw(st.none() | st.integers(1, 400))
+    doc = data.draw(policy_docs(with_shares=total is not None, max_rules=60))
+    doc["rules"] += data.draw(st.lists(step_rules(), min_size=10, max_size=40))
+    items = data.draw(progress_sequences(total, max_len=60))
+    policy = Policy.model_validate(doc)
+    assert _run_engine(policy, items, total) == _run_oracle(policy, items, total)
+
+
+# -- more saves than a simulation lists: the rest counted exactly, or said to be unknown ---
+
+
+@given(sim_cases(long_max=200_000), st.integers(1, 40))
+def test_a_capped_simulation_lists_a_prefix_and_counts_the_rest_exactly(case, cap):
+    doc, total, steps_per_epoch, seconds, _ = case
+    policy = Policy.model_validate(doc)
+    full = policy.simulate(total, steps_per_epoch, seconds, max_saves=None)
+    capped = policy.simulate(total, steps_per_epoch, seconds, max_saves=cap)
+    assert full.complete and full.save_count == len(full.saves) and full.fired_total == full.fired
+    if len(full.saves) <= cap:
+        assert capped.complete and capped.saves == full.saves and capped.kept == full.kept
+        return
+    assert not capped.complete
+    assert capped.saves == full.saves[:cap] and capped.listed_to == full.saves[cap][0] - 1  # up to the next save
+    if capped.save_count is None:  # unknown: said so, never a wrong number
+        assert capped.fired_total is None and capped.unsaved_tail is None
+        return
+    assert capped.save_count == len(full.saves)
+    assert capped.fired_total == full.fired
+    assert capped.unsaved_tail == full.unsaved_tail
+    if capped.last_saves:
+        assert capped.last_saves == full.saves[-len(capped.last_saves):]
+
+
+@given(step_policy_docs(), st.integers(1, 400), st.none() | st.integers(1, 40), st.integers(1, 5))
+def test_capped_simulation_of_step_rules_counts_like_brute_force(doc, total, steps_per_epoch, cap):
+    policy = Policy.model_validate(doc)
+    ref = oracle_simulation(policy, total, steps_per_epoch)
+    sim = policy.simulate(total, steps_per_epoch, max_saves=cap)
+    assert sim.saves == ref.saves[:cap]
+    assert sim.save_count in (None, len(ref.saves))
+    if sim.complete:
+        assert sim.save_count == len(ref.saves)
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 300), st.integers(1, 400), st.integers(1, 40)), max_size=12),
+    st.integers(0, 300),
+    st.integers(1, 400),
+)
+def test_counting_a_union_of_pieces_equals_marking_each_step(pieces, lo, span):
+    from saverules.count import WORK, _Budget, count_union
+
+    hi = lo + span
+    expected = sum(1 for m in range(lo + 1, hi + 1) if any(a < m <= b and m % k == 0 for a, b, k in pieces))
+    assert count_union(pieces, lo, hi, _Budget(WORK)) == expected

@@ -401,3 +401,103 @@ def test_deeply_nested_rules_are_a_policy_error():
         loads(f'version = 1\n[[rules]]\nkind = "not"\nrule = {inner}\n')
     except PolicyError as err:
         assert all(d.line >= 1 for d in err.diagnostics)
+
+
+# -- limits: size, nesting, rule count, step counts; the byte order mark -----------------------
+
+
+def _nested_nots(depth: int) -> str:
+    """``depth`` nested `not`s, the outermost a [[rules]] table."""
+    inner = '{ kind = "every_steps", every = 1 }'
+    for _ in range(depth - 1):
+        inner = f'{{ kind = "not", rule = {inner} }}'
+    return f'version = 1\n[[rules]]\nkind = "not"\nrule = {inner}\n'
+
+
+def test_a_utf8_byte_order_mark_is_accepted():
+    text = 'version = 1\n[[rules]]\nkind = "every_steps"\nevery = 10\n'
+    for given in ("\ufeff" + text, b"\xef\xbb\xbf" + text.encode()):
+        assert loads(given).rules[0].every == 10
+    # positions are those of the text an editor shows, without the mark
+    (d,) = diagnose('\ufeffversion = 1\n[[rules]]\nkind = "every_steps"\nevery = 0\n')
+    assert (d.line, d.col) == (4, 1)
+
+
+def test_nesting_deeper_than_the_limit_names_the_depth_not_a_recursion_error():
+    for depth in (65, 300, 400, 5000):
+        (d,) = diagnose(_nested_nots(depth))
+        assert d.message.startswith(f"tables and arrays are nested {depth} levels deep here; the limit is 64")
+        assert "recursion" not in d.message and "rule.rule" not in d.message
+        assert d.line == 4  # where the too-deep table opens
+    assert len(loads(_nested_nots(64)).rules) == 1
+
+
+def test_nesting_through_table_headers_has_a_readable_key_path():
+    depth = 300  # tables below the top-level [[rules]] table, as brackets count
+    text = 'version = 1\n[[rules]]\nkind = "not"\n' + "".join(
+        f'[rules{".rule" * i}]\nkind = "not"\n' for i in range(1, depth)) + f'[rules{".rule" * depth}]\nkind = "final"\n'
+    (d,) = diagnose(text)
+    assert d.message.startswith("rules[0](.rule x65): tables and arrays are nested 300 levels deep here")
+    assert len(d.message) < 200
+
+
+def test_errors_deep_inside_allowed_nesting_have_a_compact_key_path():
+    inner = '{ kind = "every_steps", every = 0 }'
+    for _ in range(40):
+        inner = f'{{ kind = "not", rule = {inner} }}'
+    (d,) = diagnose(f'version = 1\n[[rules]]\nkind = "not"\nrule = {inner}\n')
+    assert d.message.startswith("rules[0](.rule x41).every: must be at least 1")
+    inner = '{ kind = "every_steps", every = 0 }'
+    for _ in range(10):
+        inner = f'{{ kind = "all", rules = [{inner}] }}'
+    (d,) = diagnose(f'version = 1\n[[rules]]\nkind = "any"\nrules = [{inner}]\n')
+    assert d.message.startswith("rules[0](.rules[0] x11).every: must be at least 1")
+
+
+def test_brackets_inside_strings_and_comments_do_not_count_as_nesting():
+    deep = "[" * 100 + "{" * 100
+    text = f'version = 1\n# {deep}\n[storage]\ndir = "{deep}"\nname = \'\'\'{deep}{{step}}\'\'\'\n'
+    assert loads(text).storage.dir == deep
+
+
+def test_a_file_over_1_mib_is_refused_without_reading_it_whole(tmp_path):
+    path = tmp_path / "big.toml"
+    path.write_text("version = 1\n" + "#" * (1 << 20) + "\n")
+    with pytest.raises(PolicyError) as err:
+        saverules.load(path)
+    (d,) = err.value.diagnostics
+    assert (d.source, d.line, d.col) == (str(path), 1, 1)
+    assert d.message.startswith(f"the policy is {path.stat().st_size:,} bytes long; the limit is 1,048,576 bytes")
+    with pytest.raises(PolicyError, match="the limit is 1,048,576 characters"):
+        loads("version = 1\n" + "#" * (1 << 20))
+    at_limit = 'version = 1\n[[rules]]\nkind = "final"\n'
+    at_limit += "#" * ((1 << 20) - len(at_limit))
+    assert len(at_limit.encode()) == 1 << 20 and loads(at_limit).rules
+
+
+def test_more_rules_than_the_limit_is_an_error_at_the_first_rule_beyond():
+    rule = '[[rules]]\nkind = "every_steps"\nevery = 7\n'
+    assert len(loads("version = 1\n" + rule * 10_000).rules) == 10_000
+    text = "version = 1\n" + rule * 10_001
+    (d,) = diagnose(text)
+    assert d.message == "rules[10000]: the policy has 10,001 rules (nested rules included); the limit is 10,000"
+    assert (d.line, d.col) == (2 + 3 * 10_000, 1)
+    nested = '[[rules]]\nkind = "any"\nrules = [' + ", ".join(['{ kind = "final" }'] * 5000) + "]\n"
+    (d,) = diagnose("version = 1\n" + nested + nested + '[[rules]]\nkind = "final"\n')
+    assert d.message.startswith("rules[1]: the policy has 10,003 rules (nested rules included)")  # 5,001 each
+
+
+def test_step_counts_beyond_2_63_minus_1_are_errors_at_the_key():
+    big = (1 << 63)
+    one('version = 1\n[[rules]]\nkind = "every_steps"\nevery = %d\n' % big, needle="every =",
+        contains=["must be at most 9,223,372,036,854,775,807 (2^63-1)"])
+    one('version = 1\n[run]\nsteps_per_epoch = %d\n' % big, needle="steps_per_epoch",
+        contains=["must be at most"])
+    assert loads('version = 1\n[[rules]]\nkind = "at_steps"\nsteps = [%d]\n' % (big - 1)).rules[0].steps == (big - 1,)
+
+
+@pytest.mark.parametrize("value, named", [("5", "an integer 5"), ("true", "a boolean True"),
+                                          ('["every_steps"]', "an array ['every_steps']"), ("1.5", "a float 1.5")])
+def test_a_kind_that_is_not_a_string_says_so_and_lists_the_kinds(value, named):
+    one(f"version = 1\n[[rules]]\nkind = {value}\n", needle="kind =",
+        contains=[f"rules[0].kind: kind must be a string, got {named}", "every_steps, every_time, epoch_end"])

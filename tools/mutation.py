@@ -1,0 +1,319 @@
+"""Mutation testing of the engine modules: does the test suite notice small faults?
+
+Each *mutant* is the engine with one small change: a comparison flipped
+(``<`` / ``<=``, ``==`` / ``!=``, ``is`` / ``is not``, ``in`` / ``not in``), an
+arithmetic operator swapped, ``and`` / ``or`` swapped, a ``not`` dropped, an
+integer constant moved by one, ``True`` / ``False`` swapped, ``min`` / ``max``
+swapped.  Strings and docstrings are left alone.  For each mutant the engine's
+tests run against a copy of the repository; a mutant is *killed* when they fail
+(or run past the time limit), and *survives* when they pass.
+
+    python tools/mutation.py --list                    # how many mutants, per module
+    python tools/mutation.py --sample 150 --seed 1     # a uniform sample of them
+    python tools/mutation.py --only ID [--only ID]     # chosen mutants (IDs as printed)
+    python tools/mutation.py --sample 150 --seed 1 --json mutation.json --jobs 2
+    python tools/mutation.py --survivors-of mutation.json --tests tests/test_new.py   # after adding tests
+
+IDs look like ``compile.py:254:17:Gt>GtE``.  The same ``--sample`` and
+``--seed`` select the same mutants as long as the modules are unchanged.  A
+mutant is run in a temporary copy of the repository, so the working tree is
+never modified.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import queue
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODULES = ["compile", "decider", "rules", "quantities", "retention", "simulate", "policy", "loader", "progress"]
+# The engine's own tests, fastest first (a run stops at the first failure).
+TESTS = [
+    "tests/test_engine.py", "tests/test_validation.py", "tests/test_progress.py", "tests/test_docs.py",
+    "tests/test_properties.py", "tests/test_check.py",
+]
+HYPOTHESIS_SEED = "20261201"  # every run sees the same generated examples
+
+COMPARE_SWAPS = {
+    ast.Lt: (ast.LtE, "<="), ast.LtE: (ast.Lt, "<"), ast.Gt: (ast.GtE, ">="), ast.GtE: (ast.Gt, ">"),
+    ast.Eq: (ast.NotEq, "!="), ast.NotEq: (ast.Eq, "=="), ast.Is: (ast.IsNot, "is not"),
+    ast.IsNot: (ast.Is, "is"), ast.In: (ast.NotIn, "not in"), ast.NotIn: (ast.In, "in"),
+}
+COMPARE_TEXT = {
+    ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">=", ast.Eq: "==", ast.NotEq: "!=", ast.Is: "is",
+    ast.IsNot: "is not", ast.In: "in", ast.NotIn: "not in",
+}
+BINOP_SWAPS = {
+    ast.Add: ("+", "-"), ast.Sub: ("-", "+"), ast.Mult: ("*", "//"), ast.FloorDiv: ("//", "*"),
+    ast.Div: ("/", "*"), ast.Mod: ("%", "//"), ast.Pow: ("**", "*"),
+}
+BOOL_SWAPS = {ast.And: ("and", "or"), ast.Or: ("or", "and")}
+
+
+@dataclass
+class Mutant:
+    module: str
+    line: int
+    col: int
+    op: str
+    start: int  # byte offsets in the module's source
+    end: int
+    new: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.module}.py:{self.line}:{self.col}:{self.op}"
+
+
+def _offsets(source: bytes):
+    starts = [0]
+    for i, b in enumerate(source):
+        if b == 0x0A:
+            starts.append(i + 1)
+    return lambda line, col: starts[line - 1] + col
+
+
+def _find(source: bytes, text: str, lo: int, hi: int) -> int:
+    """The offset of the operator ``text`` in source[lo:hi] (a gap between two operands)."""
+    gap = source[lo:hi].decode()
+    words = text.split()
+    for i in range(len(gap)):
+        rest = gap[i:]
+        if rest.startswith(words[0]) and (len(words) == 1 or rest[len(words[0]):].lstrip().startswith(words[1])):
+            before = gap[i - 1] if i else " "
+            after = rest[len(text)] if len(rest) > len(text) else " "
+            if text.isalpha() or " " in text:
+                if before.isalnum() or before == "_" or after.isalnum() or after == "_":
+                    continue
+            elif text in ("<", ">") and after == "=":
+                continue
+            elif text in ("*", "/") and (after == text or before == text):
+                continue
+            return lo + len(gap[:i].encode())
+    raise ValueError(f"operator {text!r} not found in {gap!r}")
+
+
+def _skipped_lines(source: bytes) -> set:
+    return {i for i, line in enumerate(source.decode().splitlines(), 1) if "pragma: no mutate" in line}
+
+
+def mutants_of(module: str) -> list:
+    source = _source(module)
+    tree = ast.parse(source)
+    at = _offsets(source)
+    skip = _skipped_lines(source)
+    inside_strings = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.JoinedStr):  # f-strings: their parts are formatting, not logic
+            inside_strings.update(id(n) for n in ast.walk(node))
+    out = []
+
+    def add(node, op, start, end, new):
+        if node.lineno not in skip:
+            out.append(Mutant(module, node.lineno, node.col_offset, op, start, end, new))
+
+    for node in ast.walk(tree):
+        if id(node) in inside_strings:
+            continue
+        if isinstance(node, ast.Compare):
+            left = node.left
+            for op, right in zip(node.ops, node.comparators):
+                swap = COMPARE_SWAPS.get(type(op))
+                if swap:
+                    text = COMPARE_TEXT[type(op)]
+                    lo, hi = at(left.end_lineno, left.end_col_offset), at(right.lineno, right.col_offset)
+                    pos = _find(source, text, lo, hi)
+                    add(node, f"{type(op).__name__}>{swap[0].__name__}", pos, pos + len(text.encode()), swap[1])
+                left = right
+        elif isinstance(node, ast.BinOp) and type(node.op) in BINOP_SWAPS:
+            text, new = BINOP_SWAPS[type(node.op)]
+            lo, hi = at(node.left.end_lineno, node.left.end_col_offset), at(node.right.lineno, node.right.col_offset)
+            pos = _find(source, text, lo, hi)
+            add(node, f"{type(node.op).__name__}>{new}", pos, pos + len(text), new)
+        elif isinstance(node, ast.AugAssign) and type(node.op) in BINOP_SWAPS:
+            text, new = BINOP_SWAPS[type(node.op)]
+            lo, hi = at(node.target.end_lineno, node.target.end_col_offset), at(node.value.lineno, node.value.col_offset)
+            pos = _find(source, text + "=", lo, hi)
+            add(node, f"Aug{type(node.op).__name__}>{new}", pos, pos + len(text), new)
+        elif isinstance(node, ast.BoolOp):
+            text, new = BOOL_SWAPS[type(node.op)]
+            for left, right in zip(node.values, node.values[1:]):
+                lo, hi = at(left.end_lineno, left.end_col_offset), at(right.lineno, right.col_offset)
+                pos = _find(source, text, lo, hi)
+                add(node, f"{text}>{new}", pos, pos + len(text), new)
+        elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+            start = at(node.lineno, node.col_offset)
+            add(node, "drop-not", start, start + 3, "")
+        elif isinstance(node, ast.Constant) and type(node.value) in (int, bool):
+            start, end = at(node.lineno, node.col_offset), at(node.end_lineno, node.end_col_offset)
+            if type(node.value) is bool:
+                add(node, f"{node.value}>{not node.value}", start, end, str(not node.value))
+            else:
+                add(node, f"{node.value}>{node.value + 1}", start, end, str(node.value + 1))
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("min", "max"):
+            f = node.func
+            start = at(f.lineno, f.col_offset)
+            new = "max" if f.id == "min" else "min"
+            add(node, f"{f.id}>{new}", start, start + 3, new)
+    # Docstrings and other strings are never mutated; constants in annotations are rare enough to keep.
+    out.sort(key=lambda m: (m.module, m.start, m.op))
+    return out
+
+
+def all_mutants() -> list:
+    return [m for module in MODULES for m in mutants_of(module)]
+
+
+#: The modules as they were when the mutants were listed: a run never reads the
+#: working tree again, so editing it while mutants run changes nothing.
+PRISTINE: dict = {}
+
+
+def _source(module: str) -> bytes:
+    if module not in PRISTINE:
+        PRISTINE[module] = (ROOT / "saverules" / f"{module}.py").read_bytes()
+    return PRISTINE[module]
+
+
+def apply(m: Mutant, root: Path) -> None:
+    source = _source(m.module)
+    (root / "saverules" / f"{m.module}.py").write_bytes(source[: m.start] + m.new.encode() + source[m.end:])
+
+
+def restore(m: Mutant, root: Path) -> None:
+    (root / "saverules" / f"{m.module}.py").write_bytes(_source(m.module))
+
+
+def describe(m: Mutant) -> str:
+    source = _source(m.module)
+    line_start = source.rfind(b"\n", 0, m.start) + 1
+    line_end = source.find(b"\n", m.end)
+    before = source[line_start:line_end].decode().strip()
+    after = (source[line_start: m.start] + m.new.encode() + source[m.end: line_end]).decode().strip()
+    return f"{before}  ->  {after}"
+
+
+def run_tests(root: Path, timeout: float, tests=None) -> tuple:
+    env = dict(os.environ, PYTHONPATH=str(root), HYPOTHESIS_PROFILE="default", PYTHONDONTWRITEBYTECODE="1")
+    shutil.rmtree(root / ".hypothesis", ignore_errors=True)  # no example database carried between mutants
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+           f"--hypothesis-seed={HYPOTHESIS_SEED}", *(tests or TESTS)]
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout", time.monotonic() - t0, ""
+    tail = (proc.stdout + proc.stderr).strip().splitlines()
+    return ("survived" if proc.returncode == 0 else "killed"), time.monotonic() - t0, tail[-1] if tail else ""
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--list", action="store_true", help="count the mutants per module and exit")
+    ap.add_argument("--sample", type=int, help="run a uniform random sample of this many mutants")
+    ap.add_argument("--seed", type=int, default=1, help="the sample's seed (default 1)")
+    ap.add_argument("--only", action="append", default=[], help="run the mutant with this ID (repeatable)")
+    ap.add_argument("--json", type=Path, help="write every result to this file")
+    ap.add_argument("--timeout", type=float, default=None,
+                    help="seconds per mutant (default: 3x the unmutated run, at least 120; given, the "
+                         "unmutated run is skipped)")
+    ap.add_argument("--tests", nargs="+", metavar="FILE",
+                    help="run these test files instead of the engine's (for example only the tests added since a "
+                         "run, against its survivors)")
+    ap.add_argument("--survivors-of", type=Path, metavar="JSON",
+                    help="run the mutants that survived (or timed out) in this earlier --json result")
+    ap.add_argument("--jobs", type=int, default=1, help="mutants run at a time, each in its own copy (default 1)")
+    args = ap.parse_args(argv)
+
+    mutants = all_mutants()
+    if args.list:
+        for module in MODULES:
+            print(f"{module + '.py':16s} {sum(m.module == module for m in mutants):5d}")
+        print(f"{'total':16s} {len(mutants):5d}")
+        return 0
+    if args.survivors_of:
+        earlier = json.loads(args.survivors_of.read_text())["results"]
+        # a time-out may be a slow machine rather than a kill: run those again too
+        args.only += [r["id"] for r in earlier if r["status"] in ("survived", "timeout")]
+    if args.only:
+        by_id = {m.id: m for m in mutants}
+        missing = [i for i in args.only if i not in by_id]
+        if missing:
+            print(f"mutation: no mutant with ID {missing[0]!r}; --list counts them", file=sys.stderr)
+            return 2
+        chosen = [by_id[i] for i in args.only]
+    elif args.sample:
+        # in the sample's random order: results that arrive first are a uniform sample too
+        chosen = random.Random(args.seed).sample(mutants, min(args.sample, len(mutants)))
+    else:
+        chosen = mutants
+
+    with tempfile.TemporaryDirectory(prefix="saverules-mutation-") as tmp:
+        roots = []
+        for j in range(max(1, args.jobs)):
+            root = Path(tmp) / f"repo{j}"
+            shutil.copytree(ROOT, root, ignore=shutil.ignore_patterns(
+                ".git", "__pycache__", ".hypothesis", "mutants", "checkpoints", "out", "*.egg-info"))
+            for module in MODULES:  # the copy holds the modules the mutants were made from
+                (root / "saverules" / f"{module}.py").write_bytes(_source(module))
+            roots.append(root)
+        if args.timeout:
+            timeout = args.timeout
+        else:
+            status, base_time, tail = run_tests(roots[0], timeout=3600, tests=args.tests)
+            if status != "survived":
+                print(f"mutation: the unmutated tests fail ({tail}); fix them first", file=sys.stderr)
+                return 2
+            timeout = max(120.0, 3 * base_time)
+            print(f"unmutated run: {base_time:.0f} s", flush=True)
+        print(f"{len(chosen)} of {len(mutants)} mutants, {len(roots)} at a time; time limit {timeout:.0f} s each",
+              flush=True)
+        free: queue.Queue = queue.Queue()
+        for root in roots:
+            free.put(root)
+        results = []
+        lock = threading.Lock()
+
+        def one(m: Mutant) -> None:
+            root = free.get()
+            try:
+                apply(m, root)
+                try:
+                    status, seconds, tail = run_tests(root, timeout, tests=args.tests)
+                finally:
+                    restore(m, root)
+            finally:
+                free.put(root)
+            with lock:
+                results.append(dict(asdict(m), id=m.id, status=status, seconds=round(seconds, 1),
+                                    change=describe(m), tests=tail))
+                print(f"[{len(results)}/{len(chosen)}] {status:8s} {seconds:5.0f} s  {m.id}  {describe(m)}",
+                      flush=True)
+                if args.json:
+                    args.json.write_text(json.dumps({"results": results}, indent=1))
+
+        with ThreadPoolExecutor(len(roots)) as pool:
+            list(pool.map(one, chosen))
+
+    killed = sum(r["status"] != "survived" for r in results)
+    print(f"\n{killed} of {len(results)} killed ({100 * killed / max(1, len(results)):.1f}%)")
+    for r in results:
+        if r["status"] == "survived":
+            print(f"  survived: {r['id']}  {r['change']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
