@@ -8,6 +8,14 @@ trainer integrations) or from ``--policy FILE``.  A Hugging Face output
 directory (``checkpoint-N/``) or a Lightning ``dirpath`` (``.ckpt`` files) is
 listed from the manifests :mod:`saverules.framework_manifest` describes.
 
+"Verified" means what resume means: the files match their sha256, and
+their structure (the torch archive, the pickle's opcodes, read and never
+run; the safetensors header) is one ``load_latest`` accepts.  A checkpoint
+that asks to unpickle anything but tensors and plain values is UNSAFE:
+resume stops there.  Listing and verifying never import torch; only
+``--load`` does.  Given a run folder that holds no checkpoints itself (say
+``out``), ls lists the stores below it (``out/checkpoints``).
+
 Exit status: 0 when every checkpoint verifies, 1 when any fails
 verification, 2 on a usage error (DIR missing, unreadable policy given with
 ``--policy``).
@@ -18,12 +26,14 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import List, Optional, Sequence
 
 __all__ = ["main", "format_table"]
 
-#: Same name as saverules.store.POLICY_FILE (not imported from there: that package imports torch).
-POLICY_FILE = "policy.toml"
+#: How deep below a run folder ls looks for stores, and how many directories it looks at.
+SEARCH_DEPTH = 3
+SEARCH_LIMIT = 2000
 
 
 def _size(n: int) -> str:
@@ -81,12 +91,13 @@ def _framework_checkpoints(root: str, args, notes: List[str]):
     return framework_manifest.scan(root, verify=not args.no_verify)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m saverules.ls",
         description="List the checkpoints in a saverules checkpoint store and verify them.",
     )
-    parser.add_argument("dir", metavar="DIR", help="the checkpoint directory ([storage].dir)")
+    parser.add_argument("dir", metavar="DIR", help="the checkpoint directory ([storage].dir), or a run folder "
+                        "above it")
     parser.add_argument("--policy", metavar="FILE", help="policy whose retention rules to explain "
                         "(default: DIR/policy.toml)")
     parser.add_argument("--no-verify", action="store_true",
@@ -94,94 +105,114 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--load", action="store_true",
                         help="also load every state file (safely, weights_only) to check it can be read")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args = parser.parse_args(argv)
+    return parser
 
-    root = args.dir
-    if not os.path.exists(root):
-        print(f"saverules.ls: error: {root} does not exist", file=sys.stderr)
-        return 2
-    if not os.path.isdir(root):
-        print(f"saverules.ls: error: {root} is not a directory", file=sys.stderr)
-        return 2
 
+class _Usage(Exception):
+    """A usage error: printed, exit status 2."""
+
+
+def _policy_for(root: str, given: Optional[str], notes: List[str]):
     from . import PolicyError
+    from .store.layout import POLICY_FILE
 
-    if args.policy and not os.path.exists(args.policy):
-        print(f"saverules.ls: error: policy file {args.policy} does not exist", file=sys.stderr)
-        return 2
-    notes: List[str] = []
-    policy = None
-    policy_path = args.policy or os.path.join(root, POLICY_FILE)
-    if os.path.exists(policy_path):
-        try:
-            policy = _load_policy(policy_path)
-        except PolicyError as exc:
-            if args.policy:
-                print(f"saverules.ls: error: cannot use the policy {args.policy}:\n{exc}", file=sys.stderr)
-                return 2
-            notes.append(f"{policy_path} is not a valid policy, retention not explained:\n{exc}")
-    else:
+    policy_path = given or os.path.join(root, POLICY_FILE)
+    if not os.path.exists(policy_path):
         notes.append(f"no {POLICY_FILE} in {root}; pass --policy FILE to see which retention rule keeps what")
+        return None
+    try:
+        return _load_policy(policy_path)
+    except PolicyError as exc:
+        if given:
+            raise _Usage(f"cannot use the policy {given}:\n{exc}") from None
+        notes.append(f"{policy_path} is not a valid policy, retention not explained:\n{exc}")
+        return None
 
+
+def _writer_note(root: str) -> Optional[str]:
+    """Who writes the store, from its lock file (read only: ls never takes or probes the lock)."""
+    import socket
+
+    from .store.layout import pid_alive
+    from .store.lock import describe_holder, holder_of
+
+    holder = holder_of(root)
+    if not holder:
+        return None
+    who = describe_holder(holder)
+    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+        if pid_alive(holder["pid"]):
+            return f"being written by {who}"
+        return f"last written by {who}, which is no longer running (its lock is free)"
+    return f"written by {who}, according to its lock file (a process on another host)"
+
+
+def _examine(root: str, args, policy, notes: List[str]) -> list:
+    """The checkpoints of one store (or framework directory), with ``--load`` applied."""
     import dataclasses
 
-    infos = _framework_checkpoints(root, args, notes)  # None: not a Hugging Face / Lightning directory
-    store = None
-    if infos is None:
-        from . import store  # imports torch: only once the arguments are known to be usable
+    framework = _framework_checkpoints(root, args, notes)  # None: not a Hugging Face / Lightning directory
+    if framework is not None:
+        return framework
+    from .store import verify
 
-        try:
-            infos = store.scan(root, verify=not args.no_verify)
-        except OSError as exc:
-            print(f"saverules.ls: error: cannot read {root}: {exc.strerror or exc}", file=sys.stderr)
-            return 2
+    infos = verify.scan(root, verify=not args.no_verify)
+    if not args.load:
+        return infos
+    from .store import errors, formats  # imports torch: only --load reads tensors
 
-    if args.load and store is not None:
-        loaded = []
-        for info in infos:
-            if info.ok:
-                try:
-                    store.read_checkpoint(info, "cpu")
-                except store.CheckpointError as exc:
-                    info = dataclasses.replace(info, verified=False, error=str(exc))
-            loaded.append(info)
-        infos = loaded
+    loaded = []
+    for info in infos:
+        if info.ok:
+            try:
+                formats.read(info, "cpu")
+            except errors.UnsafeCheckpointError as exc:
+                info = dataclasses.replace(info, verified=False, error=str(exc), unsafe=True)
+            except errors.CheckpointError as exc:
+                info = dataclasses.replace(info, verified=False, error=str(exc))
+        loaded.append(info)
+    return loaded
+
+
+def _kept_by(infos: list, policy) -> dict:
+    from .store.retain import retention_view
 
     valid = [i for i in infos if i.ok and i.step is not None]
-    kept = {}
-    if policy is not None and valid:
-        explained = policy.explain_retention([i.as_checkpoint() for i in valid])
-        kept = {id(info): why for info, why in zip(valid, explained)}
+    if policy is None or not valid:
+        return {}
+    explained = policy.explain_retention(retention_view(valid))
+    return {id(info): why for info, why in zip(valid, explained)}
 
-    failed = [i for i in infos if not i.ok]
 
-    if args.json:
-        out = []
-        for info in infos:
-            out.append({
-                "name": info.name,
-                "path": str(info.path),
-                "step": info.step,
-                "epoch": info.epoch,
-                "time": info.time,
-                "utc": info.utc.isoformat() if info.utc else None,
-                "reasons": list(info.reasons),
-                "size": info.size,
-                "verified": info.verified,
-                "error": info.error,
-                "format": getattr(info, "format", None),
-                "world_size": _world(info),
-                "kept_by": list(kept[id(info)]) if id(info) in kept else None,
-            })
-        print(json.dumps({"dir": os.path.abspath(root), "checkpoints": out, "notes": notes}, indent=1))
-        return 1 if failed else 0
+def _as_json(root: str, infos: list, kept: dict, notes: List[str]) -> dict:
+    out = []
+    for info in infos:
+        out.append({
+            "name": info.name,
+            "path": str(info.path),
+            "step": info.step,
+            "epoch": info.epoch,
+            "time": info.time,
+            "utc": info.utc.isoformat() if info.utc else None,
+            "reasons": list(info.reasons),
+            "size": info.size,
+            "verified": info.verified,
+            "unsafe": bool(getattr(info, "unsafe", False)),
+            "error": info.error,
+            "format": getattr(info, "format", None),
+            "world_size": _world(info),
+            "kept_by": list(kept[id(info)]) if id(info) in kept else None,
+        })
+    return {"dir": os.path.abspath(root), "checkpoints": out, "notes": notes}
 
+
+def _print_table(root: str, infos: list, kept: dict, writer: Optional[str]) -> None:
     rows = []
     for info in infos:
         if info.ok:
             verified = "yes" if info.verified else "size only"
         else:
-            verified = "FAILED"
+            verified = "UNSAFE" if getattr(info, "unsafe", False) else "FAILED"
         if not info.ok:
             why = "(not counted)"
         elif id(info) in kept:
@@ -208,20 +239,154 @@ def main(argv: Optional[List[str]] = None) -> int:
             sharded = getattr(info, "format", None) == "dcp"
             row.insert(7, (f"{world} (dcp)" if sharded else str(world)) if world else "?")
     print(f"{os.path.abspath(root)}: {len(infos)} checkpoint{'s' if len(infos) != 1 else ''}")
+    if writer:
+        print(writer)
     if rows:
         print(format_table(rows, header))
-    for info in failed:
-        print(f"FAILED {info.name}: {info.error}")
-    for note in notes:
-        print(f"note: {note}", file=sys.stderr)
-    if failed:
+    for info in infos:
+        if getattr(info, "unsafe", False):
+            print(f"UNSAFE {info.name}: {info.error} (refused: nothing of it is loaded)")
+        elif not info.ok:
+            print(f"FAILED {info.name}: {info.error}")
+
+
+def _summary(infos: list) -> int:
+    """The closing lines on stderr; the exit status."""
+    failed = [i for i in infos if not i.ok]
+    unsafe = [i for i in failed if getattr(i, "unsafe", False)]
+    if unsafe:
+        newest = max((i for i in infos if i.step is not None), key=lambda i: i.step, default=None)
+        newest_unsafe = newest is not None and getattr(newest, "unsafe", False)
+        where = "the newest checkpoint" if newest_unsafe else "a checkpoint"
         print(
-            f"{len(failed)} checkpoint{'s' if len(failed) != 1 else ''} failed verification; "
+            f"{len(unsafe)} checkpoint{'s' if len(unsafe) != 1 else ''} refused as unsafe (it asks to unpickle "
+            f"code, which saverules never runs); {where} is unsafe, and resume stops at an unsafe checkpoint "
+            "with UnsafeCheckpointError instead of falling back past it",
+            file=sys.stderr,
+        )
+    if len(failed) > len(unsafe):
+        count = len(failed) - len(unsafe)
+        print(
+            f"{count} checkpoint{'s' if count != 1 else ''} failed verification; "
             "resume skips such checkpoints and retention never deletes them",
             file=sys.stderr,
         )
-        return 1
-    return 0
+    return 1 if failed else 0
+
+
+def _stores_below(root: str) -> List[str]:
+    """Directories below ``root`` (a few levels, not following links) that hold checkpoints."""
+    from . import framework_manifest
+    from .store.layout import POLICY_FILE, candidates
+
+    found: List[str] = []
+    seen = 0
+    level = [root]
+    for _ in range(SEARCH_DEPTH):
+        below: List[str] = []
+        for directory in level:
+            try:
+                with os.scandir(directory) as entries:
+                    subdirs = sorted(e.path for e in entries
+                                     if not e.name.startswith(".") and e.is_dir(follow_symlinks=False))
+            except OSError:
+                continue
+            for sub in subdirs:
+                seen += 1
+                if seen > SEARCH_LIMIT:
+                    return found
+                if os.path.exists(os.path.join(sub, POLICY_FILE)) or candidates(Path(sub)) \
+                        or framework_manifest.is_framework_dir(sub):
+                    found.append(sub)
+                else:
+                    below.append(sub)
+        level = below
+    return found
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    root = args.dir
+    if not os.path.exists(root):
+        print(f"saverules.ls: error: {root} does not exist", file=sys.stderr)
+        return 2
+    if not os.path.isdir(root):
+        print(f"saverules.ls: error: {root} is not a directory", file=sys.stderr)
+        return 2
+    if args.policy and not os.path.exists(args.policy):
+        print(f"saverules.ls: error: policy file {args.policy} does not exist", file=sys.stderr)
+        return 2
+    from .store.layout import POLICY_FILE
+
+    notes: List[str] = []
+    try:
+        policy = _policy_for(root, args.policy, notes)
+        infos = _examine(root, args, policy, notes)
+    except _Usage as exc:
+        print(f"saverules.ls: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"saverules.ls: error: cannot read {root}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+
+    searched = not infos and not os.path.exists(os.path.join(root, POLICY_FILE))
+    stores = _stores_below(root) if searched else []
+    if stores:
+        return _list_below(root, stores, args)
+
+    kept = _kept_by(infos, policy)
+    if searched:
+        notes.append(
+            f"no checkpoint store below {root} either; a store is the [storage].dir of the policy "
+            "(for the reference training loop, OUT_DIR/checkpoints)"
+        )
+    if args.json:
+        print(json.dumps(_as_json(root, infos, kept, notes), indent=1))
+        return 1 if any(not i.ok for i in infos) else 0
+    _print_table(root, infos, kept, _writer_note(root))
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    return _summary(infos)
+
+
+def _list_below(root: str, stores: List[str], args) -> int:
+    """``ls RUN_DIR``: every store found below the run folder, one after the other."""
+    status = 0
+    listed = []
+    for store_dir in stores:
+        notes: List[str] = []
+        try:
+            policy = _policy_for(store_dir, args.policy, notes)
+        except _Usage as exc:
+            print(f"saverules.ls: error: {exc}", file=sys.stderr)
+            return 2
+        try:
+            infos = _examine(store_dir, args, policy, notes)
+        except OSError as exc:
+            print(f"saverules.ls: error: cannot read {store_dir}: {exc.strerror or exc}", file=sys.stderr)
+            status = 2
+            continue
+        listed.append((store_dir, infos, _kept_by(infos, policy), notes))
+    if args.json:
+        data = {
+            "dir": os.path.abspath(root),
+            "checkpoints": [],
+            "notes": [f"no checkpoints directly in {root}; the stores below it are listed under 'stores'"],
+            "stores": [_as_json(d, infos, kept, notes) for d, infos, kept, notes in listed],
+        }
+        print(json.dumps(data, indent=1))
+        failed = any(not i.ok for _, infos, _, _ in listed for i in infos)
+        return max(status, 1 if failed else 0)
+    names = ", ".join(os.path.abspath(d) for d in stores)
+    print(f"{os.path.abspath(root)}: no checkpoints directly in it; the store{'s' if len(stores) != 1 else ''} "
+          f"below it: {names}")
+    for store_dir, infos, kept, notes in listed:
+        print()
+        _print_table(store_dir, infos, kept, _writer_note(store_dir))
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+        status = max(status, _summary(infos))
+    return status
 
 
 if __name__ == "__main__":  # pragma: no cover - exercised through subprocess in the tests

@@ -176,7 +176,7 @@ def main(plan_path: str) -> int:
             step += 1
             ck.save(Progress(step), state)
             rec["steps"] = [i.step for i in ck.list()]
-            rec["hidden"] = sorted(p.name for p in Path(action["dir"]).iterdir() if p.name.startswith("."))
+            rec["hidden"] = sorted(p.name for p in Path(action["dir"]).iterdir() if p.name.startswith(".") and p.name != ".saverules.lock")
         elif op == "gather":
             msd, osd = gathered(model, opt)
             if rank == 0:

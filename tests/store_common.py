@@ -87,5 +87,10 @@ def checkpoint_dirs(root) -> list:
     return sorted(p.name for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+#: The store's one-writer lock file: part of every store a writer opened, never a leftover.
+LOCK_FILE = ".saverules.lock"
+
+
 def hidden_entries(root) -> list:
-    return sorted(p.name for p in Path(root).iterdir() if p.name.startswith("."))
+    """Hidden entries of a store other than its lock file: what a write in progress (or killed) leaves."""
+    return sorted(p.name for p in Path(root).iterdir() if p.name.startswith(".") and p.name != LOCK_FILE)

@@ -134,7 +134,7 @@ def test_two_fsdp_ranks_save_at_the_policy_steps_with_a_manifest_of_every_shard(
         assert sync["visible"] == [[4], [4, 8], [4, 8, 12]], rank
         assert sync["warnings"] == []
     store = base / "sync"
-    assert sorted(p.name for p in store.iterdir()) == ["policy.toml", "step-00000004", "step-00000008", "step-00000012"]
+    assert sorted(p.name for p in store.iterdir()) == [".saverules.lock", "policy.toml", "step-00000004", "step-00000008", "step-00000012"]
     for step in (4, 8, 12):
         path = store / f"step-{step:08d}"
         m = _manifest(path)
@@ -176,7 +176,7 @@ def test_retention_runs_on_rank_0_after_each_commit_and_before_any_rank_returns(
         # every rank sees the store as retention left it, as soon as its save returns
         assert action["visible"] == [[3], [3, 6], [6, 9], [9, 12]]
         assert action["warnings"] == []
-    assert sorted(p.name for p in (base / "kept").iterdir()) == ["policy.toml", "step-00000009", "step-00000012"]
+    assert sorted(p.name for p in (base / "kept").iterdir()) == [".saverules.lock", "policy.toml", "step-00000009", "step-00000012"]
 
 
 def test_exact_resume_on_the_same_ranks_is_bitwise_and_saves_at_the_same_steps(runs):

@@ -41,7 +41,7 @@ from saverules.torch import (
     CheckpointWriteError,
     UnsafeCheckpointError,
 )
-from store_common import EVERY_1_KEEP_2, REPO, checkpoint_dirs, hidden_entries, policy, run_ls
+from store_common import EVERY_1_KEEP_2, LOCK_FILE, REPO, checkpoint_dirs, hidden_entries, policy, run_ls
 import store_fault_child as child
 
 TRIALS = int(os.environ.get("SAVERULES_FAULT_TRIALS", "24"))
@@ -68,10 +68,13 @@ def fresh_state():
 
 
 def tree_digest(root: Path) -> dict:
-    """{relative path: sha256} of every file under ``root``: proves a directory was left untouched."""
+    """{relative path: sha256} of every file under ``root`` but the lock file (which says who holds
+    the store, and is cleared when the holder closes it): proves the checkpoints were left untouched."""
     out = {}
     for dirpath, _, files in os.walk(root):
         for name in files:
+            if name == LOCK_FILE and Path(dirpath) == Path(root):
+                continue
             p = Path(dirpath) / name
             out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
@@ -353,8 +356,11 @@ def test_nothing_to_resume_when_every_checkpoint_is_damaged(tmp_path):
     _three_saves(tmp_path)
     for s in (1, 2, 3):
         _flip(tmp_path / f"step-{s:08d}" / "state.pt", 64)
-    with pytest.warns(CheckpointWarning):
-        assert Checkpointer(policy(), tmp_path).load_latest(fresh_state()) is None
+    with pytest.warns(CheckpointWarning), pytest.raises(st.NoValidCheckpointError, match="none of them"):
+        Checkpointer(policy(), tmp_path).load_latest(fresh_state())
+    with pytest.warns(CheckpointWarning) as record:
+        assert Checkpointer(policy(), tmp_path).load_latest(fresh_state(), if_none_valid="start_fresh") is None
+    assert "starting from scratch" in str(record[-1].message)
     import saverules.ls
 
     assert saverules.ls.main([str(tmp_path)]) == 1
@@ -368,12 +374,13 @@ def test_a_checkpoint_that_hashes_but_does_not_load_is_skipped(tmp_path):
     (d / "state.pt").write_bytes(junk)
     _set_manifest(d, files={"state.pt": {"size": len(junk), "sha256": hashlib.sha256(junk).hexdigest()}})
     state = fresh_state()
-    with pytest.warns(CheckpointWarning, match="step-00000003.*cannot read"):
+    with pytest.warns(CheckpointWarning, match="step-00000003.*not a torch.save zip archive"):
         assert Checkpointer(policy(), tmp_path).load_latest(state).step == 2
     import saverules.ls
 
-    assert saverules.ls.main([str(tmp_path)]) == 0  # the hashes match ...
-    assert saverules.ls.main([str(tmp_path), "--load"]) == 1  # ... but it does not load
+    # The hashes match, but the file is no torch archive: ls says so without loading anything.
+    assert saverules.ls.main([str(tmp_path)]) == 1
+    assert saverules.ls.main([str(tmp_path), "--load"]) == 1
 
 
 def test_ls_reports_a_directory_with_files_but_no_manifest(tmp_path, capsys):
@@ -422,7 +429,9 @@ def test_a_malicious_pickle_is_refused_and_never_runs(tmp_path, where):
         good = torch.load(d / "state.pt", weights_only=True)
         good["values"]["value"] = _Payload(str(marker))
         _plant(d, good)
-    assert st.inspect_checkpoint(d, store).verified is True  # the hashes match: only loading can tell
+    # The hashes match; reading the pickle's opcodes (never running them) tells.
+    info = st.inspect_checkpoint(d, store)
+    assert info.verified is False and info.unsafe and "asks to unpickle" in info.error
     with pytest.raises(UnsafeCheckpointError, match="refused to load .*step-00000003"):
         Checkpointer(policy(), store).load_latest(fresh_state())
     assert not marker.exists()

@@ -21,7 +21,9 @@ from hypothesis import strategies as hs
 
 import saverules
 from saverules import Progress
-from saverules.store import Checkpointer, CheckpointError, CheckpointVerifyError, CheckpointWarning, StateTypeError
+from saverules.store import (
+    Checkpointer, CheckpointError, CheckpointVerifyError, CheckpointWarning, NoValidCheckpointError, StateTypeError,
+)
 from saverules.store import formats, verify, writer
 from saverules.store.formats import tensorfile
 from saverules.store.formats.tensors_format import TENSORS_FILE
@@ -313,8 +315,9 @@ def test_damage_before_the_check_is_caught_by_every_mode_that_claims_it(tmp_path
             warnings.simplefilter("always")
             ck.save(Progress(1), _state(1.0))  # not what this mode checks at save time...
         monkeypatch.undo()
-        with pytest.warns(CheckpointWarning, match="falling back"):  # ...but a resume never takes it
-            assert Checkpointer(policy(fmt="tensors"), tmp_path).latest() is None
+        with pytest.warns(CheckpointWarning, match="falling back"):  # ...but a resume never takes it,
+            with pytest.raises(NoValidCheckpointError, match="none of them can be resumed"):  # nor starts over
+                Checkpointer(policy(fmt="tensors"), tmp_path).latest()
 
 
 # -- safety --------------------------------------------------------------------------------------
@@ -389,3 +392,11 @@ def test_a_resume_reads_the_tensor_file_once_and_checks_its_digest_as_it_reads(t
     assert reread == ["state.pt"]  # the structure before unpickling it; the data only by the reader
     info = ck.latest()  # the checks made while reading count as a verification
     assert info.verified is True and reread == ["state.pt"]
+
+
+def test_an_empty_slice_past_its_empty_storage_round_trips(tmp_path):
+    # t[1:] of a (2, 0) tensor has storage offset 1 over a storage of 0 bytes: valid, and holding nothing.
+    t = torch.zeros((2, 0), dtype=torch.float64)[1:]
+    assert t.storage_offset() == 1 and t.untyped_storage().nbytes() == 0
+    back = _encode_decode(tmp_path / "ck", {"e": t}, False)
+    assert back.values["e"].shape == (1, 0) and back.values["e"].dtype == torch.float64

@@ -210,7 +210,7 @@ def test_resume_after_sigkill_is_exact(uninterrupted, tmp_path):
 
     resumed = run_train(tmp_path, "--rules", rules, "--data_path", data, *RESUME_ARGS, "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from step 6 (epoch 1)" in resumed.stdout
+    assert "resumed from step 6 (epoch 2/3)" in resumed.stdout  # 1-based, as the log lines count epochs
     assert saved_lines(first) + saved_lines(resumed.stdout) == saved_lines(full_out)
 
     a, b = checkpoints(full / "out"), checkpoints(tmp_path / "out")
@@ -476,7 +476,9 @@ def test_ddp_two_gloo_ranks_agree_with_skewed_clocks_and_a_one_rank_signal(tmp_p
     assert manifest(ck[40])["world_size"] == 2
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoints"]
     names = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
-    assert names == ["policy.toml", "step-00000016", "step-00000032", "step-00000040"]
+    # the writing rank's lock file (cleared when it closed the store), the policy, the checkpoints
+    assert names == [".saverules.lock", "policy.toml", "step-00000016", "step-00000032", "step-00000040"]
+    assert (tmp_path / "out" / "checkpoints" / ".saverules.lock").read_text() == ""
     assert "stopped by SIGTERM after step 40 of 48" in proc.stdout
 
 

@@ -31,6 +31,11 @@ class UsageError(Exception):
     """A problem with the arguments or input files: printed as one line, exit status 2."""
 
 
+class RunError(Exception):
+    """The run cannot go on from what is on disk (no checkpoint resume can use, a store another
+    process writes, a directory that cannot be written): printed, exit status 1."""
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m saverules.minimind.train",
@@ -194,6 +199,9 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 def train(args: argparse.Namespace) -> int:
@@ -210,7 +218,7 @@ def train(args: argparse.Namespace) -> int:
         PretrainDataset, ResumableSampler, default_corpus, load_tokenizer, resume_point,
     )
     from saverules.minimind.model import MiniMindLM, config_for
-    from saverules.torch import Checkpointer, restore_rng_state, rng_state
+    from saverules.torch import CheckpointError, Checkpointer, restore_rng_state, rng_state, scan
 
     # ---- process group and device ------------------------------------------------
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -336,11 +344,20 @@ def train(args: argparse.Namespace) -> int:
     # must stop at the same step, so the ranks agree on signals (at sync steps) all the same.
     has_signal_rule = policy.compile().watches_signals
     sync = {"sync_signals": True} if ddp and not has_signal_rule else None
-    ckpt = Checkpointer(policy, dir=str(ckpt_dir), sync=sync)
+    try:
+        ckpt = Checkpointer(policy, dir=str(ckpt_dir), sync=sync)
+    except CheckpointError as e:  # another run writes there, or it cannot be written
+        raise RunError(str(e)) from None
 
     # ---- resume -------------------------------------------------------------------------
     if args.resume:
-        resumed = ckpt.load_latest(state, map_location=device)
+        try:
+            # Checkpoints that are all unusable stop the run: a requeued job must never quietly
+            # throw its progress away and report success.
+            resumed = ckpt.load_latest(state, map_location=device)
+        except CheckpointError as e:
+            raise RunError(f"--resume: {e}\nInspect them with `python -m saverules.ls {ckpt_dir}`; to start over, "
+                           "move them away or choose another --out_dir.") from None
         if resumed is None:
             say(f"--resume: no checkpoint in {ckpt_dir}; starting from scratch")
         else:
@@ -367,10 +384,16 @@ def train(args: argparse.Namespace) -> int:
                     raise UsageError(
                         f"--resume: the checkpoint at step {resumed.step} was trained with {key}={saved.get(key)}, "
                         f"this run has {key}={now}; resume with the same value or start a new --out_dir")
-            say(f"resumed from step {resumed.step} (epoch {loop.values['epoch']}) in {ckpt_dir}")
-    elif ckpt.latest() is not None:
-        raise UsageError(f"{ckpt_dir} already holds checkpoints (latest: step {ckpt.latest().step}); "
-                         "pass --resume to continue that run or choose another --out_dir")
+            # epochs are printed 1-based, as in the log lines ("epoch 1/1")
+            say(f"resumed from step {resumed.step} (epoch {int(loop.values['epoch']) + 1}/{args.epochs}) "
+                f"in {ckpt_dir}")
+    else:
+        present = scan(ckpt_dir, verify=False)  # damaged ones count too: this folder belongs to a run
+        if present:
+            steps = [i.step for i in present if i.step is not None]
+            latest = f"latest: step {max(steps)}" if steps else "none of them readable"
+            raise UsageError(f"{ckpt_dir} already holds checkpoints ({latest}); "
+                             "pass --resume to continue that run or choose another --out_dir")
     step = int(loop.values["step"])
     batches_done = int(loop.values["batches_done"])
     loop.values["total_steps"] = total_steps
@@ -530,7 +553,9 @@ def print_summary(say, policy, ckpt_dir, listing, saves, start_step, trained, to
         + (", ".join(str(s) for s, _ in saves) if saves else "nothing"))
     good = [e for e in listing if e.ok and e.step is not None]
     if good:
-        why = policy.explain_retention([e.as_checkpoint() for e in good])
+        from saverules.torch import retention_view
+
+        why = policy.explain_retention(retention_view(good))
         say(f"checkpoints in {ckpt_dir} ({len(good)}):")
         for e, kept_by in zip(good, why):
             loss = f"  loss {e.metrics['loss']:.4f}" if e.metrics and "loss" in e.metrics else ""

@@ -16,20 +16,39 @@ of the library that imports torch; ``import saverules`` does not.
 """
 from __future__ import annotations
 
-from .checkpointer import Checkpointer
-from .errors import (
-    CheckpointError,
-    CheckpointVerifyError,
-    CheckpointWarning,
-    CheckpointWriteError,
-    StateTypeError,
-    UnsafeCheckpointError,
-)
-from .formats import read as read_checkpoint
-from .layout import MANIFEST, POLICY_FILE, STATE_FILE, WEIGHTS_FILE
-from .manifest import FORMAT_VERSION, CheckpointInfo
-from .rng import restore_rng_state, rng_state
-from .verify import inspect_checkpoint, scan
+import importlib
+from typing import Any
+
+#: Public name -> the module of this package that defines it.  Loaded on first use, so that
+#: listing and verifying a store (``saverules.ls``, :mod:`saverules.store.verify`) never
+#: imports torch; the checkpointer and the formats do.
+_EXPORTS = {
+    "Checkpointer": "checkpointer",
+    "CheckpointError": "errors",
+    "CheckpointVerifyError": "errors",
+    "CheckpointWarning": "errors",
+    "CheckpointWriteError": "errors",
+    "NoValidCheckpointError": "errors",
+    "StateTypeError": "errors",
+    "StoreLockedError": "errors",
+    "UnsafeCheckpointError": "errors",
+    "recover_errno": "errors",
+    "read_checkpoint": "formats",
+    "MANIFEST": "layout",
+    "POLICY_FILE": "layout",
+    "STATE_FILE": "layout",
+    "WEIGHTS_FILE": "layout",
+    "LOCK_FILE": "lock",
+    "FORMAT_VERSION": "manifest",
+    "CheckpointInfo": "manifest",
+    "retention_view": "retain",
+    "restore_rng_state": "rng",
+    "rng_state": "rng",
+    "ALLOWED_GLOBALS": "structure",
+    "inspect_checkpoint": "verify",
+    "scan": "verify",
+}
+_RENAMED = {"read_checkpoint": "read"}
 
 __all__ = [
     "Checkpointer",
@@ -38,6 +57,8 @@ __all__ = [
     "CheckpointWriteError",
     "CheckpointVerifyError",
     "UnsafeCheckpointError",
+    "NoValidCheckpointError",
+    "StoreLockedError",
     "StateTypeError",
     "CheckpointWarning",
     "rng_state",
@@ -45,9 +66,26 @@ __all__ = [
     "scan",
     "inspect_checkpoint",
     "read_checkpoint",
+    "recover_errno",
+    "retention_view",
+    "ALLOWED_GLOBALS",
     "MANIFEST",
     "STATE_FILE",
     "WEIGHTS_FILE",
     "POLICY_FILE",
+    "LOCK_FILE",
     "FORMAT_VERSION",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), _RENAMED.get(name, name))
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

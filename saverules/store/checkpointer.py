@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import errno as _errno
 import os
 import sys
 import threading
@@ -26,11 +27,11 @@ from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Tuple, Un
 import torch
 
 from ..progress import Decision, Progress
-from . import commit, formats, retain, sharded
+from . import commit, formats, lock, resume, retain, sharded
 from .errors import (
     CheckpointError,
+    CheckpointWriteError,
     StateTypeError,
-    UnsafeCheckpointError,
     log,
     type_name,
     warn,
@@ -43,7 +44,7 @@ from .ranks import RankFailure, Ranks, timeout_from
 from .restore import restore
 from .snapshot import Pool, Snapshot
 from .state import Payload, capture
-from .verify import VerifyCache, check_written, newest_good, scan
+from .verify import VerifyCache, check_written, scan
 
 VERIFY_CHOICES = ("hash", "device", "load", "none")
 ON_ERROR_CHOICES = ("raise", "warn")
@@ -122,6 +123,16 @@ class Checkpointer:
         sharded save or load waits for the other ranks before it fails with
         :class:`~saverules.store.ranks.RankFailure` (default 600, or
         ``$SAVERULES_COMMIT_TIMEOUT``).  See docs/distributed.md.
+    read_only:
+        Only read the store (``latest``, ``list``, ``load_latest``): no
+        directory is created, nothing is cleaned up or written, and no lock is
+        taken, so it works on a store that another process writes right now.
+        ``step`` still decides; ``save`` and a decision to save raise.
+
+    A writer (the only process, or rank 0 under DDP) takes the store's lock
+    when it is made: a second writer process on the same directory fails
+    with :class:`~saverules.store.errors.StoreLockedError`, which names the
+    holder.  :meth:`close` lets go of it.
     """
 
     def __init__(
@@ -136,6 +147,7 @@ class Checkpointer:
         run_name: str = "run",
         sync: Optional[Mapping[str, Any]] = None,
         commit_timeout: Optional[float] = None,
+        read_only: bool = False,
     ) -> None:
         import saverules
 
@@ -149,6 +161,8 @@ class Checkpointer:
             raise ValueError(f"dir must be a path or None, got {type_name(dir)}")
         if dir is not None and not os.fspath(dir):
             raise ValueError("dir must not be empty")
+        if not isinstance(read_only, bool):
+            raise ValueError(f"read_only must be True or False, got {read_only!r}")
         if not isinstance(async_save, bool):
             raise ValueError(f"async_save must be True or False, got {async_save!r}")
         if verify not in VERIFY_CHOICES:
@@ -172,6 +186,7 @@ class Checkpointer:
         self.on_error = on_error
         self.run_name = run_name
         self.format = fmt
+        self.read_only = read_only
 
         self.rank, self.world_size = 0, 1
         dist = torch.distributed
@@ -202,27 +217,45 @@ class Checkpointer:
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
         self._pool: Pool = {}
-        self._lock = threading.Lock()
+        self._closed = False
+        self._store_lock: Optional[lock.StoreLock] = None
+        self._release = None
 
+        _refuse_a_file(self.dir)
         if self.is_writer:
             try:
-                fs.makedirs(str(self.dir))
-            except OSError as exc:
-                err = write_error(exc, None, str(self.dir), "create the checkpoint directory")
+                self._open_store()
+            except CheckpointWriteError as err:
                 if on_error == "raise":
-                    raise err from exc
+                    raise
                 warn(str(err))
-            else:
-                commit.cleanup(self.dir)
-                write_policy_file(self.dir, self.policy)
         _LIVE.add(self)
+
+    def _open_store(self) -> None:
+        """Create the directory, take the lock, clean up after an interrupted writer, record the policy."""
+        try:
+            fs.makedirs(str(self.dir))
+        except OSError as exc:
+            _refuse_a_file(self.dir)
+            raise write_error(exc, None, str(self.dir), "create the checkpoint directory") from exc
+        try:
+            held = lock.acquire(str(self.dir))
+        except OSError as exc:
+            raise write_error(exc, None, os.path.join(self.dir, lock.LOCK_FILE), "create the store's lock file") from exc
+        self._store_lock = held
+        self._release = weakref.finalize(self, held.release)
+        self._release.atexit = False  # at exit the process's end drops it, after a pending write has finished
+        if held.previous:
+            log.info("took over the lock of %s left by %s", self.dir, lock.describe_holder(held.previous))
+        commit.cleanup(self.dir)
+        write_policy_file(self.dir, self.policy)
 
     # -- small public helpers ----------------------------------------------------
 
     @property
     def is_writer(self) -> bool:
-        """True on the process that writes (rank 0, or the only process)."""
-        return self.rank == 0
+        """True on the process that writes (rank 0, or the only process), unless made ``read_only``."""
+        return self.rank == 0 and not self.read_only
 
     def clock(self) -> float:
         """Seconds of training so far, continuous across resumes: pass it as ``Progress.time``."""
@@ -248,8 +281,16 @@ class Checkpointer:
 
     # -- deciding and saving ---------------------------------------------------------
 
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise CheckpointError(
+                f"saverules: {what}() on a closed Checkpointer (store {self.dir}): nothing more can be saved "
+                "through it. Make a new Checkpointer (load_latest resumes it) to go on saving"
+            )
+
     def step(self, progress: Progress, state: Mapping[str, Any]) -> Decision:
         """Ask the policy about this step; save when it says so. Returns the decision."""
+        self._check_open("step")
         self._collect(block=False)
         decision = self.decider(progress)
         if decision.save:
@@ -260,6 +301,7 @@ class Checkpointer:
         """Save now, whatever the policy says; the decider is told (time rules measure from here)."""
         if not isinstance(reason, str) or not reason:
             raise ValueError(f"reason must be a non-empty string, got {reason!r}")
+        self._check_open("save")
         self._collect(block=False)
         time_ = progress.time if progress.time is not None else self.clock()
         self.decider.note_save(progress.step, time_)
@@ -271,8 +313,20 @@ class Checkpointer:
         self._collect(block=True)
 
     def close(self) -> None:
-        """Wait for pending writes and report a failure. The checkpointer stays usable."""
-        self._collect(block=True)
+        """Wait for pending writes, report a failure, and let go of the store's lock.
+
+        After ``close`` the checkpointer still reads (``latest``, ``list``,
+        ``load_latest``) but ``step`` and ``save`` raise.  Closing twice is fine.
+        """
+        if self._closed:
+            return
+        try:
+            self._collect(block=True)
+        finally:
+            self._closed = True
+            if self._release is not None:
+                self._release()
+            _LIVE.discard(self)
 
     def _finish_at_exit(self) -> None:
         self._join()
@@ -304,12 +358,23 @@ class Checkpointer:
     @property
     def _writes(self) -> bool:
         """This process writes files: rank 0, or every rank of a sharded format."""
-        return self.is_writer or self._ranks is not None
+        return (self.is_writer or self._ranks is not None) and not self.read_only
 
     def _save(self, progress: Progress, state: Mapping[str, Any], reasons: Tuple[str, ...]) -> None:
+        if self.read_only:
+            raise CheckpointError(
+                f"saverules: this Checkpointer reads {self.dir} only (read_only=True) and cannot save step "
+                f"{progress.step}; make one without read_only to write"
+            )
         if not self._writes:
             return
         self._collect(block=True)  # at most one write in flight
+        if self.is_writer and self._store_lock is None:  # the directory could not be made at construction
+            try:
+                self._open_store()
+            except CheckpointWriteError as err:
+                self._report(err)
+                return
         job = self._prepare(progress, state, reasons)
         if self.async_save:
             thread = threading.Thread(target=self._run_background, args=(job,), name="saverules-writer")
@@ -400,13 +465,18 @@ class Checkpointer:
             self._collect(block=True)
         return scan(self.dir, verify=True, _cache=self._cache)
 
-    def latest(self) -> Optional[CheckpointInfo]:
-        """The newest checkpoint that verifies, or None. Damaged newer ones are skipped with a warning."""
+    def latest(self, if_none_valid: str = "raise") -> Optional[CheckpointInfo]:
+        """The newest checkpoint that verifies, or None when the store holds none.
+
+        Damaged newer ones are skipped with a warning; an unsafe one raises
+        :class:`UnsafeCheckpointError`, and a store whose checkpoints are all
+        unusable raises :class:`NoValidCheckpointError` (None, with a warning,
+        with ``if_none_valid="start_fresh"``), exactly as :meth:`load_latest`.
+        """
         if self._writes:
             self._collect(block=True)
-        for info in newest_good(self.dir, self._cache, self._warn_skip):
-            return info
-        return None
+        found = resume.pick(self.dir, self._cache, self._warn_skip, if_none_valid)
+        return found[0] if found is not None else None
 
     def _warn_skip(self, info: CheckpointInfo) -> None:
         key = (str(info.path), info.error)
@@ -415,16 +485,22 @@ class Checkpointer:
         self._warned.add(key)
         warn(f"saverules: skipping checkpoint {info.path}: {info.error}; falling back to an older checkpoint")
 
-    def load_latest(self, state: MutableMapping[str, Any], map_location: Any = "cpu", *,
-                    mmap: bool = False) -> Optional[Progress]:
+    def load_latest(self, state: MutableMapping[str, Any], map_location: Any = "cpu",
+                    if_none_valid: str = "raise", *, mmap: bool = False) -> Optional[Progress]:
         """Restore the newest good checkpoint into ``state`` and the decider.
 
         Objects with ``load_state_dict`` get it called; plain values are
         written back into ``state``.  Returns the Progress of the saved step
-        (continue with ``step + 1``), or None when there is nothing to resume.
+        (continue with ``step + 1``), or None when the store holds no
+        checkpoint.  Damaged checkpoints are skipped with a warning.  When the
+        store holds checkpoints but none can be resumed,
+        :class:`NoValidCheckpointError` lists each one and why; pass
+        ``if_none_valid="start_fresh"`` to get None (and a warning) instead.
+        An unsafe newest checkpoint raises :class:`UnsafeCheckpointError`.
         ``mmap=True`` maps the checkpoint's files (copy-on-write) instead of
         reading them into fresh memory, as ``torch.load(mmap=True)`` does.
         """
+        resume.check_if_none_valid(if_none_valid)
         if not isinstance(mmap, bool):
             raise ValueError(f"mmap must be True or False, got {mmap!r}")
         if not isinstance(state, MutableMapping):
@@ -435,7 +511,8 @@ class Checkpointer:
         if self._writes:
             self._collect(block=True)
         if self._ranks is not None:  # every rank takes part; rank 0 chooses (saverules.store.sharded)
-            got = sharded.load_latest(self._ranks, self.dir, self._cache, self._warn_skip, state, map_location)
+            got = sharded.load_latest(self._ranks, self.dir, self._cache, self._warn_skip, state, map_location,
+                                     if_none_valid)
             if got is None:
                 return None
             info, payload, restored = got
@@ -443,17 +520,35 @@ class Checkpointer:
                                          self.policy.digest)
             self._clock_t0 = _time.monotonic()
             return progress_of(info, self._clock_offset)
-        for info in newest_good(self.dir, self._cache, self._warn_skip, deep=_needs_digest_pass):
-            try:
-                payload = formats.read(info, map_location, mmap=mmap)
-            except UnsafeCheckpointError:
-                raise
-            except CheckpointError as exc:
-                self._warn_skip(dataclasses.replace(info, verified=False, error=str(exc)))
-                continue
-            if info.verified is None:  # its reader checked every digest while reading
-                self._cache.put(info.path, dataclasses.replace(info, verified=True))
-            self._clock_offset = restore(info, payload, state, self.decider, self.policy.digest)
-            self._clock_t0 = _time.monotonic()
-            return progress_of(info, self._clock_offset)
-        return None
+        found = resume.pick(self.dir, self._cache, self._warn_skip, if_none_valid,
+                            decode=lambda info: formats.read(info, map_location, mmap=mmap),
+                            deep=_needs_digest_pass)
+        if found is None:
+            return None
+        info, payload = found
+        if info.verified is None:  # its reader checked every digest while reading
+            self._cache.put(info.path, dataclasses.replace(info, verified=True))
+        self._clock_offset = restore(info, payload, state, self.decider, self.policy.digest)
+        self._clock_t0 = _time.monotonic()
+        return progress_of(info, self._clock_offset)
+
+
+def _refuse_a_file(directory: Path) -> None:
+    """A store path that is (or lies below) a file: a clear error, whatever ``on_error`` says.
+
+    No retry can make a file into a directory, so this is never just a warning.
+    """
+    probe = Path(directory)
+    while True:
+        if os.path.exists(probe) and not os.path.isdir(probe):
+            if probe == Path(directory):
+                what, code = f"{directory} is a file, not a directory", _errno.EEXIST
+            else:
+                what, code = f"{directory} cannot be made: {probe} is a file, not a directory", _errno.ENOTDIR
+            raise CheckpointWriteError(
+                f"saverules: the checkpoint store {what}; remove it or point dir= / [storage].dir elsewhere",
+                path=str(probe), errno=code,
+            )
+        if probe.parent == probe:
+            return
+        probe = probe.parent

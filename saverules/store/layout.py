@@ -79,12 +79,13 @@ def hidden_name(prefix: str, name: str) -> str:
 def disk_size(path: Path) -> int:
     total = 0
     try:
-        for entry in os.scandir(path):
-            try:
-                if entry.is_file(follow_symlinks=False):
-                    total += entry.stat(follow_symlinks=False).st_size
-            except OSError:
-                pass
+        with os.scandir(path) as entries:
+            for entry in entries:
+                try:
+                    if entry.is_file(follow_symlinks=False):
+                        total += entry.stat(follow_symlinks=False).st_size
+                except OSError:
+                    pass
     except OSError:
         pass
     return total
@@ -93,18 +94,25 @@ def disk_size(path: Path) -> int:
 def looks_like_checkpoint(path: Path) -> bool:
     """A directory without a manifest that holds checkpoint files (an unfinished or damaged one)."""
     try:
-        for entry in os.scandir(path):
-            if entry.name in CHECKPOINT_FILE_NAMES or entry.name.endswith(CHECKPOINT_FILE_SUFFIXES):
-                return True
+        with os.scandir(path) as entries:
+            for entry in entries:
+                if entry.name in CHECKPOINT_FILE_NAMES or entry.name.endswith(CHECKPOINT_FILE_SUFFIXES):
+                    return True
     except OSError:
         return False
     return False
 
 
 def candidates(root: Path) -> List[Path]:
-    """Every visible directory of ``root`` with a manifest or checkpoint files."""
+    """Every visible directory of ``root`` with a manifest or checkpoint files.
+
+    A symbolic link to such a directory is listed too, so that it is
+    reported (and refused: see :func:`saverules.store.verify.inspect_checkpoint`)
+    rather than silently ignored.
+    """
     try:
-        entries = list(os.scandir(root))
+        with os.scandir(root) as it:
+            entries = list(it)
     except FileNotFoundError:
         return []
     out = []
@@ -112,7 +120,7 @@ def candidates(root: Path) -> List[Path]:
         if entry.name.startswith("."):
             continue
         try:
-            if not entry.is_dir(follow_symlinks=False):
+            if not entry.is_dir():  # follows a link: a link to a checkpoint directory is one to report
                 continue
         except OSError:
             continue

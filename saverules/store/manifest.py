@@ -39,6 +39,9 @@ class CheckpointInfo:
     manifest, False when something is wrong (``error`` says what), and None
     when only the manifest and file sizes were checked.  ``time`` is the
     training clock (seconds) at the save, ``utc`` the wall-clock moment.
+    ``unsafe`` is True when a state file asks to unpickle something a safe
+    checkpoint never holds: resume stops there (:class:`UnsafeCheckpointError`)
+    instead of falling back.
     """
 
     path: Path
@@ -56,6 +59,7 @@ class CheckpointInfo:
     policy_digest: Optional[str] = None
     format: Optional[str] = None
     manifest: Optional[Mapping[str, Any]] = dataclasses.field(default=None, repr=False, compare=False)
+    unsafe: bool = False
 
     @property
     def ok(self) -> bool:

@@ -13,11 +13,35 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, List, Sequence
 
+from ..progress import Checkpoint
 from .errors import CheckpointError, log, warn
 from .fs import fs
 from .layout import DEL_PREFIX, hidden_name
 from .manifest import CheckpointInfo
 from .verify import VerifyCache, scan
+
+
+def retention_view(infos: Sequence[CheckpointInfo]) -> List[Checkpoint]:
+    """What retention sees of ``infos`` (usable checkpoints, oldest first).
+
+    Retention always keeps the run's final checkpoint.  A run that was
+    extended (resumed with a larger total) saved a final of its own, and the
+    final of the shorter run before it is then just another checkpoint: only
+    the finals of the current run, the run of the newest checkpoint (same
+    ``total_steps``), are pinned as final.  Without any total in the
+    manifests the newest final stands for the run's.  ``saverules.ls`` and
+    the store both judge through this view, so they agree on what is kept.
+    """
+    if not infos:
+        return []
+    totals = [(getattr(i, "manifest", None) or {}).get("total_steps") for i in infos]
+    current = totals[-1]
+    finals = [k for k, i in enumerate(infos) if i.final]
+    if current is not None:
+        pinned = {k for k in finals if totals[k] == current}
+    else:
+        pinned = set(finals[-1:])
+    return [Checkpoint(i.step, i.time, i.metrics, k in pinned) for k, i in enumerate(infos)]
 
 
 def retain(root: Path, newest: Path, policy: Any, cache: VerifyCache, deep: bool, warned: set) -> None:
@@ -40,7 +64,7 @@ def _plan(infos: Sequence[CheckpointInfo], newest: Path, policy: Any, warned: se
             )
     if not valid:
         return []
-    keep = policy.retain([i.as_checkpoint() for i in valid])
+    keep = policy.retain(retention_view(valid))
     if len(keep) != len(valid):
         raise CheckpointError(f"policy.retain returned {len(keep)} answers for {len(valid)} checkpoints")
     return [info.path for info, k in zip(valid, keep) if not k and info.path != newest]

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, MutableMapping, Optional, Tuple
 
 from . import commit as _commit
-from . import formats, layout, writer
+from . import formats, layout, resume, writer
 from .errors import (
     CheckpointError,
     CheckpointWriteError,
@@ -283,22 +283,46 @@ def _seal(ranks: Ranks, root: Path, tmp: Path, name: str, step: int, manifest: M
 
 
 def load_latest(ranks: Ranks, root: Path, cache, skip: Callable[[CheckpointInfo], None],
-                state: MutableMapping[str, Any], map_location: Any) -> Optional[Tuple[CheckpointInfo, Payload, set]]:
+                state: MutableMapping[str, Any], map_location: Any,
+                if_none_valid: str = "raise") -> Optional[Tuple[CheckpointInfo, Payload, set]]:
     """Restore the models and optimizers of the newest good checkpoint on every rank.
 
     Returns (info, this rank's payload, the names restored from the shards).
 
-    Rank 0 chooses and verifies; every rank loads the same step or every
-    rank falls back together.  The payload (plain values, other objects, the
-    decider) is left for the caller to restore.
+    Rank 0 chooses and verifies, and broadcasts its verdict: every rank loads
+    the same step, every rank falls back together, and every rank raises
+    together (an unsafe checkpoint, or a store of which no checkpoint can be
+    used, as :func:`saverules.store.resume.pick` decides for one process).
+    The payload (plain values, other objects, the decider) is left for the
+    caller to restore.
     """
     ranks.check()
-    candidates = newest_good(root, cache, skip) if ranks.rank == 0 else None
+    resume.check_if_none_valid(if_none_valid)
+    rejected: List[CheckpointInfo] = []
+
+    def passed_over(bad: CheckpointInfo) -> None:
+        if bad.unsafe:
+            raise resume.unsafe_error(bad)
+        rejected.append(bad)
+        skip(bad)
+
+    candidates = newest_good(root, cache, passed_over) if ranks.rank == 0 else None
     while True:
-        info = next(candidates, None) if candidates is not None else None
-        name = ranks.broadcast(info.name if info is not None else None, "choose the checkpoint to resume from")
-        if name is None:
+        info, verdict = None, None
+        if candidates is not None:
+            try:
+                info = next(candidates, None)
+                verdict = ("use", info.name) if info is not None else ("none", resume.rejected_pairs(rejected))
+            except UnsafeCheckpointError as exc:
+                verdict = ("unsafe", str(exc))
+        kind, what = ranks.broadcast(verdict, "choose the checkpoint to resume from")
+        if kind == "unsafe":
+            raise UnsafeCheckpointError(what)
+        if kind == "none":
+            if ranks.rank == 0 or if_none_valid == "raise":  # the warning of a fresh start comes once
+                resume.none_valid(root, what, if_none_valid)
             return None
+        name = what
         if info is None:
             info = inspect_checkpoint(root / name, root, verify=False)
         status, payload, layouts, fmt = None, None, None, None
@@ -325,7 +349,7 @@ def load_latest(ranks: Ranks, root: Path, cache, skip: Callable[[CheckpointInfo]
             if ranks.rank == 0:
                 from dataclasses import replace
 
-                skip(replace(info, verified=False, error=errors[0].replace("saverules: ", "", 1)))
+                passed_over(replace(info, verified=False, error=errors[0].replace("saverules: ", "", 1)))
             continue
         if layouts is not None:
             _load_shards(ranks, fmt, source, state, layouts, name)

@@ -11,15 +11,20 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import stat
 import threading
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
-from . import digest, formats, layout
+from . import digest, layout, structure
 from .errors import CheckpointError, CheckpointVerifyError
 from .manifest import CheckpointInfo, Invalid, info_from_manifest, read_manifest
+
+if TYPE_CHECKING:  # the formats import torch; listing and hashing a store does not need it
+    from . import formats
 
 
 def _signature(path: Path, manifest: Optional[Mapping]) -> Optional[tuple]:
@@ -45,20 +50,27 @@ def inspect_checkpoint(path: Union[str, os.PathLike], root: Union[str, os.PathLi
     """
     path = Path(path)
     root = Path(root) if root is not None else path.parent
+    name = os.path.relpath(path, root)
+    link = _not_regular(path, directory=True)
+    if link is None:
+        link = _not_regular(path / layout.MANIFEST)
+    if link is not None:
+        return CheckpointInfo(path=path, name=name, verified=False, error=link)
     try:
         manifest = read_manifest(path)
     except Invalid as exc:
-        return CheckpointInfo(path=path, name=os.path.relpath(path, root), size=layout.disk_size(path),
-                              verified=False, error=str(exc))
+        return CheckpointInfo(path=path, name=name, size=layout.disk_size(path), verified=False, error=str(exc))
 
-    def failed(error: str) -> CheckpointInfo:
-        return info_from_manifest(path, root, manifest, False, error)
+    def failed(error: str, unsafe: bool = False) -> CheckpointInfo:
+        info = info_from_manifest(path, root, manifest, False, error)
+        return dataclasses.replace(info, unsafe=True) if unsafe else info
 
     for fname, entry in manifest["files"].items():
+        problem = _not_regular(path / fname)
+        if problem is not None:
+            return failed(problem)
         try:
             size = os.stat(path / fname).st_size
-        except FileNotFoundError:
-            return failed(f"{fname} is missing")
         except OSError as exc:
             return failed(f"cannot read {fname}: {exc.strerror or exc}")
         if size != entry["size"]:
@@ -77,7 +89,41 @@ def inspect_checkpoint(path: Union[str, os.PathLike], root: Union[str, os.PathLi
             return failed(f"{fname} has {size} bytes, the manifest says {entry['size']} (truncated?)")
         if hexdigest != expected:
             return failed(f"{fname} does not match its {algo} digest (damaged)")
+    try:
+        structure.check_files(path, manifest)
+    except structure.StructureError as exc:
+        return failed(str(exc), unsafe=isinstance(exc, structure.UnsafeStructure))
     return info_from_manifest(path, root, manifest, True, None)
+
+
+def _not_regular(path: Path, directory: bool = False) -> Optional[str]:
+    """Why ``path`` may not be read as part of a checkpoint (a symlink, not a plain file), or None.
+
+    A checkpoint is only what its directory really holds: a link could point
+    anywhere (``state.pt -> /etc/passwd``), and a FIFO or device would block
+    or mislead the hash.  A missing file is reported by name too.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None if directory else f"{path.name} is missing"
+    except OSError as exc:
+        return f"cannot read {path.name}: {exc.strerror or exc}"
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        what = "the checkpoint directory" if directory else "a file inside a checkpoint"
+        return (
+            f"{path.name} is a symlink (to {target}); saverules never follows a link for {what}: "
+            "replace the link with the real " + ("directory" if directory else "file")
+        )
+    if directory:
+        return None if stat.S_ISDIR(st.st_mode) else f"{path.name} is not a directory"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{path.name} is not a regular file"
+    return None
 
 
 class VerifyCache:
@@ -188,6 +234,8 @@ def check_written(tmp: Path, step: int, files: Mapping[str, Mapping], fmt: forma
       dropped, so from the device, and its digest compared;
     * ``"load"``: as ``"device"``, and the checkpoint is decoded back (safely).
     """
+    from . import formats  # imports torch: only a writer gets here, never a listing
+
     source = formats.Source(Path(tmp), step, files, metadata)
     try:
         if mode == "hash":

@@ -7,11 +7,13 @@ digest is computed from the bytes handed to the file, on the hash worker of
 from __future__ import annotations
 
 import bisect
+import os
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from . import digest
+from .errors import recover_errno
 from .fs import fs
 
 try:
@@ -108,11 +110,22 @@ class HashingFile:
         self._finished = False
         self._started = 0  # bytes whose write-back has been started
         self.size = 0
+        #: The first OSError the file raised: a native writer above (torch's archive writer) may
+        #: swallow it and report something else, so write_file raises this one instead.
+        self.os_error: Optional[OSError] = None
+
+    def _put(self, data) -> None:
+        try:
+            self._f.write(data)
+        except OSError as exc:
+            if self.os_error is None:
+                self.os_error = exc
+            raise
 
     def write(self, data) -> int:
         n = memoryview(data).nbytes
         if n < digest.PARALLEL_HASH_MIN:
-            self._f.write(data)
+            self._put(data)
             self._small += data
             if len(self._small) >= digest.PARALLEL_HASH_MIN:
                 self.push()
@@ -121,11 +134,11 @@ class HashingFile:
             view = self._stable.view(data)
             if view is not None:
                 digest.HASHER.submit(self._stream, view)
-                self._f.write(data)
+                self._put(data)
             else:
                 done = digest.HASHER.submit(self._stream, data, wait=True)
                 try:
-                    self._f.write(data)
+                    self._put(data)
                 finally:
                     done.wait()  # the buffer is only valid during this call
                 self._check()
@@ -157,7 +170,12 @@ class HashingFile:
             raise self._stream.error
 
     def flush(self) -> None:
-        self._f.flush()
+        try:
+            self._f.flush()
+        except OSError as exc:
+            if self.os_error is None:
+                self.os_error = exc
+            raise
 
     def drain(self) -> None:
         """Wait until the worker is done with everything queued for this file (errors are not raised)."""
@@ -215,19 +233,36 @@ def write_file(path: str, producer, algo: Optional[str] = None) -> Dict[str, Any
     :data:`saverules.store.digest.DEFAULT`).  The digest is computed from the
     bytes handed to the file, on the hash worker, while this thread writes
     and then fsyncs.
+
+    A write that fails always raises ``OSError`` with the error number of the
+    failure, whichever layer saw it first: when the producer (``torch.save``,
+    a native writer) reports the failure in its own words, the ``OSError``
+    the file raised underneath it, or the one :func:`~saverules.store.errors.recover_errno`
+    reads from the message and the disk, is raised instead (chained to the
+    producer's exception).
     """
     algo = algo or digest.DEFAULT
     tensors = getattr(producer, "tensors", ())
     stable = Stable(tensors) if tensors else NO_STABLE
-    with fs.open_write(path) as f:
-        hf = HashingFile(f, stable, algo)
-        try:
-            producer(hf)
-            hf.push()
-            f.flush()
-            fs.fsync(f.fileno())
-        except BaseException:
-            hf.drain()  # nothing queued may outlive the memory it points into
+    hf: Optional[HashingFile] = None
+    try:
+        with fs.open_write(path) as f:
+            hf = HashingFile(f, stable, algo)
+            try:
+                producer(hf)
+                hf.push()
+                f.flush()
+                fs.fsync(f.fileno())
+            except BaseException:
+                hf.drain()  # nothing queued may outlive the memory it points into
+                raise
+            digest_hex = hf.hexdigest()
+    except Exception as exc:
+        err = exc if isinstance(exc, OSError) and exc.errno else (hf.os_error if hf is not None else None)
+        code = err.errno if err is not None else recover_errno(exc, path)
+        if code is None:
             raise
-        entry = hf.entry()
-    return entry
+        if err is exc and exc.filename:
+            raise
+        raise OSError(code, os.strerror(code), path) from exc
+    return digest.make_entry(hf.size, algo, digest_hex)

@@ -205,8 +205,9 @@ def view(storage: torch.UntypedStorage, dtype: torch.dtype, offset: int, shape: 
     esize = torch.empty(0, dtype=dtype).element_size()
     if offset < 0 or len(shape) != len(stride) or any(s < 0 for s in stride) or any(d < 0 for d in shape):
         return None
+    # A tensor with no elements reads nothing: its offset may lie past the end of its (empty) storage.
     extent = 0 if any(d == 0 for d in shape) else 1 + sum((d - 1) * s for d, s in zip(shape, stride))
-    if (offset + extent) * esize > storage.nbytes():
+    if extent and (offset + extent) * esize > storage.nbytes():
         return None
     if storage.nbytes() and storage.data_ptr() % esize:
         storage = storage.clone()  # a mapped entry off its alignment: copy it to aligned memory

@@ -1,0 +1,88 @@
+"""Which checkpoint a resume starts from, and what happens when there is none to start from.
+
+Newest first, every checkpoint that does not verify (or does not decode) is
+skipped with a warning.  Two outcomes never pass silently:
+
+* an **unsafe** checkpoint (a state file that asks to unpickle a class or a
+  function) stops the walk with :class:`UnsafeCheckpointError`: a planted file
+  deserves a look before anything older is trusted;
+* a store that holds checkpoints of which **none** can be used raises
+  :class:`NoValidCheckpointError`, listing each one and why it was rejected,
+  unless the caller asked for ``if_none_valid="start_fresh"``.  A fresh
+  start is only ever silent when the store holds no checkpoint at all.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable, List, Optional, Tuple
+
+from .errors import CheckpointError, NoValidCheckpointError, UnsafeCheckpointError, warn
+from .manifest import CheckpointInfo
+from .verify import VerifyCache, newest_good, sort_key
+
+IF_NONE_VALID = ("raise", "start_fresh")
+
+
+def check_if_none_valid(value: Any) -> None:
+    if value not in IF_NONE_VALID:
+        raise ValueError(f"if_none_valid must be 'raise' or 'start_fresh', got {value!r}")
+
+
+def unsafe_error(info: CheckpointInfo) -> UnsafeCheckpointError:
+    return UnsafeCheckpointError(
+        f"saverules: refused to load {info.path}: {info.error}. Resume stops at this checkpoint rather than fall "
+        "back to an older one, since a planted file deserves a look: move it out of the store (or delete it) "
+        "to resume from the checkpoint before it. If you wrote this file yourself, store only the safe types "
+        "listed in docs/checkpoints.md"
+    )
+
+
+def pick(root: Path, cache: VerifyCache, skip: Callable[[CheckpointInfo], None], if_none_valid: str = "raise",
+         decode: Optional[Callable[[CheckpointInfo], Any]] = None,
+         deep: Callable[[CheckpointInfo], bool] = lambda info: True) -> Optional[Tuple[CheckpointInfo, Any]]:
+    """The newest usable checkpoint of ``root`` and (with ``decode``) what it decodes to.
+
+    ``skip(info)`` hears of each checkpoint passed over.  Returns None when
+    there is nothing to resume: an empty store, or (``if_none_valid=
+    "start_fresh"``) a store whose checkpoints are all unusable, with a warning.
+    ``deep(info)`` False: only the manifest and sizes are checked before
+    ``decode`` (a format whose reader checks the digests as it reads).
+    """
+    check_if_none_valid(if_none_valid)
+    rejected: List[CheckpointInfo] = []
+
+    def passed_over(info: CheckpointInfo) -> None:
+        if info.unsafe:
+            raise unsafe_error(info)
+        rejected.append(info)
+        skip(info)
+
+    for info in newest_good(root, cache, passed_over, deep=deep):
+        if decode is None:
+            return info, None
+        try:
+            return info, decode(info)
+        except UnsafeCheckpointError:
+            raise
+        except CheckpointError as exc:
+            passed_over(dataclasses.replace(info, verified=False, error=str(exc)))
+    none_valid(root, rejected_pairs(rejected), if_none_valid)
+    return None
+
+
+def rejected_pairs(rejected: List[CheckpointInfo]) -> List[Tuple[str, str]]:
+    """(name, why) of each checkpoint passed over, oldest first."""
+    return [(info.name, info.error or "failed verification") for info in sorted(rejected, key=sort_key)]
+
+
+def none_valid(root: Path, rejected: List[Tuple[str, str]], if_none_valid: str) -> None:
+    """The end of a walk that found nothing to resume: silent for an empty store, else raise (or warn)."""
+    if not rejected:
+        return
+    if if_none_valid == "raise":
+        raise NoValidCheckpointError(str(root), rejected)
+    warn(
+        f"saverules: none of the {len(rejected)} checkpoints in {root} can be resumed; starting from scratch as "
+        "if_none_valid='start_fresh' asks (they are left on disk)"
+    )
