@@ -18,6 +18,9 @@ optimizer, against ``Checkpointer.load_latest`` from a new Checkpointer
 
 Throughput is the bytes written divided by the time until durable; stall is
 how long the call blocks the caller.
+
+Then the sharded row (:mod:`benchmarks.bench_save_sharded`): 2 gloo ranks,
+FSDP2, ``format = "dcp"`` against ``dcp.save`` and ``dcp.async_save``.
 """
 from __future__ import annotations
 
@@ -256,6 +259,10 @@ def run(quick: bool = False) -> list:
             gc.collect()
             for p in tmp.iterdir():
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
+    # The sharded row: 2 ranks writing format "dcp", against DCP itself (benchmarks/bench_save_sharded.py).
+    from . import bench_save_sharded
+
+    rows += bench_save_sharded.run(quick)
     return rows
 
 

@@ -54,6 +54,12 @@ def _clock(seconds: Optional[float]) -> str:
     return f"{h}:{m:02d}:{sec:02d}"
 
 
+def _world(info) -> Optional[int]:
+    """How many ranks wrote the checkpoint (its manifest's world size), or None when unknown."""
+    world = (getattr(info, "manifest", None) or {}).get("world_size")  # a framework checkpoint has none
+    return world if type(world) is int and world > 0 else None
+
+
 def format_table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
     """Left-aligned columns separated by two spaces (numbers right-aligned)."""
     widths = [len(h) for h in header]
@@ -193,6 +199,8 @@ def _as_json(root: str, infos: list, kept: dict, notes: List[str]) -> dict:
             "verified": info.verified,
             "unsafe": bool(getattr(info, "unsafe", False)),
             "error": info.error,
+            "format": getattr(info, "format", None),
+            "world_size": _world(info),
             "kept_by": list(kept[id(info)]) if id(info) in kept else None,
         })
     return {"dir": os.path.abspath(root), "checkpoints": out, "notes": notes}
@@ -223,6 +231,13 @@ def _print_table(root: str, infos: list, kept: dict, writer: Optional[str]) -> N
             why,
         ])
     header = ["NAME", "STEP", "EPOCH", "CLOCK", "SAVED (UTC)", "REASONS", "SIZE", "VERIFIED", "KEPT BY"]
+    if any(getattr(info, "format", None) == "dcp" or (_world(info) or 1) > 1 for info in infos):
+        # sharded checkpoints: how many ranks wrote each one (a dcp checkpoint loads on any number)
+        header.insert(7, "RANKS")
+        for info, row in zip(infos, rows):
+            world = _world(info)
+            sharded = getattr(info, "format", None) == "dcp"
+            row.insert(7, (f"{world} (dcp)" if sharded else str(world)) if world else "?")
     print(f"{os.path.abspath(root)}: {len(infos)} checkpoint{'s' if len(infos) != 1 else ''}")
     if writer:
         print(writer)

@@ -111,7 +111,7 @@ class Storage(Model):
 
     dir: Name = "checkpoints"
     name: Name = "step-{step:08d}"
-    format: Literal["tensors", "torch", "safetensors"] = "tensors"
+    format: Literal["tensors", "torch", "safetensors", "dcp"] = "tensors"
 
     @field_validator("name")
     @classmethod

@@ -3,6 +3,7 @@
     python -m saverules.minimind.train --max_steps 200
     python -m saverules.minimind.train --resume                   # continue from the latest checkpoint
     torchrun --nproc_per_node 2 -m saverules.minimind.train       # data parallel (gloo on CPU, nccl on GPU)
+    torchrun --nproc_per_node 2 -m saverules.minimind.train --fsdp  # sharded (FSDP2), sharded checkpoints
 
 The loop reads top to bottom: arguments, process group, data, model,
 optimizer, checkpointer, resume, train, summary.  It has no save condition of
@@ -44,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rules", default=None,
                    help=f"save policy (TOML); default {DEFAULT_RULES}, else the copy packaged with saverules")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run folder")
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard the model and optimizer over the ranks with FSDP2 (fully_shard) and save sharded "
+                        "checkpoints ([storage].format = \"dcp\"); --resume may then use another number of ranks")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch_size", type=int, default=16, help="micro-batch size per process")
     p.add_argument("--learning_rate", type=float, default=5e-4, help="peak learning rate (cosine decay to 10%%)")
@@ -170,6 +174,19 @@ def _test_hooks(rank: int):
     return step_seconds, scale, offset, signals, (f"{report}.rank{rank}" if report else None), hold
 
 
+def regrouped_batch(saved: dict, world: int) -> int:
+    """The per-rank batch that keeps a checkpoint's global batch on ``world`` ranks (UsageError if none does)."""
+    batch, old = saved.get("batch_size"), saved.get("world_size")
+    if not isinstance(batch, int) or not isinstance(old, int):
+        raise UsageError("--resume: the checkpoint does not record its batch size and world size")
+    global_batch = batch * old
+    if global_batch % world:
+        raise UsageError(
+            f"--resume: the checkpoint was trained with a global batch of {global_batch} ({old} rank(s) x {batch}), "
+            f"which {world} ranks cannot split evenly; resume on a number of ranks that divides {global_batch}")
+    return global_batch // world
+
+
 def fmt_seconds(s: float) -> str:
     s = int(max(0, s))
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
@@ -250,6 +267,11 @@ def train(args: argparse.Namespace) -> int:
     except OSError as e:
         raise UsageError(f"--rules {rules}: cannot read it ({e.strerror or e})") from None
 
+    if args.fsdp and policy.storage.format != "dcp":
+        # Sharded training saves sharded checkpoints: every rank writes its own shards.
+        say(f"--fsdp: saving with [storage].format = \"dcp\" (the policy says {policy.storage.format!r})")
+        policy = policy.model_copy(update={"storage": policy.storage.model_copy(update={"format": "dcp"})})
+
     # ---- data ------------------------------------------------------------------------
     try:
         tokenizer = load_tokenizer(args.tokenizer)
@@ -280,8 +302,6 @@ def train(args: argparse.Namespace) -> int:
     # ---- model and optimizer ---------------------------------------------------------
     torch.manual_seed(args.seed)
     model = MiniMindLM(cfg).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.1, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, total_steps, warmup))
     amp_dtype = None
     if device.type == "cuda" and args.dtype != "float32":
         amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
@@ -289,7 +309,20 @@ def train(args: argparse.Namespace) -> int:
             amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
-    train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
+    if args.fsdp and ddp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.layers:  # one FSDP unit per block, the rest (tied embedding, norm) at the root
+            fully_shard(block)
+        fully_shard(model)
+        train_model = model
+    elif ddp:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        train_model = model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.1, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, total_steps, warmup))
 
     # ---- checkpointer ------------------------------------------------------------------
     ckpt_dir = Path(policy.storage.dir)
@@ -329,6 +362,22 @@ def train(args: argparse.Namespace) -> int:
             say(f"--resume: no checkpoint in {ckpt_dir}; starting from scratch")
         else:
             saved = loop.values
+            if args.fsdp and saved.get("world_size") != world:
+                # A sharded checkpoint loads on any number of ranks: keep the global batch (and with it
+                # the steps, the learning-rate schedule and the data order) by splitting it anew.
+                args.batch_size = regrouped_batch(saved, world)
+                say(f"--resume: the checkpoint at step {resumed.step} was trained on {saved.get('world_size')} "
+                    f"rank(s) with {saved.get('batch_size')} per rank; {world} rank(s) take {args.batch_size} "
+                    f"each (the same global batch of {args.batch_size * world})")
+                sampler = ResumableSampler(dataset, seed=args.seed)
+                loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
+                                                     pin_memory=device.type == "cuda")
+                batches_per_epoch = sampler.batches_per_epoch(args.batch_size)
+                steps_per_epoch = math.ceil(batches_per_epoch / accum)
+                total_steps = args.epochs * steps_per_epoch
+                if args.max_steps is not None:
+                    total_steps = min(total_steps, args.max_steps)
+                loop.values.update(batch_size=args.batch_size, world_size=world)
             for key, now in (("batch_size", args.batch_size), ("accumulation_steps", accum),
                              ("world_size", world), ("seed", args.seed), ("dataset_len", len(dataset))):
                 if saved.get(key) != now:
@@ -401,7 +450,11 @@ def train(args: argparse.Namespace) -> int:
             update = micro + 1 == window_start + window
             input_ids = input_ids.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
-            sync_grads = train_model.no_sync() if ddp and not update else contextlib.nullcontext()
+            if args.fsdp and ddp:  # FSDP2 reduces gradients only on the micro-batch that ends the window
+                train_model.set_requires_gradient_sync(update)
+                sync_grads = contextlib.nullcontext()
+            else:
+                sync_grads = train_model.no_sync() if ddp and not update else contextlib.nullcontext()
             with sync_grads:
                 with autocast():
                     _, loss = train_model(input_ids, labels)

@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Tuple, Un
 import torch
 
 from ..progress import Decision, Progress
-from . import commit, formats, lock, resume, retain
+from . import commit, formats, lock, resume, retain, sharded
 from .errors import (
     CheckpointError,
     CheckpointWriteError,
@@ -40,6 +40,7 @@ from .errors import (
 from .fs import fs
 from .manifest import CheckpointInfo, info_from_manifest, new_manifest, progress_of
 from .policyfile import write_policy_file
+from .ranks import RankFailure, Ranks, timeout_from
 from .restore import restore
 from .snapshot import Pool, Snapshot
 from .state import Payload, capture
@@ -79,6 +80,7 @@ class _Job:
     manifest: Dict[str, Any]
     payload: Optional[Payload]
     snapshot: Optional[Snapshot] = None
+    tmp: Optional[Path] = None  # a sharded save's temporary directory, agreed by every rank
 
 
 class Checkpointer:
@@ -116,6 +118,11 @@ class Checkpointer:
         decider is wrapped in :class:`saverules.distributed.SyncedDecider`;
         ``sync`` holds its keyword options, e.g. ``{"sync_seconds": 2.0}`` or
         ``{"sync_signals": True}``.  Ignored in a single process.
+    commit_timeout:
+        ``[storage].format = "dcp"`` only: seconds each collective of a
+        sharded save or load waits for the other ranks before it fails with
+        :class:`~saverules.store.ranks.RankFailure` (default 600, or
+        ``$SAVERULES_COMMIT_TIMEOUT``).  See docs/distributed.md.
     read_only:
         Only read the store (``latest``, ``list``, ``load_latest``): no
         directory is created, nothing is cleaned up or written, and no lock is
@@ -139,6 +146,7 @@ class Checkpointer:
         total_steps: Optional[int] = None,
         run_name: str = "run",
         sync: Optional[Mapping[str, Any]] = None,
+        commit_timeout: Optional[float] = None,
         read_only: bool = False,
     ) -> None:
         import saverules
@@ -194,6 +202,13 @@ class Checkpointer:
             # ``sync`` passes SyncedDecider's options (sync_seconds, max_interval, sync_signals, ...).
             decider = SyncedDecider(decider, **dict(sync or {}))
         self.decider = decider
+        # A sharded format: every rank writes, rank 0 commits (saverules.store.sharded). Creating the
+        # ranks' group is a collective, like the construction of the Checkpointer on every rank.
+        self._ranks = None
+        if getattr(self._format, "sharded", False):
+            self._ranks = Ranks(timeout_from(commit_timeout))
+        elif commit_timeout is not None:
+            timeout_from(commit_timeout)  # checked all the same: a typo should not wait for a format change
 
         self._clock_offset = 0.0
         self._clock_t0 = _time.monotonic()
@@ -340,9 +355,14 @@ class Checkpointer:
             self._report(err)
 
     def _report(self, err: BaseException) -> None:
-        if self.on_error == "raise" or not isinstance(err, (CheckpointError, OSError)):
+        if self.on_error == "raise" or isinstance(err, RankFailure) or not isinstance(err, (CheckpointError, OSError)):
             raise err
         warn(f"{err} (on_error='warn': training continues; the next save will try again)")
+
+    @property
+    def _writes(self) -> bool:
+        """This process writes files: rank 0, or every rank of a sharded format."""
+        return (self.is_writer or self._ranks is not None) and not self.read_only
 
     def _save(self, progress: Progress, state: Mapping[str, Any], reasons: Tuple[str, ...]) -> None:
         if self.read_only:
@@ -350,10 +370,10 @@ class Checkpointer:
                 f"saverules: this Checkpointer reads {self.dir} only (read_only=True) and cannot save step "
                 f"{progress.step}; make one without read_only to write"
             )
-        if not self.is_writer:
+        if not self._writes:
             return
         self._collect(block=True)  # at most one write in flight
-        if self._store_lock is None:  # the directory could not be made at construction (on_error="warn")
+        if self.is_writer and self._store_lock is None:  # the directory could not be made at construction
             try:
                 self._open_store()
             except CheckpointWriteError as err:
@@ -403,13 +423,18 @@ class Checkpointer:
         if snap is not None:
             self._pool = {}
         clock = float(progress.time) if progress.time is not None else self.clock()
-        payload = capture(state, progress.step, self.decider.state_dict(), clock, snap)
         utc = datetime.now(timezone.utc)
         name = self.policy.storage.render_name(step=progress.step, epoch=progress.epoch, time=utc, run=self.run_name)
+        tmp = None
+        if self._ranks is not None:
+            tmp, name, payload = sharded.start(self._ranks, self.dir, name, progress.step, lambda: self._format.capture(
+                state, progress.step, self.decider.state_dict(), clock, snap))
+        else:
+            payload = capture(state, progress.step, self.decider.state_dict(), clock, snap)
         manifest = new_manifest(name=name, progress=progress, clock=clock, utc=utc, reasons=reasons,
                                 metrics=metrics, policy_digest=self.policy.digest, storage_format=self.format,
                                 world_size=self.world_size)
-        return _Job(name=name, step=int(progress.step), manifest=manifest, payload=payload, snapshot=snap)
+        return _Job(name=name, step=int(progress.step), manifest=manifest, payload=payload, snapshot=snap, tmp=tmp)
 
     def _run_background(self, job: _Job) -> None:
         try:
@@ -429,9 +454,17 @@ class Checkpointer:
         def check(tmp: Path, files: Mapping[str, Any], metadata) -> None:
             check_written(tmp, job.step, files, fmt, self.verify, metadata)
 
+        if self._ranks is not None:  # rank 0 settles (cache, retention) before every rank returns
+            sharded.commit(self._ranks, fmt, self.dir, job.tmp, job.name, job.step, job.manifest, payload,
+                           self.verify, settle=lambda path, manifest: self._settle(job, path, manifest))
+            return
         path, manifest = commit.commit(self.dir, job.name, job.step, job.manifest,
                                        encode=lambda out: fmt.encode(payload, out),
                                        check=check if self.verify != "none" else None)
+        self._settle(job, path, manifest)
+
+    def _settle(self, job: _Job, path: Path, manifest: Mapping[str, Any]) -> None:
+        """After a commit, on the writer: remember the checkpoint as verified, then retention."""
         verified = True if self.verify != "none" else None
         if verified:
             self._cache.put(path, info_from_manifest(path, self.dir, manifest, True, None))
@@ -447,7 +480,7 @@ class Checkpointer:
 
     def list(self) -> List[CheckpointInfo]:
         """Every checkpoint in the store, oldest first, each re-hashed (results are cached)."""
-        if self.is_writer:
+        if self._writes:
             self._collect(block=True)
         return scan(self.dir, verify=True, _cache=self._cache)
 
@@ -459,7 +492,7 @@ class Checkpointer:
         unusable raises :class:`NoValidCheckpointError` (None, with a warning,
         with ``if_none_valid="start_fresh"``), exactly as :meth:`load_latest`.
         """
-        if self.is_writer:
+        if self._writes:
             self._collect(block=True)
         found = resume.pick(self.dir, self._cache, self._warn_skip, if_none_valid)
         return found[0] if found is not None else None
@@ -494,8 +527,18 @@ class Checkpointer:
                 f"state must be a mutable mapping (a dict) of names to objects and values, so that plain values "
                 f"can be written back; got {type_name(state)}"
             )
-        if self.is_writer:
+        if self._writes:
             self._collect(block=True)
+        if self._ranks is not None:  # every rank takes part; rank 0 chooses (saverules.store.sharded)
+            got = sharded.load_latest(self._ranks, self.dir, self._cache, self._warn_skip, state, map_location,
+                                     if_none_valid)
+            if got is None:
+                return None
+            info, payload, restored = got
+            self._clock_offset = restore(info, payload, sharded.Without(state, restored), self.decider,
+                                         self.policy.digest)
+            self._clock_t0 = _time.monotonic()
+            return progress_of(info, self._clock_offset)
         found = resume.pick(self.dir, self._cache, self._warn_skip, if_none_valid,
                             decode=lambda info: formats.read(info, map_location, mmap=mmap),
                             deep=_needs_digest_pass)

@@ -25,8 +25,8 @@ DEL_PREFIX = ".del-"   # a checkpoint being deleted by retention
 HIDDEN_PREFIXES = (TMP_PREFIX, OLD_PREFIX, DEL_PREFIX)
 
 #: Files whose presence makes a directory without a manifest look like a (damaged) checkpoint.
-CHECKPOINT_FILE_NAMES = frozenset({STATE_FILE})
-CHECKPOINT_FILE_SUFFIXES = (".safetensors",)
+CHECKPOINT_FILE_NAMES = frozenset({STATE_FILE, ".metadata"})
+CHECKPOINT_FILE_SUFFIXES = (".safetensors", ".distcp")
 
 #: Temporary directories this process is writing right now (never cleaned up).
 INFLIGHT: set = set()

@@ -27,6 +27,9 @@ FORMAT_VERSION = 2
 
 MAX_MANIFEST_BYTES = 16 << 20
 
+#: The files a checkpoint of each format cannot lack (``state.pt`` for the others).
+REQUIRED_FILES = {"dcp": ("rank-00000.pt", ".metadata")}
+
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointInfo:
@@ -109,8 +112,12 @@ def check_manifest(data: Any) -> Dict[str, Any]:
     ):
         raise Invalid("manifest.json has invalid metrics")
     files = data.get("files")
-    if not isinstance(files, dict) or STATE_FILE not in files:
-        raise Invalid(f"manifest.json lists no {STATE_FILE}")
+    required = REQUIRED_FILES.get(data.get("storage_format"), (STATE_FILE,))
+    if not isinstance(files, dict):
+        raise Invalid(f"manifest.json lists no {required[0]}")
+    for fname in required:
+        if fname not in files:
+            raise Invalid(f"manifest.json lists no {fname}")
     for fname, entry in files.items():
         if (
             not isinstance(fname, str)

@@ -67,13 +67,22 @@ def pick(root: Path, cache: VerifyCache, skip: Callable[[CheckpointInfo], None],
             raise
         except CheckpointError as exc:
             passed_over(dataclasses.replace(info, verified=False, error=str(exc)))
+    none_valid(root, rejected_pairs(rejected), if_none_valid)
+    return None
+
+
+def rejected_pairs(rejected: List[CheckpointInfo]) -> List[Tuple[str, str]]:
+    """(name, why) of each checkpoint passed over, oldest first."""
+    return [(info.name, info.error or "failed verification") for info in sorted(rejected, key=sort_key)]
+
+
+def none_valid(root: Path, rejected: List[Tuple[str, str]], if_none_valid: str) -> None:
+    """The end of a walk that found nothing to resume: silent for an empty store, else raise (or warn)."""
     if not rejected:
-        return None
-    rejected.sort(key=sort_key)
+        return
     if if_none_valid == "raise":
-        raise NoValidCheckpointError(str(root), [(info.name, info.error or "failed verification") for info in rejected])
+        raise NoValidCheckpointError(str(root), rejected)
     warn(
         f"saverules: none of the {len(rejected)} checkpoints in {root} can be resumed; starting from scratch as "
         "if_none_valid='start_fresh' asks (they are left on disk)"
     )
-    return None

@@ -193,6 +193,10 @@ class HashingFile:
             self.finish()
         return self._stream.h.hexdigest()
 
+    def entry(self) -> Dict[str, Any]:
+        """The manifest entry of what was written: ``{"size": bytes, ALGO: hex}``."""
+        return digest.make_entry(self.size, self._stream.algo, self.hexdigest())
+
 
 class Producer:
     """What fills one file: ``fn(fileobj)``, and the tensors whose memory it writes from."""

@@ -168,6 +168,10 @@ register(tensors_format.TensorsFormat())
 register(torch_format.TorchFormat())
 register(safetensors_format.SafetensorsFormat())
 
+from . import dcp as _dcp  # noqa: E402  (torch.distributed.checkpoint is imported only when used)
+
+register(_dcp.DcpFormat())
+
 
 def read(info: Any, map_location: Any = "cpu", mmap: bool = False):
     """Decode the committed checkpoint ``info`` (a CheckpointInfo) with the format its manifest names."""

@@ -1,0 +1,146 @@
+"""The ranks of a job, as a sharded save sees them: collectives that never wait forever.
+
+A sharded checkpoint is written by every rank and committed by rank 0, so its
+save and its load need a few collectives: rank 0 announces the temporary
+directory, the ranks report the files they wrote, rank 0 reports the outcome.
+Those run on a process group of their own (gloo, which carries Python
+objects on the CPU whatever the training uses), created once with a timeout.
+When a rank dies, the others see its connection close and fail at once; when
+a rank hangs, they fail after the timeout.  Either way every collective
+raises :class:`RankFailure`, which names what the ranks were doing, and the
+group is marked broken: the next save or load on it fails at once with the
+same explanation instead of waiting again.
+"""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any, Callable, List, Optional, TypeVar
+
+from .errors import CheckpointError
+
+T = TypeVar("T")
+
+#: Seconds a collective of a sharded save or load may wait for the other ranks.
+DEFAULT_TIMEOUT = 600.0
+#: Overrides the default timeout (seconds), for jobs that cannot pass ``Checkpointer(commit_timeout=...)``.
+TIMEOUT_ENV = "SAVERULES_COMMIT_TIMEOUT"
+
+
+class RankFailure(CheckpointError):
+    """A rank did not take part in a sharded save or load in time: it died, hung, or lost its connection.
+
+    Nothing of the save in progress was committed unless the message says
+    otherwise; the job cannot go on (the other ranks are gone or stuck), so
+    this is raised whatever ``on_error`` says.
+    """
+
+
+def timeout_from(value: Optional[float]) -> float:
+    """The timeout to use: ``value``, else ``$SAVERULES_COMMIT_TIMEOUT``, else :data:`DEFAULT_TIMEOUT`."""
+    if value is None:
+        env = os.environ.get(TIMEOUT_ENV)
+        if env:
+            try:
+                value = float(env)
+            except ValueError:
+                raise ValueError(f"${TIMEOUT_ENV} must be a number of seconds, got {env!r}") from None
+        else:
+            value = DEFAULT_TIMEOUT
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value != value:
+        raise ValueError(f"commit_timeout must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    # gloo prefixes its messages with the source position of the C++ check
+    if line.startswith("[") and "] " in line:
+        line = line.split("] ", 1)[1]
+    return line[:300]
+
+
+class Ranks:
+    """This process's place in the job, and the collectives of sharded saves.
+
+    Every rank must create it at the same point of the program (it creates a
+    process group, itself a collective).  In a single process every
+    collective is the identity and nothing is created.
+    """
+
+    def __init__(self, timeout: float):
+        import torch.distributed as dist
+
+        self.timeout = float(timeout)
+        self.rank, self.size = 0, 1
+        self.group = None
+        self.broken: Optional[str] = None
+        if dist.is_available() and dist.is_initialized():
+            self.rank, self.size = dist.get_rank(), dist.get_world_size()
+        if self.size > 1:
+            self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout))
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    def check(self) -> None:
+        """Raise at once when an earlier collective failed (the group cannot be trusted any more)."""
+        if self.broken is not None:
+            raise RankFailure(
+                f"saverules: no sharded save or load is possible any more on this rank: {self.broken}"
+            )
+
+    def failed(self, doing: str, exc: BaseException) -> RankFailure:
+        """Mark the group broken after ``exc`` and return the error to raise."""
+        msg = (
+            f"rank {self.rank} of {self.size} could not {doing}: the other ranks did not take part within "
+            f"{self.timeout:g} s or their connection closed ({_first_line(exc)}). A rank has probably died or hung; "
+            "look at its log. Stop the job and restart it: the newest complete checkpoint is loaded on restart"
+        )
+        if self.broken is None:
+            self.broken = msg
+        return RankFailure(f"saverules: {msg}")
+
+    def run(self, doing: str, fn: Callable[[], T]) -> T:
+        """``fn()``, a collective (or something that issues collectives); gloo failures become RankFailure."""
+        self.check()
+        try:
+            return fn()
+        except CheckpointError:  # the store's own errors (a RuntimeError too) say what they are
+            raise
+        except RuntimeError as exc:  # gloo: connection closed / reset, or the timeout
+            raise self.failed(doing, exc) from exc
+
+    def broadcast(self, obj: Any, doing: str) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        if not self.distributed:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        self.run(doing, lambda: dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0),
+                                                            group=self.group))
+        return box[0]
+
+    def all_gather(self, obj: Any, doing: str) -> List[Any]:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if not self.distributed:
+            return [obj]
+        import torch.distributed as dist
+
+        out: List[Any] = [None] * self.size
+        self.run(doing, lambda: dist.all_gather_object(out, obj, group=self.group))
+        return out
+
+    def gather(self, obj: Any, doing: str) -> Optional[List[Any]]:
+        """Every rank's ``obj`` on rank 0 (None elsewhere)."""
+        if not self.distributed:
+            return [obj]
+        import torch.distributed as dist
+
+        out: Optional[List[Any]] = [None] * self.size if self.rank == 0 else None
+        self.run(doing, lambda: dist.gather_object(obj, out, dst=dist.get_global_rank(self.group, 0),
+                                                   group=self.group))
+        return out
