@@ -213,6 +213,12 @@ def write_manifest(
         "files": files,
     }
     target = manifest_path(checkpoint)
+    _replace_manifest(target, doc)
+    return target
+
+
+def _replace_manifest(target: Path, doc: Mapping[str, Any]) -> None:
+    """Write ``doc`` to ``target`` atomically: a fsynced temporary file renamed over it, then the directory fsynced."""
     tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(doc, f, indent=1, sort_keys=True)
@@ -220,7 +226,6 @@ def write_manifest(
         os.fsync(f.fileno())
     os.replace(tmp, target)
     fsync_dir(target.parent)
-    return target
 
 
 def update_metrics(checkpoint: Union[str, os.PathLike], metrics: Mapping[str, Any]) -> bool:
@@ -239,13 +244,7 @@ def update_metrics(checkpoint: Union[str, os.PathLike], metrics: Mapping[str, An
     if merged == (doc.get("metrics") or {}):
         return True
     doc["metrics"] = merged
-    tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
-    fsync_dir(target.parent)
+    _replace_manifest(target, doc)
     return True
 
 
