@@ -33,7 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from .progress import Checkpoint
+from .store.manifest import CheckpointInfo, Invalid, read_json
 
 __all__ = [
     "FORMAT_NAME", "FORMAT_VERSION", "DIR_MANIFEST", "SIDECAR_SUFFIX", "POLICY_FILE",
@@ -52,7 +52,6 @@ FRAMEWORKS = ("transformers", "lightning")
 
 _HF_DIR = re.compile(r"^checkpoint-(\d+)$")
 _CHUNK = 4 << 20
-_MAX_MANIFEST_BYTES = 16 << 20
 
 
 class ManifestWarning(UserWarning):
@@ -60,37 +59,18 @@ class ManifestWarning(UserWarning):
 
 
 @dataclasses.dataclass(frozen=True)
-class FrameworkCheckpoint:
+class FrameworkCheckpoint(CheckpointInfo):
     """One framework checkpoint (a directory or a file) and its verification status.
 
-    The attributes are those of the store's ``CheckpointInfo`` that
-    ``python -m saverules.ls`` shows; ``verified`` is True when every file was
-    re-hashed and matched, False with ``error`` when something is wrong, None
-    when only sizes were checked.
+    The store's :class:`~saverules.store.manifest.CheckpointInfo` (what
+    ``python -m saverules.ls`` shows) plus the ``framework`` that wrote it;
+    ``verified`` is True when every file was re-hashed and matched, False with
+    ``error`` when something is wrong, None when only sizes were checked.
+    ``format`` and ``manifest`` stay None and ``unsafe`` False: the files are
+    checked by their hashes, never loaded.
     """
 
-    path: Path
-    name: str
     framework: Optional[str] = None
-    step: Optional[int] = None
-    epoch: Optional[int] = None
-    time: Optional[float] = None
-    utc: Optional[datetime] = None
-    reasons: Tuple[str, ...] = ()
-    size: int = 0
-    verified: Optional[bool] = None
-    error: Optional[str] = None
-    final: bool = False
-    metrics: Optional[Mapping[str, float]] = None
-    policy_digest: Optional[str] = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and self.verified is not False
-
-    def as_checkpoint(self) -> Checkpoint:
-        """What retention sees."""
-        return Checkpoint(self.step, self.time, self.metrics, self.final)
 
 
 # -- writing -------------------------------------------------------------------
@@ -237,7 +217,7 @@ def update_metrics(checkpoint: Union[str, os.PathLike], metrics: Mapping[str, An
     target = manifest_path(checkpoint)
     try:
         doc = _read(target)
-    except _Invalid:
+    except Invalid:
         return False
     merged = dict(doc.get("metrics") or {})
     merged.update(clean_metrics(metrics))
@@ -292,63 +272,47 @@ def write_policy_file(directory: Union[str, os.PathLike], policy: Any) -> None:
 # -- reading -------------------------------------------------------------------
 
 
-class _Invalid(Exception):
-    pass
-
-
 def _check(doc: Any, name: str) -> Dict[str, Any]:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
-        raise _Invalid(f"{name} is not a saverules framework manifest")
+        raise Invalid(f"{name} is not a saverules framework manifest")
     version = doc.get("format_version")
     if type(version) is not int or version < 1:
-        raise _Invalid(f"{name} has no valid format_version")
+        raise Invalid(f"{name} has no valid format_version")
     if version > FORMAT_VERSION:
-        raise _Invalid(f"{name} has format version {version}, newer than this saverules reads; upgrade saverules")
+        raise Invalid(f"{name} has format version {version}, newer than this saverules reads; upgrade saverules")
     for key in ("step", "epoch"):
         if type(doc.get(key)) is not int or doc[key] < 0:
-            raise _Invalid(f"{name} has no valid {key}")
+            raise Invalid(f"{name} has no valid {key}")
     clock = doc.get("time")
     if clock is not None and (type(clock) not in (int, float) or not math.isfinite(clock)):
-        raise _Invalid(f"{name} has no valid time")
+        raise Invalid(f"{name} has no valid time")
     reasons = doc.get("reasons")
     if not isinstance(reasons, list) or not all(isinstance(r, str) for r in reasons):
-        raise _Invalid(f"{name} has no valid reasons")
+        raise Invalid(f"{name} has no valid reasons")
     try:
         datetime.fromisoformat(doc.get("utc"))
     except (TypeError, ValueError):
-        raise _Invalid(f"{name} has no valid utc time") from None
+        raise Invalid(f"{name} has no valid utc time") from None
     metrics = doc.get("metrics")
     if metrics is not None and not (
         isinstance(metrics, dict) and all(isinstance(k, str) and type(v) in (int, float) for k, v in metrics.items())
     ):
-        raise _Invalid(f"{name} has invalid metrics")
+        raise Invalid(f"{name} has invalid metrics")
     files = doc.get("files")
     if not isinstance(files, dict) or not files:
-        raise _Invalid(f"{name} lists no files")
+        raise Invalid(f"{name} lists no files")
     for rel, entry in files.items():
         parts = rel.split("/") if isinstance(rel, str) else [""]
         if any(p in ("", ".", "..") for p in parts) or "\\" in rel or "\0" in rel:
-            raise _Invalid(f"{name} lists a bad file name {rel!r}")
+            raise Invalid(f"{name} lists a bad file name {rel!r}")
         if (not isinstance(entry, dict) or type(entry.get("size")) is not int or entry["size"] < 0
                 or not isinstance(entry.get("sha256"), str) or len(entry["sha256"]) != 64):
-            raise _Invalid(f"{name} has a bad entry for {rel}")
+            raise Invalid(f"{name} has a bad entry for {rel}")
     return doc
 
 
 def _read(mpath: Path) -> Dict[str, Any]:
-    try:
-        with open(mpath, "rb") as f:
-            raw = f.read(_MAX_MANIFEST_BYTES + 1)
-    except FileNotFoundError:
-        raise _Invalid("no saverules manifest (unfinished, or not written by saverules)") from None
-    except OSError as exc:
-        raise _Invalid(f"cannot read {mpath.name}: {exc.strerror or exc}") from None
-    if len(raw) > _MAX_MANIFEST_BYTES:
-        raise _Invalid(f"{mpath.name} is too large")
-    try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise _Invalid(f"{mpath.name} is damaged ({exc})") from None
+    doc = read_json(mpath, missing="no saverules manifest (unfinished, or not written by saverules)")
     return _check(doc, mpath.name)
 
 
@@ -367,7 +331,7 @@ def inspect(path: Union[str, os.PathLike], root: Union[str, os.PathLike, None] =
     base = path if path.is_dir() else path.parent
     try:
         doc = _read(manifest_path(path))
-    except _Invalid as exc:
+    except Invalid as exc:
         try:
             size = _size_on_disk(path)
         except OSError:

@@ -144,21 +144,28 @@ def _is_hex(value: Any, length: int) -> bool:
 
 def read_manifest(path: Path) -> Dict[str, Any]:
     """The checked manifest of the checkpoint directory ``path``; raises :class:`Invalid`."""
-    mpath = path / MANIFEST
+    return check_manifest(read_json(path / MANIFEST, missing=f"{MANIFEST} is missing"))
+
+
+def read_json(mpath: Path, missing: str) -> Any:
+    """The JSON document in the manifest file ``mpath``, unchecked; raises :class:`Invalid`.
+
+    The message names the file; ``missing`` is the message when there is no
+    such file.  A file over :data:`MAX_MANIFEST_BYTES` is refused unread.
+    """
     try:
         with open(mpath, "rb") as f:
             raw = f.read(MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError:
-        raise Invalid("manifest.json is missing") from None
+        raise Invalid(missing) from None
     except OSError as exc:
-        raise Invalid(f"cannot read manifest.json: {exc.strerror or exc}") from None
+        raise Invalid(f"cannot read {mpath.name}: {exc.strerror or exc}") from None
     if len(raw) > MAX_MANIFEST_BYTES:
-        raise Invalid("manifest.json is too large")
+        raise Invalid(f"{mpath.name} is too large")
     try:
-        data = json.loads(raw.decode("utf-8"))
+        return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
-        raise Invalid(f"manifest.json is damaged ({exc})") from None
-    return check_manifest(data)
+        raise Invalid(f"{mpath.name} is damaged ({exc})") from None
 
 
 def encode_manifest(manifest: Mapping[str, Any]) -> bytes:
