@@ -48,45 +48,31 @@ def commit(root: Path, name: str, step: int, manifest: Mapping[str, Any],
     """Write a checkpoint called ``name`` into ``root`` atomically; its path and final manifest."""
     target = root / name
     tmp = root / hidden_name(TMP_PREFIX, name)
-    old: Optional[Path] = None
-    renamed_in = False
+    steps = Steps("create the temporary directory")
     out = formats.Output(tmp, _write)
-    stage = "create the temporary directory"
     layout.mark_inflight(tmp)
     try:
         fs.makedirs(str(root))
         fs.mkdir(str(tmp))
-        stage = None  # the format's own stage (out.stage) while it writes
+        steps.stage = None  # the format's own stage (out.stage) while it writes
         encoded = encode(out)
         files: Dict[str, Any] = {}
         for fname, entry in encoded.files.items():
             if entry is None:
-                stage = f"digest {fname}"
+                steps.stage = f"digest {fname}"
                 entry = _digest_foreign(tmp, fname)
             files[fname] = entry
         if check is not None:
-            stage = "verify the files"
+            steps.stage = "verify the files"
             check(tmp, files, encoded.metadata)
-        stage = f"write {MANIFEST}"
+        steps.stage = f"write {MANIFEST}"
         final = dict(manifest, files=files)
         if encoded.metadata:
             final["format_metadata"] = encoded.metadata
-        data = encode_manifest(final)
-        _write(str(tmp / MANIFEST), lambda f: f.write(data))
-        stage = "sync the temporary directory"
-        fs.fsync_dir(str(tmp))
-        if os.path.lexists(target):
-            stage = "move the previous checkpoint of the same name aside"
-            old = root / hidden_name(OLD_PREFIX, name)
-            fs.rename(str(target), str(old))
-        stage = "rename the checkpoint into place"
-        fs.rename(str(tmp), str(target))
-        renamed_in = True
-        stage = "sync the checkpoint directory"
-        fs.fsync_dir(str(root))
+        install(root, name, tmp, final, steps)
     except BaseException as exc:
-        abort(root, tmp, target, old, renamed_in)
-        doing = stage if stage is not None else out.stage
+        abort(root, tmp, target, steps.old, steps.renamed_in)
+        doing = steps.stage if steps.stage is not None else out.stage
         if isinstance(exc, OSError):
             raise write_error(exc, step, str(tmp), doing) from exc
         if isinstance(exc, CheckpointError):
@@ -99,12 +85,51 @@ def commit(root: Path, name: str, step: int, manifest: Mapping[str, Any],
         raise
     finally:
         layout.unmark_inflight(tmp)
+    remove_replaced(steps.old)
+    return target, final
+
+
+class Steps:
+    """How far the last steps of a commit got: what :func:`abort` undoes and what an error names."""
+
+    def __init__(self, stage: Optional[str]):
+        self.stage = stage
+        self.old: Optional[Path] = None  # the checkpoint of the same name, moved aside
+        self.renamed_in = False          # the new checkpoint stands under its name
+
+
+def install(root: Path, name: str, tmp: Path, final: Mapping[str, Any], steps: Steps) -> None:
+    """Steps 4 and 5 on a temporary directory whose files are written: ``manifest.json`` last, then the rename.
+
+    Writes and fsyncs the manifest and the directory, moves a checkpoint of
+    the same name aside, renames ``tmp`` to ``root/name`` and fsyncs ``root``,
+    recording in ``steps`` what it is doing; on an error the caller passes
+    ``steps`` on to :func:`abort`.
+    """
+    target = root / name
+    steps.stage = f"write {MANIFEST}"
+    data = encode_manifest(final)
+    _write(str(tmp / MANIFEST), lambda f: f.write(data))
+    steps.stage = "sync the temporary directory"
+    fs.fsync_dir(str(tmp))
+    if os.path.lexists(target):
+        steps.stage = "move the previous checkpoint of the same name aside"
+        steps.old = root / hidden_name(OLD_PREFIX, name)
+        fs.rename(str(target), str(steps.old))
+    steps.stage = "rename the checkpoint into place"
+    fs.rename(str(tmp), str(target))
+    steps.renamed_in = True
+    steps.stage = "sync the checkpoint directory"
+    fs.fsync_dir(str(root))
+
+
+def remove_replaced(old: Optional[Path]) -> None:
+    """Delete the checkpoint a commit replaced (a warning when it cannot)."""
     if old is not None:
         try:
             fs.rmtree(str(old))
         except OSError as exc:
             warn(f"saverules: could not remove the replaced checkpoint {old}: {exc}")
-    return target, final
 
 
 def abort(root: Path, tmp: Path, target: Path, old: Optional[Path], renamed_in: bool) -> None:

@@ -50,8 +50,8 @@ from .errors import (
     write_error,
 )
 from .fs import fs
-from .layout import MANIFEST, OLD_PREFIX, TMP_PREFIX, hidden_name
-from .manifest import CheckpointInfo, encode_manifest
+from .layout import MANIFEST, TMP_PREFIX, hidden_name
+from .manifest import CheckpointInfo
 from .ranks import RankFailure, Ranks
 from .state import Payload
 from .verify import check_written, inspect_checkpoint, newest_good
@@ -247,33 +247,15 @@ def _seal(ranks: Ranks, root: Path, tmp: Path, name: str, step: int, manifest: M
     meta = reports[0].get("metadata")
     if meta:
         final["format_metadata"] = meta
-    old: Optional[Path] = None
-    renamed_in = False
-    stage = f"write {MANIFEST}"
+    steps = _commit.Steps(f"write {MANIFEST}")
     try:
-        data = encode_manifest(final)
-        writer.write_file(str(tmp / MANIFEST), lambda f: f.write(data))
-        stage = "sync the temporary directory"
-        fs.fsync_dir(str(tmp))
-        if os.path.lexists(target):
-            stage = "move the previous checkpoint of the same name aside"
-            old = root / hidden_name(OLD_PREFIX, name)
-            fs.rename(str(target), str(old))
-        stage = "rename the checkpoint into place"
-        fs.rename(str(tmp), str(target))
-        renamed_in = True
-        stage = "sync the checkpoint directory"
-        fs.fsync_dir(str(root))
+        _commit.install(root, name, tmp, final, steps)
     except BaseException as exc:
-        _commit.abort(root, tmp, target, old, renamed_in)
+        _commit.abort(root, tmp, target, steps.old, steps.renamed_in)
         if isinstance(exc, OSError):
-            raise write_error(exc, step, str(tmp), stage) from exc
+            raise write_error(exc, step, str(tmp), steps.stage) from exc
         raise
-    if old is not None:
-        try:
-            fs.rmtree(str(old))
-        except OSError as exc:
-            warn(f"saverules: could not remove the replaced checkpoint {old}: {exc}")
+    _commit.remove_replaced(steps.old)
     return target, final
 
 
