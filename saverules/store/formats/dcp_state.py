@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -58,37 +58,54 @@ def _key_part(k: Any) -> str:
     return str(k)
 
 
+#: What a ``leaf`` of :func:`_rebuild_containers` answers to have the value looked into.
+_DESCEND = object()
+
+
+def _rebuild_containers(x: Any, path: Path, leaf: Callable[[Any, Path], Any]) -> Any:
+    """``x`` copied container by container, with ``leaf(value, path)`` standing for each value it answers for.
+
+    ``leaf`` sees every value first; when it answers :data:`_DESCEND`, dicts
+    and OrderedDicts (with their ``_metadata``), lists and tuples are copied
+    with each item walked in turn, and any other value is kept as it is.
+    """
+    done = leaf(x, path)
+    if done is not _DESCEND:
+        return done
+    t = type(x)
+    if t is dict or t is collections.OrderedDict:
+        out = t()
+        for k, v in x.items():
+            out[k] = _rebuild_containers(v, path + (k,), leaf)
+        meta = getattr(x, "_metadata", None) if t is collections.OrderedDict else None
+        if meta is not None:
+            out._metadata = meta
+        return out
+    if t is list or t is tuple:
+        items = [_rebuild_containers(v, path + (i,), leaf) for i, v in enumerate(x)]
+        return items if t is list else tuple(items)
+    return x
+
+
 def split(name: str, sd: Any) -> Tuple[Any, List[List[Any]], Dict[str, torch.Tensor]]:
     """(skeleton, slots, {flat key: tensor}) of one state dict."""
     tensors: Dict[str, torch.Tensor] = {}
     slots: List[List[Any]] = []
 
-    def walk(x: Any, path: Path) -> Any:
-        if isinstance(x, torch.Tensor):
-            key = "/".join([name, *(_key_part(p) for p in path)])
-            if key in tensors:
-                raise ShardedStateError(
-                    f"state[{name!r}]: two entries map to the same checkpoint key {key!r} "
-                    "(keys that differ only in type, such as 0 and '0'); rename one"
-                )
-            tensors[key] = x
-            slots.append([*path, key])
-            return None
-        t = type(x)
-        if t is dict or t is collections.OrderedDict:
-            out = t()
-            for k, v in x.items():
-                out[k] = walk(v, path + (k,))
-            meta = getattr(x, "_metadata", None) if t is collections.OrderedDict else None
-            if meta is not None:
-                out._metadata = meta
-            return out
-        if t is list or t is tuple:
-            items = [walk(v, path + (i,)) for i, v in enumerate(x)]
-            return items if t is list else tuple(items)
-        return x
+    def take(x: Any, path: Path) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return _DESCEND
+        key = "/".join([name, *(_key_part(p) for p in path)])
+        if key in tensors:
+            raise ShardedStateError(
+                f"state[{name!r}]: two entries map to the same checkpoint key {key!r} "
+                "(keys that differ only in type, such as 0 and '0'); rename one"
+            )
+        tensors[key] = x
+        slots.append([*path, key])
+        return None
 
-    skeleton = walk(sd, ())
+    skeleton = _rebuild_containers(sd, (), take)
     return skeleton, slots, tensors
 
 
@@ -101,25 +118,11 @@ def rebuild(skeleton: Any, slots: Sequence[Sequence[Any]], tensors: Mapping[str,
         raise KeyError(f"{where}: the checkpoint lists {', '.join(map(repr, missing[:3]))}{more}, "
                        "which the loaded tensors lack")
 
-    def walk(x: Any, path: Path) -> Any:
+    def put_back(x: Any, path: Path) -> Any:
         key = at.get(path)
-        if key is not None:
-            return tensors[key]
-        t = type(x)
-        if t is dict or t is collections.OrderedDict:
-            out = t()
-            for k, v in x.items():
-                out[k] = walk(v, path + (k,))
-            meta = getattr(x, "_metadata", None) if t is collections.OrderedDict else None
-            if meta is not None:
-                out._metadata = meta
-            return out
-        if t is list or t is tuple:
-            items = [walk(v, path + (i,)) for i, v in enumerate(x)]
-            return items if t is list else tuple(items)
-        return x
+        return tensors[key] if key is not None else _DESCEND
 
-    return walk(skeleton, ())
+    return _rebuild_containers(skeleton, (), put_back)
 
 
 def _params(obj: Any) -> set:
