@@ -26,7 +26,8 @@ from .errors import Diagnostic, PolicyError
 from .limits import MAX_STEPS, steps_text
 from .loader import load
 from .policy import Policy
-from .quantities import Share, format_seconds, resolve_steps
+from .cost import CostReport, cost_report, report_lines, report_warnings
+from .quantities import Share, _validate_duration, _validate_size, format_seconds, resolve_steps
 from .simulate import Simulation
 
 #: With more saves than this, the text report shows the first and last few.
@@ -58,6 +59,8 @@ class Report:
     step_seconds: Optional[float] = None
     shape_from: str = ""
     simulation: Optional[Simulation] = None
+    costs: dict = field(default_factory=dict)  # save_seconds, write_seconds, mtbf, restart_seconds, checkpoint_size
+    cost: Optional[CostReport] = None
 
 
 # -- analysis -----------------------------------------------------------------
@@ -125,6 +128,30 @@ def _shape(args, policy: Policy) -> Tuple[Optional[int], Optional[int], Optional
     return total, spe, secs, origin
 
 
+_COSTS = ("save_seconds", "write_seconds", "mtbf", "restart_seconds", "checkpoint_size")
+
+
+def _costs(args, policy: Policy) -> dict:
+    """What a save costs and how often the job fails: the flags, else [run]; plain numbers
+    (seconds, bytes).  Absent values are None."""
+    run = policy.run
+    out = {}
+    for name in _COSTS:
+        value = getattr(args, name, None)
+        if value is None and run is not None:
+            value = getattr(run, name)
+        if hasattr(value, "seconds"):
+            value = value.seconds
+        elif hasattr(value, "bytes"):
+            value = value.bytes
+        out[name] = value
+    return out
+
+
+def _uses_cost(policy: Policy) -> bool:
+    return any(R.uses_cost(rule) for rule in policy.rules)
+
+
 def analyse(path: str, args) -> Report:
     report = Report(path)
     try:
@@ -154,14 +181,27 @@ def analyse(path: str, args) -> Report:
         report.warnings.append(Finding(*_where(policy, "run", "steps_per_epoch"),
                                        f"steps_per_epoch {spe:,} is longer than the run ({_plural(total, 'step')}): "
                                        "no epoch ends in it"))
+    costs = report.costs = _costs(args, policy)
+    stall, write = costs["save_seconds"], costs["write_seconds"]
+    if write is not None and stall is not None and write < stall:
+        report.errors = [Diagnostic(path, *_where(policy, "run", "write_seconds"),
+                                    f"write_seconds ({write:g}) must be at least save_seconds ({stall:g}): "
+                                    "the whole write includes the stall")]
+        return report
+    if write is not None and stall is None:
+        report.notes.append(Finding(*_where(policy, "run", "write_seconds"),
+                                    "write_seconds is used only with save_seconds: give --save-seconds or "
+                                    "[run] save_seconds"))
+        write = None
     try:
-        sim = policy.simulate(total, spe, secs)
+        sim = policy.simulate(total, spe, secs, save_seconds=stall, write_seconds=write)
     except PolicyError as exc:  # a share that resolves to something impossible for this total
         report.errors = [d._replace(source=path) for d in exc.diagnostics]
         return report
     report.simulation = sim
     _rule_findings(report, policy, sim, total, spe, secs)
     _retention_findings(report, policy, sim)
+    _cost_findings(report, policy, sim)
     if not policy.final and sim.unsaved_tail is None:
         report.warnings.append(Finding(*_where(policy, "final"), final_off))
     elif not policy.final:
@@ -189,14 +229,19 @@ def _rule_findings(report, policy, sim, total, spe, secs) -> None:
                     ": epoch ends are simulated only with --steps-per-epoch or [run] steps_per_epoch")
             report.notes.append(Finding(*where, f"rules[{i}] {name} fires on events, not simulated{hint}"))
             continue
-        if any(isinstance(n, R.EveryTimeRule) for n in R.walk(rule)) and secs is None:
+        if R.uses_cost(rule) and report.costs.get("save_seconds") is None:
+            report.notes.append(Finding(*where, f"rules[{i}] {name} depends on the measured save cost, not "
+                                                "simulated: give --save-seconds or [run] save_seconds"))
+            continue
+        if any(isinstance(n, (R.EveryTimeRule, R.AdaptiveRule)) for n in R.walk(rule)) and secs is None:
             report.notes.append(Finding(*where, f"rules[{i}] {name} reads the training clock, not simulated: "
                                                 "give --step-seconds or [run] step_seconds"))
             continue
         longer = _longer_than_run(rule, total, epochs, secs)
         if longer:
             report.warnings.append(Finding(*_where(policy, "rules", i, longer[0]), f"rules[{i}] {longer[1]}"))
-        elif fired is not None and name not in fired:
+        elif fired is not None and name not in {R.static_reason(reason) for reason in fired}:
+            # (a reason names an adaptive rule's interval; the rule is named without it)
             report.warnings.append(Finding(*where, f"rules[{i}] {name} never fires in this run of "
                                                    f"{_plural(total, 'step')}"))
 
@@ -232,6 +277,35 @@ def _retention_findings(report, policy, sim) -> None:
             *_where(policy, "retention"),
             "retention leaves only the final checkpoint: if it is damaged there is nothing to fall back to; "
             "raise keep_last to 2 or more"))
+
+
+def _cost_findings(report, policy, sim) -> None:
+    """The cost and disk report, and its warnings, at the [run] key each one concerns."""
+    costs = report.costs
+    if all(costs[name] is None for name in _COSTS):
+        return
+    if not sim.complete:
+        # the rework, the waste and the disk use need every gap and every save of the run
+        count = "an unknown number of" if sim.save_count is None else f"{sim.save_count:,}"
+        report.notes.append(Finding(*_where(policy, "run"), (
+            f"no cost and disk report: it needs every save of the run, and this run has {count} saves, more than "
+            f"the {len(sim.saves):,} a simulation lists (to step {sim.listed_to:,}); check a shorter run "
+            "(--total-steps) or a policy that saves less often")))
+        return
+    report.cost = cost = cost_report(
+        sim.saved_steps, sim.total_steps, sim.step_seconds, peak_kept=sim.peak_kept,
+        save_seconds=costs["save_seconds"], mtbf=costs["mtbf"], restart_seconds=costs["restart_seconds"],
+        checkpoint_bytes=costs["checkpoint_size"],
+    )
+    if sim.step_seconds is None and (costs["save_seconds"] is not None or costs["mtbf"] is not None):
+        report.notes.append(Finding(*_where(policy, "run"), "the cost report needs the step time for shares of "
+                                                            "the run and rework: give --step-seconds or [run] step_seconds"))
+    elif costs["mtbf"] is not None and costs["save_seconds"] is None:
+        report.notes.append(Finding(*_where(policy, "run", "mtbf"), "the expected waste needs the save cost: give "
+                                                                   "--save-seconds or [run] save_seconds"))
+    for message in report_warnings(cost):
+        key = "save_seconds" if message.startswith("saving") else "mtbf"
+        report.warnings.append(Finding(*_where(policy, "run", key), message))
 
 
 # -- output -------------------------------------------------------------------
@@ -350,6 +424,9 @@ def render_text(r: Report, show_all: bool, out) -> None:
             rest = f", and {len(counts) - len(shown):,} more reasons (--all lists them)" if len(shown) < len(counts) else ""
             print(f"  fired    {', '.join(f'{reason} x{n:,}' for reason, n in shown)}{rest}", file=out)
         print(f"  timeline 0 [{_timeline(sim)}] {_fmt_steps(sim.total_steps)}", file=out)
+        if r.cost is not None:
+            for line in report_lines(r.cost):
+                print(f"  {line}", file=out)
     for n in r.notes:
         print(f"  note: {n.message}", file=out)
     for w in r.warnings:
@@ -368,7 +445,8 @@ def to_json(r: Report) -> dict:
         doc["final"] = r.policy.final
         doc["digest"] = r.policy.digest
         doc["run"] = {"total_steps": r.total_steps, "steps_per_epoch": r.steps_per_epoch,
-                      "step_seconds": r.step_seconds, "from": r.shape_from or None}
+                      "step_seconds": r.step_seconds, "from": r.shape_from or None,
+                      **{k: v for k, v in r.costs.items() if v is not None}}
     sim = r.simulation
     if sim is not None:
         doc.update(
@@ -385,6 +463,8 @@ def to_json(r: Report) -> dict:
             fired_total=sim.fired_total,
             last_saves=[{"step": s, "time": sim.time_of(s), "reasons": list(reasons)} for s, reasons in sim.last_saves],
         )
+        if r.cost is not None:
+            doc["cost"] = r.cost.as_dict()
     return doc
 
 
@@ -423,6 +503,30 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (0 <= value < math.inf):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text!r}")
+    return value
+
+
+def _duration(text: str):
+    try:
+        return _validate_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _size(text: str):
+    try:
+        return _validate_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m saverules.check",
                 description="Validate saverules policies and simulate their save schedule.")
@@ -431,6 +535,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps-per-epoch", type=_positive_int, metavar="N", help="epoch length (overrides [run])")
     p.add_argument("--step-seconds", type=_positive_float, metavar="S",
                    help="seconds per optimizer step, for time rules (overrides [run])")
+    p.add_argument("--save-seconds", type=_positive_float, metavar="S",
+                   help="training time one save stalls, for the cost report and adaptive rules (overrides [run])")
+    p.add_argument("--write-seconds", type=_positive_float, metavar="S",
+                   help="wall time of one whole write, when asynchronous (default: the stall; overrides [run])")
+    p.add_argument("--mtbf", type=_duration, metavar="DURATION",
+                   help='mean time between failures of the job, e.g. "6h" (overrides [run])')
+    p.add_argument("--restart-seconds", type=_non_negative_float, metavar="S",
+                   help="seconds a restart after a failure costs (overrides [run])")
+    p.add_argument("--checkpoint-size", type=_size, metavar="SIZE",
+                   help='size of one checkpoint, e.g. "2GB" or "512MiB" (overrides [run])')
     p.add_argument("--format", choices=("text", "json"), default="text", help="output format (default text)")
     p.add_argument("--strict", action="store_true", help="treat warnings as errors (exit 1)")
     p.add_argument("--all", action="store_true", help="list every save instead of eliding the middle")

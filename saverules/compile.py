@@ -40,8 +40,8 @@ from typing import Optional
 
 from .quantities import Share, resolve_steps
 from .rules import (
-    AllRule, AnyRule, AtStepsRule, EpochEndRule, EveryStepsRule, EveryTimeRule, FinalRule, ImprovedRule, NotRule,
-    OnSignalRule, PiecewiseRule, RuleModel, TailRule, WindowRule, describe,
+    AdaptiveRule, AllRule, AnyRule, AtStepsRule, EpochEndRule, EveryStepsRule, EveryTimeRule, FinalRule, ImprovedRule,
+    NotRule, OnSignalRule, PiecewiseRule, RuleModel, TailRule, WindowRule, describe, interval_annotation, uses_cost,
 )
 
 INF = 1 << 64  # beyond any step (steps are at most 2^63 - 1)
@@ -227,6 +227,10 @@ class EveryTime(Node):
         anchor = run._last_save_time
         return -_NEVER if anchor is None else anchor + self.seconds
 
+    def clock_offset(self, run) -> float:
+        """Seconds after the last save from which this rule fires on the clock."""
+        return self.seconds
+
     def next_fire(self, after, run):
         shape = run._sim
         if shape is None or shape.step_seconds is None:
@@ -279,10 +283,12 @@ class OnSignal(Node):
 
 
 class Improved(Node):
+    """Fires when a value ranks among the best ``top`` saved so far (ties go to the
+    earlier value): it must beat the ``top``-th best by more than ``min_delta``."""
 
-    def __init__(self, metric: str, mode: str, min_delta: float):
-        self.metric, self.mode, self.min_delta = metric, mode, min_delta
-        self.best: Optional[float] = None
+    def __init__(self, metric: str, mode: str, min_delta: float, top: int = 1):
+        self.metric, self.mode, self.min_delta, self.top = metric, mode, min_delta, top
+        self.values: list = []  # the best `top` values that fired, best first
 
     def fires(self, p, run):
         metrics = p.metrics
@@ -299,20 +305,76 @@ class Improved(Node):
         value = float(value)
         if not math.isfinite(value):
             return False
-        best = self.best
-        if best is not None:
-            gain = best - value if self.mode == "min" else value - best
+        values = self.values
+        if len(values) >= self.top:
+            kth = values[self.top - 1]
+            gain = kth - value if self.mode == "min" else value - kth
             if not gain > self.min_delta:
                 return False
-        self.best = value
+        # after every value at least as good: on a tie the earlier value ranks first
+        key = value if self.mode == "min" else -value
+        i = 0
+        while i < len(values) and (values[i] if self.mode == "min" else -values[i]) <= key:
+            i += 1
+        values.insert(i, value)
+        del values[self.top:]
         return True
 
+    @property
+    def best(self) -> Optional[float]:
+        return self.values[0] if self.values else None
+
     def state(self):
-        return {"best": self.best}
+        return {"best": self.best, "values": list(self.values)}
 
     def load(self, state):
-        best = state.get("best")
-        self.best = None if best is None else float(best)
+        values = state.get("values")
+        if values is None:  # a state written before `top` existed
+            best = state.get("best")
+            values = [] if best is None else [best]
+        self.values = [float(v) for v in values][: self.top]
+
+
+class Adaptive(Node):
+    """Fires when the interval planned from the measured save cost (the decider's
+    estimate, ``run._cost``) has passed on the training clock since the last save.
+
+    In a simulation that is given no save cost the rule is not simulated: it never fires.
+    """
+
+    def __init__(self, rule: AdaptiveRule):
+        self.rule = rule
+
+    def _off(self, run) -> bool:
+        shape = run._sim
+        return shape is not None and getattr(shape, "save_seconds", None) is None
+
+    def interval(self, run) -> float:
+        return self.rule.interval(run._cost)
+
+    def fires(self, p, run):
+        anchor = run._last_save_time
+        if p.time is None or anchor is None or self._off(run):
+            return False
+        return p.time >= anchor + self.interval(run)
+
+    def clock_offset(self, run) -> float:
+        """Seconds after the last save from which this rule fires on the clock: the
+        interval planned from the current cost estimate (it changes when a cost is
+        reported, and the decider then recomputes its schedule)."""
+        return _NEVER if self._off(run) else self.interval(run)
+
+    def time_threshold(self, run):
+        if self._off(run):
+            return _NEVER
+        anchor = run._last_save_time
+        return -_NEVER if anchor is None else anchor + self.interval(run)
+
+    def next_fire(self, after, run):
+        shape = run._sim
+        if shape is None or shape.step_seconds is None:
+            return INF  # a live run: the clock is watched through time_threshold
+        return first_step_at(self.time_threshold(run), shape.step_seconds, after)
 
 
 def first_step_at(threshold: float, step_seconds: float, after: int) -> int:
@@ -451,7 +513,9 @@ def _build_kind(rule, total, path):
     if isinstance(rule, OnSignalRule):
         return OnSignal(rule.signals)
     if isinstance(rule, ImprovedRule):
-        return Improved(rule.metric, rule.mode, rule.min_delta)
+        return Improved(rule.metric, rule.mode, rule.min_delta, rule.top)
+    if isinstance(rule, AdaptiveRule):
+        return Adaptive(rule)
     if isinstance(rule, WindowRule):
         return Window(0, INF)  # bounds are applied by build()
     if isinstance(rule, AllRule):
@@ -463,11 +527,29 @@ def _build_kind(rule, total, path):
     raise TypeError(f"unknown rule model {type(rule).__name__}")  # pragma: no cover
 
 
+class CostReason:
+    """The reason of a rule that plans with the save cost: it names the interval used,
+    so it is written at the decision (``reason(run)``), not once at compile time."""
+
+    def __init__(self, rule: RuleModel):
+        self.rule = rule
+
+    def __call__(self, run) -> str:
+        return describe(self.rule, interval_annotation(run._cost))
+
+    def __str__(self) -> str:
+        return describe(self.rule)
+
+
 def compile_rules(policy, total: Optional[int]):
-    """[(node, reason)] for the policy's top-level rules, the final guarantee first."""
+    """[(node, reason)] for the policy's top-level rules, the final guarantee first.
+
+    A reason is a string, or a :class:`CostReason` to call with the decider.
+    """
     compiled = []
     if policy.final:
         compiled.append((Final(), "final"))
     for i, rule in enumerate(policy.rules):
-        compiled.append((build(rule, total, ("rules", i)), describe(rule)))
+        reason = CostReason(rule) if uses_cost(rule) else describe(rule)
+        compiled.append((build(rule, total, ("rules", i)), reason))
     return compiled

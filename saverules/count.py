@@ -4,8 +4,8 @@ In a run asked at every step, most rules fire at a step by a property of the
 step alone: ``every_steps`` at multiples of its interval, ``at_steps`` at its
 steps, ``piecewise`` at multiples within each segment, ``window`` inside its
 bounds, a simulated ``epoch_end`` at multiples of the epoch length, ``final``
-at the last step; ``on_signal`` and ``improved`` never fire in a simulation
-without events or metrics.  Such a rule is a union of *pieces*: the multiples
+at the last step; ``on_signal`` and ``improved`` (whatever its ``top``) never
+fire in a simulation without events or metrics.  Such a rule is a union of *pieces*: the multiples
 of ``k`` in ``(lo, hi]``.  ``all`` intersects pieces, ``any`` joins them,
 ``not`` of plain ranges takes their complement.
 
@@ -13,8 +13,10 @@ The saves of a run are the steps at which any top-level rule fires, so their
 number is the size of a union of pieces, found by inclusion-exclusion over the
 moduli active between breakpoints.  The count is exact or not given at all:
 rules whose firing depends on the run's history (``tail``, ``every_time``,
-``not`` of a periodic rule) and unions too costly to count (more than
-:data:`WORK` terms) give ``None``, which the caller reports as unknown.
+``not`` of a periodic rule), a rule with an ``adaptive`` rule in it (its
+interval moves with the measured save cost, and its reason names the interval
+used) and unions too costly to count (more than :data:`WORK` terms) give
+``None``, which the caller reports as unknown.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from math import gcd
 from typing import Dict, List, Optional, Tuple
 
 from .compile import (
-    INF, All, Any_, AtSteps, EpochEnd, EverySteps, EveryTime, Final, Improved, Not, OnSignal, Piecewise, Tail,
+    INF, Adaptive, All, Any_, AtSteps, EpochEnd, EverySteps, EveryTime, Final, Improved, Not, OnSignal, Piecewise, Tail,
     Window,
 )
 
@@ -67,6 +69,8 @@ def pieces(node, total: int, steps_per_epoch: Optional[int], budget: _Budget) ->
         return [(0, INF, steps_per_epoch * node.every)] if steps_per_epoch else []
     if isinstance(node, (OnSignal, Improved)):
         return []  # no signals or metrics in this simulation
+    if isinstance(node, Adaptive):
+        return None  # its interval follows the measured save cost: only simulating each save tells
     if isinstance(node, Any_):
         out: List[Piece] = []
         for child in node.children:
@@ -248,6 +252,8 @@ def plan_rest(compiled, total: int, steps_per_epoch: Optional[int], step_seconds
         by_reason: Dict[str, List[Piece]] = {}  # two rules written alike give one reason
         history = []
         for node, reason in compiled:
+            if any(isinstance(sub, Adaptive) for sub in node.walk()):
+                return None  # see pieces(); its reasons also differ from save to save
             split = _split(node, total, steps_per_epoch, budget)
             if split is None:
                 return None

@@ -17,7 +17,9 @@ clock).  A decision evaluates the rules whose step has come and the rules that
 react to an event this Progress carries; the others cannot fire, and a skipped
 rule holds no state that the decision would change.  The bounds only grow as
 the run goes on (see :mod:`saverules.compile`), so a bound computed at an
-earlier decision is still a bound.
+earlier decision is still a bound.  The one bound that may move earlier is an
+``adaptive`` rule's interval, planned from the measured save cost: reporting a
+cost (:meth:`Decider.note_cost`) recomputes every bound.
 """
 from __future__ import annotations
 
@@ -25,10 +27,11 @@ import math
 from heapq import heapify, heappop, heappush
 from typing import Optional
 
-from .compile import INF, EpochEnd, EveryTime, Final, Improved, OnSignal, ResolveError, compile_rules
+from .compile import INF, Adaptive, EpochEnd, EveryTime, Final, Improved, OnSignal, ResolveError, compile_rules
 from .errors import Diagnostic, PolicyError, dotted
+from .cost import COST_WINDOW, check_cost, estimate
 from .progress import NO_SAVE, Decision, Progress, checked_total
-from .rules import EpochEndRule, EveryTimeRule, FinalRule, ImprovedRule, OnSignalRule, walk
+from .rules import AdaptiveRule, EpochEndRule, EveryTimeRule, FinalRule, ImprovedRule, OnSignalRule, walk
 
 STATE_VERSION = 1
 
@@ -46,7 +49,7 @@ class Decider:
                 policy.final or _uses(policy, FinalRule),
                 _uses(policy, OnSignalRule),
                 _uses(policy, EpochEndRule),
-                _uses(policy, EveryTimeRule),
+                _uses(policy, (EveryTimeRule, AdaptiveRule)),
                 _uses(policy, ImprovedRule),
             )
             cls = _specialised(flags)
@@ -63,6 +66,8 @@ class Decider:
         self._compiled = None
         self._unresolved: Optional[ResolveError] = None
         self._sim = None  # the run's shape, when a simulation drives this decider
+        self._costs: list = []  # the latest measured save costs [(stall, write)], oldest first
+        self._cost = None  # their estimate (see saverules.cost.estimate), None before any
         self._agenda: Optional[_Agenda] = None
         fallback = policy.run.total_steps if policy.run is not None else None
         total_steps = checked_total(total_steps, "total_steps")
@@ -109,7 +114,11 @@ class Decider:
         compiled = self._compiled
         # A new total moves every rule's bounds, even for this very step: all are evaluated.
         due = range(len(compiled)) if retotalled else agenda.due(p, self)
-        reasons = [compiled[i][1] for i in due if compiled[i][0].fires(p, self)]
+        # a reason is a string, or (for a rule that plans with the save cost) written now
+        reasons = [
+            name if name.__class__ is str else name(self)
+            for node, name in (compiled[i] for i in due) if node.fires(p, self)
+        ]
         save = bool(reasons) and step != self._last_save_step
         self._prev = step
         if save:
@@ -127,6 +136,23 @@ class Decider:
         if time is not None:
             self._last_save_time = time
         self._refresh()
+
+    def note_cost(self, stall_seconds: float, write_seconds: Optional[float] = None) -> None:
+        """Report what the latest save cost: ``stall_seconds`` of training-thread stall
+        (the whole save when synchronous, the snapshot when asynchronous) and the
+        ``write_seconds`` of wall time the whole write took (the stall, when omitted).
+
+        The ``adaptive`` rule plans its interval from the mean of the last
+        three reports.  The Checkpointer reports every save it makes.
+        """
+        self._costs = (self._costs + [check_cost(stall_seconds, write_seconds)])[-COST_WINDOW:]
+        self._cost = estimate(self._costs)
+        self._refresh()
+
+    @property
+    def save_cost(self):
+        """The estimated (stall, write) seconds of a save, or None before any report."""
+        return self._cost
 
     # -- internals --------------------------------------------------------------
     def _set_total(self, total: Optional[int]) -> None:
@@ -190,6 +216,7 @@ class Decider:
             "last_save_time": self._last_save_time,
             "total_steps": self._total,
             "rules": _node_states(self._compiled) if self._compiled else {},
+            "costs": [list(c) for c in self._costs],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -207,6 +234,8 @@ class Decider:
             # carries another total changes it again at the next decision
             self._set_total(int(total))
         self._load_node_states(state.get("rules") or {})
+        self._costs = [check_cost(*c) for c in state.get("costs") or ()][-COST_WINDOW:]
+        self._cost = estimate(self._costs)
         self._refresh()
 
     def _load_node_states(self, states: dict) -> None:
@@ -279,9 +308,13 @@ class _Agenda:
                 self.metrics.append(i)
             if Final in kinds:
                 self.last.append(i)
-            if EveryTime in kinds:
-                # a rule's clock threshold is the anchor plus its shortest interval
-                timed.append((min(n.seconds for n in node.walk() if isinstance(n, EveryTime)), i))
+            if EveryTime in kinds or Adaptive in kinds:
+                # a rule's clock threshold is the anchor plus its shortest interval;
+                # an adaptive rule's interval is the one planned from the current cost
+                # estimate, so the agenda is rebuilt when a cost is reported (note_cost)
+                offset = min(n.clock_offset(run) for n in node.walk() if isinstance(n, (EveryTime, Adaptive)))
+                if offset < math.inf:  # an adaptive rule a simulation without a cost leaves out
+                    timed.append((offset, i))
         timed.sort()
         self.time_offsets = [offset for offset, _ in timed]
         self.timed = [i for _, i in timed]
@@ -315,7 +348,7 @@ class _Agenda:
         anchor = run._last_save_time
         if self.timed and p.time is not None and anchor is not None:
             offsets = self.time_offsets
-            # EveryTime fires at p.time >= anchor + seconds (computed as it does)
+            # EveryTime and Adaptive fire at p.time >= anchor + offset (computed as they do)
             n = 0
             while n < len(offsets) and p.time >= anchor + offsets[n]:
                 n += 1

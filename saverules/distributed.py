@@ -41,6 +41,7 @@ import time as _time
 from typing import Any, Mapping, Optional
 
 from .progress import Decision, Progress
+from .rules import uses_cost
 
 __all__ = ["SyncedDecider", "sync_schedule", "signal_code", "signal_from_code", "dist_info"]
 
@@ -235,6 +236,14 @@ class SyncedDecider:
             world_size = w if world_size is None else world_size
         self.rank = int(rank)
         self.world_size = int(world_size)
+        policy = getattr(decider, "policy", None)
+        if self.world_size > 1 and policy is not None and any(uses_cost(r) for r in getattr(policy, "rules", ())):
+            # the save cost is measured where the checkpoint is written; ranks that did
+            # not see it would plan another interval and the job would hang
+            raise ValueError(
+                "adaptive rules are not supported under DDP yet: the save cost is measured on the writing rank "
+                "only; use every_time for a time-based interval"
+            )
 
         self._watch_time = bool(getattr(decider, "watches_time", True))
         self._watch_signals = bool(getattr(decider, "watches_signals", True))

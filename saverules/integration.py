@@ -154,7 +154,13 @@ def make_decider(policy: Policy, total_steps: Optional[int], sync_seconds: float
     wrapper issues no collective at all.
     """
     from .distributed import SyncedDecider
+    from .rules import uses_cost
 
+    if any(uses_cost(rule) for rule in policy.rules):
+        # the trainer writes its own checkpoints, so no save cost reaches the decider:
+        # an adaptive rule would plan from min_every for ever
+        raise ValueError("adaptive rules need the measured save cost, which the trainer callbacks do not report "
+                         "yet: use every_time here, or saverules.torch.Checkpointer in your own loop")
     inner = policy.compile(total_steps=total_steps)
     return SyncedDecider(inner, sync_seconds=sync_seconds, metrics_synced=metrics_synced,
                          sync_signals=sync_signals)

@@ -11,11 +11,11 @@ import string
 from datetime import datetime, timezone
 from typing import Annotated, Any, Callable, Dict, Literal, Mapping, Optional, Sequence, Tuple
 
-from pydantic import BeforeValidator, PlainValidator, PrivateAttr, WithJsonSchema, field_validator
+from pydantic import BeforeValidator, PlainValidator, PrivateAttr, ValidationInfo, WithJsonSchema, field_validator
 
 from .limits import SAVE_LIMIT
 from .progress import Checkpoint
-from .quantities import Count, PositiveReal
+from .quantities import Bytes, Count, NonNegativeReal, PositiveReal, Seconds
 from .rules import Model, Name, Rule, _as_tuple
 
 Position = Tuple[int, int]
@@ -39,11 +39,28 @@ def _version(value: Any) -> int:
 
 
 class RunShape(Model):
-    """The run that ``check`` simulates when no flags are given."""
+    """The run that ``check`` simulates when no flags are given, and what it costs."""
 
     total_steps: Optional[Count] = None
     steps_per_epoch: Optional[Count] = None
     step_seconds: Optional[PositiveReal] = None
+    # the cost report (docs/check.md) and the adaptive rule's simulation
+    save_seconds: Optional[PositiveReal] = None
+    write_seconds: Optional[PositiveReal] = None
+    mtbf: Optional[Seconds] = None
+    restart_seconds: Optional[NonNegativeReal] = None
+    checkpoint_size: Optional[Bytes] = None
+
+    @field_validator("write_seconds")
+    @classmethod
+    def _write_includes_the_stall(cls, write: Any, info: ValidationInfo) -> Any:
+        stall = info.data.get("save_seconds")
+        if write is not None and stall is not None and write < stall:
+            raise ValueError(
+                f"write_seconds ({write:g}) must be at least save_seconds ({stall:g}): "
+                "the whole write includes the stall"
+            )
+        return write
 
 
 class KeepBest(Model):
@@ -196,12 +213,18 @@ class Policy(Model):
         step_seconds: Optional[float] = None,
         metrics: Optional[Callable[[int], Optional[Mapping[str, float]]]] = None,
         max_saves: Optional[int] = SAVE_LIMIT,
+        *,
+        save_seconds: Optional[float] = None,
+        write_seconds: Optional[float] = None,
     ):
         """Simulate a run of this shape without training; see :mod:`saverules.simulate`.
 
         At most ``max_saves`` saves are listed (``None``: every save, however
         many); the rest are counted, see :attr:`~saverules.simulate.Simulation.complete`.
+        ``save_seconds`` (and ``write_seconds``, the stall when omitted) is what
+        every save costs; without it ``adaptive`` rules are not simulated.
         """
         from .simulate import simulate
 
-        return simulate(self, total_steps, steps_per_epoch, step_seconds, metrics, max_saves)
+        return simulate(self, total_steps, steps_per_epoch, step_seconds, metrics, max_saves,
+                        save_seconds=save_seconds, write_seconds=write_seconds)

@@ -212,3 +212,92 @@ def format_seconds(seconds: float | None) -> str:
     if h:
         return f"{h}h{m:02d}m" + (f"{s:02d}s" if s else "")
     return f"{m}m{s:02d}s" if s else f"{m}m"
+
+
+# -- cost-aware quantities -----------------------------------------------------
+
+
+def _validate_overhead(value: object) -> Share:
+    """A share of training time in (0%, 100%): the most that saving may stall."""
+    if isinstance(value, Share):
+        return value
+    if isinstance(value, bool) or not isinstance(value, str):
+        hint = f' (write "{value * 100:g}%" for a fraction {value:g})' if isinstance(value, float) and 0 < value < 1 else ""
+        raise ValueError(f'expected a share of training time such as "2%", got {_type_name(value)}{hint}')
+    match = _SHARE.fullmatch(value)
+    if not match:
+        raise ValueError(f'expected a share of training time such as "2%", got {value!r}')
+    percent = Fraction(match.group(1))
+    if percent == 0:
+        raise ValueError(f"a share of training time must be more than 0%; {ZERO_IS_NOT_OFF}")
+    if percent >= 100:
+        raise ValueError(f"a share of training time must be less than 100%, got {value!r}")
+    return Share(f"{match.group(1)}%", percent)
+
+
+#: A share of training time, 0% < P < 100% ("2%").
+Overhead = Annotated[
+    Share,
+    PlainValidator(_validate_overhead),
+    PlainSerializer(lambda s: s.text),
+    WithJsonSchema({"type": "string", "pattern": r"^\d+(\.\d+)?%$", "description": 'a share of training time, e.g. "2%"'}),
+]
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)\s*")
+_SIZE_UNITS = {
+    "B": 1,
+    "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
+    "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "TiB": 1024**4,
+}
+
+
+@dataclass(frozen=True)
+class Size:
+    """A number of bytes, written with a unit: "2GB" (powers of 1000) or "2GiB" (powers of 1024)."""
+
+    text: str
+    bytes: int
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _validate_size(value: object) -> Size:
+    if isinstance(value, Size):
+        return value
+    if isinstance(value, bool) or isinstance(value, (int, float)):
+        raise ValueError(
+            f'a size needs a unit: write "{value}GB", "{value}MB" or "{value}B" (units B, KB, MB, GB, TB, '
+            "KiB, MiB, GiB, TiB)" if not isinstance(value, bool) else 'expected a size such as "2GB", got a boolean'
+        )
+    if not isinstance(value, str):
+        raise ValueError(f'expected a size such as "2GB", got {_type_name(value)}')
+    match = _SIZE.fullmatch(value)
+    if not match:
+        raise ValueError(
+            f'expected a size such as "2GB" or "512MiB" (units B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), got {value!r}'
+        )
+    count = Fraction(match.group(1)) * _SIZE_UNITS[match.group(2)]
+    if count <= 0:
+        raise ValueError(f"a size must be positive, got {value!r}")
+    return Size(f"{match.group(1)}{match.group(2)}", math.ceil(count))
+
+
+#: A positive number of bytes with a unit ("2GB", "512MiB").
+Bytes = Annotated[
+    Size,
+    PlainValidator(_validate_size),
+    PlainSerializer(lambda s: s.text),
+    WithJsonSchema({
+        "type": "string", "pattern": r"^\d+(\.\d+)?([KMGT]i?B|B)$",
+        "description": 'a size: "2GB" (B, KB, MB, GB, TB: powers of 1000) or "2GiB" (KiB, MiB, GiB, TiB: powers of 1024)',
+    }),
+]
+
+
+def format_bytes(count: float) -> str:
+    """Compact size in powers of 1000: 512B, 2.5KB, 40GB, 1.2TB (three significant digits)."""
+    for unit, scale in (("TB", 1000**4), ("GB", 1000**3), ("MB", 1000**2), ("KB", 1000)):
+        if count >= scale:
+            return f"{count / scale:.3g}{unit}"
+    return f"{int(count)}B"

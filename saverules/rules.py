@@ -9,11 +9,13 @@ Every rule accepts ``after`` / ``until`` directly, as shorthand for
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal, Optional, Tuple, Union
+import re
+from typing import Annotated, Any, Callable, Dict, Literal, Optional, Tuple, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from .quantities import Count, NonNegativeReal, Seconds, Share, StepBound, Steps
+from .cost import adaptive_interval
+from .quantities import Count, NonNegativeReal, Overhead, Seconds, Share, StepBound, Steps, format_seconds
 
 
 def _as_tuple(value: Any) -> Any:
@@ -166,6 +168,60 @@ class ImprovedRule(RuleModel):
     metric: Name
     mode: Literal["min", "max"] = "min"
     min_delta: NonNegativeReal = 0.0
+    top: Count = 1
+
+
+#: ``adaptive`` never saves closer together than this unless the rule says otherwise.
+DEFAULT_MIN_EVERY = 60.0
+
+
+class AdaptiveRule(RuleModel):
+    """Fires when the interval planned from the measured save cost has passed since the last save.
+
+    T = min(max_every, max(min_every, c / max_overhead, T_daly(c, mtbf), w)); see saverules.cost.
+    """
+
+    kind: Literal["adaptive"]
+    max_overhead: Optional[Overhead] = None
+    mtbf: Optional[Seconds] = None
+    min_every: Optional[Seconds] = None
+    max_every: Optional[Seconds] = None
+
+    @field_validator("max_every")
+    @classmethod
+    def _bounds_in_order(cls, max_every: Any, info: ValidationInfo) -> Any:
+        # a field validator, so that the diagnostic points at the `max_every` key
+        if max_every is None or "min_every" not in info.data:
+            return max_every
+        given = info.data["min_every"]
+        low = given.seconds if given is not None else DEFAULT_MIN_EVERY
+        if max_every.seconds < low:
+            what = f"min_every ({given})" if given is not None else 'min_every (default "1m")'
+            raise ValueError(f"max_every ({max_every}) must be at least {what}")
+        return max_every
+
+    @model_validator(mode="after")
+    def _has_a_target(self):
+        if self.max_overhead is None and self.mtbf is None:
+            raise ValueError(
+                'an adaptive rule needs max_overhead (e.g. "2%"), mtbf (e.g. "6h") or both: '
+                "they say what the interval is planned for"
+            )
+        return self
+
+    @property
+    def min_every_seconds(self) -> float:
+        return self.min_every.seconds if self.min_every is not None else DEFAULT_MIN_EVERY
+
+    def interval(self, cost) -> float:
+        """The interval this rule plans for a save cost ``(c, w)``, or for no cost yet (None)."""
+        return adaptive_interval(
+            cost,
+            None if self.max_overhead is None else float(self.max_overhead.percent / 100),
+            None if self.mtbf is None else self.mtbf.seconds,
+            self.min_every_seconds,
+            None if self.max_every is None else self.max_every.seconds,
+        )
 
 
 class WindowRule(RuleModel):
@@ -212,6 +268,7 @@ Rule = Annotated[
         PiecewiseRule,
         OnSignalRule,
         ImprovedRule,
+        AdaptiveRule,
         WindowRule,
         AllRule,
         AnyRule,
@@ -227,7 +284,7 @@ RULE_KINDS = {
     m.model_fields["kind"].annotation.__args__[0]: m
     for m in (
         EveryStepsRule, EveryTimeRule, EpochEndRule, FinalRule, TailRule, AtStepsRule, PiecewiseRule,
-        OnSignalRule, ImprovedRule, WindowRule, AllRule, AnyRule, NotRule,
+        OnSignalRule, ImprovedRule, AdaptiveRule, WindowRule, AllRule, AnyRule, NotRule,
     )
 }
 
@@ -254,19 +311,49 @@ def _written(model: BaseModel) -> dict:
     return {k: getattr(model, k) for k in names if k in model.model_fields_set}
 
 
-def describe(rule: RuleModel) -> str:
-    """A rule's reason string: its kind and the parameters as written, e.g. ``every_steps(every=2000)``."""
+def describe(rule: RuleModel, annotate: Optional[Callable[[RuleModel], Dict[str, str]]] = None) -> str:
+    """A rule's reason string: its kind and the parameters as written, e.g. ``every_steps(every=2000)``.
+
+    ``annotate(rule)`` may add values known only at the decision, written after
+    the parameters: ``adaptive(max_overhead=2%, interval=2m30s)``.
+    """
     fields = _written(rule)
+    extra = annotate(rule) if annotate is not None else {}
     if isinstance(rule, (AllRule, AnyRule)):
-        inner = ", ".join(describe(r) for r in rule.rules)
-        extra = "".join(f", {k}={_format_value(v)}" for k, v in fields.items() if k != "rules")
-        return f"{rule.kind}({inner}{extra})"
+        inner = ", ".join(describe(r, annotate) for r in rule.rules)
+        more = "".join(f", {k}={_format_value(v)}" for k, v in fields.items() if k != "rules")
+        return f"{rule.kind}({inner}{more})"
     if isinstance(rule, NotRule):
-        extra = "".join(f", {k}={_format_value(v)}" for k, v in fields.items() if k != "rule")
-        return f"not({describe(rule.rule)}{extra})"
-    if not fields:
+        more = "".join(f", {k}={_format_value(v)}" for k, v in fields.items() if k != "rule")
+        return f"not({describe(rule.rule, annotate)}{more})"
+    parts = [f"{k}={_format_value(v)}" for k, v in fields.items()] + [f"{k}={v}" for k, v in extra.items()]
+    if not parts:
         return rule.kind
-    return f"{rule.kind}(" + ", ".join(f"{k}={_format_value(v)}" for k, v in fields.items()) + ")"
+    return f"{rule.kind}(" + ", ".join(parts) + ")"
+
+
+_ANNOTATION = re.compile(r", interval=[^,()]*(?=\))")
+
+
+def static_reason(reason: str) -> str:
+    """A reason without the values added at the decision: the rule's :func:`describe` string."""
+    return _ANNOTATION.sub("", reason)
+
+
+def interval_annotation(cost) -> Callable[[RuleModel], Dict[str, str]]:
+    """The :func:`describe` annotation of a decision: each adaptive rule's interval for ``cost``."""
+
+    def annotate(rule: RuleModel) -> Dict[str, str]:
+        if isinstance(rule, AdaptiveRule):
+            return {"interval": format_seconds(rule.interval(cost))}
+        return {}
+
+    return annotate
+
+
+def uses_cost(rule: RuleModel) -> bool:
+    """Whether a rule, or one nested in it, plans with the measured save cost."""
+    return any(isinstance(r, AdaptiveRule) for r in walk(rule))
 
 
 def walk(rule: RuleModel):

@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
+from .cost import check_cost
 from .count import plan_rest
 from .limits import MAX_STEPS, SAVE_LIMIT, steps_text
 from .progress import Checkpoint, Progress
@@ -133,12 +134,13 @@ def _prune(retention, kept: List[Checkpoint], incremental: bool) -> None:
 class _Shape:
     """What a simulated run looks like in advance, for rules that watch the clock or epochs."""
 
-    def __init__(self, total_steps, steps_per_epoch, step_seconds):
+    def __init__(self, total_steps, steps_per_epoch, step_seconds, save_seconds=None):
         self.total_steps, self.steps_per_epoch, self.step_seconds = total_steps, steps_per_epoch, step_seconds
+        self.save_seconds = save_seconds  # what every save costs; None: adaptive rules are not simulated
 
 
 def simulate(policy, total_steps, steps_per_epoch=None, step_seconds=None, metrics: Optional[MetricsFn] = None,
-             max_saves: Optional[int] = SAVE_LIMIT):
+             max_saves: Optional[int] = SAVE_LIMIT, *, save_seconds=None, write_seconds=None):
     for name, value in (("total_steps", total_steps), ("steps_per_epoch", steps_per_epoch)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -151,8 +153,14 @@ def simulate(policy, total_steps, steps_per_epoch=None, step_seconds=None, metri
     if step_seconds is not None and not (isinstance(step_seconds, (int, float)) and 0 < step_seconds < math.inf):
         raise ValueError(f"step_seconds must be a positive number, got {step_seconds!r}")
 
+    cost = None
+    if save_seconds is not None or write_seconds is not None:
+        if save_seconds is None:
+            raise ValueError("write_seconds needs save_seconds: give the stall of a save too")
+        cost = check_cost(save_seconds, write_seconds)  # reported to the decider after every save
+
     decider = policy.compile(total_steps)
-    decider._simulate(_Shape(total_steps, steps_per_epoch, step_seconds))
+    decider._simulate(_Shape(total_steps, steps_per_epoch, step_seconds, None if cost is None else cost[0]))
     saves: List[Tuple[int, Tuple[str, ...]]] = []
     fired: Dict[str, int] = {}
     kept: List[Checkpoint] = []
@@ -177,6 +185,8 @@ def simulate(policy, total_steps, steps_per_epoch=None, step_seconds=None, metri
         if max_saves is not None and len(saves) >= max_saves:
             overflow = True  # one save more than are listed: the rest is counted below
             break
+        if cost is not None:
+            decider.note_cost(*cost)
         saves.append((step, decision.reasons))
         for reason in decision.reasons:
             fired[reason] = fired.get(reason, 0) + 1
@@ -198,7 +208,7 @@ def simulate(policy, total_steps, steps_per_epoch=None, step_seconds=None, metri
     last_saved = None
     if not complete and metrics is None:
         counted = _count_rest(policy, decider._compiled, saves, fired, listed_to, total_steps, steps_per_epoch,
-                              step_seconds, max_saves)
+                              step_seconds, max_saves, cost)
         if counted is not None:
             save_count, fired_total, last_saves, last_saved = counted
     return Simulation(
@@ -220,7 +230,8 @@ def simulate(policy, total_steps, steps_per_epoch=None, step_seconds=None, metri
     )
 
 
-def _count_rest(policy, compiled, saves, fired, listed_to, total_steps, steps_per_epoch, step_seconds, max_saves):
+def _count_rest(policy, compiled, saves, fired, listed_to, total_steps, steps_per_epoch, step_seconds, max_saves,
+                cost=None):
     """(saves in the run, saves per reason, the last saves, the last saved step) once the
     listing stopped at ``listed_to``: counted by arithmetic as far as the rules allow, then
     simulated to the end; None if that is not possible within the limits."""
@@ -238,7 +249,9 @@ def _count_rest(policy, compiled, saves, fired, listed_to, total_steps, steps_pe
         # from the counted stretch's end, as a per-step run would stand there, with a fresh
         # decider (no rule has seen the steps beyond listed_to)
         decider = policy.compile(total_steps)
-        decider._sim = _Shape(total_steps, steps_per_epoch, step_seconds)
+        # (an adaptive rule is never counted, see saverules.count, so none is in play here;
+        # the shape still says whether a save cost was given, as the listed run's did)
+        decider._sim = _Shape(total_steps, steps_per_epoch, step_seconds, None if cost is None else cost[0])
         decider._prev = rest.upto
         if step_seconds is not None:
             decider._last_save_time = step_seconds  # the clock starts at the first decision

@@ -18,14 +18,17 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from saverules.errors import PolicyError
 from saverules.progress import Checkpoint, Progress
-from saverules.quantities import Share
+from saverules.quantities import Share, format_seconds
 from saverules.rules import (
-    AllRule, AnyRule, AtStepsRule, EpochEndRule, EveryStepsRule, EveryTimeRule, FinalRule, ImprovedRule, NotRule,
-    OnSignalRule, PiecewiseRule, TailRule, WindowRule, describe,
+    AdaptiveRule, AllRule, AnyRule, AtStepsRule, EpochEndRule, EveryStepsRule, EveryTimeRule, FinalRule, ImprovedRule,
+    NotRule, OnSignalRule, PiecewiseRule, TailRule, WindowRule, describe,
 )
 from saverules.simulate import progress_at
 
-__all__ = ["BackwardsStep", "Oracle", "oracle_run", "oracle_saves", "oracle_retain", "oracle_simulation", "NoTotal"]
+__all__ = [
+    "BackwardsStep", "Oracle", "oracle_run", "oracle_saves", "oracle_retain", "oracle_simulation", "NoTotal",
+    "oracle_interval", "oracle_daly",
+]
 
 
 class BackwardsStep(Exception):
@@ -50,6 +53,33 @@ def steps_of(value, total: Optional[int]) -> Optional[int]:
     return value
 
 
+def oracle_daly(c: float, m: float) -> float:
+    """Daly's higher-order optimum, as docs/rules.md writes it."""
+    if c < 2 * m:
+        return math.sqrt(2 * c * m) * (1 + math.sqrt(c / (2 * m)) / 3 + (c / (2 * m)) / 9) - c
+    return m
+
+
+def oracle_interval(rule: AdaptiveRule, reports: Sequence[Tuple[float, float]]) -> float:
+    """T = min(max_every, max(min_every, c / max_overhead, T_daly(c, M), w)) with (c, w) the
+    mean of the last three reports; min_every before any report."""
+    min_every = rule.min_every.seconds if rule.min_every is not None else 60.0
+    if not reports:
+        return min_every
+    last = list(reports)[-3:]
+    c = sum(r[0] for r in last) / len(last)
+    w = sum(r[1] for r in last) / len(last)
+    candidates = [min_every, w]
+    if rule.max_overhead is not None:
+        candidates.append(c / float(rule.max_overhead.percent / 100))
+    if rule.mtbf is not None:
+        candidates.append(oracle_daly(c, rule.mtbf.seconds))
+    t = max(candidates)
+    if rule.max_every is not None and rule.max_every.seconds < t:
+        t = rule.max_every.seconds
+    return t
+
+
 def _float_metric(value) -> Optional[float]:
     if isinstance(value, bool):
         value = float(value)
@@ -70,7 +100,9 @@ class Oracle:
         self.last_save_step: Optional[int] = None
         self.clock_anchor: Optional[float] = None  # time of the last save, or of the first decision
         self.final_fired: Dict[tuple, int] = {}  # final rule path -> the total it fired for
-        self.best: Dict[tuple, float] = {}  # improved rule path -> best value so far
+        self.fired_values: Dict[tuple, List[float]] = {}  # improved rule path -> every value it fired on
+        self.costs: List[Tuple[float, float]] = []  # every (stall, write) reported, oldest first
+        self.cost_unknown = False  # a simulation given no save cost: adaptive rules are not simulated
 
     # -- one decision -----------------------------------------------------------
     def decide(self, p: Progress) -> Tuple[bool, Tuple[str, ...]]:
@@ -90,7 +122,7 @@ class Oracle:
                 reasons.append("final")
         for i, rule in enumerate(self.policy.rules):
             if self._fires(rule, ("rules", i), p):
-                name = describe(rule)
+                name = describe(rule, self._annotate)
                 if name not in reasons:
                     reasons.append(name)
         save = bool(reasons) and p.step not in self.saved
@@ -102,6 +134,14 @@ class Oracle:
                 self.clock_anchor = p.time
             return True, tuple(reasons)
         return False, ()
+
+    def _annotate(self, rule) -> dict:
+        if isinstance(rule, AdaptiveRule):
+            return {"interval": format_seconds(oracle_interval(rule, self.costs))}
+        return {}
+
+    def note_cost(self, stall: float, write: Optional[float] = None) -> None:
+        self.costs.append((float(stall), float(stall if write is None else write)))
 
     def note_save(self, step: int, time: Optional[float] = None) -> None:
         self.saved.add(step)
@@ -195,13 +235,18 @@ class Oracle:
             value = _float_metric(p.metrics[rule.metric])
             if value is None:
                 return False
-            best = self.best.get(path)
-            if best is not None:
-                gain = (best - value) if rule.mode == "min" else (value - best)
-                if not gain > rule.min_delta:
-                    return False
-            self.best[path] = value
+            # it ranks among the best `top` values that fired so far, ties going to the
+            # earlier value: fewer than `top` of them are not beaten by more than min_delta
+            earlier = self.fired_values.setdefault(path, [])
+            gain = (lambda w: w - value) if rule.mode == "min" else (lambda w: value - w)
+            if sum(1 for w in earlier if not gain(w) > rule.min_delta) >= rule.top:
+                return False
+            earlier.append(value)
             return True
+        if isinstance(rule, AdaptiveRule):
+            if p.time is None or self.clock_anchor is None or self.cost_unknown:
+                return False
+            return p.time >= self.clock_anchor + oracle_interval(rule, self.costs)
         if isinstance(rule, WindowRule):
             return True  # the bounds are applied by _fires
         if isinstance(rule, AllRule):
@@ -257,13 +302,16 @@ def oracle_run(policy, progresses: Sequence, total_steps: Optional[int] = None) 
     """Decide over ``progresses`` in order; the saves as [(step, reasons)].
 
     An item may also be ``("note_save", step, time)``: a save the loop made by
-    itself, as ``Decider.note_save`` records it.
+    itself, as ``Decider.note_save`` records it, or ``("note_cost", stall, write)``.
     """
     oracle = Oracle(policy, total_steps)
     saves = []
     for item in progresses:
         if isinstance(item, tuple) and item and item[0] == "note_save":
             oracle.note_save(item[1], item[2])
+            continue
+        if isinstance(item, tuple) and item and item[0] == "note_cost":
+            oracle.note_cost(item[1], item[2])
             continue
         save, reasons = oracle.decide(item)
         if save:
@@ -318,14 +366,19 @@ class OracleSimulation:
         self.max_gap_steps, self.max_gap_seconds, self.peak_kept = max_gap_steps, max_gap_seconds, peak_kept
 
 
-def oracle_simulation(policy, total_steps: int, steps_per_epoch=None, step_seconds=None, metrics=None):
+def oracle_simulation(policy, total_steps: int, steps_per_epoch=None, step_seconds=None, metrics=None,
+                      save_seconds=None, write_seconds=None):
     """Brute force: decide at every step 1..total_steps, applying retention after each save.
 
     The loop's Progress at each step is :func:`saverules.simulate.progress_at`'s, which
     reads epoch ends as the reference loop reports them: at multiples of
     ``steps_per_epoch`` only (none without it), never at a last step that ends no epoch.
-    No save is left unlisted here, however many there are."""
+    No save is left unlisted here, however many there are.
+
+    With ``save_seconds`` every save reports that cost (and ``write_seconds``, the
+    stall when omitted); without it adaptive rules do not fire."""
     oracle = Oracle(policy, total_steps)
+    oracle.cost_unknown = save_seconds is None
     saves: List[Tuple[int, Tuple[str, ...]]] = []
     kept: List[Checkpoint] = []
     peak = 0
@@ -335,6 +388,8 @@ def oracle_simulation(policy, total_steps: int, steps_per_epoch=None, step_secon
         save, reasons = oracle.decide(p)
         if not save:
             continue
+        if save_seconds is not None:
+            oracle.note_cost(save_seconds, write_seconds)
         saves.append((step, reasons))
         kept.append(Checkpoint(step, p.time, reported, step == total_steps))
         mask = oracle_retain(policy.retention, kept)
@@ -347,6 +402,6 @@ def oracle_simulation(policy, total_steps: int, steps_per_epoch=None, step_secon
     )
 
 
-def oracle_saves(policy, total_steps: int, steps_per_epoch=None, step_seconds=None, metrics=None):
+def oracle_saves(policy, total_steps: int, steps_per_epoch=None, step_seconds=None, metrics=None, **costs):
     """The saves [(step, reasons)] of a run asked at every step 1..total_steps."""
-    return oracle_simulation(policy, total_steps, steps_per_epoch, step_seconds, metrics).saves
+    return oracle_simulation(policy, total_steps, steps_per_epoch, step_seconds, metrics, **costs).saves

@@ -112,6 +112,7 @@ def leaf_rules(with_shares: bool, sparse: bool = False):
             optional={
                 "mode": st.sampled_from(["min", "max"]),
                 "min_delta": st.sampled_from([0.0, 0.01, 0.5]) | st.floats(0, 1, allow_nan=False),
+                "top": st.integers(1, 4),
             },
         ),
     ]

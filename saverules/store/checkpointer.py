@@ -144,6 +144,7 @@ class Checkpointer:
         self._warned: set = set()
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
+        self._cost: Optional[Tuple[float, float]] = None  # (stall, write) of a finished asynchronous write
         self._pool: Pool = {}
         self._closed = False
         self._store_lock: Optional[lock.StoreLock] = None
@@ -264,6 +265,9 @@ class Checkpointer:
             if not block and thread.is_alive():
                 return
             self._join()
+        cost, self._cost = self._cost, None  # the finished asynchronous write's cost (see _save)
+        if cost is not None:
+            self.decider.note_cost(*cost)
         err, self._error = self._error, None
         if err is not None:
             self._report(err)
@@ -293,9 +297,15 @@ class Checkpointer:
             except CheckpointWriteError as err:
                 self._report(err)
                 return
+        # Save cost, for rules that plan with it (adaptive): the training thread's stall
+        # (the whole save when synchronous, the snapshot when asynchronous) and the wall
+        # time of the whole write, reported to the decider once the write is committed
+        # (Decider.note_cost; for an asynchronous write, by _collect).
+        started = _time.perf_counter()
         job = self._prepare(progress, state, reasons)
         if self.async_save:
-            thread = threading.Thread(target=self._run_background, args=(job,), name="saverules-writer")
+            stall = _time.perf_counter() - started
+            thread = threading.Thread(target=self._write_timed, args=(job, started, stall), name="saverules-writer")
             self._thread = thread
             thread.start()
         else:
@@ -303,6 +313,15 @@ class Checkpointer:
                 self._run(job)
             except (CheckpointError, OSError) as err:
                 self._report(err)
+            else:
+                elapsed = _time.perf_counter() - started
+                self.decider.note_cost(elapsed, elapsed)
+
+    def _write_timed(self, job: Job, started: float, stall: float) -> None:
+        """The background write; its cost is picked up by _collect in the training thread."""
+        self._run_background(job)
+        if self._error is None:
+            self._cost = (stall, _time.perf_counter() - started)
 
     def _prepare(self, progress: Progress, state: Mapping[str, Any], reasons: Tuple[str, ...]) -> Job:
         """In the training thread: check the state (and copy it, for an async save); name the checkpoint."""
