@@ -44,7 +44,7 @@ _EXPORTS = {
     "retention_view": "retain",
     "restore_rng_state": "rng",
     "rng_state": "rng",
-    "ALLOWED_GLOBALS": "structure",
+    "ALLOWED_GLOBALS": "pickle_scan",
     "inspect_checkpoint": "verify",
     "scan": "verify",
 }

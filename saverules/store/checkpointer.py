@@ -1,53 +1,43 @@
 """The façade: :class:`Checkpointer` asks the policy on every step and, when it says save, runs a save.
 
-A save is a straight line through the modules of the store:
+Its arguments are checked in :mod:`~saverules.store.options`; a writer opens
+its store (directory, lock, cleanup, ``policy.toml``) through
+:mod:`~saverules.store.opening`.  A save is a straight line through the
+modules of the store:
 
 decide (the policy's decider) -> :mod:`~saverules.store.snapshot` (async: copy the state)
 -> :mod:`~saverules.store.formats` (encode) -> :mod:`~saverules.store.writer` (write and digest)
 -> :mod:`~saverules.store.commit` (atomic rename) -> :mod:`~saverules.store.verify` (re-read, before the
 manifest goes in) -> :mod:`~saverules.store.retain`.
 
-A resume walks :func:`~saverules.store.verify.newest_good`, decodes with the
-format the manifest names and hands the state to :mod:`~saverules.store.restore`.
+A resume is :func:`saverules.store.resume.load_latest` (the newest checkpoint
+that verifies, decoded with the format its manifest names; a sharded store:
+:func:`saverules.store.sharded.load_latest`), and the state goes back through
+:mod:`~saverules.store.restore`.
 """
 from __future__ import annotations
 
 import atexit
-import dataclasses
-import errno as _errno
 import os
 import sys
 import threading
 import time as _time
 import weakref
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Tuple, Union
-
-import torch
+from typing import Any, List, Mapping, MutableMapping, Optional, Tuple, Union
 
 from ..progress import Decision, Progress
-from . import commit, formats, lock, resume, retain, sharded
-from .errors import (
-    CheckpointError,
-    CheckpointWriteError,
-    StateTypeError,
-    log,
-    type_name,
-    warn,
-    write_error,
-)
-from .fs import fs
-from .manifest import CheckpointInfo, info_from_manifest, new_manifest, progress_of
-from .policyfile import write_policy_file
-from .ranks import RankFailure, Ranks, timeout_from
+from . import commit, lock, options, ranks, resume, retain, sharded
+from . import job as _job
+from .errors import CheckpointError, CheckpointWriteError, log, warn
+from .job import Job
+from .manifest import CheckpointInfo, info_from_manifest, progress_of
+from .opening import open_store, refuse_a_file
+from .options import ON_ERROR_CHOICES, VERIFY_CHOICES  # noqa: F401  (importable from here, as before)
+from .ranks import RankFailure, Ranks
 from .restore import restore
 from .snapshot import Pool, Snapshot
-from .state import Payload, capture
 from .verify import VerifyCache, check_written, scan
-
-VERIFY_CHOICES = ("hash", "device", "load", "none")
-ON_ERROR_CHOICES = ("raise", "warn")
 
 _LIVE: "weakref.WeakSet[Checkpointer]" = weakref.WeakSet()
 
@@ -61,26 +51,6 @@ def _close_all_at_exit() -> None:
 
 
 atexit.register(_close_all_at_exit)
-
-
-def _needs_digest_pass(info: CheckpointInfo) -> bool:
-    """Whether a checkpoint's digests must be checked before it is decoded (not when its reader checks them)."""
-    try:
-        return not formats.get(info.format).digests_while_decoding
-    except CheckpointError:
-        return True
-
-
-@dataclasses.dataclass
-class _Job:
-    """One save between the training thread and the writer."""
-
-    name: str
-    step: int
-    manifest: Dict[str, Any]
-    payload: Optional[Payload]
-    snapshot: Optional[Snapshot] = None
-    tmp: Optional[Path] = None  # a sharded save's temporary directory, agreed by every rank
 
 
 class Checkpointer:
@@ -149,35 +119,10 @@ class Checkpointer:
         commit_timeout: Optional[float] = None,
         read_only: bool = False,
     ) -> None:
-        import saverules
-
-        if isinstance(policy, (str, os.PathLike)):
-            policy = saverules.load(policy)
-        elif not (hasattr(policy, "compile") and hasattr(policy, "storage") and hasattr(policy, "retain")):
-            raise ValueError(
-                f"policy must be a saverules.Policy or the path of a policy TOML file, got {type_name(policy)}"
-            )
-        if dir is not None and not isinstance(dir, (str, os.PathLike)):
-            raise ValueError(f"dir must be a path or None, got {type_name(dir)}")
-        if dir is not None and not os.fspath(dir):
-            raise ValueError("dir must not be empty")
-        if not isinstance(read_only, bool):
-            raise ValueError(f"read_only must be True or False, got {read_only!r}")
-        if not isinstance(async_save, bool):
-            raise ValueError(f"async_save must be True or False, got {async_save!r}")
-        if verify not in VERIFY_CHOICES:
-            raise ValueError(f"verify must be one of {', '.join(map(repr, VERIFY_CHOICES))}, got {verify!r}")
-        if on_error not in ON_ERROR_CHOICES:
-            raise ValueError(f"on_error must be one of {', '.join(map(repr, ON_ERROR_CHOICES))}, got {on_error!r}")
-        if not isinstance(run_name, str) or not run_name or any(c in run_name for c in "/\\\0"):
-            raise ValueError(f"run_name must be a non-empty string without path separators, got {run_name!r}")
-        fmt = policy.storage.format
-        if fmt not in formats.names():
-            raise ValueError(
-                f"[storage].format must be {' or '.join(map(repr, formats.names()))}, got {fmt!r}"
-            )
-        self._format = formats.get(fmt)
-        self._format.check_available()
+        policy = options.load_policy(policy)
+        options.check_arguments(dir=dir, read_only=read_only, async_save=async_save, verify=verify,
+                                on_error=on_error, run_name=run_name)
+        self._format = options.storage_format(policy)
 
         self.policy = policy
         self.dir = Path(os.path.abspath(os.fspath(dir if dir is not None else policy.storage.dir)))
@@ -185,30 +130,13 @@ class Checkpointer:
         self.verify = verify
         self.on_error = on_error
         self.run_name = run_name
-        self.format = fmt
+        self.format = policy.storage.format
         self.read_only = read_only
 
-        self.rank, self.world_size = 0, 1
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized():
-            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        if sync is not None and not isinstance(sync, Mapping):
-            raise ValueError(f"sync must be a mapping of SyncedDecider options or None, got {type_name(sync)}")
-        decider = policy.compile(total_steps)
-        if self.world_size > 1:
-            from saverules.distributed import SyncedDecider
-
-            # Under DDP every rank must take the same decision: see docs/distributed.md.
-            # ``sync`` passes SyncedDecider's options (sync_seconds, max_interval, sync_signals, ...).
-            decider = SyncedDecider(decider, **dict(sync or {}))
-        self.decider = decider
-        # A sharded format: every rank writes, rank 0 commits (saverules.store.sharded). Creating the
-        # ranks' group is a collective, like the construction of the Checkpointer on every rank.
-        self._ranks = None
-        if getattr(self._format, "sharded", False):
-            self._ranks = Ranks(timeout_from(commit_timeout))
-        elif commit_timeout is not None:
-            timeout_from(commit_timeout)  # checked all the same: a typo should not wait for a format change
+        self.rank, self.world_size = ranks.process_rank()
+        self.decider = options.make_decider(policy, total_steps, self.world_size, sync)
+        # A sharded format: every rank writes, rank 0 commits (saverules.store.sharded).
+        self._ranks: Optional[Ranks] = ranks.for_format(self._format, commit_timeout)
 
         self._clock_offset = 0.0
         self._clock_t0 = _time.monotonic()
@@ -222,7 +150,7 @@ class Checkpointer:
         self._store_lock: Optional[lock.StoreLock] = None
         self._release = None
 
-        _refuse_a_file(self.dir)
+        refuse_a_file(self.dir)
         if self.is_writer:
             try:
                 self._open_store()
@@ -233,23 +161,13 @@ class Checkpointer:
         _LIVE.add(self)
 
     def _open_store(self) -> None:
-        """Create the directory, take the lock, clean up after an interrupted writer, record the policy."""
-        try:
-            fs.makedirs(str(self.dir))
-        except OSError as exc:
-            _refuse_a_file(self.dir)
-            raise write_error(exc, None, str(self.dir), "create the checkpoint directory") from exc
-        try:
-            held = lock.acquire(str(self.dir))
-        except OSError as exc:
-            raise write_error(exc, None, os.path.join(self.dir, lock.LOCK_FILE), "create the store's lock file") from exc
+        """Open the store to write (saverules.store.opening); the lock is held until :meth:`close`."""
+        open_store(self.dir, self.policy, self._hold)
+
+    def _hold(self, held: lock.StoreLock) -> None:
         self._store_lock = held
         self._release = weakref.finalize(self, held.release)
         self._release.atexit = False  # at exit the process's end drops it, after a pending write has finished
-        if held.previous:
-            log.info("took over the lock of %s left by %s", self.dir, lock.describe_holder(held.previous))
-        commit.cleanup(self.dir)
-        write_policy_file(self.dir, self.policy)
 
     # -- small public helpers ----------------------------------------------------
 
@@ -399,44 +317,24 @@ class Checkpointer:
                 elapsed = _time.perf_counter() - started
                 self.decider.note_cost(elapsed, elapsed)
 
-    def _write_timed(self, job: _Job, started: float, stall: float) -> None:
+    def _write_timed(self, job: Job, started: float, stall: float) -> None:
         """The background write; its cost is picked up by _collect in the training thread."""
         self._run_background(job)
         if self._error is None:
             self._cost = (stall, _time.perf_counter() - started)
 
-    def _prepare(self, progress: Progress, state: Mapping[str, Any], reasons: Tuple[str, ...]) -> _Job:
+    def _prepare(self, progress: Progress, state: Mapping[str, Any], reasons: Tuple[str, ...]) -> Job:
         """In the training thread: check the state (and copy it, for an async save); name the checkpoint."""
-        if not isinstance(state, Mapping):
-            raise StateTypeError(f"state must be a dict of names to objects and values, got {type_name(state)}")
-        if not isinstance(progress, Progress):
-            raise TypeError(f"progress must be a saverules.Progress, got {type_name(progress)}")
-        metrics = None
-        if progress.metrics is not None:
-            metrics = {}
-            for k, v in progress.metrics.items():
-                try:
-                    metrics[str(k)] = float(v)
-                except (TypeError, ValueError):
-                    raise StateTypeError(f"Progress.metrics[{k!r}] is not a number: {v!r}") from None
+        metrics = _job.check_inputs(progress, state)
         snap = Snapshot(self._pool) if self.async_save else None
         if snap is not None:
             self._pool = {}
         clock = float(progress.time) if progress.time is not None else self.clock()
-        utc = datetime.now(timezone.utc)
-        name = self.policy.storage.render_name(step=progress.step, epoch=progress.epoch, time=utc, run=self.run_name)
-        tmp = None
-        if self._ranks is not None:
-            tmp, name, payload = sharded.start(self._ranks, self.dir, name, progress.step, lambda: self._format.capture(
-                state, progress.step, self.decider.state_dict(), clock, snap))
-        else:
-            payload = capture(state, progress.step, self.decider.state_dict(), clock, snap)
-        manifest = new_manifest(name=name, progress=progress, clock=clock, utc=utc, reasons=reasons,
-                                metrics=metrics, policy_digest=self.policy.digest, storage_format=self.format,
-                                world_size=self.world_size)
-        return _Job(name=name, step=int(progress.step), manifest=manifest, payload=payload, snapshot=snap, tmp=tmp)
+        return _job.prepare(progress, state, reasons, metrics=metrics, snapshot=snap, clock=clock,
+                             policy=self.policy, run_name=self.run_name, fmt=self._format, ranks=self._ranks,
+                             root=self.dir, decider=self.decider, world_size=self.world_size)
 
-    def _run_background(self, job: _Job) -> None:
+    def _run_background(self, job: Job) -> None:
         try:
             self._run(job)
         except BaseException as err:
@@ -447,7 +345,7 @@ class Checkpointer:
                 snapshot, job.snapshot = job.snapshot, None
                 self._pool = snapshot.release()
 
-    def _run(self, job: _Job) -> None:
+    def _run(self, job: Job) -> None:
         """In the writer: encode, write and digest, verify, commit; then retention."""
         payload, fmt = job.payload, self._format
 
@@ -463,7 +361,7 @@ class Checkpointer:
                                        check=check if self.verify != "none" else None)
         self._settle(job, path, manifest)
 
-    def _settle(self, job: _Job, path: Path, manifest: Mapping[str, Any]) -> None:
+    def _settle(self, job: Job, path: Path, manifest: Mapping[str, Any]) -> None:
         """After a commit, on the writer: remember the checkpoint as verified, then retention."""
         verified = True if self.verify != "none" else None
         if verified:
@@ -519,14 +417,7 @@ class Checkpointer:
         ``mmap=True`` maps the checkpoint's files (copy-on-write) instead of
         reading them into fresh memory, as ``torch.load(mmap=True)`` does.
         """
-        resume.check_if_none_valid(if_none_valid)
-        if not isinstance(mmap, bool):
-            raise ValueError(f"mmap must be True or False, got {mmap!r}")
-        if not isinstance(state, MutableMapping):
-            raise TypeError(
-                f"state must be a mutable mapping (a dict) of names to objects and values, so that plain values "
-                f"can be written back; got {type_name(state)}"
-            )
+        resume.check_load_arguments(state, if_none_valid, mmap)
         if self._writes:
             self._collect(block=True)
         if self._ranks is not None:  # every rank takes part; rank 0 chooses (saverules.store.sharded)
@@ -535,39 +426,13 @@ class Checkpointer:
             if got is None:
                 return None
             info, payload, restored = got
-            self._clock_offset = restore(info, payload, sharded.Without(state, restored), self.decider,
-                                         self.policy.digest)
-            self._clock_t0 = _time.monotonic()
-            return progress_of(info, self._clock_offset)
-        found = resume.pick(self.dir, self._cache, self._warn_skip, if_none_valid,
-                            decode=lambda info: formats.read(info, map_location, mmap=mmap),
-                            deep=_needs_digest_pass)
-        if found is None:
-            return None
-        info, payload = found
-        if info.verified is None:  # its reader checked every digest while reading
-            self._cache.put(info.path, dataclasses.replace(info, verified=True))
-        self._clock_offset = restore(info, payload, state, self.decider, self.policy.digest)
+            into: MutableMapping[str, Any] = sharded.Without(state, restored)
+        else:
+            found = resume.load_latest(self.dir, self._cache, self._warn_skip, if_none_valid, map_location, mmap)
+            if found is None:
+                return None
+            (info, payload), into = found, state
+        self._clock_offset = restore(info, payload, into, self.decider, self.policy.digest)
         self._clock_t0 = _time.monotonic()
         return progress_of(info, self._clock_offset)
 
-
-def _refuse_a_file(directory: Path) -> None:
-    """A store path that is (or lies below) a file: a clear error, whatever ``on_error`` says.
-
-    No retry can make a file into a directory, so this is never just a warning.
-    """
-    probe = Path(directory)
-    while True:
-        if os.path.exists(probe) and not os.path.isdir(probe):
-            if probe == Path(directory):
-                what, code = f"{directory} is a file, not a directory", _errno.EEXIST
-            else:
-                what, code = f"{directory} cannot be made: {probe} is a file, not a directory", _errno.ENOTDIR
-            raise CheckpointWriteError(
-                f"saverules: the checkpoint store {what}; remove it or point dir= / [storage].dir elsewhere",
-                path=str(probe), errno=code,
-            )
-        if probe.parent == probe:
-            return
-        probe = probe.parent

@@ -17,6 +17,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from ..progress import Checkpoint, Progress
 from .digest import KNOWN as _DIGESTS
+from .errors import StateTypeError
 from .layout import MANIFEST, STATE_FILE
 
 #: ``manifest.json`` identifies itself with these two fields.  Version 2 names each file's digest
@@ -204,6 +205,19 @@ def library_version() -> Optional[str]:
         return _v("saverules")
     except Exception:
         return None
+
+
+def metrics_of(progress: Progress) -> Optional[Dict[str, float]]:
+    """``Progress.metrics`` as the manifest records them (names to floats); raise on one that is not a number."""
+    if progress.metrics is None:
+        return None
+    metrics = {}
+    for k, v in progress.metrics.items():
+        try:
+            metrics[str(k)] = float(v)
+        except (TypeError, ValueError):
+            raise StateTypeError(f"Progress.metrics[{k!r}] is not a number: {v!r}") from None
+    return metrics
 
 
 def new_manifest(*, name: str, progress: Progress, clock: float, utc: datetime, reasons: Sequence[str],

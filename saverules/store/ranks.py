@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
-from typing import Any, Callable, List, Optional, TypeVar
+from typing import Any, Callable, List, Optional, Tuple, TypeVar
 
 from .errors import CheckpointError
 
@@ -144,3 +144,26 @@ class Ranks:
         self.run(doing, lambda: dist.gather_object(obj, out, dst=dist.get_global_rank(self.group, 0),
                                                    group=self.group))
         return out
+
+
+def process_rank() -> Tuple[int, int]:
+    """(rank, world size) of this process in the initialised default process group; (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def for_format(fmt: Any, commit_timeout: Optional[float]) -> Optional[Ranks]:
+    """The ranks' group of a sharded format (every rank writes, rank 0 commits), else None.
+
+    Creating the group is a collective, like the construction of the
+    Checkpointer on every rank.  ``commit_timeout`` is checked all the same
+    for another format: a typo should not wait for a format change.
+    """
+    if getattr(fmt, "sharded", False):
+        return Ranks(timeout_from(commit_timeout))
+    if commit_timeout is not None:
+        timeout_from(commit_timeout)
+    return None

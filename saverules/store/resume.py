@@ -10,14 +10,18 @@ skipped with a warning.  Two outcomes never pass silently:
   :class:`NoValidCheckpointError`, listing each one and why it was rejected,
   unless the caller asked for ``if_none_valid="start_fresh"``.  A fresh
   start is only ever silent when the store holds no checkpoint at all.
+
+:func:`load_latest` is that walk for one process: each candidate decoded by
+the format its manifest names (a sharded store goes through
+:func:`saverules.store.sharded.load_latest` instead).
 """
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, MutableMapping, Optional, Tuple
 
-from .errors import CheckpointError, NoValidCheckpointError, UnsafeCheckpointError, warn
+from .errors import CheckpointError, NoValidCheckpointError, UnsafeCheckpointError, type_name, warn
 from .manifest import CheckpointInfo
 from .verify import VerifyCache, newest_good, sort_key
 
@@ -27,6 +31,18 @@ IF_NONE_VALID = ("raise", "start_fresh")
 def check_if_none_valid(value: Any) -> None:
     if value not in IF_NONE_VALID:
         raise ValueError(f"if_none_valid must be 'raise' or 'start_fresh', got {value!r}")
+
+
+def check_load_arguments(state: Any, if_none_valid: Any, mmap: Any) -> None:
+    """Raise naming the first argument of ``load_latest`` that it does not take."""
+    check_if_none_valid(if_none_valid)
+    if not isinstance(mmap, bool):
+        raise ValueError(f"mmap must be True or False, got {mmap!r}")
+    if not isinstance(state, MutableMapping):
+        raise TypeError(
+            f"state must be a mutable mapping (a dict) of names to objects and values, so that plain values "
+            f"can be written back; got {type_name(state)}"
+        )
 
 
 def unsafe_error(info: CheckpointInfo) -> UnsafeCheckpointError:
@@ -86,3 +102,32 @@ def none_valid(root: Path, rejected: List[Tuple[str, str]], if_none_valid: str) 
         f"saverules: none of the {len(rejected)} checkpoints in {root} can be resumed; starting from scratch as "
         "if_none_valid='start_fresh' asks (they are left on disk)"
     )
+
+
+def needs_digest_pass(info: CheckpointInfo) -> bool:
+    """Whether a checkpoint's digests must be checked before it is decoded (not when its reader checks them)."""
+    from . import formats  # imports torch: only a resume that decodes needs it
+
+    try:
+        return not formats.get(info.format).digests_while_decoding
+    except CheckpointError:
+        return True
+
+
+def load_latest(root: Path, cache: VerifyCache, skip: Callable[[CheckpointInfo], None], if_none_valid: str,
+                map_location: Any, mmap: bool) -> Optional[Tuple[CheckpointInfo, Any]]:
+    """The newest checkpoint of ``root`` that verifies and decodes, and its payload; None as :func:`pick`.
+
+    A checkpoint whose reader checked every digest while reading is
+    remembered in ``cache`` as verified.
+    """
+    from . import formats  # imports torch: only a resume that decodes needs it
+
+    found = pick(root, cache, skip, if_none_valid,
+                 decode=lambda info: formats.read(info, map_location, mmap=mmap), deep=needs_digest_pass)
+    if found is None:
+        return None
+    info, payload = found
+    if info.verified is None:  # its reader checked every digest while reading
+        cache.put(info.path, dataclasses.replace(info, verified=True))
+    return info, payload
