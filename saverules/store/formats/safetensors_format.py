@@ -18,7 +18,8 @@ from ..errors import CheckpointError
 from ..layout import STATE_FILE, WEIGHTS_FILE
 from ..state import TENSOR_TYPES, Payload
 from ..writer import tensors_in
-from . import Encoded, Format, Output, Source, safetensors_file, torchfile
+from . import Encoded, Output, Source, safetensors_file, torchfile
+from .torch_format import TorchFormat
 
 
 def _is_weights_dict(sd: Any) -> bool:
@@ -126,7 +127,9 @@ def attach_weights(source: Source, data: Dict[str, Any], map_location: Any) -> N
     data["objects"].update(rebuilt)
 
 
-class SafetensorsFormat(Format):
+class SafetensorsFormat(TorchFormat):
+    """The torch format with the model weights moved to ``model.safetensors``."""
+
     name = "safetensors"
 
     def check_available(self) -> None:
@@ -148,14 +151,10 @@ class SafetensorsFormat(Format):
         files[STATE_FILE] = out.write(STATE_FILE, lambda f: torch.save(data, f), tensors_in(data))
         return Encoded(files)
 
-    def decode(self, source: Source, map_location: Any, mmap: bool = False) -> Payload:
-        data = torchfile.read_payload_dict(source.dir / STATE_FILE, source.step, map_location, mmap=mmap)
-        if data.get("safetensors"):
-            attach_weights(source, data, map_location)
-        return torchfile.as_payload(data)
+    # decode is the torch format's: it attaches the weights a state file points at.
 
     def check_loads(self, source: Source) -> None:
-        torchfile.load(source.dir / STATE_FILE, "cpu", mmap=True)
+        super().check_loads(source)
         if WEIGHTS_FILE in source.files:
             from safetensors.torch import load_file
 
