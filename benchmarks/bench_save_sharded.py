@@ -9,14 +9,26 @@ in all (~100 MB per rank).  In interleaved rounds, on both ranks at once:
 * ``Checkpointer.save`` with ``format = "dcp"`` (the default ``verify="hash"``
   and ``verify="none"``): the same DCP files, plus each rank's digests, its
   rank file, the manifest and the commit across ranks;
-* ``dcp.async_save`` with its defaults: the stall is the time until it
-  returns (``get_state_dict`` and DCP's staging copy to CPU memory);
-* ``Checkpointer(async_save=True).save``: the stall is the time until it
-  returns (``get_state_dict``, the copy into the store's reused buffers,
-  one collective).
+* ``dcp.async_save`` with its defaults (``get_state_dict`` and DCP's staging
+  copy to CPU memory before it returns);
+* ``Checkpointer(async_save=True).save`` (``get_state_dict``, the copy of
+  what is not left for later into the store's reused buffers, one
+  collective; the writer copies the parameters and AdamW's moments while
+  the next step runs forward and backward, and holds that step's
+  ``optimizer.step()`` until it is done: :mod:`saverules.store.staging`).
 
-Every timing is the slowest rank's.  Throughput is the bytes on disk over the
-time until the checkpoint is complete on every rank.
+Every save is followed by one training step (forward, backward,
+``optimizer.step()``) before the write is awaited.  The **stall** is all the
+time the training thread is held by the save: until ``save`` returns, plus
+the time from calling ``optimizer.step()`` to the moment a step pre-hook
+registered after the store's own runs (which is when the store's hook lets
+the step go).  The same probe runs for every variant, so the step's wait is
+counted for DCP too (where it is nil).  The **step overhead** is the time of
+save plus that training step, minus a training step without a save in the
+same round: what a save costs the loop including the writer thread's
+competition for the cores.  Every timing is the slowest rank's.  Throughput
+is the bytes on disk over the time until the checkpoint is complete on every
+rank.
 
 Run by ``benchmarks/bench_save.py``: :func:`run` starts the 2 ranks with
 ``torch.distributed.run`` and collects the rows rank 0 writes.
@@ -68,6 +80,14 @@ def run(quick: bool = False) -> list:
 # --------------------------------------------------------------------------
 # One rank (under torch.distributed.run)
 # --------------------------------------------------------------------------
+
+def _batch(quick: bool):
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 6400, (2, 32 if quick else 64), generator=g)
+    return ids, ids.clone()
+
 
 def _state(quick: bool):
     import torch
@@ -125,6 +145,34 @@ def _worker(tmp: str, mode: str) -> None:
         "async": Checkpointer(policy, base / "sr-async", async_save=True, verify="hash"),
     }
     step = [0]
+    dcp_group = dist.new_group(backend="gloo")
+    ids, labels = _batch(quick)
+    hooked = [None]  # perf_counter when the probe hook ran (after the store's hook let the step go)
+
+    def train_step() -> float:
+        """One training step; the seconds optimizer.step() was held before it could begin."""
+        _, loss = model(ids, labels)
+        loss.backward()
+        hooked[0] = None
+        t0 = time.perf_counter()
+        opt.step()
+        held = hooked[0] - t0 if hooked[0] is not None else 0.0
+        opt.zero_grad(set_to_none=True)
+        return held
+
+    probe = [None]
+
+    def arm_probe() -> None:
+        """Registered after the store has hooked the optimizer (in the warm-up round): runs after its hook."""
+        if probe[0] is None:
+            probe[0] = opt.register_step_pre_hook(lambda *a: hooked.__setitem__(0, time.perf_counter()))
+
+    def plain_step():
+        dist.barrier()
+        t0 = time.perf_counter()
+        train_step()
+        t1 = time.perf_counter()
+        return t1 - t0, t1 - t0, None
 
     def dcp_sync():
         target = base / f"dcp-{step[0]}"
@@ -140,11 +188,14 @@ def _worker(tmp: str, mode: str) -> None:
         dist.barrier()
         t0 = time.perf_counter()
         msd, osd = get_state_dict(model, opt)
-        fut = dcp.async_save({"model": msd, "optimizer": osd}, checkpoint_id=str(target))
+        # A group of its own: its background collectives must not meet the training step's on the default group.
+        fut = dcp.async_save({"model": msd, "optimizer": osd}, checkpoint_id=str(target), process_group=dcp_group)
         t1 = time.perf_counter()
-        fut.result()
+        held = train_step()
         t2 = time.perf_counter()
-        return t1 - t0, t2 - t0, target
+        fut.result()
+        t3 = time.perf_counter()
+        return (t1 - t0) + held, t3 - t0, target, t2 - t0
 
     def ours(name):
         def measure():
@@ -154,9 +205,14 @@ def _worker(tmp: str, mode: str) -> None:
             t0 = time.perf_counter()
             ck.save(Progress(step[0], total_steps=10**9), state, reason="benchmark")
             t1 = time.perf_counter()
-            ck.wait()
+            if not ck.async_save:
+                return t1 - t0, t1 - t0, ck.dir / policy.storage.render_name(step=step[0])
+            arm_probe()
+            held = train_step()
             t2 = time.perf_counter()
-            return t1 - t0, t2 - t0, ck.dir / policy.storage.render_name(step=step[0])
+            ck.wait()
+            t3 = time.perf_counter()
+            return (t1 - t0) + held, t3 - t0, ck.dir / policy.storage.render_name(step=step[0]), t2 - t0
         return measure
 
     from saverules.store.formats import dcp_state
@@ -176,7 +232,8 @@ def _worker(tmp: str, mode: str) -> None:
         pool[0] = snap.release()
         return t1 - t0, t1 - t0, None
 
-    variants = {"dcp_sync": dcp_sync, "dcp_async": dcp_async, "copy": copy_only, **{n: ours(n) for n in ckpts}}
+    variants = {"dcp_sync": dcp_sync, "dcp_async": dcp_async, "copy": copy_only, "plain_step": plain_step,
+                **{n: ours(n) for n in ckpts}}
     rounds = 1 if quick else 5
     res = {k: [] for k in variants}
     names = list(variants)
@@ -184,15 +241,17 @@ def _worker(tmp: str, mode: str) -> None:
         k = r % len(names)
         for name in names[k:] + names[:k]:
             step[0] += 1
-            stall, total, target = variants[name]()
+            got = variants[name]()
+            stall, total, target = got[:3]
             stall, total = _slowest(stall), _slowest(total)
+            with_step = _slowest(got[3]) if len(got) > 3 else None
             dist.barrier()
             size = _bytes(target) if rank == 0 and target is not None else 0
             if rank == 0 and target is not None:
                 shutil.rmtree(target)  # outside the timing: keep the disk use flat
             dist.barrier()
             if r > 0:
-                res[name].append((stall, total, size))
+                res[name].append((stall, total, size, with_step))
     for ck in ckpts.values():
         ck.close()
 
@@ -206,6 +265,10 @@ def _worker(tmp: str, mode: str) -> None:
         label = QUICK_LABEL if quick else LABEL
         dcp_tp, dcp_stall = tp("dcp_sync"), med("dcp_async", 0)
         ratio = med("async", 0) / dcp_stall
+        plain = med("plain_step", 0)
+
+        def overhead(name):
+            return med(name, 3) - plain
         rows = [
             Row(NAME, f"{label}: checkpoint size (dcp.save)", med("dcp_sync", 2) / 1e6, "MB"),
             Row(NAME, f"{label}: checkpoint size (saverules)", med("sync", 2) / 1e6, "MB",
@@ -223,10 +286,18 @@ def _worker(tmp: str, mode: str) -> None:
             Row(NAME, f"{label}: async save stall", med("async", 0), "s", ratio=ratio, vs="dcp.async_save stall",
                 goal=f"<= {STALL_GOAL:.0%} of dcp.async_save", met=ratio <= STALL_GOAL,
                 samples=[x[0] for x in res["async"]],
-                note="get_state_dict + the copy into reused buffers + one collective"),
-            Row(NAME, f"{label}: the copy alone", med("copy", 0), "s", ratio=med("copy", 0) / dcp_stall,
-                vs="dcp.async_save stall", samples=[x[0] for x in res["copy"]],
-                note="this rank's shards copied into reused buffers, nothing else: the floor of the async stall"),
+                note="until save returns + the next optimizer.step()'s wait for the writer's copy"),
+            Row(NAME, f"{label}: the whole copy in the training thread", med("copy", 0), "s",
+                ratio=med("copy", 0) / dcp_stall, vs="dcp.async_save stall", samples=[x[0] for x in res["copy"]],
+                note="this rank's shards copied into reused buffers: the stall if nothing were left for later"),
+            Row(NAME, f"{label}: a training step", plain, "s", samples=[x[0] for x in res["plain_step"]],
+                note="forward, backward, optimizer.step(); no save"),
+            Row(NAME, f"{label}: step overhead of dcp.async_save", overhead("dcp_async"), "s",
+                ratio=overhead("dcp_async") / plain, vs="a training step",
+                note="save + one step, minus a step without a save"),
+            Row(NAME, f"{label}: step overhead of the async save", overhead("async"), "s",
+                ratio=overhead("async") / overhead("dcp_async"), vs="dcp.async_save's step overhead",
+                note="save + one step, minus a step without a save (the writer thread shares the 2 cores)"),
             Row(NAME, f"{label}: async throughput (verify=hash)", tp("async"), "MB/s", ratio=tp("async") / dcp_tp,
                 vs="dcp.save", samples=[x[2] / 1e6 / x[1] for x in res["async"]]),
             Row(NAME, f"{label}: dcp.async_save throughput", tp("dcp_async"), "MB/s",

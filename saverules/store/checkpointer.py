@@ -20,7 +20,6 @@ from __future__ import annotations
 import atexit
 import os
 import sys
-import threading
 import time as _time
 import weakref
 from pathlib import Path
@@ -36,7 +35,9 @@ from .opening import open_store, refuse_a_file
 from .options import ON_ERROR_CHOICES, VERIFY_CHOICES  # noqa: F401  (importable from here, as before)
 from .ranks import RankFailure, Ranks
 from .restore import restore
+from .background import Write, Writer
 from .snapshot import Pool, Snapshot
+from .staging import Gate, changed_by_step
 from .verify import VerifyCache, check_written, scan
 
 _LIVE: "weakref.WeakSet[Checkpointer]" = weakref.WeakSet()
@@ -64,8 +65,11 @@ class Checkpointer:
         The store's directory; overrides ``[storage].dir``.  Relative paths
         are taken from the current directory at construction.
     async_save:
-        Copy the state to CPU memory in the training thread and write it from
-        one background thread (at most one write in flight).
+        Write from one background thread (at most one write in flight).  The
+        state is copied to CPU memory before ``save`` returns, except the
+        parameters and state of the optimizers in ``state``, which the writer
+        copies while training goes on; each such optimizer's next ``step()``
+        waits until that copy is done (:mod:`~saverules.store.staging`).
     verify:
         What is checked after writing, before the checkpoint is committed:
         ``"hash"`` (default): every file's size and the format's index (a
@@ -142,10 +146,13 @@ class Checkpointer:
         self._clock_t0 = _time.monotonic()
         self._cache = VerifyCache()
         self._warned: set = set()
-        self._thread: Optional[threading.Thread] = None
+        self._writer = Writer()  # the background thread of asynchronous saves (started on the first)
+        weakref.finalize(self, self._writer.stop)
+        self._thread: Optional[Write] = None  # the asynchronous write in flight
         self._error: Optional[BaseException] = None
         self._cost: Optional[Tuple[float, float]] = None  # (stall, write) of a finished asynchronous write
         self._pool: Pool = {}
+        self._gate = Gate()  # holds an optimizer's step() while the writer copies what it changes
         self._closed = False
         self._store_lock: Optional[lock.StoreLock] = None
         self._release = None
@@ -231,6 +238,14 @@ class Checkpointer:
         """Block until the write in flight (if any) is committed; report its failure."""
         self._collect(block=True)
 
+    def wait_staged(self) -> None:
+        """Block until the asynchronous save in flight has copied the state (its write may go on).
+
+        Call it before changing parameters or optimizer state other than by
+        the optimizer's ``step()`` (which waits by itself).
+        """
+        self._gate.wait()
+
     def close(self) -> None:
         """Wait for pending writes, report a failure, and let go of the store's lock.
 
@@ -243,6 +258,8 @@ class Checkpointer:
             self._collect(block=True)
         finally:
             self._closed = True
+            self._gate.close()
+            self._writer.stop()
             if self._release is not None:
                 self._release()
             _LIVE.discard(self)
@@ -266,8 +283,8 @@ class Checkpointer:
                 return
             self._join()
         cost, self._cost = self._cost, None  # the finished asynchronous write's cost (see _save)
-        if cost is not None:
-            self.decider.note_cost(*cost)
+        if cost is not None:  # the stall includes the time a step waited for the copy (staging.Gate)
+            self.decider.note_cost(cost[0] + self._gate.take_waited(), cost[1])
         err, self._error = self._error, None
         if err is not None:
             self._report(err)
@@ -305,9 +322,13 @@ class Checkpointer:
         job = self._prepare(progress, state, reasons)
         if self.async_save:
             stall = _time.perf_counter() - started
-            thread = threading.Thread(target=self._write_timed, args=(job, started, stall), name="saverules-writer")
-            self._thread = thread
-            thread.start()
+            if job.snapshot is not None and job.snapshot.pending:
+                self._gate.hold()  # released by the writer once it has copied the rest (_copy_late)
+            try:
+                self._thread = self._writer.submit(lambda: self._write_timed(job, started, stall))
+            except BaseException:
+                self._gate.release()
+                raise
         else:
             try:
                 self._run(job)
@@ -326,13 +347,17 @@ class Checkpointer:
     def _prepare(self, progress: Progress, state: Mapping[str, Any], reasons: Tuple[str, ...]) -> Job:
         """In the training thread: check the state (and copy it, for an async save); name the checkpoint."""
         metrics = _job.check_inputs(progress, state)
-        snap = Snapshot(self._pool) if self.async_save else None
-        if snap is not None:
-            self._pool = {}
+        snap, optimizers = None, []
+        if self.async_save:
+            optimizers, late = changed_by_step(state)
+            snap, self._pool = Snapshot(self._pool, late), {}
         clock = float(progress.time) if progress.time is not None else self.clock()
-        return _job.prepare(progress, state, reasons, metrics=metrics, snapshot=snap, clock=clock,
-                             policy=self.policy, run_name=self.run_name, fmt=self._format, ranks=self._ranks,
-                             root=self.dir, decider=self.decider, world_size=self.world_size)
+        job = _job.prepare(progress, state, reasons, metrics=metrics, snapshot=snap, clock=clock,
+                           policy=self.policy, run_name=self.run_name, fmt=self._format, ranks=self._ranks,
+                           root=self.dir, decider=self.decider, world_size=self.world_size)
+        if snap is not None and snap.pending:
+            self._gate.watch(optimizers)
+        return job
 
     def _run_background(self, job: Job) -> None:
         try:
@@ -340,6 +365,7 @@ class Checkpointer:
         except BaseException as err:
             self._error = err
         finally:
+            self._gate.release()  # also when the write failed before copying
             if job.snapshot is not None:
                 job.payload = None
                 snapshot, job.snapshot = job.snapshot, None
@@ -348,18 +374,32 @@ class Checkpointer:
     def _run(self, job: Job) -> None:
         """In the writer: encode, write and digest, verify, commit; then retention."""
         payload, fmt = job.payload, self._format
+        late = job.snapshot is not None and job.snapshot.pending
 
         def check(tmp: Path, files: Mapping[str, Any], metadata) -> None:
             check_written(tmp, job.step, files, fmt, self.verify, metadata)
 
         if self._ranks is not None:  # rank 0 settles (cache, retention) before every rank returns
             sharded.commit(self._ranks, fmt, self.dir, job.tmp, job.name, job.step, job.manifest, payload,
-                           self.verify, settle=lambda path, manifest: self._settle(job, path, manifest))
+                           self.verify, settle=lambda path, manifest: self._settle(job, path, manifest),
+                           before=(lambda: self._copy_late(job)) if late else None)
             return
+        if late:
+            self._copy_late(job)
         path, manifest = commit.commit(self.dir, job.name, job.step, job.manifest,
                                        encode=lambda out: fmt.encode(payload, out),
                                        check=check if self.verify != "none" else None)
         self._settle(job, path, manifest)
+
+    def _copy_late(self, job: Job) -> None:
+        """In the writer: copy what only the optimizers' step() changes, then let the steps go."""
+        try:
+            stage_late = getattr(job.payload, "stage_late", None)  # a format that put tensors off (dcp)
+            if stage_late is not None:
+                stage_late(job.snapshot)
+            job.snapshot.finish_later(job.step)
+        finally:
+            self._gate.release()
 
     def _settle(self, job: Job, path: Path, manifest: Mapping[str, Any]) -> None:
         """After a commit, on the writer: remember the checkpoint as verified, then retention."""

@@ -62,6 +62,19 @@ class NoValidCheckpointError(CheckpointError):
         )
 
 
+class StateChangedError(CheckpointWriteError):
+    """The state changed while an asynchronous save was still copying it; nothing was committed.
+
+    An asynchronous save copies an optimizer's parameters and state while
+    training goes on, and holds that optimizer's next ``step()`` until the
+    copy is done.  A change made any other way in that time (an in-place
+    edit under ``torch.no_grad()``, ``load_state_dict``) would tear the
+    snapshot; the copy sees it in the tensors' version counters and the save
+    is abandoned instead.  Call ``Checkpointer.wait_staged()`` before such a
+    change.
+    """
+
+
 class StoreLockedError(CheckpointError):
     """Another process writes this store: a second writer is refused when it is made.
 

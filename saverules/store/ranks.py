@@ -13,7 +13,9 @@ same explanation instead of waiting again.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import secrets
 from datetime import timedelta
 from typing import Any, Callable, List, Optional, Tuple, TypeVar
 
@@ -76,10 +78,15 @@ class Ranks:
         self.rank, self.size = 0, 1
         self.group = None
         self.broken: Optional[str] = None
+        # Rank 0's pid and a random part: the temporary directories of this job's saves are named
+        # from it, so that every rank knows the name without being told at each save.
+        self._tag = f"{os.getpid()}-{secrets.token_hex(3)}"
+        self._saves = 0
         if dist.is_available() and dist.is_initialized():
             self.rank, self.size = dist.get_rank(), dist.get_world_size()
         if self.size > 1:
             self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout))
+            self._tag = self.broadcast(self._tag, "agree on the names of temporary directories")
 
     @property
     def distributed(self) -> bool:
@@ -112,6 +119,32 @@ class Ranks:
             raise
         except RuntimeError as exc:  # gloo: connection closed / reset, or the timeout
             raise self.failed(doing, exc) from exc
+
+    def next_save(self) -> int:
+        """The number of this save (every rank counts its saves, all at the same points)."""
+        self._saves += 1
+        return self._saves
+
+    def temporary_name(self, prefix: str, name: str, save: int) -> str:
+        """The hidden temporary directory of save number ``save`` of the checkpoint ``name``: the same on every rank.
+
+        Named as :func:`~saverules.store.layout.hidden_name` names them
+        (``<prefix><name>-<pid>-<random>``), with rank 0's pid, so that the
+        cleanup of a store recognises a directory whose writer is gone.
+        """
+        return f"{prefix}{name}-{self._tag}{save:x}"
+
+    def agree(self, failed: bool, text: str, doing: str) -> Tuple[bool, bool]:
+        """(whether any rank ``failed``, whether every rank has the same ``text``): one small all-reduce."""
+        if not self.distributed:
+            return failed, True
+        import torch
+        import torch.distributed as dist
+
+        h = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=7).digest(), "big")
+        t = torch.tensor([int(failed), h, -h], dtype=torch.int64)
+        self.run(doing, lambda: dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group))
+        return bool(t[0].item()), int(t[1].item()) == -int(t[2].item())
 
     def broadcast(self, obj: Any, doing: str) -> Any:
         """Rank 0's ``obj`` on every rank."""

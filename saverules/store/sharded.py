@@ -3,8 +3,10 @@
 A save, on every rank at the same step:
 
 1. **start** (training thread): each rank captures its state; rank 0 creates
-   the hidden temporary directory ``.tmp-<name>-<pid>-<random>``; one
-   all-gather tells every rank that all of them are ready and where to write;
+   the hidden temporary directory ``.tmp-<name>-<pid>-<random>``, whose name
+   every rank knows (rank 0's pid and random part were agreed when the
+   Checkpointer was made); one small all-reduce tells every rank that all of
+   them are ready (an all-gather of their errors follows when one is not);
 2. **write**: each rank writes its rank file and its shards into that
    directory (``torch.distributed.checkpoint``, whose own collectives run on
    the same group), digesting every file as it is written, fsyncing it, and
@@ -50,7 +52,7 @@ from .errors import (
     write_error,
 )
 from .fs import fs
-from .layout import MANIFEST, TMP_PREFIX, hidden_name
+from .layout import MANIFEST, TMP_PREFIX
 from .manifest import CheckpointInfo
 from .ranks import RankFailure, Ranks
 from .state import Payload
@@ -92,7 +94,9 @@ def start(ranks: Ranks, root: Path, name: str, step: int, capture: Callable[[], 
 
     Returns (temporary directory, checkpoint name, captured state); the name
     is rank 0's (a name template with ``{time}`` could render differently on
-    each rank).
+    each rank).  One small all-reduce says whether every rank is ready and
+    has the same name; only when one is not do the ranks exchange their
+    errors and names.
     """
     ranks.check()
     mine: Optional[BaseException] = None
@@ -101,30 +105,37 @@ def start(ranks: Ranks, root: Path, name: str, step: int, capture: Callable[[], 
         sp = capture()
     except Exception as exc:  # raised below, after the other ranks have heard of it
         mine = exc
-    tmp: Optional[Path] = None
+    save = ranks.next_save()
+    tmp = root / ranks.temporary_name(TMP_PREFIX, name, save)
+    made: Optional[Path] = None  # rank 0: the directory to remove when the save does not go on
     if ranks.rank == 0 and mine is None:
-        tmp = root / hidden_name(TMP_PREFIX, name)
         layout.mark_inflight(tmp)
+        made = tmp
         try:
             fs.makedirs(str(root))
             fs.mkdir(str(tmp))
         except OSError as exc:
             mine = write_error(exc, step, str(tmp), "create the temporary directory")
-    note = None if mine is None else (type(mine).__name__, _describe(mine))
+    doing = f"start the save of step {step}"
     try:
-        told = ranks.all_gather((note, str(tmp) if tmp is not None else None, name), f"start the save of step {step}")
+        failed, same = ranks.agree(mine is not None, name, doing)
+        if not failed and same:
+            return tmp, name, sp
+        note = None if mine is None else (type(mine).__name__, _describe(mine))
+        told = ranks.all_gather((note, name), doing)
     except RankFailure:
-        _drop(root, tmp)
+        _drop(root, made)
         raise
-    failed = [(r, n) for r, (n, _, _) in enumerate(told) if n is not None]
-    if failed:
-        _drop(root, tmp)
+    failed_ranks = [(r, n) for r, (n, _) in enumerate(told) if n is not None]
+    if failed_ranks:
+        _drop(root, made)
         if mine is not None:
             raise mine
-        others = "; ".join(f"rank {r}: {text}" for r, (_, text) in failed)
-        cls = StateTypeError if all(kind == "StateTypeError" for _, (kind, _) in failed) else CheckpointWriteError
+        others = "; ".join(f"rank {r}: {text}" for r, (_, text) in failed_ranks)
+        cls = StateTypeError if all(kind == "StateTypeError" for _, (kind, _) in failed_ranks) else CheckpointWriteError
         raise cls(f"saverules: the checkpoint for step {step} was not written: {others}. {_nothing(step)}")
-    return Path(told[0][1]), told[0][2], sp
+    name = told[0][1]
+    return root / ranks.temporary_name(TMP_PREFIX, name, save), name, sp
 
 
 def _drop(root: Path, tmp: Optional[Path]) -> None:
@@ -134,8 +145,11 @@ def _drop(root: Path, tmp: Optional[Path]) -> None:
         layout.unmark_inflight(tmp)
 
 
-def _write_mine(ranks: Ranks, fmt, tmp: Path, step: int, sp, verify_mode: str) -> Dict[str, Any]:
+def _write_mine(ranks: Ranks, fmt, tmp: Path, step: int, sp, verify_mode: str,
+                before: Optional[Callable[[], None]] = None) -> Dict[str, Any]:
     """Step 2 on this rank: its files, digested, fsynced and (``verify``) re-read; what to report."""
+    if before is not None:  # the rest of an asynchronous snapshot (saverules.store.staging)
+        before()
     out = formats.Output(tmp, writer.write_file)
     enc = ranks.run(f"write the shards of step {step}", lambda: fmt.encode(sp, out, rank=ranks.rank,
                                                                            group=ranks.group))
@@ -160,13 +174,15 @@ class _RankPart:
 
 
 def commit(ranks: Ranks, fmt, root: Path, tmp: Path, name: str, step: int, manifest: Mapping[str, Any], sp,
-           verify_mode: str, settle: Optional[Callable[[Path, Dict[str, Any]], None]] = None
-           ) -> Optional[Tuple[Path, Dict[str, Any]]]:
+           verify_mode: str, settle: Optional[Callable[[Path, Dict[str, Any]], None]] = None,
+           before: Optional[Callable[[], None]] = None) -> Optional[Tuple[Path, Dict[str, Any]]]:
     """Steps 2 to 6 on every rank; rank 0 gets (path, manifest) of the committed checkpoint, others None.
 
     ``settle(path, manifest)`` runs on rank 0 once the checkpoint is committed
     and before the confirmation (retention): when ``save`` returns on any
-    rank, the store is in its final state.
+    rank, the store is in its final state.  ``before()`` runs on every rank
+    first (an asynchronous save's late copies); its failure is reported like
+    a failed write.
 
     Raises on every rank when the checkpoint was not committed: the error
     says which rank failed and why.  :class:`RankFailure` means a rank did
@@ -174,7 +190,7 @@ def commit(ranks: Ranks, fmt, root: Path, tmp: Path, name: str, step: int, manif
     """
     try:
         try:
-            report: Dict[str, Any] = _write_mine(ranks, fmt, tmp, step, sp, verify_mode)
+            report: Dict[str, Any] = _write_mine(ranks, fmt, tmp, step, sp, verify_mode, before)
         except RankFailure:
             raise
         except BaseException as exc:  # reported to rank 0, which aborts; every rank raises below

@@ -1,7 +1,10 @@
 """Asynchronous saves: copy the state's tensors into CPU memory the background writer owns.
 
-A :class:`Snapshot` is made in the training thread (that copy is the only
-stall of an async save) and handed to the writer.  Tensors sharing one
+A :class:`Snapshot` is made in the training thread and handed to the writer.
+Storages listed in ``later`` (what only an optimizer's ``step()`` changes,
+see :mod:`saverules.store.staging`) are copied by the writer instead
+(:meth:`Snapshot.finish_later`), and their tensors' version counters are
+checked after the copy; everything else is copied before ``save`` returns.  Tensors sharing one
 storage are copied once and stay shared.  Buffers of the previous snapshot
 are reused when the sizes match, so a steady state copies into memory that is
 already mapped.  CPU copies are plain memcpys, gathered while the state is
@@ -13,7 +16,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-from typing import Dict, List, Optional, Tuple
+from typing import AbstractSet, Dict, List, Optional, Tuple
 
 import torch
 
@@ -30,8 +33,11 @@ Pool = Dict[int, List[torch.Tensor]]
 class Snapshot:
     """Copies tensors to CPU memory that a background writer may own."""
 
-    def __init__(self, pool: Optional[Pool] = None):
+    def __init__(self, pool: Optional[Pool] = None, later: AbstractSet[int] = frozenset()):
         self.memo: Dict[tuple, torch.UntypedStorage] = {}
+        self.later_storages = later
+        self.later: List[Tuple[int, int, int]] = []  # copies run by finish_later(), in the writer
+        self.watched: List[Tuple[torch.Tensor, int]] = []  # (source tensor, its version when captured)
         self.pool = pool if pool is not None else {}
         self.buffers: List[torch.Tensor] = []
         self.pinned = torch.cuda.is_available()
@@ -47,20 +53,28 @@ class Snapshot:
         self.buffers.append(buf)
         return buf
 
-    def tensor(self, t: torch.Tensor) -> torch.Tensor:
-        """A copy of ``t`` in snapshot memory (the same view of a shared copy for views of one storage)."""
+    def tensor(self, t: torch.Tensor, watch: Optional[torch.Tensor] = None, *, record: bool = True) -> torch.Tensor:
+        """A copy of ``t`` in snapshot memory (the same view of a shared copy for views of one storage).
+
+        ``watch`` is the tensor whose version counter tells of changes to
+        ``t`` (a DTensor for its local shard; ``t`` itself by default);
+        ``record=False``: its version was recorded already (:meth:`watch`).
+        """
         st = t.untyped_storage()
         nbytes = st.nbytes()
         key = (st.data_ptr(), nbytes, t.device)
+        on_cpu = t.device.type == "cpu"
+        late = on_cpu and nbytes > 0 and st.data_ptr() in self.later_storages
+        if late and record:
+            self.watch(watch if watch is not None else t)
         new = self.memo.get(key)
         if new is None:
-            on_cpu = t.device.type == "cpu"
             pin = self.pinned and not on_cpu
             buf = self._buffer(nbytes, pin)
             if nbytes and on_cpu:
                 # Plain memcpys (the GIL is released), run by finish(): steadier than Tensor.copy_,
                 # whose worker threads slow to a crawl when other processes hold the cores.
-                self.copies.append((buf.data_ptr(), st.data_ptr(), nbytes))
+                (self.later if late else self.copies).append((buf.data_ptr(), st.data_ptr(), nbytes))
             elif nbytes:
                 src = torch.empty(0, dtype=torch.uint8, device=t.device).set_(st, 0, (nbytes,), (1,))
                 buf.copy_(src, non_blocking=pin)
@@ -72,34 +86,47 @@ class Snapshot:
         return out
 
     def finish(self) -> None:
-        """Run the CPU copies and wait for copies from devices still in flight."""
+        """Run the CPU copies due now and wait for copies from devices still in flight."""
         copies, self.copies = self.copies, []
-        total = sum(n for _, _, n in copies)
-        if THREADS == 1 or total < PARALLEL_MIN:
-            for dst, src, n in copies:
-                ctypes.memmove(dst, src, n)
-        else:
-            pieces = [(dst + o, src + o, min(PIECE, n - o)) for dst, src, n in copies for o in range(0, n, PIECE)]
-            errors: List[BaseException] = []
-
-            def work(share) -> None:
-                try:
-                    for dst, src, n in share:
-                        ctypes.memmove(dst, src, n)
-                except BaseException as exc:  # pragma: no cover - memmove does not raise
-                    errors.append(exc)
-
-            threads = [threading.Thread(target=work, args=(pieces[i::THREADS],), name="saverules-snapshot")
-                       for i in range(1, THREADS)]
-            for t in threads:
-                t.start()
-            work(pieces[0::THREADS])
-            for t in threads:
-                t.join()
-            if errors:  # pragma: no cover
-                raise errors[0]
+        _memmove_all(copies)
         if self.needs_sync:
             torch.cuda.synchronize()
+
+    def is_late(self, t: torch.Tensor) -> bool:
+        """``t`` (a CPU tensor) is one to copy later, in the writer."""
+        return t.device.type == "cpu" and t.untyped_storage().data_ptr() in self.later_storages
+
+    def watch(self, t: torch.Tensor) -> None:
+        """Record ``t``'s version counter now; :meth:`finish_later` checks it is unchanged."""
+        self.watched.append((t, t._version))
+
+    @property
+    def pending(self) -> bool:
+        """Tensors are left for :meth:`finish_later` (or for a format to stage in the writer first)."""
+        return bool(self.later or self.watched)
+
+    def finish_later(self, step: int) -> None:
+        """In the writer: run the copies left for later, then check that none of their sources changed.
+
+        Raises :class:`~saverules.store.errors.StateChangedError` when one did
+        (the copy may be torn).
+        """
+        copies, self.later = self.later, []
+        _memmove_all(copies, threads=1)  # training goes on meanwhile: leave it the other cores
+        watched, self.watched = self.watched, []
+        changed = [t for t, version in watched if t._version != version]
+        if changed:
+            from .errors import StateChangedError
+
+            t = changed[0]
+            more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+            raise StateChangedError(
+                f"saverules: the state changed while the asynchronous save of step {step} was copying it: a "
+                f"{t.dtype} tensor of shape {list(t.shape)}{more} was modified in place other than by its "
+                "optimizer's step(). Nothing was committed and older checkpoints are untouched. Call "
+                "Checkpointer.wait_staged() before changing parameters or optimizer state outside "
+                "optimizer.step(), or save with async_save=False"
+            )
 
     def release(self) -> Pool:
         """The buffers, for the next snapshot to reuse (call once the write is done with them)."""
@@ -108,4 +135,33 @@ class Snapshot:
             pool.setdefault(buf.numel(), []).append(buf)
         self.buffers = []
         self.memo = {}
+        self.later, self.watched = [], []
         return pool
+
+
+def _memmove_all(copies: List[Tuple[int, int, int]], threads: int = THREADS) -> None:
+    """Run (destination, source, bytes) copies, cut into pieces on a few threads when they are large."""
+    total = sum(n for _, _, n in copies)
+    if threads == 1 or total < PARALLEL_MIN:
+        for dst, src, n in copies:
+            ctypes.memmove(dst, src, n)
+        return
+    pieces = [(dst + o, src + o, min(PIECE, n - o)) for dst, src, n in copies for o in range(0, n, PIECE)]
+    errors: List[BaseException] = []
+
+    def work(share) -> None:
+        try:
+            for dst, src, n in share:
+                ctypes.memmove(dst, src, n)
+        except BaseException as exc:  # pragma: no cover - memmove does not raise
+            errors.append(exc)
+
+    helpers = [threading.Thread(target=work, args=(pieces[i::threads],), name="saverules-snapshot")
+               for i in range(1, threads)]
+    for t in helpers:
+        t.start()
+    work(pieces[0::threads])
+    for t in helpers:
+        t.join()
+    if errors:  # pragma: no cover
+        raise errors[0]

@@ -50,11 +50,31 @@ class ShardedPayload:
     payload: Payload               # per-rank objects and values, decider, clock
     layouts: Dict[str, Any]        # {name: {"kind", "skeleton", "slots", "owner"}} of models and optimizers
     tensors: Dict[str, torch.Tensor]
-    summary: Dict[str, Any]        # mesh / sharding summary (JSON)
+    summary: Optional[Dict[str, Any]]  # mesh / sharding summary (JSON); None: made from tensors in the writer
+    late: Dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # live tensors, staged by stage_late
+
+    def stage_late(self, snap) -> None:
+        """In the writer: copy the tensors put off into ``snap`` (its ``finish_later`` then runs the copies)."""
+        from . import dcp_state
+
+        if self.late:
+            staged, _ = dcp_state.stage(self.late, lambda local, t: snap.tensor(local, record=False))
+            self.tensors.update(staged)
+            self.late = {}
 
     @property
     def step(self) -> int:
         return self.payload.step
+
+
+def _put_off(snap):
+    """Leave for the writer the tensors of ``snap``'s late storages, recording their versions now."""
+    def put_off(local: torch.Tensor, t: torch.Tensor) -> bool:
+        if snap.is_late(local):
+            snap.watch(t)
+            return True
+        return False
+    return put_off
 
 
 class _Digesting:
@@ -119,12 +139,13 @@ class DcpFormat(Format):
                 "slots": lay.slots,
                 "owner": lay.owner,
             }
-        summary = dcp_state.sharding_summary(tensors)
-        if snap is not None:
-            tensors = dcp_state.stage(tensors, snap.tensor)
+        summary = dcp_state.sharding_summary(tensors) if snap is None else None  # async: in the writer
+        late: Dict[str, torch.Tensor] = {}
+        if snap is not None:  # what only an optimizer's step() changes is staged by the writer (stage_late)
+            tensors, late = dcp_state.stage(tensors, snap.tensor, put_off=_put_off(snap))
         rest = {n: o for n, o in state.items() if not dcp_state.is_sharded_object(o)}
         payload = capture(rest, step, decider_state, clock, snap)  # finishes the snapshot
-        return ShardedPayload(payload, plain, tensors, summary)
+        return ShardedPayload(payload, plain, tensors, summary, late)
 
     def encode(self, sp: ShardedPayload, out: Output, *, rank: int, group: Any) -> Encoded:
         """Write this rank's files into ``out.dir``: its rank file, then its shards (a collective on ``group``)."""
@@ -157,7 +178,9 @@ class DcpFormat(Format):
         if failure is not None:  # pragma: no cover - dcp.save raised it already
             raise failure
         files.update(writer.entries)
-        metadata = {"sharding": sp.summary} if rank == 0 else None
+        metadata = None
+        if rank == 0:  # the staged DTensors keep their meshes and placements: the same summary
+            metadata = {"sharding": sp.summary if sp.summary is not None else dcp_state.sharding_summary(sp.tensors)}
         return Encoded(files, metadata)
 
     # -- reading ------------------------------------------------------------------

@@ -213,16 +213,28 @@ def set_state(state: Mapping[str, Any], layouts: Mapping[str, Mapping[str, Any]]
             set_optimizer_state_dict(state[own[name]], obj, sd)
 
 
-def stage(tensors: Mapping[str, torch.Tensor], copy) -> Dict[str, torch.Tensor]:
-    """Copies of ``tensors`` made by ``copy(local tensor)``; a DTensor's copy keeps its mesh and placements."""
+def stage(tensors: Mapping[str, torch.Tensor], copy, put_off=None) -> Tuple[Dict[str, torch.Tensor],
+                                                                           Dict[str, torch.Tensor]]:
+    """(copies of ``tensors`` made by ``copy(local tensor, tensor)``, the tensors put off).
+
+    A DTensor's copy keeps its mesh and placements.  The second argument of
+    ``copy`` is the tensor whose version counter records changes (a
+    DTensor's own: its local shard's does not move when it is trained).
+    ``put_off(local tensor, tensor)``, when given, picks tensors to leave
+    uncopied: they come back in the second mapping, for :func:`stage` to copy
+    later.
+    """
     out: Dict[str, torch.Tensor] = {}
+    later: Dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
-        if is_dtensor(t):
-            local = copy(t._local_tensor.detach())
-            out[key] = DTensor(local, t._spec, requires_grad=False)
-        else:
-            out[key] = copy(t.detach())
-    return out
+        dt = is_dtensor(t)
+        local = t._local_tensor.detach() if dt else t.detach()
+        if put_off is not None and put_off(local, t):
+            later[key] = t
+            continue
+        staged = copy(local, t)
+        out[key] = DTensor(staged, t._spec, requires_grad=False) if dt else staged
+    return out, later
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,67 @@
+"""The writer thread of asynchronous saves: one long-lived thread per Checkpointer, one write at a time.
+
+A thread started for each save costs the training thread the moments the new
+thread takes to get going, competing for the GIL before ``save`` can return
+(0.7 to 10 ms measured on 2 busy cores).  A thread that waits for work costs
+a queue put.  The thread is a daemon: at exit the store's own handler waits
+for the write in flight (see :mod:`saverules.store.checkpointer`).
+"""
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+from typing import Callable, Optional, Tuple
+
+__all__ = ["Write", "Writer"]
+
+
+class Write:
+    """One write handed to the writer thread; ``is_alive`` and ``join`` as for a thread that runs it."""
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+
+    def is_alive(self) -> bool:
+        return not self._done.is_set()
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        self._done.wait(timeout)
+
+
+class Writer:
+    """Runs the functions it is given, one after the other, on a thread of its own (started on first use)."""
+
+    def __init__(self, name: str = "saverules-writer") -> None:
+        self._name = name
+        self._queue: "queue.SimpleQueue[Optional[Tuple[Callable[[], None], Write]]]" = queue.SimpleQueue()
+        self._thread: Optional[threading.Thread] = None
+
+    def submit(self, fn: Callable[[], None]) -> Write:
+        """Run ``fn()`` on the writer thread; ``fn`` reports its own failures."""
+        write = Write()
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=_loop, args=(self._queue,), name=self._name, daemon=True)
+            self._thread.start()
+        self._queue.put((fn, write))
+        return write
+
+    def stop(self) -> None:
+        """Let the thread end once the work already given is done."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread = None
+
+
+def _loop(work: "queue.SimpleQueue[Optional[Tuple[Callable[[], None], Write]]]") -> None:
+    while True:
+        item = work.get()
+        if item is None:
+            return
+        fn, write = item
+        try:
+            fn()
+        except BaseException as exc:  # pragma: no cover - the store's writes catch and report their own errors
+            print(f"saverules: the checkpoint writer failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        finally:
+            write._done.set()
