@@ -81,11 +81,11 @@ def run(quick: bool = False) -> list:
 # One rank (under torch.distributed.run)
 # --------------------------------------------------------------------------
 
-def _batch(quick: bool):
+def _batch(model, quick: bool):
     import torch
 
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 6400, (2, 32 if quick else 64), generator=g)
+    ids = torch.randint(0, model.config.vocab_size, (2, 32 if quick else 64), generator=g)
     return ids, ids.clone()
 
 
@@ -146,7 +146,7 @@ def _worker(tmp: str, mode: str) -> None:
     }
     step = [0]
     dcp_group = dist.new_group(backend="gloo")
-    ids, labels = _batch(quick)
+    ids, labels = _batch(model, quick)
     hooked = [None]  # perf_counter when the probe hook ran (after the store's hook let the step go)
 
     def train_step() -> float:

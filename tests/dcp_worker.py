@@ -25,6 +25,17 @@ tensors to ``.pt`` files), for the test to check.  Actions:
     warnings) each rank got; then save again without a limit, and record
     the steps in the store.
 
+``{"op": "overlap", "dir", "saves", "mutate_rank"?}``
+    A larger FSDP2 model (~50 MB with AdamW, so that the writer's copy of
+    the parameters and moments takes a while) and an asynchronous
+    Checkpointer.  Each round: train a step, gather the full state
+    (``before-<step>.pt``), save, and go straight on: another training step
+    (whose ``optimizer.step()`` must wait for the writer's copy), on rank
+    ``mutate_rank`` after an in-place change of every bias outside the
+    optimizer.  Then wait for the write, record its error (or None) and the
+    committed steps, and load the newest checkpoint into a fresh model
+    (``loaded-<step>.pt``).
+
 The environment: SAVERULES_TEST_OUT (where to write), SAVERULES_COMMIT_TIMEOUT.
 """
 from __future__ import annotations
@@ -50,12 +61,12 @@ format = "dcp"
 """
 
 
-def build(world: int, seed: int = 0):
+def build(world: int, seed: int = 0, width: int = 32):
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.ReLU(),
-                                torch.nn.Linear(32, 4))
+    model = torch.nn.Sequential(torch.nn.Linear(16, width), torch.nn.ReLU(), torch.nn.Linear(width, width),
+                                torch.nn.ReLU(), torch.nn.Linear(width, 4))
     if world > 1:
         for layer in model:
             if isinstance(layer, torch.nn.Linear):
@@ -177,6 +188,39 @@ def main(plan_path: str) -> int:
             ck.save(Progress(step), state)
             rec["steps"] = [i.step for i in ck.list()]
             rec["hidden"] = sorted(p.name for p in Path(action["dir"]).iterdir() if p.name.startswith(".") and p.name != ".saverules.lock")
+        elif op == "overlap":
+            from saverules.torch import CheckpointError
+
+            width = 2048
+            model, opt = build(world, width=width)
+            state = {"model": model, "optimizer": opt, "counter": Counter(rank)}
+            ck = Checkpointer(loads(POLICY.format(every=10**6)), dir=action["dir"], async_save=True)
+            rec["errors"], rec["committed"] = [], []
+            for step in range(1, action["saves"] + 1):
+                train_step(model, opt, step, rank)
+                msd, osd = gathered(model, opt)
+                if rank == 0:
+                    torch.save({"model": msd, "optimizer": osd}, out / f"before-{step}.pt")
+                ck.save(Progress(step), state)
+                if rank == action.get("mutate_rank"):
+                    with torch.no_grad():  # not the optimizer, while the writer copies ~25 MB
+                        for p in model.parameters():
+                            if p.ndim == 1:  # the biases: small, done long before the copy is
+                                p.add_(1.0)
+                train_step(model, opt, 100 + step, rank)  # every rank: FSDP's collectives must match
+                try:
+                    ck.wait()
+                    rec["errors"].append(None)
+                except CheckpointError as exc:
+                    rec["errors"].append(str(exc))
+                rec["committed"].append([i.step for i in ck.list()])
+                fresh, fresh_opt = build(world, seed=7, width=width)
+                reader = Checkpointer(loads(POLICY.format(every=10**6)), dir=action["dir"], read_only=True)
+                got = reader.load_latest({"model": fresh, "optimizer": fresh_opt, "counter": Counter(rank)})
+                msd, osd = gathered(fresh, fresh_opt)
+                if rank == 0 and got is not None:
+                    torch.save({"model": msd, "optimizer": osd}, out / f"loaded-{step}.pt")
+            ck.close()
         elif op == "gather":
             msd, osd = gathered(model, opt)
             if rank == 0:

@@ -168,6 +168,39 @@ def test_async_sharded_writes_complete_and_verify(runs):
     assert [(i.step, i.verified, i.format) for i in infos] == [(3, True, "dcp"), (6, True, "dcp"), (9, True, "dcp")]
 
 
+def test_async_sharded_saves_hold_the_state_at_save_while_training_goes_on(tmp_path):
+    """The writer copies the parameters and moments while the next step runs; that step's optimizer waits."""
+    reports = torchrun(2, [{"op": "overlap", "dir": str(tmp_path / "ck"), "saves": 3}], tmp_path / "out")
+    for report in reports:
+        rec = report["actions"][0]
+        assert rec["errors"] == [None, None, None]
+        assert rec["committed"] == [[1], [1, 2], [1, 2, 3]]
+    for step in (1, 2, 3):
+        before, loaded = full(tmp_path / "out", f"before-{step}"), full(tmp_path / "out", f"loaded-{step}")
+        assert_same_state(loaded, before)
+
+
+def test_a_change_outside_step_on_one_rank_during_an_async_save_fails_it_on_every_rank(tmp_path):
+    reports = torchrun(2, [{"op": "overlap", "dir": str(tmp_path / "ck"), "saves": 4, "mutate_rank": 1}],
+                       tmp_path / "out")
+    errors = [r["actions"][0]["errors"] for r in reports]
+    committed = [r["actions"][0]["committed"] for r in reports]
+    assert committed[0] == committed[1]
+    done = []
+    for step, (err0, err1) in enumerate(zip(*errors), 1):
+        assert (err0 is None) == (err1 is None), (step, err0, err1)  # every rank knows the same outcome
+        if err0 is None:
+            done.append(step)
+            # the copy was made before rank 1's change: the checkpoint is the state at save, on every rank
+            assert_same_state(full(tmp_path / "out", f"loaded-{step}"), full(tmp_path / "out", f"before-{step}"))
+        else:
+            for text in (err0, err1):
+                assert "rank 1" in text and "changed while the asynchronous save of step" in text, text
+                assert "Nothing was committed" in text
+        assert committed[0][step - 1] == done  # an abandoned save leaves nothing visible
+    assert done != [1, 2, 3, 4], "rank 1 changed its biases in place at once; no save saw it"
+
+
 def test_retention_runs_on_rank_0_after_each_commit_and_before_any_rank_returns(runs):
     base, first, _, _ = runs
     for report in first:

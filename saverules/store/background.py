@@ -3,8 +3,9 @@
 A thread started for each save costs the training thread the moments the new
 thread takes to get going, competing for the GIL before ``save`` can return
 (0.7 to 10 ms measured on 2 busy cores).  A thread that waits for work costs
-a queue put.  The thread is a daemon: at exit the store's own handler waits
-for the write in flight (see :mod:`saverules.store.checkpointer`).
+a queue put.  The thread is a daemon; at exit the store's own handler waits
+for the write in flight and then for the thread to end (see
+:mod:`saverules.store.checkpointer`).
 """
 from __future__ import annotations
 
@@ -46,11 +47,17 @@ class Writer:
         self._queue.put((fn, write))
         return write
 
-    def stop(self) -> None:
-        """Let the thread end once the work already given is done."""
-        if self._thread is not None:
+    def stop(self, wait: float = 5.0) -> None:
+        """End the thread once the work already given is done, waiting up to ``wait`` seconds for it.
+
+        Waiting matters at exit: a daemon thread still running when the
+        interpreter finalizes is killed mid-call, which aborts the process.
+        """
+        thread, self._thread = self._thread, None
+        if thread is not None:
             self._queue.put(None)
-            self._thread = None
+            if thread is not threading.current_thread():
+                thread.join(wait)
 
 
 def _loop(work: "queue.SimpleQueue[Optional[Tuple[Callable[[], None], Write]]]") -> None:
@@ -65,3 +72,6 @@ def _loop(work: "queue.SimpleQueue[Optional[Tuple[Callable[[], None], Write]]]")
             print(f"saverules: the checkpoint writer failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         finally:
             write._done.set()
+            # Drop the references while waiting: the function holds its Checkpointer, which
+            # must stay collectable (its finalizer ends this thread).
+            del fn, write, item

@@ -147,7 +147,7 @@ class Checkpointer:
         self._cache = VerifyCache()
         self._warned: set = set()
         self._writer = Writer()  # the background thread of asynchronous saves (started on the first)
-        weakref.finalize(self, self._writer.stop)
+        weakref.finalize(self, self._writer.stop).atexit = False  # at exit: _finish_at_exit
         self._thread: Optional[Write] = None  # the asynchronous write in flight
         self._error: Optional[BaseException] = None
         self._cost: Optional[Tuple[float, float]] = None  # (stall, write) of a finished asynchronous write
@@ -266,6 +266,7 @@ class Checkpointer:
 
     def _finish_at_exit(self) -> None:
         self._join()
+        self._writer.stop()
         err, self._error = self._error, None
         if err is not None:
             print(f"saverules: the last checkpoint write failed: {err}", file=sys.stderr)

@@ -149,7 +149,17 @@ def _write_mine(ranks: Ranks, fmt, tmp: Path, step: int, sp, verify_mode: str,
                 before: Optional[Callable[[], None]] = None) -> Dict[str, Any]:
     """Step 2 on this rank: its files, digested, fsynced and (``verify``) re-read; what to report."""
     if before is not None:  # the rest of an asynchronous snapshot (saverules.store.staging)
-        before()
+        mine: Optional[BaseException] = None
+        try:
+            before()
+        except CheckpointError as exc:
+            mine = exc
+        # Every rank writes its shards through collectives: all go on, or none does.
+        failed, _ = ranks.agree(mine is not None, "", f"copy the state of step {step}")
+        if mine is not None:
+            raise mine
+        if failed:
+            raise _OtherRank()
     out = formats.Output(tmp, writer.write_file)
     enc = ranks.run(f"write the shards of step {step}", lambda: fmt.encode(sp, out, rank=ranks.rank,
                                                                            group=ranks.group))
@@ -158,6 +168,10 @@ def _write_mine(ranks: Ranks, fmt, tmp: Path, step: int, sp, verify_mode: str,
         check_written(tmp, step, files, _RankPart(fmt, ranks.rank), verify_mode)
     fs.fsync_dir(str(tmp))
     return {"files": files, "metadata": enc.metadata}
+
+
+class _OtherRank(Exception):
+    """Another rank failed before writing; this one stops too (its error is the other rank's to report)."""
 
 
 class _RankPart:
@@ -193,6 +207,8 @@ def commit(ranks: Ranks, fmt, root: Path, tmp: Path, name: str, step: int, manif
             report: Dict[str, Any] = _write_mine(ranks, fmt, tmp, step, sp, verify_mode, before)
         except RankFailure:
             raise
+        except _OtherRank:
+            report = {"aborted": True}
         except BaseException as exc:  # reported to rank 0, which aborts; every rank raises below
             if not isinstance(exc, Exception) and type(exc).__name__ != "CheckpointException":
                 raise
@@ -242,7 +258,7 @@ def _seal(ranks: Ranks, root: Path, tmp: Path, name: str, step: int, manifest: M
     """Step 4 on rank 0: the manifest of every rank's files, then the rename; or nothing at all."""
     target = root / name
     failed = [(r, rep["error"]) for r, rep in enumerate(reports) if "error" in rep]
-    if failed:
+    if failed or any("aborted" in rep for rep in reports):
         _commit.abort(root, tmp, target, None, False)
         # DCP reports one rank's failure on every rank: name each failing rank once.
         seen, parts = set(), []

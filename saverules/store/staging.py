@@ -12,13 +12,17 @@ may update, models no optimizer in the state trains, plain values, tensors
 on a GPU, which are copied at once into pinned memory) is copied in the
 training thread before ``save`` returns.
 
-A change made in that window by some other means (an in-place edit under
-``torch.no_grad()``, ``load_state_dict``) would tear the copy.  Every tensor
+The rule that comes with it: until the copy is done, change those tensors
+only through the optimizer's ``step()``, or call
+``Checkpointer.wait_staged()`` first.  A change made in that window by some
+other means (an in-place edit under ``torch.no_grad()``,
+``load_state_dict``) would tear the copy.  As a safety net, every tensor
 copied late has its version counter recorded when the save is called and
 compared once it is copied; a difference abandons the save with
-:class:`~saverules.store.errors.StateChangedError` and commits nothing.
-(``tensor.data`` edits bypass version counters; call
-``Checkpointer.wait_staged()`` before those.)
+:class:`~saverules.store.errors.StateChangedError` and commits nothing.  The
+net has holes, which is why the rule stands: an in-place operation moves
+the counter when it ends, so one still running at the instant of the check
+goes unseen, and ``tensor.data`` edits move no counter at all.
 """
 from __future__ import annotations
 
