@@ -1086,6 +1086,7 @@ def test_the_examples_in_docs_checkpoints_run(tmp_path, monkeypatch):
         exec(compile(code, f"docs/checkpoints.md[python block {i + 1}]", "exec"), namespace)
     assert checkpoint_dirs(tmp_path / "checkpoints") == ["step-00000150", "step-00000200"]
     assert checkpoint_dirs(tmp_path / "warn-demo") == ["step-00000011"]
+    assert checkpoint_dirs(tmp_path / "checkpoints-async") == ["step-00000002", "step-00000004"]
     assert store_fs.fs.fsync.__self__ is store_fs.fs  # the example put the real fsync back
 
 
