@@ -299,10 +299,12 @@ def _worker(tmp: str, mode: str) -> None:
                 ratio=overhead("async") / overhead("dcp_async"), vs="dcp.async_save's step overhead",
                 note="save + one step, minus a step without a save (the writer thread shares the 2 cores)"),
             Row(NAME, f"{label}: async throughput (verify=hash)", tp("async"), "MB/s", ratio=tp("async") / dcp_tp,
-                vs="dcp.save", samples=[x[2] / 1e6 / x[1] for x in res["async"]]),
+                vs="dcp.save", samples=[x[2] / 1e6 / x[1] for x in res["async"]],
+                note="until committed, with a training step running meanwhile"),
             Row(NAME, f"{label}: dcp.async_save throughput", tp("dcp_async"), "MB/s",
                 ratio=tp("dcp_async") / dcp_tp, vs="dcp.save",
-                samples=[x[2] / 1e6 / x[1] for x in res["dcp_async"]]),
+                samples=[x[2] / 1e6 / x[1] for x in res["dcp_async"]],
+                note="until written, with a training step running meanwhile"),
         ]
         (base / "rows.json").write_text(json.dumps([r.as_dict() for r in rows]))
     dist.barrier()
