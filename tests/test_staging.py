@@ -80,15 +80,17 @@ def test_the_next_optimizer_step_waits_and_the_checkpoint_holds_the_state_at_sav
     ck = Checkpointer(policy(fmt), tmp_path, async_save=True)
     held = 0.0
     for step in range(1, 4):
+        model(torch.randn(4, 2048)).square().mean().backward()
         at_save = cloned(model, opt)
         ck.save(Progress(step), {"model": model, "optimizer": opt})
-        train(model, opt)  # straight on: forward, backward, and a step that must wait for the copy
-        held += ck._gate.take_waited()
+        opt.step()  # at once: the writer is still copying ~190 MB, so this step must wait for it
+        opt.zero_grad(set_to_none=True)
+        held += ck._async.gate.take_waited()
         ck.wait()
         assert_same(restored(tmp_path, fmt), at_save)
         assert not torch.equal(model.state_dict()["0.weight"], at_save[0]["0.weight"])  # training went on
     ck.close()
-    # ~190 MB copied while the test called step() at once: the step was held at least once
+    # ~190 MB to copy and step() called at once: the step was held (the copy did not end first)
     assert held > 0
 
 
@@ -193,7 +195,7 @@ def test_the_stall_told_to_the_decider_includes_the_steps_wait(tmp_path):
     with Checkpointer(policy(), tmp_path, async_save=True) as ck:
         ck.save(Progress(1), {"model": model, "optimizer": opt})
         train(model, opt)
-        waited = ck._gate._waited  # the time step() was held (counted until the write is collected)
+        waited = ck._async.gate._waited  # the time step() was held (counted until the write is collected)
         ck.wait()
         cost = ck.decider.save_cost
     assert cost is not None
@@ -210,7 +212,7 @@ def test_an_unclosed_checkpointer_is_collected_and_its_writer_thread_ends(tmp_pa
     ck.save(Progress(1), {"model": model, "optimizer": opt})
     ck.wait()
     gone = weakref.ref(ck)
-    thread = ck._writer._thread
+    thread = ck._async.writer._thread
     del ck
     gc.collect()
     assert gone() is None  # the idle writer thread holds no reference to it (nor to its copy buffers)

@@ -820,11 +820,11 @@ def test_async_snapshot_reuses_buffers(tmp_path):
     ck = Checkpointer(policy(), tmp_path, async_save=True)
     ck.save(Progress(1), {"t": torch.ones(1000)})
     ck.wait()
-    pooled = [b.data_ptr() for bufs in ck._pool.values() for b in bufs]
+    pooled = [b.data_ptr() for bufs in ck._async.pool.values() for b in bufs]
     assert pooled
     ck.save(Progress(2), {"t": torch.full((1000,), 2.0)})
     ck.wait()
-    assert [b.data_ptr() for bufs in ck._pool.values() for b in bufs] == pooled
+    assert [b.data_ptr() for bufs in ck._async.pool.values() for b in bufs] == pooled
     back = {"t": None}
     Checkpointer(policy(), tmp_path).load_latest(back)
     assert torch.equal(back["t"], torch.full((1000,), 2.0))
@@ -871,7 +871,7 @@ def test_background_failure_surfaces_at_the_next_step(tmp_path, monkeypatch):
 
     monkeypatch.setattr(store_fs.fs, "fsync", full)
     ck.step(Progress(2), small_state())
-    ck._thread.join()
+    ck._async.pending.join()
     monkeypatch.undo()
     with pytest.raises(st.CheckpointWriteError, match="No space left") as info:
         ck.step(Progress(3), small_state())
@@ -892,7 +892,7 @@ def test_background_failure_warns_with_on_error_warn(tmp_path, monkeypatch):
 
     monkeypatch.setattr(store_fs.fs, "mkdir", full)
     ck.step(Progress(1), small_state())
-    ck._thread.join()
+    ck._async.pending.join()
     monkeypatch.undo()
     with pytest.warns(CheckpointWarning, match="No space left"):
         d = ck.step(Progress(2), small_state())

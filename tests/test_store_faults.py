@@ -615,7 +615,7 @@ def test_async_write_error_at_every_stage(tmp_path, monkeypatch):
         with monkeypatch.context() as m:
             Injector(m, fail_at, errno.EROFS)
             ck.save(Progress(3), small_state(9.0))  # returns at once; the writer fails
-            ck._thread.join()
+            ck._async.pending.join()
         with pytest.raises(CheckpointWriteError, match="read-only") as info:
             ck.close()
         assert str(directory) in info.value.path

@@ -35,9 +35,7 @@ from .opening import open_store, refuse_a_file
 from .options import ON_ERROR_CHOICES, VERIFY_CHOICES  # noqa: F401  (importable from here, as before)
 from .ranks import RankFailure, Ranks
 from .restore import restore
-from .background import Write, Writer
-from .snapshot import Pool, Snapshot
-from .staging import Gate, changed_by_step
+from .async_writes import AsyncWrites
 from .verify import VerifyCache, check_written, scan
 
 _LIVE: "weakref.WeakSet[Checkpointer]" = weakref.WeakSet()
@@ -146,13 +144,8 @@ class Checkpointer:
         self._clock_t0 = _time.monotonic()
         self._cache = VerifyCache()
         self._warned: set = set()
-        self._writer = Writer()  # the background thread of asynchronous saves (started on the first)
-        weakref.finalize(self, self._writer.stop).atexit = False  # at exit: _finish_at_exit
-        self._thread: Optional[Write] = None  # the asynchronous write in flight
-        self._error: Optional[BaseException] = None
-        self._cost: Optional[Tuple[float, float]] = None  # (stall, write) of a finished asynchronous write
-        self._pool: Pool = {}
-        self._gate = Gate()  # holds an optimizer's step() while the writer copies what it changes
+        self._async = AsyncWrites()  # the writer thread, copy buffers and write in flight of async saves
+        weakref.finalize(self, self._async.writer.stop).atexit = False  # at exit: _finish_at_exit
         self._closed = False
         self._store_lock: Optional[lock.StoreLock] = None
         self._release = None
@@ -244,7 +237,7 @@ class Checkpointer:
         Call it before changing parameters or optimizer state other than by
         the optimizer's ``step()`` (which waits by itself).
         """
-        self._gate.wait()
+        self._async.gate.wait()
 
     def close(self) -> None:
         """Wait for pending writes, report a failure, and let go of the store's lock.
@@ -258,35 +251,26 @@ class Checkpointer:
             self._collect(block=True)
         finally:
             self._closed = True
-            self._gate.close()
-            self._writer.stop()
+            self._async.close()
             if self._release is not None:
                 self._release()
             _LIVE.discard(self)
 
     def _finish_at_exit(self) -> None:
-        self._join()
-        self._writer.stop()
-        err, self._error = self._error, None
+        self._async.join()
+        self._async.writer.stop()
+        _cost, err = self._async.outcome()
         if err is not None:
             print(f"saverules: the last checkpoint write failed: {err}", file=sys.stderr)
 
-    def _join(self) -> None:
-        thread = self._thread
-        if thread is not None:
-            thread.join()
-            self._thread = None
-
     def _collect(self, block: bool) -> None:
-        thread = self._thread
-        if thread is not None:
-            if not block and thread.is_alive():
-                return
-            self._join()
-        cost, self._cost = self._cost, None  # the finished asynchronous write's cost (see _save)
-        if cost is not None:  # the stall includes the time a step waited for the copy (staging.Gate)
-            self.decider.note_cost(cost[0] + self._gate.take_waited(), cost[1])
-        err, self._error = self._error, None
+        """Pick up the finished asynchronous write (waiting for it when ``block``): note its cost, report its error."""
+        if not block and self._async.busy():
+            return
+        self._async.join()
+        cost, err = self._async.outcome()
+        if cost is not None:
+            self.decider.note_cost(*cost)
         if err is not None:
             self._report(err)
 
@@ -320,16 +304,9 @@ class Checkpointer:
         # time of the whole write, reported to the decider once the write is committed
         # (Decider.note_cost; for an asynchronous write, by _collect).
         started = _time.perf_counter()
-        job = self._prepare(progress, state, reasons)
+        job, optimizers = self._prepare(progress, state, reasons)
         if self.async_save:
-            stall = _time.perf_counter() - started
-            if job.snapshot is not None and job.snapshot.pending:
-                self._gate.hold()  # released by the writer once it has copied the rest (_copy_late)
-            try:
-                self._thread = self._writer.submit(lambda: self._write_timed(job, started, stall))
-            except BaseException:
-                self._gate.release()
-                raise
+            self._async.start(job, optimizers, self._run, started, _time.perf_counter() - started)
         else:
             try:
                 self._run(job)
@@ -339,43 +316,25 @@ class Checkpointer:
                 elapsed = _time.perf_counter() - started
                 self.decider.note_cost(elapsed, elapsed)
 
-    def _write_timed(self, job: Job, started: float, stall: float) -> None:
-        """The background write; its cost is picked up by _collect in the training thread."""
-        self._run_background(job)
-        if self._error is None:
-            self._cost = (stall, _time.perf_counter() - started)
+    def _prepare(self, progress: Progress, state: Mapping[str, Any], reasons: Tuple[str, ...]) -> Tuple[Job, list]:
+        """In the training thread: check the state (and copy it, for an async save); name the checkpoint.
 
-    def _prepare(self, progress: Progress, state: Mapping[str, Any], reasons: Tuple[str, ...]) -> Job:
-        """In the training thread: check the state (and copy it, for an async save); name the checkpoint."""
+        Returns the job and the optimizers whose tensors an async save left to the writer.
+        """
         metrics = _job.check_inputs(progress, state)
         snap, optimizers = None, []
         if self.async_save:
-            optimizers, late = changed_by_step(state)
-            snap, self._pool = Snapshot(self._pool, late), {}
+            snap, optimizers = self._async.snapshot(state)
         clock = float(progress.time) if progress.time is not None else self.clock()
         job = _job.prepare(progress, state, reasons, metrics=metrics, snapshot=snap, clock=clock,
                            policy=self.policy, run_name=self.run_name, fmt=self._format, ranks=self._ranks,
                            root=self.dir, decider=self.decider, world_size=self.world_size)
-        if snap is not None and snap.pending:
-            self._gate.watch(optimizers)
-        return job
-
-    def _run_background(self, job: Job) -> None:
-        try:
-            self._run(job)
-        except BaseException as err:
-            self._error = err
-        finally:
-            self._gate.release()  # also when the write failed before copying
-            if job.snapshot is not None:
-                job.payload = None
-                snapshot, job.snapshot = job.snapshot, None
-                self._pool = snapshot.release()
+        return job, optimizers
 
     def _run(self, job: Job) -> None:
         """In the writer: encode, write and digest, verify, commit; then retention."""
         payload, fmt = job.payload, self._format
-        late = job.snapshot is not None and job.snapshot.pending
+        late = self._async.late(job)
 
         def check(tmp: Path, files: Mapping[str, Any], metadata) -> None:
             check_written(tmp, job.step, files, fmt, self.verify, metadata)
@@ -383,24 +342,14 @@ class Checkpointer:
         if self._ranks is not None:  # rank 0 settles (cache, retention) before every rank returns
             sharded.commit(self._ranks, fmt, self.dir, job.tmp, job.name, job.step, job.manifest, payload,
                            self.verify, settle=lambda path, manifest: self._settle(job, path, manifest),
-                           before=(lambda: self._copy_late(job)) if late else None)
+                           before=(lambda: self._async.copy_late(job)) if late else None)
             return
         if late:
-            self._copy_late(job)
+            self._async.copy_late(job)
         path, manifest = commit.commit(self.dir, job.name, job.step, job.manifest,
                                        encode=lambda out: fmt.encode(payload, out),
                                        check=check if self.verify != "none" else None)
         self._settle(job, path, manifest)
-
-    def _copy_late(self, job: Job) -> None:
-        """In the writer: copy what only the optimizers' step() changes, then let the steps go."""
-        try:
-            stage_late = getattr(job.payload, "stage_late", None)  # a format that put tensors off (dcp)
-            if stage_late is not None:
-                stage_late(job.snapshot)
-            job.snapshot.finish_later(job.step)
-        finally:
-            self._gate.release()
 
     def _settle(self, job: Job, path: Path, manifest: Mapping[str, Any]) -> None:
         """After a commit, on the writer: remember the checkpoint as verified, then retention."""
