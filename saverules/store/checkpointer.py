@@ -9,6 +9,9 @@ decide (the policy's decider) -> :mod:`~saverules.store.snapshot` (async: copy t
 -> :mod:`~saverules.store.formats` (encode) -> :mod:`~saverules.store.writer` (write and digest)
 -> :mod:`~saverules.store.commit` (atomic rename) -> :mod:`~saverules.store.verify` (re-read, before the
 manifest goes in) -> :mod:`~saverules.store.retain`.
+An asynchronous save runs the steps after the snapshot on the writer thread
+of :mod:`~saverules.store.async_writes`, which first copies what only the
+optimizers' ``step()`` changes (:mod:`~saverules.store.staging`).
 
 A resume is :func:`saverules.store.resume.load_latest` (the newest checkpoint
 that verifies, decoded with the format its manifest names; a sharded store:
