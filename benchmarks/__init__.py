@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional
 
-__all__ = ["Row", "interleaved", "median", "fmt_value", "BENCHMARKS"]
+__all__ = ["Row", "interleaved", "median", "fmt_value", "held_training_step", "BENCHMARKS"]
 
 #: The benchmarks in the order they run, as (name, module under benchmarks/).
 BENCHMARKS = [
@@ -109,3 +109,31 @@ def fmt_value(v: Optional[float], unit: str = "") -> str:
     else:
         s = f"{v:.3g}"
     return f"{s} {unit}".strip()
+
+
+def held_training_step(model, opt, tokens: int = 64):
+    """A minimind training step to run after a save; each call returns how long its ``optimizer.step()`` was held.
+
+    One step is forward and backward of a fixed 2 x ``tokens`` batch, then
+    ``optimizer.step()``.  The hold is measured by a step pre-hook registered
+    once another hook is on the optimizer (the store's, on its first
+    asynchronous save, in the warm-up round), so that it runs after that one:
+    when the store lets the step go.  The same probe times every variant.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (2, tokens), generator=g)
+    hooked, probe = [None], [None]
+
+    def step() -> float:
+        if probe[0] is None and len(opt._optimizer_step_pre_hooks) > 0:
+            probe[0] = opt.register_step_pre_hook(lambda *a: hooked.__setitem__(0, time.perf_counter()))
+        _, loss = model(ids, ids)
+        loss.backward()
+        hooked[0] = None
+        t0 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return hooked[0] - t0 if hooked[0] is not None else 0.0
+    return step

@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import Row, median
+from . import Row, held_training_step, median
 
 NAME = "save"
 SYNC_GOAL = 0.80        # default sync save (verify on) / raw write
@@ -213,32 +213,6 @@ def _writers(model, opt, tmp: Path):
     return out
 
 
-def _training_step(model, opt):
-    """A training step after a save: forward, backward, optimizer.step(); returns how long the step was held.
-
-    The hold is measured by a step pre-hook registered after the store's own
-    (the store hooks the optimizer on its first asynchronous save, in the
-    warm-up round): it runs when the store's hook lets the step go.
-    """
-    import torch
-
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=g)
-    hooked, probe = [None], [None]
-
-    def step() -> float:
-        if probe[0] is None and len(opt._optimizer_step_pre_hooks) > 0:
-            probe[0] = opt.register_step_pre_hook(lambda *a: hooked.__setitem__(0, time.perf_counter()))
-        _, loss = model(ids, ids)
-        loss.backward()
-        hooked[0] = None
-        t0 = time.perf_counter()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return hooked[0] - t0 if hooked[0] is not None else 0.0
-    return step
-
-
 def _loads(model, opt, tmp: Path):
     import torch
 
@@ -280,7 +254,7 @@ def run(quick: bool = False) -> list:
         for label, preset, layers in cases:
             model, opt = _state(preset, layers)
             writers = _writers(model, opt, tmp)
-            step_after = _training_step(model, opt)
+            step_after = held_training_step(model, opt)
             res = {k: [] for k in writers}
             names = list(writers)
             for r in range(rounds + 1):  # round 0 warms up (allocations, snapshot buffers)

@@ -44,7 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import Row, median
+from . import Row, held_training_step, median
 
 NAME = "save"
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,14 +80,6 @@ def run(quick: bool = False) -> list:
 # --------------------------------------------------------------------------
 # One rank (under torch.distributed.run)
 # --------------------------------------------------------------------------
-
-def _batch(model, quick: bool):
-    import torch
-
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, model.config.vocab_size, (2, 32 if quick else 64), generator=g)
-    return ids, ids.clone()
-
 
 def _state(quick: bool):
     import torch
@@ -146,26 +138,7 @@ def _worker(tmp: str, mode: str) -> None:
     }
     step = [0]
     dcp_group = dist.new_group(backend="gloo")
-    ids, labels = _batch(model, quick)
-    hooked = [None]  # perf_counter when the probe hook ran (after the store's hook let the step go)
-
-    def train_step() -> float:
-        """One training step; the seconds optimizer.step() was held before it could begin."""
-        _, loss = model(ids, labels)
-        loss.backward()
-        hooked[0] = None
-        t0 = time.perf_counter()
-        opt.step()
-        held = hooked[0] - t0 if hooked[0] is not None else 0.0
-        opt.zero_grad(set_to_none=True)
-        return held
-
-    probe = [None]
-
-    def arm_probe() -> None:
-        """Registered after the store has hooked the optimizer (in the warm-up round): runs after its hook."""
-        if probe[0] is None:
-            probe[0] = opt.register_step_pre_hook(lambda *a: hooked.__setitem__(0, time.perf_counter()))
+    train_step = held_training_step(model, opt, tokens=32 if quick else 64)  # returns how long the step was held
 
     def plain_step():
         dist.barrier()
@@ -207,7 +180,6 @@ def _worker(tmp: str, mode: str) -> None:
             t1 = time.perf_counter()
             if not ck.async_save:
                 return t1 - t0, t1 - t0, ck.dir / policy.storage.render_name(step=step[0])
-            arm_probe()
             held = train_step()
             t2 = time.perf_counter()
             ck.wait()

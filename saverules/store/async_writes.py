@@ -42,7 +42,7 @@ class AsyncWrites:
 
     def start(self, job: Job, optimizers: list, run: Callable[[Job], None], started: float, stall: float) -> None:
         """Hand ``job`` to the writer thread, which calls ``run(job)``; hold the optimizers' steps meanwhile."""
-        if job.snapshot is not None and job.snapshot.pending:
+        if self.late(job):
             self.gate.watch(optimizers)
             self.gate.hold()  # released once the writer has copied the rest (copy_late)
         try:

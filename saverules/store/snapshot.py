@@ -58,7 +58,7 @@ class Snapshot:
 
         ``watch`` is the tensor whose version counter tells of changes to
         ``t`` (a DTensor for its local shard; ``t`` itself by default);
-        ``record=False``: its version was recorded already (:meth:`watch`).
+        ``record=False``: its version was recorded already (:meth:`put_off`).
         """
         st = t.untyped_storage()
         nbytes = st.nbytes()
@@ -66,7 +66,8 @@ class Snapshot:
         on_cpu = t.device.type == "cpu"
         late = on_cpu and nbytes > 0 and st.data_ptr() in self.later_storages
         if late and record:
-            self.watch(watch if watch is not None else t)
+            source = watch if watch is not None else t
+            self.watched.append((source, source._version))
         new = self.memo.get(key)
         if new is None:
             pin = self.pinned and not on_cpu
@@ -92,13 +93,17 @@ class Snapshot:
         if self.needs_sync:
             torch.cuda.synchronize()
 
-    def is_late(self, t: torch.Tensor) -> bool:
-        """``t`` (a CPU tensor) is one to copy later, in the writer."""
-        return t.device.type == "cpu" and t.untyped_storage().data_ptr() in self.later_storages
+    def put_off(self, t: torch.Tensor, watch: torch.Tensor) -> bool:
+        """Whether ``t`` is to be copied later, in the writer; if so, ``watch``'s version counter is recorded now.
 
-    def watch(self, t: torch.Tensor) -> None:
-        """Record ``t``'s version counter now; :meth:`finish_later` checks it is unchanged."""
-        self.watched.append((t, t._version))
+        For a format that stages such tensors itself on the writer (calling
+        :meth:`tensor` with ``record=False``); :meth:`finish_later` checks the
+        counter is unchanged.
+        """
+        if t.device.type != "cpu" or t.untyped_storage().data_ptr() not in self.later_storages:
+            return False
+        self.watched.append((watch, watch._version))
+        return True
 
     @property
     def pending(self) -> bool:

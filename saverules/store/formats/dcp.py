@@ -67,16 +67,6 @@ class ShardedPayload:
         return self.payload.step
 
 
-def _put_off(snap):
-    """Leave for the writer the tensors of ``snap``'s late storages, recording their versions now."""
-    def put_off(local: torch.Tensor, t: torch.Tensor) -> bool:
-        if snap.is_late(local):
-            snap.watch(t)
-            return True
-        return False
-    return put_off
-
-
 class _Digesting:
     """The store's hashing file, with what DCP's writer needs of it."""
 
@@ -142,7 +132,7 @@ class DcpFormat(Format):
         summary = dcp_state.sharding_summary(tensors) if snap is None else None  # async: in the writer
         late: Dict[str, torch.Tensor] = {}
         if snap is not None:  # what only an optimizer's step() changes is staged by the writer (stage_late)
-            tensors, late = dcp_state.stage(tensors, snap.tensor, put_off=_put_off(snap))
+            tensors, late = dcp_state.stage(tensors, snap.tensor, put_off=snap.put_off)
         rest = {n: o for n, o in state.items() if not dcp_state.is_sharded_object(o)}
         payload = capture(rest, step, decider_state, clock, snap)  # finishes the snapshot
         return ShardedPayload(payload, plain, tensors, summary, late)
