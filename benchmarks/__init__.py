@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional
 
 __all__ = ["Row", "interleaved", "median", "fmt_value", "held_training_step", "BENCHMARKS"]
 
@@ -42,15 +42,15 @@ class Row:
 
     benchmark: str
     name: str
-    value: Optional[float]
+    value: float | None
     unit: str
-    ratio: Optional[float] = None
-    vs: Optional[str] = None
-    goal: Optional[str] = None
-    met: Optional[bool] = None
+    ratio: float | None = None
+    vs: str | None = None
+    goal: str | None = None
+    met: bool | None = None
     extrapolated: bool = False
     note: str = ""
-    samples: List[float] = field(default_factory=list)
+    samples: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -65,7 +65,7 @@ def median(xs) -> float:
     return statistics.median(xs)
 
 
-def interleaved(variants: Dict[str, Callable[[], float]], repeats: int, warmup: int = 1) -> Dict[str, List[float]]:
+def interleaved(variants: dict[str, Callable[[], float]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
     """Run every variant ``repeats`` times, round-robin, and collect what each returns.
 
     Each callable measures itself and returns a number (typically seconds per
@@ -77,7 +77,7 @@ def interleaved(variants: Dict[str, Callable[[], float]], repeats: int, warmup: 
     for _ in range(warmup):
         for name in names:
             variants[name]()
-    out: Dict[str, List[float]] = {name: [] for name in names}
+    out: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
         k = r % len(names)
         for name in names[k:] + names[:k]:
@@ -92,7 +92,7 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def fmt_value(v: Optional[float], unit: str = "") -> str:
+def fmt_value(v: float | None, unit: str = "") -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "n/a"
     a = abs(v)

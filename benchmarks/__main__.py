@@ -10,7 +10,7 @@ import sys
 import time
 import traceback
 
-from . import BENCHMARKS, Row, fmt_value
+from . import BENCHMARKS, fmt_value
 
 
 def machine() -> dict:
@@ -56,9 +56,9 @@ def render(rows) -> str:
             status = "met" if r.met else "MISSED"
         value = fmt_value(r.value, r.unit) + (" (extrapolated)" if r.extrapolated else "")
         lines.append((r.benchmark, r.name, value, ratio, r.goal or "", status))
-    widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(header)]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
     out = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
-    out += ["  ".join(c.ljust(w) for c, w in zip(l, widths)).rstrip() for l in lines]
+    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
     notes = [(r.benchmark, r.name, r.note) for r in rows if r.note]
     if notes:
         out.append("")

@@ -19,7 +19,7 @@ import tracemalloc
 from pathlib import Path
 
 from saverules import check
-from saverules.limits import MAX_FILE_BYTES, MAX_STEPS
+from saverules.engine.limits import MAX_FILE_BYTES, MAX_STEPS
 
 from . import Row, median, timed
 
@@ -123,10 +123,10 @@ def run(quick: bool = False) -> list:
             runs, cpu = [], []
             for _ in range(repeats):
                 c0 = time.process_time()
-                runs.append(timed(lambda: _check(path, *flags)))
+                runs.append(timed(lambda path=path, flags=flags: _check(path, *flags)))
                 cpu.append(time.process_time() - c0)
             secs = seconds[name] = median(runs)
-            peak = _peak_mib(lambda: _check(path, *flags))
+            peak = _peak_mib(lambda path=path, flags=flags: _check(path, *flags))
             ten_thousand = name.startswith("10,000 rules")
             rows.append(Row(
                 NAME, f"check: {name}", secs, "s", samples=runs,

@@ -77,7 +77,7 @@ def _hf_flow(n, every, total):
 
 def _empty(n):
     t0 = time.perf_counter()
-    for step in range(1, n + 1):
+    for _step in range(1, n + 1):
         pass
     return (time.perf_counter() - t0) / n
 
@@ -107,7 +107,7 @@ def _progress_only(n, total, t, flag):
 
 def _call_only(n, decide, p):
     t0 = time.perf_counter()
-    for step in range(1, n + 1):
+    for _step in range(1, n + 1):
         decide(p)
     return (time.perf_counter() - t0) / n
 

@@ -49,6 +49,7 @@ interval = "5%"
 
 def _setup(batch_size: int = 16):
     import torch
+
     from saverules.minimind.model import MiniMindLM, config_for
 
     torch.manual_seed(0)
@@ -68,6 +69,7 @@ def _setup(batch_size: int = 16):
 def _block(model, opt, sched, batches, start: int, n: int, ckpt=None, state=None):
     """Run n optimizer steps from step ``start``; (seconds, seconds inside the engine)."""
     import torch
+
     from saverules import Progress
 
     perf = time.perf_counter
@@ -171,7 +173,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str, steps: int,
 
     import saverules
     from saverules import Progress
-    from saverules.distributed import SyncedDecider, _LEN
+    from saverules.distributed import _LEN, SyncedDecider
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)

@@ -66,6 +66,7 @@ ASYNC_WRITERS = ("dcp.async_save + step", "store async + step")
 
 def _state(preset: str, layers=None):
     import torch
+
     from saverules.minimind.model import MiniMindLM, config_for
 
     torch.manual_seed(0)

@@ -3,7 +3,7 @@
 ``Policy.simulate`` visits only the steps where something can happen.  The
 baselines decide every single step: a plain loop over the real decider
 (``for s in range(1, n + 1): decider(progress_at(s, ...))``), and, when the
-test suite's brute-force oracle (tests/oracle.py) is present, that oracle.
+test suite's brute-force oracle (tests/helpers/oracle.py) is present, that oracle.
 Per-step baselines run only where they finish in reasonable time; the other
 figures are extrapolated linearly from the largest size measured, and marked so.
 """
@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import saverules
-from saverules.simulate import progress_at
+from saverules.engine.simulate import progress_at
 
 from . import Row, interleaved, median, timed
 
@@ -27,8 +27,8 @@ GOAL_S = 1.0
 
 
 def _oracle():
-    """tests/oracle.py's ``oracle_saves``, or None when the file is not there."""
-    tests = ROOT / "tests"
+    """tests/helpers/oracle.py's ``oracle_saves``, or None when the file is not there."""
+    tests = ROOT / "tests" / "helpers"
     if not (tests / "oracle.py").is_file():
         return None
     if str(tests) not in sys.path:
@@ -109,7 +109,7 @@ def run(quick: bool = False) -> list:
             note="" if agree is None else ("same saves as every per-step run at this size" if agree
                                           else "DIFFERENT saves from a per-step run: an engine bug"),
         ))
-        names = {"per_step": "per-step decider loop", "oracle": "brute-force oracle (tests/oracle.py)"}
+        names = {"per_step": "per-step decider loop", "oracle": "brute-force oracle (tests/helpers/oracle.py)"}
         for base, (secs, extra) in baselines.items():
             rows.append(Row(NAME, f"{names[base]}, {label}", secs, "s", extrapolated=extra,
                             samples=samples.get(base, []),
@@ -118,7 +118,7 @@ def run(quick: bool = False) -> list:
         if agree is False:
             rows.append(Row(NAME, f"simulate agrees with per-step, {label}", 0.0, "", goal="same saves", met=False))
     if oracle is None:
-        rows.append(Row(NAME, "brute-force oracle", None, "", note="tests/oracle.py not present: not measured"))
+        rows.append(Row(NAME, "brute-force oracle", None, "", note="tests/helpers/oracle.py not present: not measured"))
 
     # Stress shape: the default's fixed 20000-step epochs, so the number of saves grows with n
     # (one per epoch end, all kept by keep_every): the cost is linear in the saves.
@@ -137,6 +137,6 @@ def run(quick: bool = False) -> list:
         if not sim.complete:
             runs = [timed(lambda n=n: policy.simulate(n, steps_per_epoch=EPOCH_STEPS, step_seconds=STEP_SECONDS,
                                                       max_saves=None)) for _ in range(1)]
-            rows.append(Row(NAME, f"Policy.simulate(max_saves=None), the same run, every save listed",
+            rows.append(Row(NAME, "Policy.simulate(max_saves=None), the same run, every save listed",
                             median(runs), "s", samples=runs, note="one run"))
     return rows

@@ -10,14 +10,14 @@
 The core is pure Python and imports no torch; the checkpoint store lives in
 :mod:`saverules.store` (also importable as :mod:`saverules.torch`).
 """
-from .decider import Decider
-from .errors import Diagnostic, PolicyError
-from .loader import load, loads
-from .policy import Policy
-from .progress import Checkpoint, Decision, Progress
-from .simulate import Simulation
+from .engine.decider import Decider
+from .engine.errors import Diagnostic, PolicyError
+from .engine.loader import load, loads
+from .engine.policy import Policy
+from .engine.progress import Checkpoint, Decision, Progress
+from .engine.simulate import Simulation
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "Checkpoint", "Decider", "Decision", "Diagnostic", "Policy", "PolicyError", "Progress", "Simulation",

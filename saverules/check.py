@@ -18,17 +18,17 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
 
-from . import rules as R
-from .errors import Diagnostic, PolicyError
-from .limits import MAX_STEPS, steps_text
-from .loader import load
-from .policy import Policy
-from .cost import CostReport, cost_report, report_lines, report_warnings
-from .quantities import Share, _validate_duration, _validate_size, format_seconds, resolve_steps
-from .simulate import Simulation
+from .engine import rules as R
+from .engine.cost import CostReport, cost_report, report_lines, report_warnings
+from .engine.errors import Diagnostic, PolicyError
+from .engine.limits import MAX_STEPS, steps_text
+from .engine.loader import load
+from .engine.policy import Policy
+from .engine.quantities import Share, _validate_duration, _validate_size, format_seconds, resolve_steps
+from .engine.simulate import Simulation
 
 #: With more saves than this, the text report shows the first and last few.
 ELIDE_ABOVE = 24
@@ -50,23 +50,23 @@ class Report:
     """Everything `check` says about one file."""
 
     file: str
-    errors: List[Diagnostic] = field(default_factory=list)
-    warnings: List[Finding] = field(default_factory=list)
-    notes: List[Finding] = field(default_factory=list)
-    policy: Optional[Policy] = None
-    total_steps: Optional[int] = None
-    steps_per_epoch: Optional[int] = None
-    step_seconds: Optional[float] = None
+    errors: list[Diagnostic] = field(default_factory=list)
+    warnings: list[Finding] = field(default_factory=list)
+    notes: list[Finding] = field(default_factory=list)
+    policy: Policy | None = None
+    total_steps: int | None = None
+    steps_per_epoch: int | None = None
+    step_seconds: float | None = None
     shape_from: str = ""
-    simulation: Optional[Simulation] = None
+    simulation: Simulation | None = None
     costs: dict = field(default_factory=dict)  # save_seconds, write_seconds, mtbf, restart_seconds, checkpoint_size
-    cost: Optional[CostReport] = None
+    cost: CostReport | None = None
 
 
 # -- analysis -----------------------------------------------------------------
 
 
-def _where(policy: Policy, *path) -> Tuple[int, int]:
+def _where(policy: Policy, *path) -> tuple[int, int]:
     """Line and column of ``path`` in the file, or of its nearest enclosing key."""
     while path:
         pos = policy.position(path)
@@ -93,7 +93,7 @@ def _plural(n: int, word: str) -> str:
     return f"{n:,} {word}{'' if n == 1 else 's'}"
 
 
-def _uses_share(rule: R.RuleModel) -> Optional[tuple]:
+def _uses_share(rule: R.RuleModel) -> tuple | None:
     """The first key (as a path inside the rule) whose value is a share of the run."""
 
     def visit(model, path):
@@ -113,7 +113,7 @@ def _uses_share(rule: R.RuleModel) -> Optional[tuple]:
     return visit(rule, ())
 
 
-def _shape(args, policy: Policy) -> Tuple[Optional[int], Optional[int], Optional[float], str]:
+def _shape(args, policy: Policy) -> tuple[int | None, int | None, float | None, str]:
     run = policy.run
     total = args.total_steps if args.total_steps is not None else (run.total_steps if run else None)
     spe = args.steps_per_epoch if args.steps_per_epoch is not None else (run.steps_per_epoch if run else None)
@@ -246,7 +246,7 @@ def _rule_findings(report, policy, sim, total, spe, secs) -> None:
                                                    f"{_plural(total, 'step')}"))
 
 
-def _longer_than_run(rule, total, epochs, secs) -> Optional[Tuple[str, str]]:
+def _longer_than_run(rule, total, epochs, secs) -> tuple[str, str] | None:
     if isinstance(rule, R.EveryStepsRule):
         every = resolve_steps(rule.every, total)
         if every > total:
@@ -551,7 +551,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     reports = [analyse(path, args) for path in args.files]
     failed = any(r.errors or (args.strict and r.warnings) for r in reports)

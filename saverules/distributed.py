@@ -38,10 +38,11 @@ from __future__ import annotations
 import math
 import signal as _signal
 import time as _time
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
-from .progress import Decision, Progress
-from .rules import uses_cost
+from .engine.progress import Decision, Progress
+from .engine.rules import uses_cost
 
 __all__ = ["SyncedDecider", "sync_schedule", "signal_code", "signal_from_code", "dist_info"]
 
@@ -63,7 +64,7 @@ _NEG = float("-inf")
 _FIRST = ("SIGTERM", "SIGINT")
 
 
-def _next_interval(prev: int, steps: int, dt: float, sync_seconds: float, max_interval: Optional[int]) -> int:
+def _next_interval(prev: int, steps: int, dt: float, sync_seconds: float, max_interval: int | None) -> int:
     """Steps until the next sync, from ``steps`` run in ``dt`` seconds since the last one.
 
     The fewest steps that take at least ``sync_seconds`` at the measured rate
@@ -88,7 +89,7 @@ def sync_schedule(
     step_seconds: float,
     *,
     sync_seconds: float = 1.0,
-    max_interval: Optional[int] = None,
+    max_interval: int | None = None,
     start_step: int = 0,
 ) -> list:
     """The sync steps of a run whose steps all take ``step_seconds`` on rank 0.
@@ -215,11 +216,11 @@ class SyncedDecider:
         group: Any = None,
         *,
         sync_seconds: float = 1.0,
-        max_interval: Optional[int] = None,
+        max_interval: int | None = None,
         metrics_synced: bool = False,
         sync_signals: bool = False,
-        rank: Optional[int] = None,
-        world_size: Optional[int] = None,
+        rank: int | None = None,
+        world_size: int | None = None,
     ) -> None:
         if not (isinstance(sync_seconds, (int, float)) and sync_seconds > 0 and math.isfinite(sync_seconds)):
             raise ValueError(f"sync_seconds must be a positive number of seconds, got {sync_seconds!r}")
@@ -274,13 +275,13 @@ class SyncedDecider:
         #: SIGTERM checks ``"SIGTERM" in decider.last_signals`` on every rank.
         self.last_signals: tuple = ()
 
-        self._next_sync: Optional[int] = None   # None: the next call syncs
+        self._next_sync: int | None = None   # None: the next call syncs
         self._interval = 1                      # steps between the last two syncs
-        self._last_sync_step: Optional[int] = None
-        self._last_sync_clock: Optional[float] = None  # rank 0's rate clock at the last sync
-        self._synced_time: Optional[float] = None      # rank 0's Progress.time at the last sync
+        self._last_sync_step: int | None = None
+        self._last_sync_clock: float | None = None  # rank 0's rate clock at the last sync
+        self._synced_time: float | None = None      # rank 0's Progress.time at the last sync
         self._pending_signals: set = set()      # local signal codes since the last sync
-        self._last_clock_candidate: Optional[float] = None
+        self._last_clock_candidate: float | None = None
         self._device = None
 
     # -- the Decider interface -------------------------------------------------
@@ -353,7 +354,7 @@ class SyncedDecider:
             )
         )
 
-    def note_save(self, step: int, time: Optional[float] = None) -> None:
+    def note_save(self, step: int, time: float | None = None) -> None:
         """Tell the decider about a save it did not decide.
 
         Must be called on every rank at the same step.  The clock recorded is
@@ -389,7 +390,7 @@ class SyncedDecider:
     # -- the sync itself ---------------------------------------------------------
 
     @property
-    def next_sync(self) -> Optional[int]:
+    def next_sync(self) -> int | None:
         """The step of the next scheduled sync (``None``: the next call)."""
         return self._next_sync
 
@@ -407,7 +408,7 @@ class SyncedDecider:
         return _next_interval(self._interval, step - self._last_sync_step, clock - self._last_sync_clock,
                               self.sync_seconds, self.max_interval)
 
-    def _sync(self, progress: Progress, metrics: Optional[Mapping[str, float]]):
+    def _sync(self, progress: Progress, metrics: Mapping[str, float] | None):
         step = progress.step
         vec = [_NEG] * _LEN
         for i in range(_SIG_BASE, _LEN):

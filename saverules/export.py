@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import List, Optional
 
 __all__ = ["main"]
 
@@ -102,7 +101,7 @@ def _flat_tensors(name: str, sd) -> dict:
     return out
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m saverules.export",
         description="Export one object of a saverules checkpoint (any format, sharded or not) to one file.",
@@ -118,7 +117,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"saverules.export: error: {args.out}: the output must end in .safetensors or .pt", file=sys.stderr)
         return 2
     try:
-        from . import store
 
         info = _pick(args.checkpoint, verify=not args.no_verify)
         sd = _read_entry(info, args.object)
@@ -132,7 +130,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 try:
                     from safetensors.torch import save_file
                 except ImportError:
-                    raise _Failed("writing .safetensors needs the safetensors package: pip install safetensors", 2)
+                    raise _Failed("writing .safetensors needs the safetensors package: pip install safetensors", 2) from None
                 tensors = _flat_tensors(args.object, sd)
                 save_file(tensors, tmp, metadata={"format": "pt", "saverules_step": str(info.step)})
                 count = len(tensors)

@@ -6,7 +6,7 @@ and which retention rule keeps it.  The retention rules come from
 ``DIR/policy.toml`` (written by :class:`saverules.store.Checkpointer` and by the
 trainer integrations) or from ``--policy FILE``.  A Hugging Face output
 directory (``checkpoint-N/``) or a Lightning ``dirpath`` (``.ckpt`` files) is
-listed from the manifests :mod:`saverules.framework_manifest` describes.
+listed from the manifests :mod:`saverules.integrations.manifest` describes.
 
 "Verified" means what resume means: the files match their sha256, and
 their structure (the torch archive, the pickle's opcodes, read and never
@@ -26,8 +26,8 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Optional, Sequence
 
 __all__ = ["main", "format_table"]
 
@@ -45,7 +45,7 @@ def _size(n: int) -> str:
     return f"{n} B"  # pragma: no cover
 
 
-def _clock(seconds: Optional[float]) -> str:
+def _clock(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     s = int(round(seconds))
@@ -54,7 +54,7 @@ def _clock(seconds: Optional[float]) -> str:
     return f"{h}:{m:02d}:{sec:02d}"
 
 
-def _world(info) -> Optional[int]:
+def _world(info) -> int | None:
     """How many ranks wrote the checkpoint (its manifest's world size), or None when unknown."""
     world = (getattr(info, "manifest", None) or {}).get("world_size")  # a framework checkpoint has none
     return world if type(world) is int and world > 0 else None
@@ -80,9 +80,9 @@ def _load_policy(path: str):
     return saverules.load(path)
 
 
-def _framework_checkpoints(root: str, args, notes: List[str]):
+def _framework_checkpoints(root: str, args, notes: list[str]):
     """The checkpoints of a Hugging Face output dir or a Lightning dirpath (no torch import), else None."""
-    from . import framework_manifest
+    from .integrations import manifest as framework_manifest
 
     if not framework_manifest.is_framework_dir(root):
         return None
@@ -112,7 +112,7 @@ class _Usage(Exception):
     """A usage error: printed, exit status 2."""
 
 
-def _policy_for(root: str, given: Optional[str], notes: List[str]):
+def _policy_for(root: str, given: str | None, notes: list[str]):
     from . import PolicyError
     from .store.layout import POLICY_FILE
 
@@ -129,7 +129,7 @@ def _policy_for(root: str, given: Optional[str], notes: List[str]):
         return None
 
 
-def _writer_note(root: str) -> Optional[str]:
+def _writer_note(root: str) -> str | None:
     """Who writes the store, from its lock file (read only: ls never takes or probes the lock)."""
     import socket
 
@@ -147,7 +147,7 @@ def _writer_note(root: str) -> Optional[str]:
     return f"written by {who}, according to its lock file (a process on another host)"
 
 
-def _examine(root: str, args, policy, notes: List[str]) -> list:
+def _examine(root: str, args, policy, notes: list[str]) -> list:
     """The checkpoints of one store (or framework directory), with ``--load`` applied."""
     import dataclasses
 
@@ -184,7 +184,7 @@ def _kept_by(infos: list, policy) -> dict:
     return {id(info): why for info, why in zip(valid, explained)}
 
 
-def _as_json(root: str, infos: list, kept: dict, notes: List[str]) -> dict:
+def _as_json(root: str, infos: list, kept: dict, notes: list[str]) -> dict:
     out = []
     for info in infos:
         out.append({
@@ -206,7 +206,7 @@ def _as_json(root: str, infos: list, kept: dict, notes: List[str]) -> dict:
     return {"dir": os.path.abspath(root), "checkpoints": out, "notes": notes}
 
 
-def _print_table(root: str, infos: list, kept: dict, writer: Optional[str]) -> None:
+def _print_table(root: str, infos: list, kept: dict, writer: str | None) -> None:
     rows = []
     for info in infos:
         if info.ok:
@@ -274,16 +274,16 @@ def _summary(infos: list) -> int:
     return 1 if failed else 0
 
 
-def _stores_below(root: str) -> List[str]:
+def _stores_below(root: str) -> list[str]:
     """Directories below ``root`` (a few levels, not following links) that hold checkpoints."""
-    from . import framework_manifest
+    from .integrations import manifest as framework_manifest
     from .store.layout import POLICY_FILE, candidates
 
-    found: List[str] = []
+    found: list[str] = []
     seen = 0
     level = [root]
     for _ in range(SEARCH_DEPTH):
-        below: List[str] = []
+        below: list[str] = []
         for directory in level:
             try:
                 with os.scandir(directory) as entries:
@@ -304,7 +304,7 @@ def _stores_below(root: str) -> List[str]:
     return found
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     root = args.dir
     if not os.path.exists(root):
@@ -318,7 +318,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     from .store.layout import POLICY_FILE
 
-    notes: List[str] = []
+    notes: list[str] = []
     try:
         policy = _policy_for(root, args.policy, notes)
         infos = _examine(root, args, policy, notes)
@@ -349,12 +349,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     return _summary(infos)
 
 
-def _list_below(root: str, stores: List[str], args) -> int:
+def _list_below(root: str, stores: list[str], args) -> int:
     """``ls RUN_DIR``: every store found below the run folder, one after the other."""
     status = 0
     listed = []
     for store_dir in stores:
-        notes: List[str] = []
+        notes: list[str] = []
         try:
             policy = _policy_for(store_dir, args.policy, notes)
         except _Usage as exc:

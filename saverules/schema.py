@@ -12,8 +12,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .policy import Policy
-
+from .engine.policy import Policy
 
 
 def policy_schema() -> dict:

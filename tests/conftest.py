@@ -21,3 +21,11 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+# The shared helpers (oracle, strategies, subprocess children) live in tests/helpers/.
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+_HELPERS = str(Path(__file__).resolve().parent / "helpers")
+if _HELPERS not in sys.path:
+    sys.path.insert(0, _HELPERS)

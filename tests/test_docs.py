@@ -14,7 +14,7 @@ BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 def examples():
     for page in PAGES:
         text = (REPO / page).read_text()
-        for i, match in enumerate(BLOCK.finditer(text)):
+        for _i, match in enumerate(BLOCK.finditer(text)):
             line = text[: match.start()].count("\n") + 2
             yield pytest.param(page, line, match.group(1), id=f"{page}:{line}")
 
@@ -27,7 +27,7 @@ def test_example_runs(page, line, code, tmp_path, monkeypatch):
 
 
 def test_every_rule_kind_has_a_section():
-    from saverules.rules import RULE_KINDS
+    from saverules.engine.rules import RULE_KINDS
 
     text = (REPO / "docs/rules.md").read_text()
     for kind in RULE_KINDS:

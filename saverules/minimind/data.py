@@ -45,8 +45,9 @@ import json
 import math
 import os
 import random
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TypeAlias, Union
 
 import torch
 from torch.utils.data import Dataset
@@ -88,7 +89,7 @@ class ByteTokenizer:
     eos_id = 258
     vocab_size = 259
 
-    def encode(self, text: str) -> List[int]:
+    def encode(self, text: str) -> list[int]:
         """Ids of ``text``'s UTF-8 bytes (no specials added)."""
         return list(text.encode("utf-8"))
 
@@ -131,7 +132,7 @@ class HFTokenizer:
             "add one of them as a special token"
         )
 
-    def encode(self, text: str) -> List[int]:
+    def encode(self, text: str) -> list[int]:
         """Ids of ``text`` without added special tokens."""
         return list(self._tok.encode(text, add_special_tokens=False).ids)
 
@@ -143,10 +144,10 @@ class HFTokenizer:
         return f"HFTokenizer({self.source!r}, vocab_size={self.vocab_size})"
 
 
-Tokenizer = Union[ByteTokenizer, HFTokenizer]
+Tokenizer: TypeAlias = ByteTokenizer | HFTokenizer
 
 
-def load_tokenizer(path: Optional[PathLike] = None) -> Tokenizer:
+def load_tokenizer(path: PathLike | None = None) -> Tokenizer:
     """``None`` -> :class:`ByteTokenizer`; a ``tokenizer.json`` (or a folder holding one) -> :class:`HFTokenizer`.
 
     Raises :class:`ImportError` telling to ``pip install tokenizers`` when the
@@ -181,7 +182,7 @@ def load_tokenizer(path: Optional[PathLike] = None) -> Tokenizer:
 # JSONL files
 
 
-def read_jsonl_texts(path: PathLike, field: str = "text") -> List[str]:
+def read_jsonl_texts(path: PathLike, field: str = "text") -> list[str]:
     """The ``field`` strings of a JSONL file, one JSON object per line.
 
     Blank lines are skipped.  Anything else that is not an object with a
@@ -192,7 +193,7 @@ def read_jsonl_texts(path: PathLike, field: str = "text") -> List[str]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"data file not found: {p} (expected JSONL with one {{\"{field}\": ...}} per line)")
-    texts: List[str] = []
+    texts: list[str] = []
     with open(p, "rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             try:
@@ -259,7 +260,7 @@ class PretrainDataset(Dataset):
     Texts are tokenized on access, so building the dataset is cheap.
     """
 
-    def __init__(self, source: Union[PathLike, Iterable[str]], tokenizer: Tokenizer, max_seq_len: int) -> None:
+    def __init__(self, source: PathLike | Iterable[str], tokenizer: Tokenizer, max_seq_len: int) -> None:
         if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
             raise ValueError(f"max_seq_len must be an integer >= 2, got {max_seq_len!r}")
         if isinstance(source, (str, os.PathLike)):
@@ -279,7 +280,7 @@ class PretrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.texts)
 
-    def __getitem__(self, idx: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         tok = self.tokenizer
         ids = [tok.bos_id] + tok.encode(self.texts[idx]) + [tok.eos_id]
         ids = ids[: self.max_seq_len]
@@ -338,7 +339,7 @@ def _doc_days(rng: random.Random) -> str:
 _TEMPLATES = (_doc_animal, _doc_sum, _doc_count, _doc_story, _doc_days)
 
 
-def default_corpus(n_docs: int = 2000, seed: int = 0) -> List[str]:
+def default_corpus(n_docs: int = 2000, seed: int = 0) -> list[str]:
     """``n_docs`` short synthetic English-like documents, a pure function of ``(n_docs, seed)``.
 
     Documents are drawn from a few templates (animal sentences, single-digit
@@ -355,7 +356,7 @@ def default_corpus(n_docs: int = 2000, seed: int = 0) -> List[str]:
 
 
 def default_dataset(
-    tokenizer: Optional[Tokenizer] = None, max_seq_len: int = 128, n_docs: int = 2000, seed: int = 0
+    tokenizer: Tokenizer | None = None, max_seq_len: int = 128, n_docs: int = 2000, seed: int = 0
 ) -> PretrainDataset:
     """A :class:`PretrainDataset` over :func:`default_corpus` (byte tokenizer if ``tokenizer`` is None)."""
     return PretrainDataset(default_corpus(n_docs, seed), tokenizer or ByteTokenizer(), max_seq_len)
@@ -388,8 +389,8 @@ class ResumableSampler(DistributedSampler):
     def __init__(
         self,
         dataset: Dataset,
-        num_replicas: Optional[int] = None,
-        rank: Optional[int] = None,
+        num_replicas: int | None = None,
+        rank: int | None = None,
         shuffle: bool = True,
         seed: int = 0,
         drop_last: bool = False,
@@ -467,7 +468,7 @@ class ResumableSampler(DistributedSampler):
         self.start_index = start
 
 
-def resume_point(batches_done: int, batches_per_epoch: int) -> Tuple[int, int]:
+def resume_point(batches_done: int, batches_per_epoch: int) -> tuple[int, int]:
     """``(epoch, batch_index)`` at which to continue after ``batches_done`` batches in total.
 
     ``batches_done`` counts loader batches from the start of training (the same

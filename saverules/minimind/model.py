@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +84,7 @@ class ModelConfig:
     num_key_value_heads: int
     vocab_size: int
     max_seq_len: int
-    intermediate_size: Optional[int] = None
+    intermediate_size: int | None = None
     rope_theta: float = 1e6
     rms_norm_eps: float = 1e-5
     dropout: float = 0.0
@@ -136,7 +137,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
         """Rebuild a config from :meth:`to_dict` output; unknown keys are a ValueError."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
@@ -218,7 +219,7 @@ class RMSNorm(nn.Module):
         return self.weight * normed.type_as(x)
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float = 1e6) -> Tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(head_dim: int, max_seq_len: int, theta: float = 1e6) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary cos/sin tables of shape ``(max_seq_len, head_dim)``.
 
     Channel ``i`` and channel ``i + head_dim/2`` form a rotating pair with
@@ -269,7 +270,7 @@ class Attention(nn.Module):
 
     def project_qk(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rotated queries ``(B, H, T, D)``, rotated keys and values ``(B, KV, T, D)``."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
@@ -364,10 +365,10 @@ class MiniMindLM(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        labels: Optional[torch.Tensor] = None,
+        labels: torch.Tensor | None = None,
         *,
         position_offset: int = 0,
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits for ``input_ids`` ``(B, T)`` and, given ``labels`` ``(B, T)``, the shifted loss.
 
         ``position_offset`` places the sequence at positions
@@ -409,9 +410,9 @@ class MiniMindLM(nn.Module):
         max_new_tokens: int,
         *,
         temperature: float = 1.0,
-        top_k: Optional[int] = None,
-        eos_id: Optional[int] = None,
-        generator: Optional[torch.Generator] = None,
+        top_k: int | None = None,
+        eos_id: int | None = None,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Extend ``input_ids`` ``(B, T)`` by up to ``max_new_tokens`` sampled tokens.
 

@@ -22,7 +22,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 DEFAULT_RULES = "rules/default.toml"
 
@@ -93,7 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def rules_path(given: Optional[str]) -> str:
+def rules_path(given: str | None) -> str:
     """The policy file: ``--rules``, else rules/default.toml here, else the packaged copy."""
     if given is not None:
         if not Path(given).is_file():
@@ -144,7 +144,7 @@ class RNGState:
 
 
 # --- test hooks -----------------------------------------------------------------------
-# Used by tests/test_train.py to exercise DDP agreement and preemption deterministically.
+# Used by tests/train/test_train.py to exercise DDP agreement and preemption deterministically.
 # They change nothing unless the variables are set; never set them in real runs.
 #
 #   SAVERULES_TEST_STEP_SECONDS=dt   the training clock reads step * dt instead of wall time
@@ -215,10 +215,14 @@ def train(args: argparse.Namespace) -> int:
     import saverules
     from saverules import Progress
     from saverules.minimind.data import (
-        PretrainDataset, ResumableSampler, default_corpus, load_tokenizer, resume_point,
+        PretrainDataset,
+        ResumableSampler,
+        default_corpus,
+        load_tokenizer,
+        resume_point,
     )
     from saverules.minimind.model import MiniMindLM, config_for
-    from saverules.torch import CheckpointError, Checkpointer, restore_rng_state, rng_state, scan
+    from saverules.torch import Checkpointer, CheckpointError, restore_rng_state, rng_state, scan
 
     # ---- process group and device ------------------------------------------------
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -13,7 +13,8 @@ training thread's next call to the Checkpointer (:meth:`AsyncWrites.outcome`).
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Mapping, Optional, Tuple
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from .background import Write, Writer
 from .job import Job
@@ -30,11 +31,11 @@ class AsyncWrites:
         self.writer = Writer()  # started on the first save
         self.gate = Gate()  # holds an optimizer's step() while the writer copies what it changes
         self.pool: Pool = {}  # copy buffers, from one snapshot to the next
-        self.pending: Optional[Write] = None  # the write in flight
-        self.error: Optional[BaseException] = None
-        self.cost: Optional[Tuple[float, float]] = None  # (stall, write) of the finished write
+        self.pending: Write | None = None  # the write in flight
+        self.error: BaseException | None = None
+        self.cost: tuple[float, float] | None = None  # (stall, write) of the finished write
 
-    def snapshot(self, state: Mapping[str, Any]) -> Tuple[Snapshot, list]:
+    def snapshot(self, state: Mapping[str, Any]) -> tuple[Snapshot, list]:
         """(the snapshot to copy ``state`` into, the optimizers whose tensors it leaves to the writer)."""
         optimizers, late = changed_by_step(state)
         snap, self.pool = Snapshot(self.pool, late), {}
@@ -87,7 +88,7 @@ class AsyncWrites:
         if pending is not None:
             pending.join()
 
-    def outcome(self) -> Tuple[Optional[Tuple[float, float]], Optional[BaseException]]:
+    def outcome(self) -> tuple[tuple[float, float] | None, BaseException | None]:
         """(cost, error) of the finished write, each once; the stall includes the steps' wait at the gate."""
         cost, self.cost = self.cost, None
         if cost is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import queue
 import sys
 import threading
-from typing import Callable, Optional, Tuple
+from collections.abc import Callable
 
 __all__ = ["Write", "Writer"]
 
@@ -26,7 +26,7 @@ class Write:
     def is_alive(self) -> bool:
         return not self._done.is_set()
 
-    def join(self, timeout: Optional[float] = None) -> None:
+    def join(self, timeout: float | None = None) -> None:
         self._done.wait(timeout)
 
 
@@ -35,8 +35,8 @@ class Writer:
 
     def __init__(self, name: str = "saverules-writer") -> None:
         self._name = name
-        self._queue: "queue.SimpleQueue[Optional[Tuple[Callable[[], None], Write]]]" = queue.SimpleQueue()
-        self._thread: Optional[threading.Thread] = None
+        self._queue: queue.SimpleQueue[tuple[Callable[[], None], Write] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
 
     def submit(self, fn: Callable[[], None]) -> Write:
         """Run ``fn()`` on the writer thread; ``fn`` reports its own failures."""
@@ -60,7 +60,7 @@ class Writer:
                 thread.join(wait)
 
 
-def _loop(work: "queue.SimpleQueue[Optional[Tuple[Callable[[], None], Write]]]") -> None:
+def _loop(work: queue.SimpleQueue[tuple[Callable[[], None], Write] | None]) -> None:
     while True:
         item = work.get()
         if item is None:

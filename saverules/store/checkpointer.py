@@ -15,22 +15,25 @@ optimizers' ``step()`` changes (:mod:`~saverules.store.staging`).
 
 A resume is :func:`saverules.store.resume.load_latest` (the newest checkpoint
 that verifies, decoded with the format its manifest names; a sharded store:
-:func:`saverules.store.sharded.load_latest`), and the state goes back through
+:func:`saverules.store.sharded.coordinate.load_latest`), and the state goes back through
 :mod:`~saverules.store.restore`.
 """
 from __future__ import annotations
 
 import atexit
+import builtins
 import os
 import sys
 import time as _time
 import weakref
+from collections.abc import Mapping, MutableMapping
 from pathlib import Path
-from typing import Any, List, Mapping, MutableMapping, Optional, Tuple, Union
+from typing import Any
 
-from ..progress import Decision, Progress
+from ..engine.progress import Decision, Progress
 from . import commit, lock, options, ranks, resume, retain, sharded
 from . import job as _job
+from .async_writes import AsyncWrites
 from .errors import CheckpointError, CheckpointWriteError, log, warn
 from .job import Job
 from .manifest import CheckpointInfo, info_from_manifest, progress_of
@@ -38,10 +41,9 @@ from .opening import open_store, refuse_a_file
 from .options import ON_ERROR_CHOICES, VERIFY_CHOICES  # noqa: F401  (importable from here, as before)
 from .ranks import RankFailure, Ranks
 from .restore import restore
-from .async_writes import AsyncWrites
 from .verify import VerifyCache, check_written, scan
 
-_LIVE: "weakref.WeakSet[Checkpointer]" = weakref.WeakSet()
+_LIVE: weakref.WeakSet[Checkpointer] = weakref.WeakSet()
 
 
 def _close_all_at_exit() -> None:
@@ -113,15 +115,15 @@ class Checkpointer:
     def __init__(
         self,
         policy: Any,
-        dir: Union[str, os.PathLike, None] = None,
+        dir: str | os.PathLike | None = None,
         *,
         async_save: bool = False,
         verify: str = "hash",
         on_error: str = "raise",
-        total_steps: Optional[int] = None,
+        total_steps: int | None = None,
         run_name: str = "run",
-        sync: Optional[Mapping[str, Any]] = None,
-        commit_timeout: Optional[float] = None,
+        sync: Mapping[str, Any] | None = None,
+        commit_timeout: float | None = None,
         read_only: bool = False,
     ) -> None:
         policy = options.load_policy(policy)
@@ -140,8 +142,8 @@ class Checkpointer:
 
         self.rank, self.world_size = ranks.process_rank()
         self.decider = options.make_decider(policy, total_steps, self.world_size, sync)
-        # A sharded format: every rank writes, rank 0 commits (saverules.store.sharded).
-        self._ranks: Optional[Ranks] = ranks.for_format(self._format, commit_timeout)
+        # A sharded format: every rank writes, rank 0 commits (saverules.store.sharded.coordinate).
+        self._ranks: Ranks | None = ranks.for_format(self._format, commit_timeout)
 
         self._clock_offset = 0.0
         self._clock_t0 = _time.monotonic()
@@ -150,7 +152,7 @@ class Checkpointer:
         self._async = AsyncWrites()  # the writer thread, copy buffers and write in flight of async saves
         weakref.finalize(self, self._async.writer.stop).atexit = False  # at exit: _finish_at_exit
         self._closed = False
-        self._store_lock: Optional[lock.StoreLock] = None
+        self._store_lock: lock.StoreLock | None = None
         self._release = None
 
         refuse_a_file(self.dir)
@@ -183,7 +185,7 @@ class Checkpointer:
         """Seconds of training so far, continuous across resumes: pass it as ``Progress.time``."""
         return self._clock_offset + (_time.monotonic() - self._clock_t0)
 
-    def __enter__(self) -> "Checkpointer":
+    def __enter__(self) -> Checkpointer:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -287,7 +289,7 @@ class Checkpointer:
         """This process writes files: rank 0, or every rank of a sharded format."""
         return (self.is_writer or self._ranks is not None) and not self.read_only
 
-    def _save(self, progress: Progress, state: Mapping[str, Any], reasons: Tuple[str, ...]) -> None:
+    def _save(self, progress: Progress, state: Mapping[str, Any], reasons: tuple[str, ...]) -> None:
         if self.read_only:
             raise CheckpointError(
                 f"saverules: this Checkpointer reads {self.dir} only (read_only=True) and cannot save step "
@@ -319,7 +321,7 @@ class Checkpointer:
                 elapsed = _time.perf_counter() - started
                 self.decider.note_cost(elapsed, elapsed)
 
-    def _prepare(self, progress: Progress, state: Mapping[str, Any], reasons: Tuple[str, ...]) -> Tuple[Job, list]:
+    def _prepare(self, progress: Progress, state: Mapping[str, Any], reasons: tuple[str, ...]) -> tuple[Job, list]:
         """In the training thread: check the state (and copy it, for an async save); name the checkpoint.
 
         Returns the job and the optimizers whose tensors an async save left to the writer.
@@ -369,13 +371,13 @@ class Checkpointer:
 
     # -- reading -------------------------------------------------------------------------
 
-    def list(self) -> List[CheckpointInfo]:
+    def list(self) -> builtins.list[CheckpointInfo]:
         """Every checkpoint in the store, oldest first, each re-hashed (results are cached)."""
         if self._writes:
             self._collect(block=True)
         return scan(self.dir, verify=True, _cache=self._cache)
 
-    def latest(self, if_none_valid: str = "raise") -> Optional[CheckpointInfo]:
+    def latest(self, if_none_valid: str = "raise") -> CheckpointInfo | None:
         """The newest checkpoint that verifies, or None when the store holds none.
 
         Damaged newer ones are skipped with a warning; an unsafe one raises
@@ -396,7 +398,7 @@ class Checkpointer:
         warn(f"saverules: skipping checkpoint {info.path}: {info.error}; falling back to an older checkpoint")
 
     def load_latest(self, state: MutableMapping[str, Any], map_location: Any = "cpu",
-                    if_none_valid: str = "raise", *, mmap: bool = False) -> Optional[Progress]:
+                    if_none_valid: str = "raise", *, mmap: bool = False) -> Progress | None:
         """Restore the newest good checkpoint into ``state`` and the decider.
 
         Objects with ``load_state_dict`` get it called; plain values are
@@ -413,7 +415,7 @@ class Checkpointer:
         resume.check_load_arguments(state, if_none_valid, mmap)
         if self._writes:
             self._collect(block=True)
-        if self._ranks is not None:  # every rank takes part; rank 0 chooses (saverules.store.sharded)
+        if self._ranks is not None:  # every rank takes part; rank 0 chooses (saverules.store.sharded.coordinate)
             got = sharded.load_latest(self._ranks, self.dir, self._cache, self._warn_skip, state, map_location,
                                      if_none_valid)
             if got is None:

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any
 
 from . import digest, formats, layout, writer
 from .errors import CheckpointError, log, warn, write_error
@@ -24,14 +25,14 @@ from .layout import DEL_PREFIX, MANIFEST, OLD_PREFIX, TMP_PREFIX, hidden_name
 from .manifest import encode_manifest
 
 #: check(tmp, files, metadata): verification of the written files before the manifest goes in.
-Check = Callable[[Path, Mapping[str, Any], Optional[Mapping[str, Any]]], None]
+Check = Callable[[Path, Mapping[str, Any], Mapping[str, Any] | None], None]
 
 
-def _write(path: str, producer) -> Dict[str, Any]:
+def _write(path: str, producer) -> dict[str, Any]:
     return writer.write_file(path, producer)  # looked up per call (tests wrap it)
 
 
-def _digest_foreign(tmp: Path, name: str) -> Dict[str, Any]:
+def _digest_foreign(tmp: Path, name: str) -> dict[str, Any]:
     """fsync and digest a file a format wrote by other means."""
     path = tmp / name
     fd = os.open(path, os.O_RDONLY)
@@ -44,7 +45,7 @@ def _digest_foreign(tmp: Path, name: str) -> Dict[str, Any]:
 
 
 def commit(root: Path, name: str, step: int, manifest: Mapping[str, Any],
-           encode: Callable[[formats.Output], formats.Encoded], check: Optional[Check]) -> Tuple[Path, Dict[str, Any]]:
+           encode: Callable[[formats.Output], formats.Encoded], check: Check | None) -> tuple[Path, dict[str, Any]]:
     """Write a checkpoint called ``name`` into ``root`` atomically; its path and final manifest."""
     target = root / name
     tmp = root / hidden_name(TMP_PREFIX, name)
@@ -56,7 +57,7 @@ def commit(root: Path, name: str, step: int, manifest: Mapping[str, Any],
         fs.mkdir(str(tmp))
         steps.stage = None  # the format's own stage (out.stage) while it writes
         encoded = encode(out)
-        files: Dict[str, Any] = {}
+        files: dict[str, Any] = {}
         for fname, entry in encoded.files.items():
             if entry is None:
                 steps.stage = f"digest {fname}"
@@ -92,9 +93,9 @@ def commit(root: Path, name: str, step: int, manifest: Mapping[str, Any],
 class Steps:
     """How far the last steps of a commit got: what :func:`abort` undoes and what an error names."""
 
-    def __init__(self, stage: Optional[str]):
+    def __init__(self, stage: str | None):
         self.stage = stage
-        self.old: Optional[Path] = None  # the checkpoint of the same name, moved aside
+        self.old: Path | None = None  # the checkpoint of the same name, moved aside
         self.renamed_in = False          # the new checkpoint stands under its name
 
 
@@ -123,7 +124,7 @@ def install(root: Path, name: str, tmp: Path, final: Mapping[str, Any], steps: S
     fs.fsync_dir(str(root))
 
 
-def remove_replaced(old: Optional[Path]) -> None:
+def remove_replaced(old: Path | None) -> None:
     """Delete the checkpoint a commit replaced (a warning when it cannot)."""
     if old is not None:
         try:
@@ -132,7 +133,7 @@ def remove_replaced(old: Optional[Path]) -> None:
             warn(f"saverules: could not remove the replaced checkpoint {old}: {exc}")
 
 
-def abort(root: Path, tmp: Path, target: Path, old: Optional[Path], renamed_in: bool) -> None:
+def abort(root: Path, tmp: Path, target: Path, old: Path | None, renamed_in: bool) -> None:
     """Undo a failed commit: the store goes back to exactly what it held before."""
     try:
         if os.path.lexists(tmp):

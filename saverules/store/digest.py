@@ -21,15 +21,15 @@ import mmap
 import os
 import queue
 import threading
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Dict, Mapping, Optional, Tuple, Union
 
 from . import layout
 from .errors import CheckpointError
 
 
-def _algorithms() -> Dict[str, Callable]:
-    algos: Dict[str, Callable] = {}
+def _algorithms() -> dict[str, Callable]:
+    algos: dict[str, Callable] = {}
     try:
         import xxhash
 
@@ -65,7 +65,7 @@ def new(algo: str):
         ) from None
 
 
-def entry_digest(entry: Mapping) -> Tuple[str, str]:
+def entry_digest(entry: Mapping) -> tuple[str, str]:
     """(algorithm, hex digest) of a manifest file entry."""
     for algo in KNOWN:
         if algo in entry:
@@ -73,7 +73,7 @@ def entry_digest(entry: Mapping) -> Tuple[str, str]:
     raise KeyError("no digest")
 
 
-def make_entry(size: int, algo: str, hexdigest: str) -> Dict[str, object]:
+def make_entry(size: int, algo: str, hexdigest: str) -> dict[str, object]:
     return {"size": int(size), algo: hexdigest}
 
 #: Read size of a re-read; chunks at least this large are hashed behind the writer.
@@ -86,10 +86,10 @@ class HashStream:
 
     __slots__ = ("h", "algo", "error")
 
-    def __init__(self, algo: Optional[str] = None):
+    def __init__(self, algo: str | None = None):
         self.algo = algo or DEFAULT
         self.h = new(self.algo)
-        self.error: Optional[BaseException] = None
+        self.error: BaseException | None = None
 
 
 class HashWorker:
@@ -102,8 +102,8 @@ class HashWorker:
     """
 
     def __init__(self):
-        self._queue: "queue.SimpleQueue" = queue.SimpleQueue()
-        self._thread: Optional[threading.Thread] = None
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
     def _loop(self) -> None:
@@ -117,7 +117,7 @@ class HashWorker:
             if done is not None:
                 done.set()
 
-    def submit(self, stream: HashStream, data, wait: bool = False) -> Optional[threading.Event]:
+    def submit(self, stream: HashStream, data, wait: bool = False) -> threading.Event | None:
         """Queue ``data`` for ``stream``; with ``wait``, return an event set once it (and all before it) is hashed."""
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
@@ -150,7 +150,7 @@ def drop_cached_pages(fd: int) -> bool:
     return True
 
 
-def hash_file(path: Union[str, Path], algo: str = "sha256", from_device: bool = False) -> Tuple[int, str]:
+def hash_file(path: str | Path, algo: str = "sha256", from_device: bool = False) -> tuple[int, str]:
     """Re-read ``path`` from the file system; return its size and digest.
 
     A file inside a temporary directory this process is writing right now
@@ -180,7 +180,7 @@ def hash_file(path: Union[str, Path], algo: str = "sha256", from_device: bool = 
     return size, h.hexdigest()
 
 
-def hash_mapped(f, algo: str = "sha256") -> Optional[Tuple[int, str]]:
+def hash_mapped(f, algo: str = "sha256") -> tuple[int, str] | None:
     """Size and digest of an open file through a read-only map; None when it cannot be mapped (or is empty)."""
     size = os.fstat(f.fileno()).st_size
     if not size:

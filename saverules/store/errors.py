@@ -8,7 +8,8 @@ import re
 import resource
 import sys
 import warnings
-from typing import Any, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 log = logging.getLogger("saverules.store")
 log.addHandler(logging.NullHandler())  # warnings reach the user through `warnings`; logs only when configured
@@ -26,7 +27,7 @@ class CheckpointWriteError(CheckpointError):
     has been removed and older checkpoints are untouched.
     """
 
-    def __init__(self, message: str, path: Optional[str] = None, errno: Optional[int] = None):
+    def __init__(self, message: str, path: str | None = None, errno: int | None = None):
         super().__init__(message)
         self.path = path
         self.errno = errno
@@ -49,9 +50,9 @@ class NoValidCheckpointError(CheckpointError):
     instead, when that is what you want.
     """
 
-    def __init__(self, directory: str, rejected: Sequence[Tuple[str, str]]):
+    def __init__(self, directory: str, rejected: Sequence[tuple[str, str]]):
         self.dir = str(directory)
-        self.rejected: List[Tuple[str, str]] = list(rejected)
+        self.rejected: list[tuple[str, str]] = list(rejected)
         count = len(self.rejected)
         lines = "\n".join(f"  {name}: {reason}" for name, reason in self.rejected)
         super().__init__(
@@ -82,7 +83,7 @@ class StoreLockedError(CheckpointError):
     ``host``, ``since``, ``command``), or None when it had not written it yet.
     """
 
-    def __init__(self, message: str, path: str, holder: Optional[dict]):
+    def __init__(self, message: str, path: str, holder: dict | None):
         super().__init__(message)
         self.path = path
         self.holder = holder
@@ -131,7 +132,7 @@ def type_name(value: Any) -> str:
     return t.__qualname__ if mod == "builtins" else f"{mod}.{t.__qualname__}"
 
 
-def error_hint(code: Optional[int]) -> str:
+def error_hint(code: int | None) -> str:
     """What to do about an OS error number, in the words of ``[storage]``."""
     if code == _errno.ENOSPC:
         return "the disk is full: free some space or point [storage].dir at a larger disk"
@@ -149,7 +150,7 @@ def error_hint(code: Optional[int]) -> str:
     return "check the directory and the disk"
 
 
-def write_error(exc: OSError, step: Optional[int], path: str, doing: str) -> CheckpointWriteError:
+def write_error(exc: OSError, step: int | None, path: str, doing: str) -> CheckpointWriteError:
     """A :class:`CheckpointWriteError` that names the path, the stage and what to do."""
     code = exc.errno
     where = exc.filename if exc.filename else path
@@ -169,7 +170,7 @@ _ERRNO_IN_TEXT = re.compile(r"(?:\bos error|\[Errno) (\d+)")
 _NEARLY_FULL = 1 << 20
 
 
-def recover_errno(exc: BaseException, path: Optional[str] = None) -> Optional[int]:
+def recover_errno(exc: BaseException, path: str | None = None) -> int | None:
     """The OS error number behind a failed write, also when the writer that failed lost it.
 
     torch's C++ archive writer turns a full disk into "unexpected pos ..."
@@ -181,7 +182,7 @@ def recover_errno(exc: BaseException, path: Optional[str] = None) -> Optional[in
     None when nothing points at an OS error.
     """
     seen = set()
-    e: Optional[BaseException] = exc
+    e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if isinstance(e, OSError) and e.errno:

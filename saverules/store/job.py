@@ -10,11 +10,12 @@ the writer needs: encode, write and digest, verify, commit, retain.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any
 
-from ..progress import Progress
+from ..engine.progress import Progress
 from . import sharded
 from .errors import StateTypeError, type_name
 from .manifest import metrics_of, new_manifest
@@ -31,13 +32,13 @@ class Job:
 
     name: str
     step: int
-    manifest: Dict[str, Any]
-    payload: Optional[Payload]
-    snapshot: Optional[Snapshot] = None
-    tmp: Optional[Path] = None  # a sharded save's temporary directory, agreed by every rank
+    manifest: dict[str, Any]
+    payload: Payload | None
+    snapshot: Snapshot | None = None
+    tmp: Path | None = None  # a sharded save's temporary directory, agreed by every rank
 
 
-def check_inputs(progress: Any, state: Any) -> Optional[Dict[str, float]]:
+def check_inputs(progress: Any, state: Any) -> dict[str, float] | None:
     """Raise on a state that is not a mapping or a progress that is not a Progress; return its metrics."""
     if not isinstance(state, Mapping):
         raise StateTypeError(f"state must be a dict of names to objects and values, got {type_name(state)}")
@@ -47,12 +48,12 @@ def check_inputs(progress: Any, state: Any) -> Optional[Dict[str, float]]:
 
 
 def prepare(progress: Progress, state: Mapping[str, Any], reasons: Sequence[str], *,
-            metrics: Optional[Dict[str, float]], snapshot: Optional[Snapshot], clock: float, policy: Any,
-            run_name: str, fmt: Any, ranks: Optional[Ranks], root: Path, decider: Any, world_size: int) -> Job:
+            metrics: dict[str, float] | None, snapshot: Snapshot | None, clock: float, policy: Any,
+            run_name: str, fmt: Any, ranks: Ranks | None, root: Path, decider: Any, world_size: int) -> Job:
     """In the training thread: capture the state (into ``snapshot``, when given) and name the checkpoint.
 
     A sharded format (``ranks``) captures every rank's state and agrees on the
-    name and the temporary directory (:func:`saverules.store.sharded.start`).
+    name and the temporary directory (:func:`saverules.store.sharded.coordinate.start`).
     """
     utc = datetime.now(timezone.utc)
     name = policy.storage.render_name(step=progress.step, epoch=progress.epoch, time=utc, run=run_name)

@@ -11,7 +11,6 @@ import os
 import secrets
 import threading
 from pathlib import Path
-from typing import List, Optional, Tuple
 
 #: File names inside a checkpoint directory and in the store's root.
 MANIFEST = "manifest.json"
@@ -62,7 +61,7 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def split_hidden(name: str) -> Optional[Tuple[str, str, int]]:
+def split_hidden(name: str) -> tuple[str, str, int] | None:
     """``.tmp-<name>-<pid>-<rand>`` -> (prefix, name, pid); None when it is not ours."""
     for prefix in HIDDEN_PREFIXES:
         if name.startswith(prefix):
@@ -103,7 +102,7 @@ def looks_like_checkpoint(path: Path) -> bool:
     return False
 
 
-def candidates(root: Path) -> List[Path]:
+def candidates(root: Path) -> list[Path]:
     """Every visible directory of ``root`` with a manifest or checkpoint files.
 
     A symbolic link to such a directory is listed too, so that it is

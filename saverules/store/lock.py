@@ -27,7 +27,7 @@ import socket
 import sys
 import threading
 from datetime import datetime, timezone
-from typing import Any, Dict, Optional
+from typing import Any
 
 from .errors import StoreLockedError, warn
 
@@ -51,7 +51,7 @@ _MAX_INFO = 4096
 #: else can see it.
 _GUARD = threading.RLock()
 #: realpath of a store -> [fd or None, count] for the locks this process holds.
-_HELD: Dict[str, list] = {}
+_HELD: dict[str, list] = {}
 
 
 def _after_fork_in_child() -> None:
@@ -72,7 +72,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _holder_info() -> Dict[str, Any]:
+def _holder_info() -> dict[str, Any]:
     argv = " ".join(sys.argv) if sys.argv else ""
     return {
         "pid": os.getpid(),
@@ -82,7 +82,7 @@ def _holder_info() -> Dict[str, Any]:
     }
 
 
-def _read_info(fd: int) -> Optional[Dict[str, Any]]:
+def _read_info(fd: int) -> dict[str, Any] | None:
     try:
         raw = os.pread(fd, _MAX_INFO, 0)
     except OSError:
@@ -94,7 +94,7 @@ def _read_info(fd: int) -> Optional[Dict[str, Any]]:
     return data if isinstance(data, dict) else None
 
 
-def describe_holder(info: Optional[Dict[str, Any]]) -> str:
+def describe_holder(info: dict[str, Any] | None) -> str:
     """``pid 4242 on host gpu-7, since 2026-12-01 20:31:07+00:00 (python train.py)``."""
     if not info:
         return "another process (it has not written its details yet)"
@@ -104,7 +104,7 @@ def describe_holder(info: Optional[Dict[str, Any]]) -> str:
     return text
 
 
-def holder_of(directory: str) -> Optional[Dict[str, Any]]:
+def holder_of(directory: str) -> dict[str, Any] | None:
     """Who holds (or last held, if it was killed) the lock of ``directory``; None when nobody wrote it.
 
     Reads the lock file only; it never takes or probes the lock, so readers
@@ -123,7 +123,7 @@ def holder_of(directory: str) -> Optional[Dict[str, Any]]:
 class StoreLock:
     """This process's hold on one store's lock (release it once; the last release unlocks)."""
 
-    def __init__(self, key: str, locked: bool, previous: Optional[Dict[str, Any]]):
+    def __init__(self, key: str, locked: bool, previous: dict[str, Any] | None):
         self.key = key
         self.locked = locked
         #: The holder information found in the lock file when this process took the lock over

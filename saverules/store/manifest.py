@@ -11,11 +11,12 @@ import json
 import math
 import os
 import sys
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any
 
-from ..progress import Checkpoint, Progress
+from ..engine.progress import Checkpoint, Progress
 from .digest import KNOWN as _DIGESTS
 from .errors import StateTypeError
 from .layout import MANIFEST, STATE_FILE
@@ -47,19 +48,19 @@ class CheckpointInfo:
 
     path: Path
     name: str
-    step: Optional[int] = None
-    epoch: Optional[int] = None
-    time: Optional[float] = None
-    utc: Optional[datetime] = None
-    reasons: Tuple[str, ...] = ()
+    step: int | None = None
+    epoch: int | None = None
+    time: float | None = None
+    utc: datetime | None = None
+    reasons: tuple[str, ...] = ()
     size: int = 0
-    verified: Optional[bool] = None
-    error: Optional[str] = None
+    verified: bool | None = None
+    error: str | None = None
     final: bool = False
-    metrics: Optional[Mapping[str, float]] = None
-    policy_digest: Optional[str] = None
-    format: Optional[str] = None
-    manifest: Optional[Mapping[str, Any]] = dataclasses.field(default=None, repr=False, compare=False)
+    metrics: Mapping[str, float] | None = None
+    policy_digest: str | None = None
+    format: str | None = None
+    manifest: Mapping[str, Any] | None = dataclasses.field(default=None, repr=False, compare=False)
     unsafe: bool = False
 
     @property
@@ -76,7 +77,7 @@ class Invalid(Exception):
     """A manifest that cannot be taken for a checkpoint's; the message says why."""
 
 
-def check_manifest(data: Any) -> Dict[str, Any]:
+def check_manifest(data: Any) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise Invalid("manifest.json is not a JSON object")
     if data.get("format") != FORMAT_NAME:
@@ -143,7 +144,7 @@ def _is_hex(value: Any, length: int) -> bool:
     return isinstance(value, str) and len(value) == length and all(c in "0123456789abcdef" for c in value)
 
 
-def read_manifest(path: Path) -> Dict[str, Any]:
+def read_manifest(path: Path) -> dict[str, Any]:
     """The checked manifest of the checkpoint directory ``path``; raises :class:`Invalid`."""
     return check_manifest(read_json(path / MANIFEST, missing=f"{MANIFEST} is missing"))
 
@@ -193,7 +194,7 @@ def info_from_manifest(path: Path, root: Path, m: Mapping[str, Any], verified, e
     )
 
 
-def library_version() -> Optional[str]:
+def library_version() -> str | None:
     import saverules
 
     version = getattr(saverules, "__version__", None)
@@ -207,7 +208,7 @@ def library_version() -> Optional[str]:
         return None
 
 
-def metrics_of(progress: Progress) -> Optional[Dict[str, float]]:
+def metrics_of(progress: Progress) -> dict[str, float] | None:
     """``Progress.metrics`` as the manifest records them (names to floats); raise on one that is not a number."""
     if progress.metrics is None:
         return None
@@ -221,8 +222,8 @@ def metrics_of(progress: Progress) -> Optional[Dict[str, float]]:
 
 
 def new_manifest(*, name: str, progress: Progress, clock: float, utc: datetime, reasons: Sequence[str],
-                 metrics: Optional[Dict[str, float]], policy_digest: str, storage_format: str,
-                 world_size: int) -> Dict[str, Any]:
+                 metrics: dict[str, float] | None, policy_digest: str, storage_format: str,
+                 world_size: int) -> dict[str, Any]:
     """Every field of a manifest but ``files`` (added by the commit once the files are written)."""
     import torch
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import commit, lock
 from .errors import CheckpointWriteError, log, write_error

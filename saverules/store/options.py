@@ -10,7 +10,8 @@ names it and what it may be, so that a typo never waits for the first save:
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Optional, Union
+from collections.abc import Mapping
+from typing import Any
 
 from . import formats
 from .errors import type_name
@@ -34,7 +35,7 @@ def load_policy(policy: Any) -> Any:
     return policy
 
 
-def check_arguments(*, dir: Union[str, os.PathLike, None], read_only: Any, async_save: Any, verify: Any,
+def check_arguments(*, dir: str | os.PathLike | None, read_only: Any, async_save: Any, verify: Any,
                     on_error: Any, run_name: Any) -> None:
     """Raise ``ValueError`` naming the first argument that is not one the checkpointer takes."""
     if dir is not None and not isinstance(dir, (str, os.PathLike)):
@@ -65,8 +66,8 @@ def storage_format(policy: Any) -> Any:
     return found
 
 
-def make_decider(policy: Any, total_steps: Optional[int], world_size: int,
-                 sync: Optional[Mapping[str, Any]]) -> Any:
+def make_decider(policy: Any, total_steps: int | None, world_size: int,
+                 sync: Mapping[str, Any] | None) -> Any:
     """The policy compiled; under DDP (``world_size`` > 1) wrapped so that every rank decides alike."""
     if sync is not None and not isinstance(sync, Mapping):
         raise ValueError(f"sync must be a mapping of SyncedDecider options or None, got {type_name(sync)}")

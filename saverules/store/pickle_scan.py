@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import pickletools
 import struct
-from typing import Any, Dict, List, Tuple
+from typing import Any
 
 __all__ = [
     "ALLOWED_GLOBALS",
@@ -124,7 +124,7 @@ def _refuse(name: str) -> UnsafeStructure:
     return UnsafeStructure(f"asks to unpickle {name}, which is not a tensor or a plain value (loading it would run code from the file, which saverules never does)", name)
 
 
-def _pop_mark(stack: List[Any]) -> List[Any]:
+def _pop_mark(stack: list[Any]) -> list[Any]:
     for i in range(len(stack) - 1, -1, -1):
         if stack[i] is _MARK:
             items = stack[i + 1:]
@@ -133,17 +133,17 @@ def _pop_mark(stack: List[Any]) -> List[Any]:
     raise StructureError("has a damaged pickle (no MARK)")
 
 
-def read_pickle(data: bytes) -> Tuple[Any, List[Any], List[_Call]]:
+def read_pickle(data: bytes) -> tuple[Any, list[Any], list[_Call]]:
     """Interpret the opcodes of ``data`` as data only; return (top object, persistent ids, calls).
 
     Containers are built as plain lists, tuples and dicts; a global is only
     looked up by name in :data:`ALLOWED_GLOBALS`, never imported, and a call
     is recorded, never made.
     """
-    stack: List[Any] = []
-    memo: Dict[Any, Any] = {}
-    pids: List[Any] = []
-    calls: List[_Call] = []
+    stack: list[Any] = []
+    memo: dict[Any, Any] = {}
+    pids: list[Any] = []
+    calls: list[_Call] = []
     try:
         for op, arg, _pos in pickletools.genops(data):
             name = op.name
@@ -273,7 +273,7 @@ def _plain_key(key: Any) -> bool:
     return type(key) in _KEY_TYPES
 
 
-def _pairs(target: dict, items: List[Any]) -> dict:
+def _pairs(target: dict, items: list[Any]) -> dict:
     if len(items) % 2:
         raise StructureError("has a damaged pickle (odd SETITEMS)")
     for i in range(0, len(items), 2):
@@ -283,7 +283,7 @@ def _pairs(target: dict, items: List[Any]) -> dict:
     return target
 
 
-def storage_size(pid: Any) -> Tuple[str, int]:
+def storage_size(pid: Any) -> tuple[str, int]:
     """(record key, bytes) of one persistent id ``('storage', type, key, location, numel)``."""
     if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
         raise StructureError("holds a persistent id that is not a tensor storage")

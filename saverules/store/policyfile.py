@@ -15,7 +15,7 @@ def policy_text(policy: Any) -> str:
     source = getattr(policy, "source", None)
     if isinstance(source, str) and source and not source.startswith("<"):
         try:
-            with open(source, "r", encoding="utf-8") as f:
+            with open(source, encoding="utf-8") as f:
                 text = f.read()
             import saverules
 
@@ -58,7 +58,7 @@ def write_policy_file(root: Path, policy: Any) -> None:
         log.warning("could not render the policy for %s: %s", target, exc)
         return
     try:
-        with open(target, "r", encoding="utf-8") as f:
+        with open(target, encoding="utf-8") as f:
             if f.read() == text:
                 return
     except OSError:

@@ -16,8 +16,9 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Callable, List, Optional, Tuple, TypeVar
+from typing import Any, TypeVar
 
 from .errors import CheckpointError
 
@@ -38,7 +39,7 @@ class RankFailure(CheckpointError):
     """
 
 
-def timeout_from(value: Optional[float]) -> float:
+def timeout_from(value: float | None) -> float:
     """The timeout to use: ``value``, else ``$SAVERULES_COMMIT_TIMEOUT``, else :data:`DEFAULT_TIMEOUT`."""
     if value is None:
         env = os.environ.get(TIMEOUT_ENV)
@@ -77,7 +78,7 @@ class Ranks:
         self.timeout = float(timeout)
         self.rank, self.size = 0, 1
         self.group = None
-        self.broken: Optional[str] = None
+        self.broken: str | None = None
         # Rank 0's pid and a random part: the temporary directories of this job's saves are named
         # from it, so that every rank knows the name without being told at each save.
         self._tag = f"{os.getpid()}-{secrets.token_hex(3)}"
@@ -134,7 +135,7 @@ class Ranks:
         """
         return f"{prefix}{name}-{self._tag}{save:x}"
 
-    def agree(self, failed: bool, text: str, doing: str) -> Tuple[bool, bool]:
+    def agree(self, failed: bool, text: str, doing: str) -> tuple[bool, bool]:
         """(whether any rank ``failed``, whether every rank has the same ``text``): one small all-reduce."""
         if not self.distributed:
             return failed, True
@@ -157,29 +158,29 @@ class Ranks:
                                                             group=self.group))
         return box[0]
 
-    def all_gather(self, obj: Any, doing: str) -> List[Any]:
+    def all_gather(self, obj: Any, doing: str) -> list[Any]:
         """Every rank's ``obj``, in rank order, on every rank."""
         if not self.distributed:
             return [obj]
         import torch.distributed as dist
 
-        out: List[Any] = [None] * self.size
+        out: list[Any] = [None] * self.size
         self.run(doing, lambda: dist.all_gather_object(out, obj, group=self.group))
         return out
 
-    def gather(self, obj: Any, doing: str) -> Optional[List[Any]]:
+    def gather(self, obj: Any, doing: str) -> list[Any] | None:
         """Every rank's ``obj`` on rank 0 (None elsewhere)."""
         if not self.distributed:
             return [obj]
         import torch.distributed as dist
 
-        out: Optional[List[Any]] = [None] * self.size if self.rank == 0 else None
+        out: list[Any] | None = [None] * self.size if self.rank == 0 else None
         self.run(doing, lambda: dist.gather_object(obj, out, dst=dist.get_global_rank(self.group, 0),
                                                    group=self.group))
         return out
 
 
-def process_rank() -> Tuple[int, int]:
+def process_rank() -> tuple[int, int]:
     """(rank, world size) of this process in the initialised default process group; (0, 1) without one."""
     import torch.distributed as dist
 
@@ -188,7 +189,7 @@ def process_rank() -> Tuple[int, int]:
     return 0, 1
 
 
-def for_format(fmt: Any, commit_timeout: Optional[float]) -> Optional[Ranks]:
+def for_format(fmt: Any, commit_timeout: float | None) -> Ranks | None:
     """The ranks' group of a sharded format (every rank writes, rank 0 commits), else None.
 
     Creating the group is a collective, like the construction of the

@@ -1,7 +1,8 @@
 """Resume: put a decoded checkpoint back into the caller's state and the decider."""
 from __future__ import annotations
 
-from typing import Any, MutableMapping
+from collections.abc import MutableMapping
+from typing import Any
 
 from .errors import CheckpointError, log, warn
 from .manifest import CheckpointInfo

@@ -13,13 +13,14 @@ skipped with a warning.  Two outcomes never pass silently:
 
 :func:`load_latest` is that walk for one process: each candidate decoded by
 the format its manifest names (a sharded store goes through
-:func:`saverules.store.sharded.load_latest` instead).
+:func:`saverules.store.sharded.coordinate.load_latest` instead).
 """
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
-from typing import Any, Callable, List, MutableMapping, Optional, Tuple
+from typing import Any
 
 from .errors import CheckpointError, NoValidCheckpointError, UnsafeCheckpointError, type_name, warn
 from .manifest import CheckpointInfo
@@ -55,8 +56,8 @@ def unsafe_error(info: CheckpointInfo) -> UnsafeCheckpointError:
 
 
 def pick(root: Path, cache: VerifyCache, skip: Callable[[CheckpointInfo], None], if_none_valid: str = "raise",
-         decode: Optional[Callable[[CheckpointInfo], Any]] = None,
-         deep: Callable[[CheckpointInfo], bool] = lambda info: True) -> Optional[Tuple[CheckpointInfo, Any]]:
+         decode: Callable[[CheckpointInfo], Any] | None = None,
+         deep: Callable[[CheckpointInfo], bool] = lambda info: True) -> tuple[CheckpointInfo, Any] | None:
     """The newest usable checkpoint of ``root`` and (with ``decode``) what it decodes to.
 
     ``skip(info)`` hears of each checkpoint passed over.  Returns None when
@@ -66,7 +67,7 @@ def pick(root: Path, cache: VerifyCache, skip: Callable[[CheckpointInfo], None],
     ``decode`` (a format whose reader checks the digests as it reads).
     """
     check_if_none_valid(if_none_valid)
-    rejected: List[CheckpointInfo] = []
+    rejected: list[CheckpointInfo] = []
 
     def passed_over(info: CheckpointInfo) -> None:
         if info.unsafe:
@@ -87,12 +88,12 @@ def pick(root: Path, cache: VerifyCache, skip: Callable[[CheckpointInfo], None],
     return None
 
 
-def rejected_pairs(rejected: List[CheckpointInfo]) -> List[Tuple[str, str]]:
+def rejected_pairs(rejected: list[CheckpointInfo]) -> list[tuple[str, str]]:
     """(name, why) of each checkpoint passed over, oldest first."""
     return [(info.name, info.error or "failed verification") for info in sorted(rejected, key=sort_key)]
 
 
-def none_valid(root: Path, rejected: List[Tuple[str, str]], if_none_valid: str) -> None:
+def none_valid(root: Path, rejected: list[tuple[str, str]], if_none_valid: str) -> None:
     """The end of a walk that found nothing to resume: silent for an empty store, else raise (or warn)."""
     if not rejected:
         return
@@ -115,7 +116,7 @@ def needs_digest_pass(info: CheckpointInfo) -> bool:
 
 
 def load_latest(root: Path, cache: VerifyCache, skip: Callable[[CheckpointInfo], None], if_none_valid: str,
-                map_location: Any, mmap: bool) -> Optional[Tuple[CheckpointInfo, Any]]:
+                map_location: Any, mmap: bool) -> tuple[CheckpointInfo, Any] | None:
     """The newest checkpoint of ``root`` that verifies and decodes, and its payload; None as :func:`pick`.
 
     A checkpoint whose reader checked every digest while reading is

@@ -10,10 +10,11 @@ half-deleted directory that looks like a checkpoint.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, List, Sequence
+from typing import Any
 
-from ..progress import Checkpoint
+from ..engine.progress import Checkpoint
 from .errors import CheckpointError, log, warn
 from .fs import fs
 from .layout import DEL_PREFIX, hidden_name
@@ -21,7 +22,7 @@ from .manifest import CheckpointInfo
 from .verify import VerifyCache, scan
 
 
-def retention_view(infos: Sequence[CheckpointInfo]) -> List[Checkpoint]:
+def retention_view(infos: Sequence[CheckpointInfo]) -> list[Checkpoint]:
     """What retention sees of ``infos`` (usable checkpoints, oldest first).
 
     Retention always keeps the run's final checkpoint.  A run that was
@@ -53,7 +54,7 @@ def retain(root: Path, newest: Path, policy: Any, cache: VerifyCache, deep: bool
         _delete(path, cache)
 
 
-def _plan(infos: Sequence[CheckpointInfo], newest: Path, policy: Any, warned: set) -> List[Path]:
+def _plan(infos: Sequence[CheckpointInfo], newest: Path, policy: Any, warned: set) -> list[Path]:
     valid = [i for i in infos if i.ok and i.step is not None]
     for info in infos:
         if not info.ok and str(info.path) not in warned:

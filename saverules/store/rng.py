@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import random
-from typing import Any, Dict, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -18,7 +19,7 @@ def rng_state() -> dict:
     to :func:`restore_rng_state` after :meth:`Checkpointer.load_latest`.
     """
     version, internal, gauss = random.getstate()
-    state: Dict[str, Any] = {
+    state: dict[str, Any] = {
         "python": [int(version), [int(x) for x in internal], gauss],
         "torch": torch.get_rng_state(),
     }

@@ -16,7 +16,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-from typing import AbstractSet, Dict, List, Optional, Tuple
+from collections.abc import Set as AbstractSet
 
 import torch
 
@@ -27,22 +27,22 @@ PIECE = 8 << 20
 THREADS = max(1, min(4, os.cpu_count() or 1))
 
 #: Free copy buffers by size in bytes, handed from one snapshot to the next.
-Pool = Dict[int, List[torch.Tensor]]
+Pool = dict[int, list[torch.Tensor]]
 
 
 class Snapshot:
     """Copies tensors to CPU memory that a background writer may own."""
 
-    def __init__(self, pool: Optional[Pool] = None, later: AbstractSet[int] = frozenset()):
-        self.memo: Dict[tuple, torch.UntypedStorage] = {}
+    def __init__(self, pool: Pool | None = None, later: AbstractSet[int] = frozenset()):
+        self.memo: dict[tuple, torch.UntypedStorage] = {}
         self.later_storages = later
-        self.later: List[Tuple[int, int, int]] = []  # copies run by finish_later(), in the writer
-        self.watched: List[Tuple[torch.Tensor, int]] = []  # (source tensor, its version when captured)
+        self.later: list[tuple[int, int, int]] = []  # copies run by finish_later(), in the writer
+        self.watched: list[tuple[torch.Tensor, int]] = []  # (source tensor, its version when captured)
         self.pool = pool if pool is not None else {}
-        self.buffers: List[torch.Tensor] = []
+        self.buffers: list[torch.Tensor] = []
         self.pinned = torch.cuda.is_available()
         self.needs_sync = False
-        self.copies: List[Tuple[int, int, int]] = []  # (destination, source, bytes), run by finish()
+        self.copies: list[tuple[int, int, int]] = []  # (destination, source, bytes), run by finish()
 
     def _buffer(self, nbytes: int, pin: bool) -> torch.Tensor:
         free = self.pool.get(nbytes)
@@ -53,7 +53,7 @@ class Snapshot:
         self.buffers.append(buf)
         return buf
 
-    def tensor(self, t: torch.Tensor, watch: Optional[torch.Tensor] = None, *, record: bool = True) -> torch.Tensor:
+    def tensor(self, t: torch.Tensor, watch: torch.Tensor | None = None, *, record: bool = True) -> torch.Tensor:
         """A copy of ``t`` in snapshot memory (the same view of a shared copy for views of one storage).
 
         ``watch`` is the tensor whose version counter tells of changes to
@@ -144,7 +144,7 @@ class Snapshot:
         return pool
 
 
-def _memmove_all(copies: List[Tuple[int, int, int]], threads: int = THREADS) -> None:
+def _memmove_all(copies: list[tuple[int, int, int]], threads: int = THREADS) -> None:
     """Run (destination, source, bytes) copies, cut into pieces on a few threads when they are large."""
     total = sum(n for _, _, n in copies)
     if threads == 1 or total < PARALLEL_MIN:
@@ -152,7 +152,7 @@ def _memmove_all(copies: List[Tuple[int, int, int]], threads: int = THREADS) -> 
             ctypes.memmove(dst, src, n)
         return
     pieces = [(dst + o, src + o, min(PIECE, n - o)) for dst, src, n in copies for o in range(0, n, PIECE)]
-    errors: List[BaseException] = []
+    errors: list[BaseException] = []
 
     def work(share) -> None:
         try:

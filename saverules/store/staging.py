@@ -29,7 +29,8 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from typing import Any, Dict, FrozenSet, List, Mapping, Tuple
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -41,7 +42,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return local if isinstance(local, torch.Tensor) else t
 
 
-def changed_by_step(state: Mapping[str, Any]) -> Tuple[List[torch.optim.Optimizer], FrozenSet[int]]:
+def changed_by_step(state: Mapping[str, Any]) -> tuple[list[torch.optim.Optimizer], frozenset[int]]:
     """The optimizers of ``state`` and the CPU storages (their data pointers) that only their ``step()`` changes.
 
     Those are the parameters each optimizer trains and the tensors of its own
@@ -72,10 +73,10 @@ class Gate:
     def __init__(self) -> None:
         self._open = threading.Event()
         self._open.set()
-        self._hooks: Dict[int, Tuple[Any, Any]] = {}  # id(optimizer) -> (weak reference, hook handle)
+        self._hooks: dict[int, tuple[Any, Any]] = {}  # id(optimizer) -> (weak reference, hook handle)
         self._waited = 0.0
 
-    def watch(self, optimizers: List[torch.optim.Optimizer]) -> None:
+    def watch(self, optimizers: list[torch.optim.Optimizer]) -> None:
         """Hook each optimizer's ``step()`` (once per optimizer)."""
         for opt in optimizers:
             known = self._hooks.get(id(opt))

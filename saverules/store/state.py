@@ -10,7 +10,8 @@ from __future__ import annotations
 import collections
 import copy as _copy
 import dataclasses
-from typing import Any, Dict, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -33,10 +34,10 @@ class Payload:
     """
 
     step: int
-    objects: Dict[str, Any]
-    values: Dict[str, Any]
+    objects: dict[str, Any]
+    values: dict[str, Any]
     decider: Any
-    clock: Optional[float]
+    clock: float | None
 
 
 def _hint(value: Any) -> str:
@@ -51,7 +52,7 @@ def _hint(value: Any) -> str:
     )
 
 
-def checked(value: Any, where: str, snap: Optional[Snapshot]) -> Any:
+def checked(value: Any, where: str, snap: Snapshot | None) -> Any:
     """Check that ``value`` holds only safe types; return a snapshot copy when ``snap`` is given."""
     t = type(value)
     if t in _SCALAR_TYPES or t in _TORCH_LEAF_TYPES:
@@ -99,13 +100,13 @@ def has_state_dict(obj: Any) -> bool:
     return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
 
 
-def capture(state: Mapping[str, Any], step: int, decider_state: Any, clock: Optional[float],
-            snap: Optional[Snapshot]) -> Payload:
+def capture(state: Mapping[str, Any], step: int, decider_state: Any, clock: float | None,
+            snap: Snapshot | None) -> Payload:
     """Check ``state`` and gather it into a Payload (copied into ``snap`` when given)."""
     if not isinstance(state, Mapping):
         raise StateTypeError(f"state must be a dict of names to objects and values, got {type_name(state)}")
-    objects: Dict[str, Any] = {}
-    values: Dict[str, Any] = {}
+    objects: dict[str, Any] = {}
+    values: dict[str, Any] = {}
     for name, obj in state.items():
         if not isinstance(name, str):
             raise StateTypeError(f"state keys must be strings, got {name!r}")

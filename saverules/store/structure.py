@@ -22,7 +22,8 @@ from __future__ import annotations
 import json
 import os
 import zipfile
-from typing import Any, Iterable, List, Mapping, Tuple
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from .pickle_scan import ALLOWED_GLOBALS, StructureError, UnsafeStructure, check_call, read_pickle, storage_size
 
@@ -51,7 +52,7 @@ class StateFacts:
 
     __slots__ = ("step", "weights")
 
-    def __init__(self, step: Any, weights: Tuple[str, ...]):
+    def __init__(self, step: Any, weights: tuple[str, ...]):
         self.step = step
         self.weights = weights
 
@@ -98,7 +99,7 @@ def check_state_file(path: str, step: int) -> StateFacts:
         raise StructureError("is not a saverules state file")
     if top.get("step") != step or type(top.get("step")) is not int:
         raise StructureError(f"holds step {top.get('step')!r}, the manifest says {step}")
-    weights: List[str] = []
+    weights: list[str] = []
     layout = top.get("safetensors")
     if layout:
         if not isinstance(layout, dict):

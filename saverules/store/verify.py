@@ -16,8 +16,9 @@ import math
 import os
 import stat
 import threading
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING
 
 from . import digest, layout, structure
 from .errors import CheckpointError, CheckpointVerifyError
@@ -27,7 +28,7 @@ if TYPE_CHECKING:  # the formats import torch; listing and hashing a store does 
     from . import formats
 
 
-def _signature(path: Path, manifest: Optional[Mapping]) -> Optional[tuple]:
+def _signature(path: Path, manifest: Mapping | None) -> tuple | None:
     """A cheap fingerprint of the files: when it is unchanged, a past hash check still holds."""
     names = [layout.MANIFEST] + (sorted(manifest["files"]) if manifest else [])
     sig = []
@@ -40,7 +41,7 @@ def _signature(path: Path, manifest: Optional[Mapping]) -> Optional[tuple]:
     return tuple(sig)
 
 
-def inspect_checkpoint(path: Union[str, os.PathLike], root: Union[str, os.PathLike, None] = None,
+def inspect_checkpoint(path: str | os.PathLike, root: str | os.PathLike | None = None,
                        verify: bool = True) -> CheckpointInfo:
     """Read one checkpoint directory's manifest and check its files.
 
@@ -96,7 +97,7 @@ def inspect_checkpoint(path: Union[str, os.PathLike], root: Union[str, os.PathLi
     return info_from_manifest(path, root, manifest, True, None)
 
 
-def _not_regular(path: Path, directory: bool = False) -> Optional[str]:
+def _not_regular(path: Path, directory: bool = False) -> str | None:
     """Why ``path`` may not be read as part of a checkpoint (a symlink, not a plain file), or None.
 
     A checkpoint is only what its directory really holds: a link could point
@@ -131,7 +132,7 @@ class VerifyCache:
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._entries: Dict[str, Tuple[tuple, CheckpointInfo]] = {}
+        self._entries: dict[str, tuple[tuple, CheckpointInfo]] = {}
 
     def get(self, path: Path, root: Path, deep: bool) -> CheckpointInfo:
         shallow = inspect_checkpoint(path, root, verify=False)
@@ -171,7 +172,7 @@ def sort_key(info: CheckpointInfo):
     )
 
 
-def scan(dir: Union[str, os.PathLike], verify: bool = True, _cache: Optional[VerifyCache] = None) -> List[CheckpointInfo]:
+def scan(dir: str | os.PathLike, verify: bool = True, _cache: VerifyCache | None = None) -> list[CheckpointInfo]:
     """Every checkpoint directory under ``dir``, oldest first, each with its verification status.
 
     Directories that hold checkpoint files but no valid manifest are listed
@@ -224,7 +225,7 @@ def _reread(tmp: Path, files: Mapping[str, Mapping], from_device: bool) -> None:
 
 
 def check_written(tmp: Path, step: int, files: Mapping[str, Mapping], fmt: formats.Format, mode: str,
-                  metadata: Optional[Mapping] = None) -> None:
+                  metadata: Mapping | None = None) -> None:
     """Verify the files of a save before it is committed; raise CheckpointVerifyError.
 
     * ``"hash"``: every file's size on disk is the number of bytes written,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import bisect
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import torch
 
@@ -56,7 +56,7 @@ class Stable:
     """
 
     def __init__(self, tensors):
-        spans: Dict[int, Tuple[int, memoryview]] = {}
+        spans: dict[int, tuple[int, memoryview]] = {}
         if _np is not None:
             for t in tensors:
                 if t.device.type != "cpu":
@@ -70,7 +70,7 @@ class Stable:
         self._starts = sorted(spans)
         self._spans = spans
 
-    def view(self, data) -> Optional[memoryview]:
+    def view(self, data) -> memoryview | None:
         """A view of the same bytes from memory the store keeps alive, or None."""
         if not self._starts:
             return None
@@ -102,7 +102,7 @@ class HashingFile:
     ``write`` returns (their memory is only valid during the call).
     """
 
-    def __init__(self, f, stable: Stable = NO_STABLE, algo: Optional[str] = None):
+    def __init__(self, f, stable: Stable = NO_STABLE, algo: str | None = None):
         self._f = f
         self._stream = digest.HashStream(algo)
         self._small = bytearray()
@@ -112,7 +112,7 @@ class HashingFile:
         self.size = 0
         #: The first OSError the file raised: a native writer above (torch's archive writer) may
         #: swallow it and report something else, so write_file raises this one instead.
-        self.os_error: Optional[OSError] = None
+        self.os_error: OSError | None = None
 
     def _put(self, data) -> None:
         try:
@@ -193,7 +193,7 @@ class HashingFile:
             self.finish()
         return self._stream.h.hexdigest()
 
-    def entry(self) -> Dict[str, Any]:
+    def entry(self) -> dict[str, Any]:
         """The manifest entry of what was written: ``{"size": bytes, ALGO: hex}``."""
         return digest.make_entry(self.size, self._stream.algo, self.hexdigest())
 
@@ -211,9 +211,9 @@ class Producer:
         self.fn(f)
 
 
-def tensors_in(obj: Any) -> List[torch.Tensor]:
+def tensors_in(obj: Any) -> list[torch.Tensor]:
     """Every tensor inside nested dicts, lists and tuples."""
-    out: List[torch.Tensor] = []
+    out: list[torch.Tensor] = []
     stack = [obj]
     while stack:
         x = stack.pop()
@@ -226,7 +226,7 @@ def tensors_in(obj: Any) -> List[torch.Tensor]:
     return out
 
 
-def write_file(path: str, producer, algo: Optional[str] = None) -> Dict[str, Any]:
+def write_file(path: str, producer, algo: str | None = None) -> dict[str, Any]:
     """Create ``path``, let ``producer(fileobj)`` fill it, fsync it; return its manifest entry.
 
     The entry is ``{"size": bytes, ALGO: hex}`` (``algo`` defaults to
@@ -244,7 +244,7 @@ def write_file(path: str, producer, algo: Optional[str] = None) -> Dict[str, Any
     algo = algo or digest.DEFAULT
     tensors = getattr(producer, "tensors", ())
     stable = Stable(tensors) if tensors else NO_STABLE
-    hf: Optional[HashingFile] = None
+    hf: HashingFile | None = None
     try:
         with fs.open_write(path) as f:
             hf = HashingFile(f, stable, algo)

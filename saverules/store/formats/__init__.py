@@ -63,23 +63,24 @@ on memory the store keeps alive and unchanged until it returns.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence
+from typing import Any
 
 import torch
 
 from ..errors import CheckpointError
 
 #: A file's manifest entry: ``{"size": bytes, ALGORITHM: hex}`` (see :mod:`saverules.store.digest`).
-FileEntry = Dict[str, Any]
+FileEntry = dict[str, Any]
 
 
 @dataclasses.dataclass
 class Encoded:
     """What :meth:`Format.encode` wrote: every file (entry, or None for the store to digest) and metadata."""
 
-    files: Dict[str, Optional[FileEntry]]
-    metadata: Optional[Dict[str, Any]] = None
+    files: dict[str, FileEntry | None]
+    metadata: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,10 +90,10 @@ class Source:
     dir: Path
     step: int
     files: Mapping[str, FileEntry]
-    metadata: Optional[Mapping[str, Any]] = None
+    metadata: Mapping[str, Any] | None = None
 
     @classmethod
-    def of(cls, path: Path, manifest: Mapping[str, Any]) -> "Source":
+    def of(cls, path: Path, manifest: Mapping[str, Any]) -> Source:
         return cls(Path(path), int(manifest["step"]), manifest["files"], manifest.get("format_metadata"))
 
 
@@ -139,7 +140,7 @@ class Format:
         self.decode(source, "cpu")
 
 
-_REGISTRY: Dict[str, Format] = {}
+_REGISTRY: dict[str, Format] = {}
 
 
 def register(fmt: Format) -> Format:
@@ -151,7 +152,7 @@ def names() -> Sequence[str]:
     return tuple(_REGISTRY)
 
 
-def get(name: Optional[str]) -> Format:
+def get(name: str | None) -> Format:
     """The format called ``name`` (checkpoints without a ``storage_format`` were written as "torch")."""
     fmt = _REGISTRY.get(name or "torch")
     if fmt is None:
@@ -168,7 +169,7 @@ register(tensors_format.TensorsFormat())
 register(torch_format.TorchFormat())
 register(safetensors_format.SafetensorsFormat())
 
-from . import dcp as _dcp  # noqa: E402  (torch.distributed.checkpoint is imported only when used)
+from ..sharded import format as _dcp  # noqa: E402  (torch.distributed.checkpoint is imported only when used)
 
 register(_dcp.DcpFormat())
 

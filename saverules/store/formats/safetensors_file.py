@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Dict, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -20,7 +21,7 @@ _CODES = {
 }
 
 #: torch dtype -> the safetensors code, for the dtypes this torch has.
-DTYPE_CODES: Dict[torch.dtype, str] = {
+DTYPE_CODES: dict[torch.dtype, str] = {
     getattr(torch, name): code for name, code in _CODES.items() if hasattr(torch, name)
 }
 DTYPES = frozenset(DTYPE_CODES)
@@ -33,7 +34,7 @@ def write(f, weights: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -
     with spaces to a multiple of 8) giving each tensor's dtype, shape and byte
     range, then the bytes of the tensors back to back.
     """
-    header: Dict[str, Any] = {"__metadata__": dict(metadata)}
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
     offset = 0
     order = []
     for name, t in weights.items():

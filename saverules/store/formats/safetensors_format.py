@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import collections
 import copy as _copy
-from typing import Any, Dict, List, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -33,7 +34,7 @@ def _is_weights_dict(sd: Any) -> bool:
     return True
 
 
-def split_weights(objects: Dict[str, Any]):
+def split_weights(objects: dict[str, Any]):
     """Move plain ``{name: tensor}`` state dicts into one safetensors dict.
 
     Returns (tensors for the .safetensors file, layout to rebuild the state
@@ -41,11 +42,11 @@ def split_weights(objects: Dict[str, Any]):
     same view of one storage (tied weights) are stored once; different views
     of one storage are copied apart, since safetensors refuses shared memory.
     """
-    weights: Dict[str, torch.Tensor] = {}
-    layout: Dict[str, Any] = {}
-    rest: Dict[str, Any] = {}
-    views: Dict[tuple, str] = {}
-    by_storage: Dict[tuple, List[str]] = {}
+    weights: dict[str, torch.Tensor] = {}
+    layout: dict[str, Any] = {}
+    rest: dict[str, Any] = {}
+    views: dict[tuple, str] = {}
+    by_storage: dict[tuple, list[str]] = {}
     used: set = set()
     for name, sd in objects.items():
         if not _is_weights_dict(sd):
@@ -91,7 +92,7 @@ def split_weights(objects: Dict[str, Any]):
     return weights, layout, rest
 
 
-def rebuild_weights(loaded: Mapping[str, torch.Tensor], layout: Mapping[str, Any]) -> Dict[str, Any]:
+def rebuild_weights(loaded: Mapping[str, torch.Tensor], layout: Mapping[str, Any]) -> dict[str, Any]:
     out = {}
     for name, lay in layout.items():
         sd = collections.OrderedDict() if lay.get("ordered") else {}
@@ -111,7 +112,7 @@ def _device(map_location: Any) -> str:
     return "cpu"
 
 
-def attach_weights(source: Source, data: Dict[str, Any], map_location: Any) -> None:
+def attach_weights(source: Source, data: dict[str, Any], map_location: Any) -> None:
     """Read ``model.safetensors`` and put the state dicts that ``data["safetensors"]`` lays out into ``data``."""
     from safetensors.torch import load_file
 

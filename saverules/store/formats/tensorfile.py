@@ -24,8 +24,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any
 
 import torch
 
@@ -45,10 +46,10 @@ _CODES = [
     ("complex64", "C64"), ("complex128", "C128"), ("complex32", "C32"),
 ]
 #: torch dtype <-> header code, for the dtypes this torch has (nothing else is ever read).
-CODE_OF: Dict[torch.dtype, str] = {getattr(torch, n): c for n, c in _CODES if hasattr(torch, n)}
-DTYPE_OF: Dict[str, torch.dtype] = {c: d for d, c in CODE_OF.items()}
+CODE_OF: dict[torch.dtype, str] = {getattr(torch, n): c for n, c in _CODES if hasattr(torch, n)}
+DTYPE_OF: dict[str, torch.dtype] = {c: d for d, c in CODE_OF.items()}
 #: dtype names the structure file may name.
-DTYPE_BY_NAME: Dict[str, torch.dtype] = {n: getattr(torch, n) for n, _ in _CODES if hasattr(torch, n)}
+DTYPE_BY_NAME: dict[str, torch.dtype] = {n: getattr(torch, n) for n, _ in _CODES if hasattr(torch, n)}
 
 
 class Entry:
@@ -63,7 +64,7 @@ class Entry:
 
 def header_bytes(entries: Sequence[Entry]) -> bytes:
     """The header for ``entries`` in the order given (offsets follow that order)."""
-    header: Dict[str, Any] = {"__metadata__": {"format": MAGIC_NAME, "version": VERSION}}
+    header: dict[str, Any] = {"__metadata__": {"format": MAGIC_NAME, "version": VERSION}}
     offset = 0
     for e in entries:
         header[e.name] = {"dtype": e.code, "shape": e.shape, "data_offsets": [offset, offset + e.nbytes]}
@@ -73,7 +74,7 @@ def header_bytes(entries: Sequence[Entry]) -> bytes:
     return len(text).to_bytes(8, "little") + text
 
 
-def order(entries: Sequence[Entry]) -> List[Entry]:
+def order(entries: Sequence[Entry]) -> list[Entry]:
     """Largest alignment first (stable), so each entry starts at a multiple of its element size."""
     return sorted(entries, key=lambda e: -e.align)
 
@@ -96,7 +97,7 @@ def _bad(path: Path, why: str) -> CheckpointError:
     return CheckpointError(f"saverules: cannot read {path}: {why} (damaged?)")
 
 
-def read_header(path: Path, f) -> Tuple[int, Dict[str, Tuple[torch.dtype, List[int], int, int]], bytes]:
+def read_header(path: Path, f) -> tuple[int, dict[str, tuple[torch.dtype, list[int], int, int]], bytes]:
     """Parse and check the header of the open file ``f``: (data start, {name: (dtype, shape, begin, end)}, raw)."""
     size = os.fstat(f.fileno()).st_size
     first = f.read(8)
@@ -117,7 +118,7 @@ def read_header(path: Path, f) -> Tuple[int, Dict[str, Tuple[torch.dtype, List[i
         raise _bad(path, "it is not a saverules tensors file")
     start = 8 + n
     spans = []
-    out: Dict[str, Tuple[torch.dtype, List[int], int, int]] = {}
+    out: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
     for name, e in header.items():
         if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
             raise _bad(path, f"entry {name!r} of its header is malformed")
@@ -148,7 +149,7 @@ def read_header(path: Path, f) -> Tuple[int, Dict[str, Tuple[torch.dtype, List[i
 
 
 def read_storages(path: Path, mmap: bool = False,
-                  expected: Optional[Tuple[str, str]] = None) -> Dict[str, torch.UntypedStorage]:
+                  expected: tuple[str, str] | None = None) -> dict[str, torch.UntypedStorage]:
     """Every entry of the file as a CPU storage of its bytes.
 
     Read: one buffer per entry, filled straight from the file (no storage
@@ -200,7 +201,7 @@ def read_storages(path: Path, mmap: bool = False,
 
 
 def view(storage: torch.UntypedStorage, dtype: torch.dtype, offset: int, shape: Sequence[int],
-         stride: Sequence[int]) -> Optional[torch.Tensor]:
+         stride: Sequence[int]) -> torch.Tensor | None:
     """The tensor (dtype, offset, shape, stride) over ``storage``, or None when it would reach outside it."""
     esize = torch.empty(0, dtype=dtype).element_size()
     if offset < 0 or len(shape) != len(stride) or any(s < 0 for s in stride) or any(d < 0 for d in shape):

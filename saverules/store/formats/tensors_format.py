@@ -14,7 +14,7 @@ were, sharing what they shared.
 from __future__ import annotations
 
 import collections
-from typing import Any, Dict, List, Tuple
+from typing import Any
 
 import torch
 
@@ -33,9 +33,9 @@ class _Encoder:
     """Walks the state: containers become tagged lists, tensors references to storage entries."""
 
     def __init__(self):
-        self.entries: Dict[tuple, tensorfile.Entry] = {}
-        self.users: Dict[tuple, List[torch.Tensor]] = {}
-        self.refs: List[list] = []
+        self.entries: dict[tuple, tensorfile.Entry] = {}
+        self.users: dict[tuple, list[torch.Tensor]] = {}
+        self.refs: list[list] = []
         self.names: set = set()
 
     def tensor(self, t: torch.Tensor, where: str) -> list:
@@ -85,7 +85,7 @@ class _Encoder:
             raise StateTypeError(f"{where}: tensor subclass {t.__qualname__} cannot be checkpointed safely")
         raise StateTypeError(f"{where}: {t.__qualname__} is not a type a checkpoint may hold")
 
-    def finish(self) -> List[tensorfile.Entry]:
+    def finish(self) -> list[tensorfile.Entry]:
         """Entries filled exactly by one contiguous tensor take its dtype and shape (readable as safetensors)."""
         for key, entry in self.entries.items():
             users = self.users[key]
@@ -96,7 +96,7 @@ class _Encoder:
         return tensorfile.order(list(self.entries.values()))
 
 
-def _node(x: Any, tensors: List[torch.Tensor]) -> Any:
+def _node(x: Any, tensors: list[torch.Tensor]) -> Any:
     if not isinstance(x, list) or not x or not isinstance(x[0], str):
         raise CheckpointError("a node of the structure is malformed")
     tag = x[0]
@@ -124,7 +124,7 @@ def _node(x: Any, tensors: List[torch.Tensor]) -> Any:
     raise CheckpointError(f"a node of the structure is malformed (tag {tag!r})")
 
 
-def _tensor(ref: Any, storages: Dict[str, torch.UntypedStorage], i: int) -> torch.Tensor:
+def _tensor(ref: Any, storages: dict[str, torch.UntypedStorage], i: int) -> torch.Tensor:
     ok = (isinstance(ref, list) and len(ref) == 7 and isinstance(ref[0], str) and ref[0] in storages
           and ref[1] in tensorfile.DTYPE_BY_NAME and type(ref[2]) is int
           and isinstance(ref[3], list) and isinstance(ref[4], list)
@@ -139,7 +139,7 @@ def _tensor(ref: Any, storages: Dict[str, torch.UntypedStorage], i: int) -> torc
     return t
 
 
-def _on(storages: Dict[str, torch.UntypedStorage], map_location: Any) -> Dict[str, torch.UntypedStorage]:
+def _on(storages: dict[str, torch.UntypedStorage], map_location: Any) -> dict[str, torch.UntypedStorage]:
     if map_location is None or not isinstance(map_location, (str, torch.device)):
         return storages
     device = torch.device(map_location)

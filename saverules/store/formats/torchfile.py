@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any
 
 import torch
 
@@ -24,7 +24,7 @@ PAYLOAD_VERSION = 1
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
-def _unsafe_detail(text: str) -> Optional[str]:
+def _unsafe_detail(text: str) -> str | None:
     """The line of a weights-only refusal that names the object the file asked for, if any."""
     for line in text.splitlines():
         if "GLOBAL" in line or "global" in line:
@@ -56,7 +56,7 @@ def load(path: Path, map_location: Any, mmap: bool = False) -> Any:
         raise CheckpointError(f"saverules: cannot read {path}: {exc}") from exc
 
 
-def payload_dict(payload: Payload, objects: Dict[str, Any], layout: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+def payload_dict(payload: Payload, objects: dict[str, Any], layout: dict[str, Any] | None) -> dict[str, Any]:
     """What ``state.pt`` holds: the payload with ``objects`` (some may be moved to other files, see ``layout``)."""
     return {
         "format": PAYLOAD_NAME,
@@ -70,7 +70,7 @@ def payload_dict(payload: Payload, objects: Dict[str, Any], layout: Optional[Dic
     }
 
 
-def read_payload_dict(path: Path, step: int, map_location: Any, mmap: bool = False) -> Dict[str, Any]:
+def read_payload_dict(path: Path, step: int, map_location: Any, mmap: bool = False) -> dict[str, Any]:
     """Load ``state.pt`` and check it is a saverules state file of ``step``."""
     data = load(path, map_location, mmap=mmap)
     if not isinstance(data, dict) or data.get("format") != PAYLOAD_NAME:
@@ -80,6 +80,6 @@ def read_payload_dict(path: Path, step: int, map_location: Any, mmap: bool = Fal
     return data
 
 
-def as_payload(data: Dict[str, Any]) -> Payload:
+def as_payload(data: dict[str, Any]) -> Payload:
     return Payload(step=data["step"], objects=dict(data.get("objects") or {}), values=dict(data.get("values") or {}),
                    decider=data.get("decider"), clock=data.get("clock"))

@@ -1,0 +1,7 @@
+"""The engine: save policies as data, compiled into decisions.  Pure Python: it imports no torch.
+
+* :mod:`.rules`, :mod:`.quantities`, :mod:`.policy`: the policy's model (frozen, strict pydantic);
+* :mod:`.loader`, :mod:`.locate`, :mod:`.errors`, :mod:`.limits`: TOML in, located diagnostics out;
+* :mod:`.compile`, :mod:`.decider`, :mod:`.progress`: rules into runtime nodes, and the decision function;
+* :mod:`.count`, :mod:`.simulate`, :mod:`.retention`, :mod:`.cost`: what a policy will do, before the run.
+"""

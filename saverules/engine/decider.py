@@ -1,0 +1,424 @@
+"""The save decision for one run: a compiled policy plus the little state it needs.
+
+A :class:`Decider` is called once per optimizer step with a
+:class:`~saverules.engine.progress.Progress` and returns a
+:class:`~saverules.engine.progress.Decision`.  Almost every call takes the *quiet*
+path: no event on the Progress, the step below the next step at which any rule
+could fire, the clock below the next time threshold.  That check is generated
+per policy (only the fields the policy's rules can react to are tested) and
+costs a few attribute reads.  Everything else goes through :meth:`_decide`,
+which evaluates the rules that can fire at this step and explains the result.
+
+A decision costs as much as the rules it has to look at, not the whole
+policy: each top-level rule is kept in a heap under the lowest step at which it
+can fire (or change its state) while the run is quiet, and in a list for each
+event it reacts to (signal, epoch end, metrics, the loop's ``is_last``, the
+clock).  A decision evaluates the rules whose step has come and the rules that
+react to an event this Progress carries; the others cannot fire, and a skipped
+rule holds no state that the decision would change.  The bounds only grow as
+the run goes on (see :mod:`saverules.engine.compile`), so a bound computed at an
+earlier decision is still a bound.  The one bound that may move earlier is an
+``adaptive`` rule's interval, planned from the measured save cost: reporting a
+cost (:meth:`Decider.note_cost`) recomputes every bound.
+"""
+from __future__ import annotations
+
+import math
+from heapq import heapify, heappop, heappush
+
+from .compile import INF, Adaptive, EpochEnd, EveryTime, Final, Improved, OnSignal, ResolveError, compile_rules
+from .cost import COST_WINDOW, check_cost, estimate
+from .errors import Diagnostic, PolicyError, dotted
+from .progress import NO_SAVE, Decision, Progress, checked_total
+from .rules import AdaptiveRule, EpochEndRule, EveryTimeRule, FinalRule, ImprovedRule, OnSignalRule, walk
+
+STATE_VERSION = 1
+
+
+def _uses(policy, kind) -> bool:
+    return any(isinstance(r, kind) for top in policy.rules for r in walk(top))
+
+
+class Decider:
+    """Stateful save decisions for one run of a :class:`~saverules.engine.policy.Policy`."""
+
+    def __new__(cls, policy, total_steps: int | None = None):
+        if cls is Decider:
+            flags = (
+                policy.final or _uses(policy, FinalRule),
+                _uses(policy, OnSignalRule),
+                _uses(policy, EpochEndRule),
+                _uses(policy, (EveryTimeRule, AdaptiveRule)),
+                _uses(policy, ImprovedRule),
+            )
+            cls = _specialised(flags)
+        return object.__new__(cls)
+
+    def __init__(self, policy, total_steps: int | None = None):
+        self.policy = policy
+        self._prev = 0  # the previously decided step
+        self._last_save_step: int | None = None
+        self._last_save_time: float | None = None  # or the clock at the first decision
+        self._next_step = 0  # until the rules are compiled: every call takes the full path
+        self._next_time = -math.inf
+        self._total: int | None = None
+        self._compiled = None
+        self._unresolved: ResolveError | None = None
+        self._sim = None  # the run's shape, when a simulation drives this decider
+        self._costs: list = []  # the latest measured save costs [(stall, write)], oldest first
+        self._cost = None  # their estimate (see saverules.engine.cost.estimate), None before any
+        self._agenda: _Agenda | None = None
+        fallback = policy.run.total_steps if policy.run is not None else None
+        total_steps = checked_total(total_steps, "total_steps")
+        self._set_total(total_steps if total_steps is not None else fallback)
+
+    # -- what the policy reacts to (for DDP sync and the simulator) ----------
+    # Set per policy on the specialised class (see _specialised); a subclass
+    # made some other way is assumed to react to everything.
+    watches_last = watches_signals = watches_epochs = watches_time = watches_metrics = True
+
+    @property
+    def total_steps(self) -> int | None:
+        return self._total
+
+    @property
+    def next_step(self) -> int:
+        """No rule can fire before this step while the run is quiet."""
+        return self._next_step
+
+    @property
+    def next_time(self) -> float:
+        """No clock rule can fire while Progress.time is below this."""
+        return self._next_time
+
+    # -- deciding -------------------------------------------------------------
+    def __call__(self, progress) -> Decision:  # replaced by a specialised version
+        return self._decide(progress)
+
+    def _decide(self, p) -> Decision:
+        if type(p) is not Progress:
+            p = _as_progress(p)
+        step = p.step
+        if step < self._prev:
+            raise ValueError(_backwards_message(step, self._prev))
+        total = p.total_steps
+        retotalled = total is not None and total != self._total
+        if retotalled:
+            self._set_total(total)
+        if self._compiled is None:
+            raise self._policy_error(self._unresolved)
+        if self._last_save_time is None and p.time is not None:
+            self._last_save_time = p.time  # clock rules count from the first decision
+        agenda = self._agenda
+        compiled = self._compiled
+        # A new total moves every rule's bounds, even for this very step: all are evaluated.
+        due = range(len(compiled)) if retotalled else agenda.due(p, self)
+        # a reason is a string, or (for a rule that plans with the save cost) written now
+        reasons = [
+            name if name.__class__ is str else name(self)
+            for node, name in (compiled[i] for i in due) if node.fires(p, self)
+        ]
+        save = bool(reasons) and step != self._last_save_step
+        self._prev = step
+        if save:
+            self._last_save_step = step
+            if p.time is not None:
+                self._last_save_time = p.time
+        agenda.rekey(due, step, self)
+        self._next_step = agenda.next_step()
+        self._next_time = agenda.next_time(self._last_save_time)
+        return Decision(True, tuple(dict.fromkeys(reasons))) if save else NO_SAVE
+
+    def note_save(self, step: int, time: float | None = None) -> None:
+        """Record a save made outside this decider's decisions (a forced save)."""
+        self._last_save_step = step
+        if time is not None:
+            self._last_save_time = time
+        self._refresh()
+
+    def note_cost(self, stall_seconds: float, write_seconds: float | None = None) -> None:
+        """Report what the latest save cost: ``stall_seconds`` of training-thread stall
+        (the whole save when synchronous, the snapshot when asynchronous) and the
+        ``write_seconds`` of wall time the whole write took (the stall, when omitted).
+
+        The ``adaptive`` rule plans its interval from the mean of the last
+        three reports.  The Checkpointer reports every save it makes.
+        """
+        self._costs = (self._costs + [check_cost(stall_seconds, write_seconds)])[-COST_WINDOW:]
+        self._cost = estimate(self._costs)
+        self._refresh()
+
+    @property
+    def save_cost(self):
+        """The estimated (stall, write) seconds of a save, or None before any report."""
+        return self._cost
+
+    # -- internals --------------------------------------------------------------
+    def _set_total(self, total: int | None) -> None:
+        old = self._compiled
+        try:
+            self._compiled = compile_rules(self.policy, total)
+            self._unresolved = None
+        except ResolveError as exc:
+            if total is not None:
+                raise self._policy_error(exc) from None
+            self._compiled, self._unresolved = None, exc
+            return
+        finally:
+            self._total = total
+        if old is not None:
+            self._load_node_states(_node_states(old))
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Recompute every rule's bound from the previous decision (after a change of state)."""
+        if self._compiled is None:
+            return
+        self._agenda = _Agenda(self._compiled, self, per_step=self._sim is not None)
+        self._next_step = self._agenda.next_step()
+        self._next_time = self._agenda.next_time(self._last_save_time)
+
+    def _simulate(self, shape) -> None:
+        """Let a simulation of a run of this ``shape`` drive this decider, asking it at
+        every step it does not skip (see :meth:`_skip_to`)."""
+        self._sim = shape
+        self._refresh()
+
+    def _next_fire(self) -> int:
+        """Lowest step after the previous decision at which a step rule can fire,
+        for a run asked at every step from here on (the simulator's jump target)."""
+        if self._compiled is None:
+            return INF
+        return self._agenda.next_step()
+
+    def _skip_to(self, step: int) -> None:
+        """Record that every step up to ``step`` was decided and nothing was saved.
+
+        Only for steps below :meth:`_next_fire` with the run quiet, where a
+        per-step run takes the quiet path at each of them.
+        """
+        if step > self._prev:
+            self._prev = step
+
+    def _policy_error(self, exc: ResolveError) -> PolicyError:
+        line, col = self.policy.position(exc.path) or (1, 1)
+        return PolicyError([Diagnostic(self.policy.source, line, col, f"{dotted(exc.path)}: {exc}")])
+
+    # -- resume -------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """JSON-serialisable state; restoring it continues the run's decisions exactly."""
+        return {
+            "version": STATE_VERSION,
+            "policy": self.policy.digest,
+            "prev_step": self._prev,
+            "last_save_step": self._last_save_step,
+            "last_save_time": self._last_save_time,
+            "total_steps": self._total,
+            "rules": _node_states(self._compiled) if self._compiled else {},
+            "costs": [list(c) for c in self._costs],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            found = state.get("version") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"decider state has version {found!r}; this saverules reads version {STATE_VERSION}")
+        self._prev = int(state["prev_step"])
+        last = state.get("last_save_step")
+        self._last_save_step = None if last is None else int(last)
+        t = state.get("last_save_time")
+        self._last_save_time = None if t is None else float(t)
+        total = state.get("total_steps")
+        if total is not None and int(total) != self._total:
+            # the run's length is part of what is restored; a Progress that
+            # carries another total changes it again at the next decision
+            self._set_total(int(total))
+        self._load_node_states(state.get("rules") or {})
+        self._costs = [check_cost(*c) for c in state.get("costs") or ()][-COST_WINDOW:]
+        self._cost = estimate(self._costs)
+        self._refresh()
+
+    def _load_node_states(self, states: dict) -> None:
+        if not self._compiled:
+            return
+        for key, node in _stateful(self._compiled):
+            if key in states:
+                node.load(states[key])
+
+
+def _as_progress(p) -> Progress:
+    """A checked Progress for ``p`` (a Progress subclass, or an object with the same fields)."""
+    if isinstance(p, Progress):
+        return p
+    try:
+        fields = {name: getattr(p, name) for name in ("step", "total_steps", "epoch", "epoch_end", "is_last",
+                                                      "time", "metrics", "signal") if hasattr(p, name)}
+        return Progress(**fields)
+    except TypeError as exc:
+        if "step" not in fields:
+            raise TypeError(
+                f"a decider is called with a saverules.Progress, got {type(p).__name__}"
+            ) from None
+        raise exc from None
+
+
+def _backwards_message(step: int, prev: int) -> str:
+    return (
+        f"Progress.step went backwards: step {step} after step {prev}. Steps count completed optimizer steps and "
+        f"never decrease (a repeat of step {prev} is allowed). To continue a run from a checkpoint, restore the "
+        "decider's state with the checkpoint (Checkpointer.load_latest does, or Decider.load_state_dict) and go on "
+        f"from the saved step + 1; to start the run over, build a new decider with policy.compile()"
+    )
+
+
+def _stateful(compiled):
+    for index, (node, _) in enumerate(compiled):
+        for sub_index, sub in enumerate(node.walk()):
+            if hasattr(sub, "state"):
+                yield f"{index}.{sub_index}", sub
+
+
+def _node_states(compiled) -> dict:
+    return {key: node.state() for key, node in _stateful(compiled)}
+
+
+# -- which rules a decision looks at ------------------------------------------------
+
+
+class _Agenda:
+    """The top-level rules by the step from which each can fire and the events each reacts to.
+
+    With ``per_step`` (a simulation, which asks at every step it does not skip)
+    the bound is :meth:`~saverules.engine.compile.Node.next_fire`, otherwise
+    :meth:`~saverules.engine.compile.Node.next_step`; either way joined with
+    :meth:`~saverules.engine.compile.Node.next_change`.
+    """
+
+    def __init__(self, compiled, run, per_step: bool):
+        self.nodes = [node for node, _ in compiled]
+        self.per_step = per_step
+        self.signals, self.epochs, self.metrics, self.last, timed = [], [], [], [], []
+        for i, node in enumerate(self.nodes):
+            kinds = set(map(type, node.walk()))
+            if OnSignal in kinds:
+                self.signals.append(i)
+            if EpochEnd in kinds:
+                self.epochs.append(i)
+            if Improved in kinds:
+                self.metrics.append(i)
+            if Final in kinds:
+                self.last.append(i)
+            if EveryTime in kinds or Adaptive in kinds:
+                # a rule's clock threshold is the anchor plus its shortest interval;
+                # an adaptive rule's interval is the one planned from the current cost
+                # estimate, so the agenda is rebuilt when a cost is reported (note_cost)
+                offset = min(n.clock_offset(run) for n in node.walk() if isinstance(n, (EveryTime, Adaptive)))
+                if offset < math.inf:  # an adaptive rule a simulation without a cost leaves out
+                    timed.append((offset, i))
+        timed.sort()
+        self.time_offsets = [offset for offset, _ in timed]
+        self.timed = [i for _, i in timed]
+        after = run._prev
+        self.keys = [self._key(node, after, run) for node in self.nodes]
+        self.versions = [0] * len(self.nodes)
+        self.heap = [(key, 0, i) for i, key in enumerate(self.keys) if key < INF]
+        heapify(self.heap)
+
+    def _key(self, node, after, run) -> int:
+        bound = node.next_fire(after, run) if self.per_step else node.next_step(after, run)
+        return min(bound, node.next_change(after, run))
+
+    def due(self, p, run) -> list:
+        """Indices, in order, of the rules that may fire or change at this decision."""
+        step = p.step
+        heap, versions = self.heap, self.versions
+        due = set()
+        while heap and heap[0][0] <= step:
+            _, version, i = heappop(heap)
+            if version == versions[i]:
+                due.add(i)
+        if p.signal and self.signals:
+            due.update(self.signals)
+        if p.epoch_end and self.epochs:
+            due.update(self.epochs)
+        if p.metrics and self.metrics:
+            due.update(self.metrics)
+        if p.is_last is True and self.last:
+            due.update(self.last)
+        anchor = run._last_save_time
+        if self.timed and p.time is not None and anchor is not None:
+            offsets = self.time_offsets
+            # EveryTime and Adaptive fire at p.time >= anchor + offset (computed as they do)
+            n = 0
+            while n < len(offsets) and p.time >= anchor + offsets[n]:
+                n += 1
+            due.update(self.timed[:n])
+        return sorted(due)
+
+    def rekey(self, indices, after: int, run) -> None:
+        """New bounds for the rules just evaluated, from the step just decided."""
+        heap, versions, keys, nodes = self.heap, self.versions, self.keys, self.nodes
+        for i in indices:
+            key = self._key(nodes[i], after, run)
+            keys[i] = key
+            versions[i] += 1
+            if key < INF:
+                heappush(heap, (key, versions[i], i))
+        if len(heap) > 4 * len(nodes) + 64:  # drop entries that newer bounds replaced
+            self.heap = [(k, versions[i], i) for i, k in enumerate(keys) if k < INF]
+            heapify(self.heap)
+
+    def next_step(self) -> int:
+        heap, versions = self.heap, self.versions
+        while heap and heap[0][1] != versions[heap[0][2]]:
+            heappop(heap)
+        return heap[0][0] if heap else INF
+
+    def next_time(self, anchor) -> float:
+        if not self.timed:
+            return math.inf
+        return -math.inf if anchor is None else anchor + self.time_offsets[0]
+
+
+# -- the generated quiet path ---------------------------------------------------
+
+_CLASSES: dict = {}
+
+
+def _specialised(flags) -> type:
+    """A Decider subclass whose __call__ tests only what this policy reacts to."""
+    cls = _CLASSES.get(flags)
+    if cls is not None:
+        return cls
+    last, signals, epochs, clock, metrics = flags
+    # A Progress is checked when it is built, so on the quiet path the step is
+    # an int >= 1; what is left to test is its order.  The fields are read
+    # from the Progress's slots directly, the cheapest read there is.
+    checks = ["type(p) is Progress", "self._prev <= p._step < self._next_step"]
+    if last:
+        checks.append("p._is_last is not True")
+    if signals:
+        checks.append("not p._signal")
+    if epochs:
+        checks.append("not p._epoch_end")
+    if clock:
+        checks.append("(p._time is None or p._time < self._next_time)")
+    if metrics:
+        checks.append("not p._metrics")
+    checks.append("(p._total_steps == self._total or p._total_steps is None)")
+    source = (
+        "def __call__(self, p):\n"
+        f"    if {' and '.join(checks)}:\n"
+        "        self._prev = p._step\n"
+        "        return NO_SAVE\n"
+        "    return self._decide(p)\n"
+    )
+    namespace = {"NO_SAVE": NO_SAVE, "Progress": Progress}
+    exec(compile(source, f"<saverules quiet path {flags}>", "exec"), namespace)
+    attributes = {
+        "__call__": namespace["__call__"], "__module__": __name__, "_quiet_source": source,
+        "watches_last": last, "watches_signals": signals, "watches_epochs": epochs,
+        "watches_time": clock, "watches_metrics": metrics,
+    }
+    cls = type("Decider", (Decider,), attributes)
+    _CLASSES[flags] = cls
+    return cls

@@ -1,0 +1,231 @@
+"""The policy document: version, the final guarantee, rules, retention and storage.
+
+``Policy`` is what :func:`saverules.load` returns.  It is immutable; compiling
+it gives a stateful :class:`~saverules.engine.decider.Decider` for one run.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import string
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, PlainValidator, PrivateAttr, ValidationInfo, WithJsonSchema, field_validator
+
+from .limits import SAVE_LIMIT
+from .progress import Checkpoint
+from .quantities import Bytes, Count, NonNegativeReal, PositiveReal, Seconds
+from .rules import Model, Name, Rule, _as_tuple
+
+Position = tuple[int, int]
+
+
+def _strict_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {type(value).__name__}")
+    return value
+
+
+Bool = Annotated[bool, PlainValidator(_strict_bool), WithJsonSchema({"type": "boolean"})]
+
+
+def _version(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected the integer 1, got {type(value).__name__}")
+    if value != 1:
+        raise ValueError(f"unsupported format version {value}: this saverules reads version = 1")
+    return value
+
+
+class RunShape(Model):
+    """The run that ``check`` simulates when no flags are given, and what it costs."""
+
+    total_steps: Count | None = None
+    steps_per_epoch: Count | None = None
+    step_seconds: PositiveReal | None = None
+    # the cost report (docs/check.md) and the adaptive rule's simulation
+    save_seconds: PositiveReal | None = None
+    write_seconds: PositiveReal | None = None
+    mtbf: Seconds | None = None
+    restart_seconds: NonNegativeReal | None = None
+    checkpoint_size: Bytes | None = None
+
+    @field_validator("write_seconds")
+    @classmethod
+    def _write_includes_the_stall(cls, write: Any, info: ValidationInfo) -> Any:
+        stall = info.data.get("save_seconds")
+        if write is not None and stall is not None and write < stall:
+            raise ValueError(
+                f"write_seconds ({write:g}) must be at least save_seconds ({stall:g}): "
+                "the whole write includes the stall"
+            )
+        return write
+
+
+class KeepBest(Model):
+    metric: Name
+    mode: Literal["min", "max"] = "min"
+    n: Count = 1
+
+
+class Retention(Model):
+    """Which checkpoints survive. Each rule is a keep-mask; the masks are ORed."""
+
+    keep_last: Count = 1
+    keep_every: Count | None = None
+    keep_best: KeepBest | None = None
+
+
+class _UTC:
+    """``{time}`` in a name template: compact UTC by default, strftime with a spec."""
+
+    def __init__(self, moment: datetime):
+        self.moment = moment.astimezone(timezone.utc)
+
+    def __format__(self, spec: str) -> str:
+        return self.moment.strftime(spec or "%Y%m%dT%H%M%SZ")
+
+
+_PLACEHOLDERS = ("step", "epoch", "time", "run")
+_MAX_NAME = 255  # bytes in one path component on common file systems
+_SEPARATORS = ("/", "\\", "\0")
+
+
+def _render(template: str, step: int, epoch: int, time: datetime | None, run: str) -> str:
+    for bad in _SEPARATORS:
+        if bad in run:
+            raise ValueError(f"run name {run!r} must not contain a path separator")
+    name = template.format(
+        step=step, epoch=epoch, time=_UTC(time or datetime.now(timezone.utc)), run=run
+    )
+    if any(bad in name for bad in _SEPARATORS) or name in ("", ".", "..") or name.startswith(".."):
+        raise ValueError(f"name template {template!r} renders to {name!r}, which is not a plain directory name")
+    if len(name.encode("utf-8", "surrogatepass")) > _MAX_NAME:
+        raise ValueError(f"name template {template!r} renders a name longer than {_MAX_NAME} bytes")
+    return name
+
+
+class Storage(Model):
+    """Where the checkpoint store writes; read by :mod:`saverules.torch`."""
+
+    dir: Name = "checkpoints"
+    name: Name = "step-{step:08d}"
+    format: Literal["tensors", "torch", "safetensors", "dcp"] = "tensors"
+
+    @field_validator("name")
+    @classmethod
+    def _check_template(cls, template: str) -> str:
+        try:
+            parsed = [(f, spec or "") for _, f, spec, _ in string.Formatter().parse(template) if f is not None]
+        except ValueError as exc:
+            raise ValueError(f"not a valid name template: {exc}") from None
+        fields = [f for f, _ in parsed]
+        for field, spec in parsed:
+            # a width such as {step:99999999} would render an enormous name
+            # (a leading 0 is the zero-padding flag: "{step:0255d}" is 255 wide)
+            widths = (digits.lstrip("0") or "0" for digits in re.findall(r"\d+", spec))
+            if any(len(width) > 3 or int(width) > _MAX_NAME for width in widths):
+                raise ValueError(
+                    f"the format of {{{field}}} asks for a width beyond {_MAX_NAME} characters, "
+                    "longer than a directory name can be"
+                )
+        for field in fields:
+            if field not in _PLACEHOLDERS:
+                raise ValueError(
+                    f"unknown placeholder {{{field}}}; use {', '.join('{' + p + '}' for p in _PLACEHOLDERS)}"
+                )
+        if "step" not in fields:
+            raise ValueError("the name must contain {step}, or checkpoints would overwrite each other")
+        if any(bad in template for bad in _SEPARATORS) or template.startswith(".") or template.startswith("~"):
+            raise ValueError(
+                "the name must be a plain directory name inside dir: no path separators, "
+                "no leading '.', '..' or '~'"
+            )
+        for step in (1, 123456789):
+            try:
+                _render(template, step, 3, datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc), "run")
+            except (ValueError, TypeError, KeyError, IndexError) as exc:
+                raise ValueError(f"name template does not render: {exc}") from None
+        return template
+
+    def render_name(self, step: int, epoch: int = 0, time: datetime | None = None, run: str = "run") -> str:
+        """The checkpoint directory name for this step (a single path component)."""
+        return _render(self.name, step, epoch, time, run)
+
+
+class Policy(Model):
+    """A whole save policy: what to save when, what to keep, and where."""
+
+    version: Annotated[int, PlainValidator(_version), WithJsonSchema({"const": 1})]
+    final: Bool = True
+    run: RunShape | None = None
+    rules: Annotated[tuple[Rule, ...], BeforeValidator(_as_tuple)] = ()
+    retention: Retention | None = None
+    storage: Storage = Storage()
+
+    _source: str = PrivateAttr(default="<policy>")
+    _positions: dict[tuple, Position] = PrivateAttr(default_factory=dict)
+
+    # -- provenance -----------------------------------------------------------
+    @property
+    def source(self) -> str:
+        """The file (or ``<string>``) this policy was loaded from."""
+        return self._source
+
+    def position(self, path: tuple) -> Position | None:
+        """(line, col) of the key at ``path`` in the source document, if known."""
+        return self._positions.get(tuple(path))
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the canonical form of the policy: equal for equal policies."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+
+    # -- the two halves: save decision and preservation ---------------------
+    def compile(self, total_steps: int | None = None):
+        """A fresh :class:`~saverules.engine.decider.Decider` for one run.
+
+        ``total_steps`` resolves shares of the run ("5%"); without it the
+        decider takes the total from the first Progress that carries one, and
+        then from ``[run].total_steps``.
+        """
+        from .decider import Decider
+
+        return Decider(self, total_steps)
+
+    def retain(self, checkpoints: Sequence[Checkpoint]) -> list:
+        """Keep mask aligned with ``checkpoints`` (oldest first): True = keep."""
+        from .retention import explain_retention
+
+        return [bool(why) for why in explain_retention(self.retention, checkpoints)]
+
+    def explain_retention(self, checkpoints: Sequence[Checkpoint]) -> list:
+        """For each checkpoint, the names of the retention rules that keep it (empty = delete)."""
+        from .retention import explain_retention
+
+        return explain_retention(self.retention, checkpoints)
+
+    def simulate(
+        self,
+        total_steps: int,
+        steps_per_epoch: int | None = None,
+        step_seconds: float | None = None,
+        metrics: Callable[[int], Mapping[str, float] | None] | None = None,
+        max_saves: int | None = SAVE_LIMIT,
+        *,
+        save_seconds: float | None = None,
+        write_seconds: float | None = None,
+    ):
+        """Simulate a run of this shape without training; see :mod:`saverules.engine.simulate`.
+
+        At most ``max_saves`` saves are listed (``None``: every save, however
+        many); the rest are counted, see :attr:`~saverules.engine.simulate.Simulation.complete`.
+        ``save_seconds`` (and ``write_seconds``, the stall when omitted) is what
+        every save costs; without it ``adaptive`` rules are not simulated.
+        """
+        from .simulate import simulate
+
+        return simulate(self, total_steps, steps_per_epoch, step_seconds, metrics, max_saves,
+                        save_seconds=save_seconds, write_seconds=write_seconds)
