@@ -305,6 +305,11 @@ def figure(rows: Sequence[Row | str]) -> Figure:
         fig.supxlabel("\n".join(skipped), fontsize=8, color="#b01c1c")
     handles: list[Any] = [Line2D([], [], color=c, marker="|", linestyle="none", markersize=11, markeredgewidth=1.6,
                                  label=rule) for rule, c in colours.of.items()]
+    # a rule that fired only beside an earlier reason colours no save, but is named too
+    also = {static_reason(reason): None for row in drawn for lane in row.lanes for _, reasons in lane.saves
+            for reason in reasons[1:]}
+    handles += [Line2D([], [], color="none", marker="|", linestyle="none", label=f"{rule}: fired, always with an "
+                       "earlier reason") for rule in also if rule not in colours.of]
     extra = (
         ("kept", Line2D([], [], color="black", marker="v", linestyle="none", markersize=5,
                         label="kept at the end")),
