@@ -3,14 +3,17 @@
     python -m saverules.check rules/default.toml
     python -m saverules.check rules/*.toml --total-steps 39998 --steps-per-epoch 19999 --strict
     python -m saverules.check rules/default.toml --format json
+    python -m saverules.check rules/minimind-legacy.toml rules/default.toml --plot schedules.png
 
 For each file: errors as ``FILE:LINE:COL: error: message``; otherwise the
 simulated schedule (every save with its step, time and reasons, the
 checkpoints kept at the end, the largest gap, a timeline) and warnings as
-``FILE:LINE:COL: warning: message``.
+``FILE:LINE:COL: warning: message``.  ``--plot IMAGE`` also draws the schedules, one
+row per file (:mod:`saverules.plot`, which needs matplotlib: ``saverules[plot]``).
 
 Exit status: 0 when every file is valid (and, with ``--strict``, warning
-free), 1 on any error or, with ``--strict``, any warning, 2 on bad usage.
+free), 1 on any error or, with ``--strict``, any warning, 2 on bad usage (a
+``--plot`` file that is not .png or .svg, or ``--plot`` without matplotlib, included).
 """
 from __future__ import annotations
 
