@@ -274,7 +274,15 @@ def _draw_row(ax: Axes, r: int, row: Row, colours: _Colours, seen: dict[str, boo
     if row.step_seconds is not None:
         secs = row.step_seconds
         unit, name = _time_unit(row.total_steps * secs)
-        top = ax.secondary_xaxis("top", functions=(lambda s: s * secs / unit, lambda t: t * unit / secs))
+        scale = secs / unit  # steps to the time unit
+
+        def to_time(steps: Any) -> Any:
+            return steps * scale
+
+        def to_steps(time: Any) -> Any:
+            return time / scale
+
+        top = ax.secondary_xaxis("top", functions=(to_time, to_steps))
         top.tick_params(labelsize=7)
         top.xaxis.set_major_formatter(mticker.FuncFormatter(_step_label))
         top.set_xlabel(f"training time ({name}, {secs:g} s/step)", fontsize=7)
