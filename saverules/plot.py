@@ -144,7 +144,8 @@ def row_of(report: Report) -> Row | str:
     tail = sim.unsaved_tail
     if tail:
         last = sim.total_steps - tail
-        unsaved = Span(last, sim.total_steps, f"steps {last + 1:,}-{sim.total_steps:,} are in no checkpoint "
+        which = f"step {last + 1:,} is" if tail == 1 else f"steps {last + 1:,}-{sim.total_steps:,} are"
+        unsaved = Span(last, sim.total_steps, f"{which} in no checkpoint "
                                               f"({_plural(tail, 'step')}{_time(tail, sim.step_seconds)}): final = false")
     unlisted = None
     if not sim.complete:
@@ -286,6 +287,7 @@ def _draw_row(ax: Axes, r: int, row: Row, colours: _Colours, seen: dict[str, boo
         top.tick_params(labelsize=7)
         top.xaxis.set_major_formatter(mticker.FuncFormatter(_step_label))
         top.set_xlabel(f"training time ({name}, {secs:g} s/step)", fontsize=7)
+    ax.xaxis.set_major_locator(mticker.MaxNLocator(integer=True))  # steps are whole
     ax.xaxis.set_major_formatter(mticker.FuncFormatter(_step_label))
     ax.tick_params(axis="x", labelsize=8)
 
@@ -333,7 +335,8 @@ def figure(rows: Sequence[Row | str]) -> Figure:
         longest = max(len(str(h.get_label())) for h in handles)
         ncols = 1 if longest > 70 else 2 if longest > 38 else 4
         legend = fig.legend(handles=handles, loc="outside lower center", ncols=min(ncols, len(handles)), fontsize=8,
-                            frameon=False, title="the rule that made each save (its first reason)",
+                            frameon=False,
+                            title="the rule that made each save (its first reason)" if colours.of else None,
                             title_fontsize=8)
         legend.set_gid("legend")
         rows_of_legend = -(-len(handles) // min(ncols, len(handles)))

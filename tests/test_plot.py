@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import re
 import struct
 import subprocess
@@ -150,7 +151,7 @@ def test_kept_and_deleted_saves_are_told_apart():
 def test_several_files_compare_on_one_step_axis_with_overrides(tmp_path):
     out = tmp_path / "cmp.svg"
     files = [str(REPO / "rules/minimind-legacy.toml"), str(REPO / "rules/default.toml")]
-    flags = ["--total-steps", "39998", "--steps-per-epoch", "19999"]
+    flags = ["--total-steps", "39998", "--steps-per-epoch", "19999", "--step-seconds", "2"]
     code, stdout, _ = run_check(*files, *flags, "--plot", str(out))
     assert code == 0
     got = reports(*files, *flags)
@@ -169,8 +170,11 @@ def test_several_files_compare_on_one_step_axis_with_overrides(tmp_path):
     (tail,) = by_gid(fig, "unsaved-label-0")
     assert "steps 20,001-39,998 are in no checkpoint (19,998 steps" in tail.get_text()
     assert "19,998 steps" in stdout
-    # the time axis: each row's own step time
-    assert all(len(ax.child_axes) == 1 for ax in rows)
+    # the time axis: the overridden step time, 39,998 x 2 s = 22h13m
+    for ax in rows:
+        (top,) = ax.child_axes
+        assert top.get_xlabel() == "training time (hours, 2 s/step)"
+    assert tail.get_text().endswith("(19,998 steps, 11h06m36s of training): final = false")
     groups = svg_groups(out)
     assert {"saves-0-0-0", "gap-label-0", "gap-label-1", "unsaved-0", "epochs-1"} <= set(groups)
 
@@ -257,3 +261,29 @@ def test_the_readme_picture_is_made_by_its_documented_command(tmp_path):
     assert files == ["rules/minimind-legacy.toml", "rules/default.toml"]
     fig = plot.figure([plot.row_of(r) for r in reports(*files)])
     assert [ax.get_title(loc="left").split(":")[0] for ax in fig.axes if ax.get_title(loc="left")] == files
+
+
+def test_the_json_report_stays_on_stdout_while_plotting(tmp_path):
+    out = tmp_path / "s.png"
+    code, stdout, stderr = run_check(str(REPO / "rules/default.toml"), "--format", "json", "--plot", str(out))
+    assert code == 0
+    (doc,) = json.loads(stdout)["files"]
+    assert len(doc["saves"]) == 30
+    assert stderr.splitlines() == [f"plot: simulating {REPO / 'rules/default.toml'}",
+                                   f"plot: drawing 30 saves of {REPO / 'rules/default.toml'}",
+                                   f"plot: wrote {out} (1100 x {png_size(out)[1]} px)"]
+
+
+def test_a_one_step_run_without_saves_is_drawn_and_said(tmp_path):
+    policy = tmp_path / "none.toml"
+    policy.write_text('version = 1\nfinal = false\n[run]\ntotal_steps = 1\n[[rules]]\nkind = "every_steps"\n'
+                      'every = 5\n')
+    code, stdout, _ = run_check(str(policy), "--plot", str(tmp_path / "n.png"))
+    assert code == 0
+    fig = plot.figure([plot.row_of(r) for r in reports(str(policy))])
+    assert not by_gid(fig, r"(saves|kept)-.*")
+    (tail,) = by_gid(fig, "unsaved-label-0")
+    assert tail.get_text() == "step 1 is in no checkpoint (1 step): final = false"
+    (gap,) = by_gid(fig, "gap-label-0")
+    assert gap.get_text() == f"largest gap: {printed_gap(stdout)}" == "largest gap: 1 step"
+    assert legend_texts(fig) == ["largest gap", "in no checkpoint"]
