@@ -3,14 +3,17 @@
     python -m saverules.check rules/default.toml
     python -m saverules.check rules/*.toml --total-steps 39998 --steps-per-epoch 19999 --strict
     python -m saverules.check rules/default.toml --format json
+    python -m saverules.check rules/minimind-legacy.toml rules/default.toml --plot schedules.png
 
 For each file: errors as ``FILE:LINE:COL: error: message``; otherwise the
 simulated schedule (every save with its step, time and reasons, the
 checkpoints kept at the end, the largest gap, a timeline) and warnings as
-``FILE:LINE:COL: warning: message``.
+``FILE:LINE:COL: warning: message``.  ``--plot IMAGE`` also draws the schedules, one
+row per file (:mod:`saverules.plot`, which needs matplotlib: ``saverules[plot]``).
 
 Exit status: 0 when every file is valid (and, with ``--strict``, warning
-free), 1 on any error or, with ``--strict``, any warning, 2 on bad usage.
+free), 1 on any error or, with ``--strict``, any warning, 2 on bad usage (a
+``--plot`` file that is not .png or .svg, or ``--plot`` without matplotlib, included).
 """
 from __future__ import annotations
 
@@ -332,6 +335,14 @@ def _timeline(sim: Simulation, width: int = TIMELINE_WIDTH) -> str:
     return "".join(chars)
 
 
+def gap_text(sim: Simulation) -> str:
+    """The largest gap in words, as the report and the plot (saverules.plot) both say it."""
+    gap = _plural(sim.max_gap_steps, "step")
+    if sim.max_gap_seconds is not None:
+        gap += f" ({format_seconds(sim.max_gap_seconds)} of training)"
+    return gap + ("" if sim.complete else f" in steps 1-{sim.listed_to:,} (not known beyond)")
+
+
 def _run_line(r: Report) -> str:
     parts = [_plural(r.total_steps, "step")]
     spe = r.steps_per_epoch
@@ -413,11 +424,7 @@ def render_text(r: Report, show_all: bool, out) -> None:
         kept = sim.kept if len(sim.kept) <= ELIDE_ABOVE or show_all else sim.kept[-SHOWN_AT_EACH_END:]
         kept = ("..., " if len(kept) < len(sim.kept) else "") + (", ".join(_fmt_steps(s) for s in kept) or "none")
         print(f"  kept     {kept}   ({len(sim.kept)} at the end{upto}, at most {sim.peak_kept} at once)", file=out)
-        gap = _plural(sim.max_gap_steps, "step")
-        if sim.max_gap_seconds is not None:
-            gap += f" ({format_seconds(sim.max_gap_seconds)} of training)"
-        where = "" if sim.complete else f" in steps 1-{sim.listed_to:,} (not known beyond)"
-        print(f"  max gap  {gap}{where}: the most work a crash can lose", file=out)
+        print(f"  max gap  {gap_text(sim)}: the most work a crash can lose", file=out)
         if not sim.complete and sim.fired_total is not None:
             counts = sorted(sim.fired_total.items(), key=lambda item: -item[1])
             shown = counts if show_all or len(counts) <= SHOWN_AT_EACH_END else counts[:SHOWN_AT_EACH_END]
@@ -548,12 +555,31 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("text", "json"), default="text", help="output format (default text)")
     p.add_argument("--strict", action="store_true", help="treat warnings as errors (exit 1)")
     p.add_argument("--all", action="store_true", help="list every save instead of eliding the middle")
+    p.add_argument("--plot", metavar="IMAGE",
+                   help="also draw the schedules, one row per file, into IMAGE (.png or .svg; needs matplotlib: "
+                        "pip install 'saverules[plot]')")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    reports = [analyse(path, args) for path in args.files]
+    p = parser()
+    args = p.parse_args(argv)
+    draw = None
+    if args.plot is not None:
+        from . import plot as draw  # only --plot imports matplotlib
+
+        try:
+            draw.check_target(args.plot)
+            draw.require()
+        except draw.PlotError as exc:
+            p.print_usage(sys.stderr)
+            print(f"{p.prog}: error: {exc}", file=sys.stderr)
+            return 2
+    reports = []
+    for path in args.files:
+        if draw is not None:  # a long simulation is not silent
+            print(f"plot: simulating {path}", file=sys.stderr, flush=True)
+        reports.append(analyse(path, args))
     failed = any(r.errors or (args.strict and r.warnings) for r in reports)
     if args.format == "json":
         json.dump({"files": [to_json(r) for r in reports], "strict": args.strict, "ok": not failed},
@@ -566,6 +592,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             render_text(r, args.all, sys.stdout)
         if args.strict and any(r.warnings for r in reports) and not any(r.errors for r in reports):
             print("--strict: warnings count as errors", file=sys.stderr)
+    if draw is not None:
+        try:
+            draw.plot(reports, args.plot, log=sys.stderr)
+        except OSError as exc:
+            print(f"{p.prog}: error: cannot write {args.plot}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
     return 1 if failed else 0
 
 
