@@ -28,7 +28,7 @@ def read(path: str) -> dict[str, Any]:
     """The fields of a ``TrainingArguments`` from its JSON or a saved ``training_args.bin``."""
     with open(path, "rb") as f:
         data = f.read()
-    if data.lstrip()[:1] == b"{":
+    if data.lstrip()[:1] in (b"{", b"[") or path.endswith(".json"):
         try:
             fields = json.loads(data)
         except ValueError as exc:

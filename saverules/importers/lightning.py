@@ -63,6 +63,8 @@ def parse(text: str) -> dict[str, Any]:
     """The keyword arguments of a ``ModelCheckpoint(...)`` call, read without evaluating anything."""
     try:
         tree = ast.parse(text.strip(), mode="eval")
+    except (RecursionError, MemoryError):
+        raise Refused(SOURCE, [("--from-lightning", "is nested too deeply to read")]) from None
     except SyntaxError as exc:
         raise Refused(SOURCE, [("--from-lightning", f"is not a Python call ({exc.msg}, column {exc.offset}); "
                                                     "pass e.g. 'ModelCheckpoint(every_n_train_steps=40)'")]) from None
@@ -80,8 +82,8 @@ def parse(text: str) -> dict[str, Any]:
             continue
         try:
             out[kw.arg] = (_timedelta_seconds(kw.value) if kw.arg == "train_time_interval"
-                           and isinstance(kw.value, ast.Call) else ast.literal_eval(kw.value))
-        except ValueError as exc:
+                           else ast.literal_eval(kw.value))
+        except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError) as exc:
             why = str(exc) if kw.arg == "train_time_interval" else "only literal values are read (numbers, strings, True/False/None), never code"
             problems.append((kw.arg, why))
     if problems:
