@@ -122,3 +122,27 @@ def interval_rule(draft: Draft, every: int, total: int | None, setting: str) -> 
         return False
     draft.rule({"kind": "every_steps", "every": every}, f"{setting}: a save at every multiple of {every:,} steps")
     return True
+
+
+def epoch_rule(draft: Draft, every: int, total: int | None, steps_per_epoch: int | None, setting: str) -> None:
+    """An epoch_end rule, or a note when no k-th epoch ends within a known run."""
+    if total is not None and steps_per_epoch is not None and every * steps_per_epoch > total:
+        draft.notes.append(f"{setting}: no {'' if every == 1 else f'{every}th '}epoch end falls within the run "
+                           f"({total:,} steps of {steps_per_epoch:,} per epoch), so no rule stands for it; the "
+                           "final step is still saved")
+        return
+    draft.rule({"kind": "epoch_end", "every": every}, f"{setting}: a save at every "
+               f"{'' if every == 1 else f'{every}th '}epoch end")
+
+
+def run_shape(draft: Draft, total: int | None, steps_per_epoch: int | None, how: str) -> None:
+    """The [run] table: the run's length (from ``how``) and the epoch length when an epoch ends in the run."""
+    if total is not None:
+        draft.run["total_steps"] = total
+        draft.run_notes.append(f"the run's length, from {how}")
+    if steps_per_epoch is not None:
+        if total is not None and steps_per_epoch > total:
+            draft.notes.append(f"steps per epoch ({steps_per_epoch:,}) is longer than the run ({total:,} steps): "
+                               "no epoch ends in it, so [run] leaves it out")
+        else:
+            draft.run["steps_per_epoch"] = steps_per_epoch

@@ -18,7 +18,17 @@ import json
 import math
 from typing import Any
 
-from .draft import Draft, Refused, TrainerSchedule, interval_rule, keep_last_note, keep_newest, multiples
+from .draft import (
+    Draft,
+    Refused,
+    TrainerSchedule,
+    epoch_rule,
+    interval_rule,
+    keep_last_note,
+    keep_newest,
+    multiples,
+    run_shape,
+)
 from .pickled import NotTrainingArgs, read_training_args
 
 SOURCE = "TrainingArguments"
@@ -128,7 +138,7 @@ def convert(fields: dict[str, Any], origin: str, total_steps: int | None = None,
             interval_rule(draft, int(save_steps), total, f"save_strategy = 'steps', save_steps = {int(save_steps)}")
         draft.notes.append("the Trainer also saves the last step with save_strategy = 'steps'; so does final")
     elif strategy == "epoch":
-        draft.rule({"kind": "epoch_end"}, "save_strategy = 'epoch': a save at every epoch end")
+        epoch_rule(draft, 1, total, steps_per_epoch, "save_strategy = 'epoch'")
     else:  # best
         draft.rule({"kind": "improved", "metric": best_name, "mode": best_mode},
                    f"save_strategy = 'best': a save when {best_name} improves "
@@ -143,12 +153,8 @@ def convert(fields: dict[str, Any], origin: str, total_steps: int | None = None,
     elif best_at_end:
         draft.notes.append("load_best_model_at_end = true: without save_total_limit nothing is deleted, so the "
                            "best checkpoint is kept anyway")
-    if total is not None:
-        draft.run["total_steps"] = total
-        how = ("--total-steps" if total_steps is not None else
-               "max_steps" if isinstance(max_steps, int) and max_steps > 0 else
-               f"num_train_epochs {epochs!r} x {steps_per_epoch:,} steps per epoch")
-        draft.run_notes.append(f"the run's length, from {how}")
-    if steps_per_epoch is not None:
-        draft.run["steps_per_epoch"] = steps_per_epoch
+    how = ("--total-steps" if total_steps is not None else
+           "max_steps" if isinstance(max_steps, int) and max_steps > 0 else
+           f"num_train_epochs {epochs!r} x {steps_per_epoch or 0:,} steps per epoch")
+    run_shape(draft, total, steps_per_epoch, how)
     return draft

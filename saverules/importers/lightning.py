@@ -22,7 +22,17 @@ from __future__ import annotations
 import ast
 from typing import Any
 
-from .draft import Draft, Refused, TrainerSchedule, interval_rule, keep_last_note, keep_newest, multiples
+from .draft import (
+    Draft,
+    Refused,
+    TrainerSchedule,
+    epoch_rule,
+    interval_rule,
+    keep_last_note,
+    keep_newest,
+    multiples,
+    run_shape,
+)
 
 SOURCE = "ModelCheckpoint"
 _SCHEDULE = ("every_n_train_steps", "every_n_epochs", "train_time_interval", "save_top_k", "monitor", "mode",
@@ -166,8 +176,7 @@ def convert(args: dict[str, Any], origin: str, total_steps: int | None = None,
     if steps:
         interval_rule(draft, steps, total_steps, f"every_n_train_steps = {steps}")
     elif epochs:
-        draft.rule({"kind": "epoch_end", "every": epochs}, f"every_n_epochs = {epochs}: a save at every "
-                   f"{'' if epochs == 1 else f'{epochs}th '}epoch end"
+        epoch_rule(draft, epochs, total_steps, steps_per_epoch, f"every_n_epochs = {epochs}"
                    + ("" if "every_n_epochs" in args else " (ModelCheckpoint's default trigger)"))
         if args.get("save_on_train_epoch_end") is False:
             draft.notes.append("save_on_train_epoch_end = False: Lightning saves after validation; the policy "
@@ -195,11 +204,7 @@ def convert(args: dict[str, Any], origin: str, total_steps: int | None = None,
     if files:
         draft.notes.append(f"{', '.join(files)}: how the files are named and filled, not when; left to "
                            "[storage] and the store (see docs/checkpoints.md)")
-    if total_steps is not None:
-        draft.run["total_steps"] = total_steps
-        draft.run_notes.append("the run's length, from --total-steps")
-    if steps_per_epoch is not None:
-        draft.run["steps_per_epoch"] = steps_per_epoch
+    run_shape(draft, total_steps, steps_per_epoch, "--total-steps")
     return draft
 
 

@@ -17,7 +17,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .draft import Draft, Refused, TrainerSchedule, interval_rule, keep_newest, multiples
+from .draft import Draft, Refused, TrainerSchedule, interval_rule, keep_newest, multiples, run_shape
 
 SOURCE = "torchtitan [checkpoint]"
 #: Keys about loading or where files go: they do not change when saves happen.
@@ -111,9 +111,5 @@ def convert(config: dict[str, Any], origin: str, total_steps: int | None = None,
     if loading:
         draft.notes.append(f"{', '.join('checkpoint.' + k for k in loading)}: loading and placement, not when "
                            "saves happen; not part of a policy")
-    if run_total is not None:
-        draft.run["total_steps"] = run_total
-        draft.run_notes.append("the run's length, from " + ("--total-steps" if total_steps else "[training] steps"))
-    if steps_per_epoch is not None:
-        draft.run["steps_per_epoch"] = steps_per_epoch
+    run_shape(draft, run_total, steps_per_epoch, "--total-steps" if total_steps else "[training] steps")
     return draft
