@@ -162,7 +162,7 @@ def convert(args: dict[str, Any], origin: str, total_steps: int | None = None,
             return TrainerSchedule(why_not=f"save_top_k={top_k} with monitor={monitor!r} depends on the metric")
         if steps:
             fired = multiples(steps, run_total)
-        elif spe is None:
+        elif spe is None or epochs is None:
             return TrainerSchedule(why_not="every_n_epochs needs the epoch length: give --steps-per-epoch")
         else:
             ends = sorted(set(multiples(spe, run_total)) | {run_total})  # the last, maybe partial, epoch ends too

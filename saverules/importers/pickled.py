@@ -23,7 +23,9 @@ class _Obj:
     __slots__ = ("name", "args", "state")
 
     def __init__(self, name: str, args: Any):
-        self.name, self.args, self.state = name, args, None
+        self.name: str = name
+        self.args: Any = args
+        self.state: Any = None
 
 
 class _Name:
@@ -72,9 +74,8 @@ def _interpret(data: bytes) -> Any:
             stack.append(tuple(_pop_mark(stack)))
         elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
             n = int(name[-1])
-            items = tuple(stack[-n:])
-            del stack[-n:]
-            stack.append(items)
+            stack.append(tuple(stack[-n:]))
+            del stack[-n - 1:-1]
         elif name in ("LIST", "FROZENSET"):
             stack.append(_pop_mark(stack))
         elif name == "DICT":
@@ -106,7 +107,7 @@ def _interpret(data: bytes) -> Any:
         elif name in ("GET", "BINGET", "LONG_BINGET"):
             stack.append(memo[arg])
         elif name == "GLOBAL":
-            stack.append(_Name(arg.replace(" ", ".", 1)))
+            stack.append(_Name(str(arg).replace(" ", ".", 1)))
         elif name == "STACK_GLOBAL":
             qual, module = stack.pop(), stack.pop()
             stack.append(_Name(f"{module}.{qual}"))
