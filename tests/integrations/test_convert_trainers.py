@@ -23,11 +23,12 @@ def _check(policy, model_saved, model_kept, disk_saved, disk_kept, total, spe=No
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("settings,total", [
-    ({"save_steps": 12, "save_total_limit": 2}, 50),
-    ({"save_steps": 0.07}, 100),  # a share: ceil(100 * 0.07) is 8 in floating point
+@pytest.mark.parametrize("settings,total,spe", [
+    ({"save_strategy": "steps", "save_steps": 12, "save_total_limit": 2}, 50, None),
+    ({"save_strategy": "steps", "save_steps": 0.07}, 100, None),  # a share: ceil(100 * 0.07) is 8 in floating point
+    ({"save_strategy": "epoch", "save_total_limit": 3}, 30, 8),   # 64 points in batches of 8; stops mid-epoch 4
 ])
-def test_hf_trainer_parity(tmp_path, settings, total):
+def test_hf_trainer_parity(tmp_path, settings, total, spe):
     from hf_common import make_trainer
     from transformers import TrainerCallback
 
@@ -38,20 +39,21 @@ def test_hf_trainer_parity(tmp_path, settings, total):
         def on_save(self, args, state, control, **kwargs):  # called after the save and its rotation
             seen.append(sorted(int(n.split("-")[1]) for n in os.listdir(out) if n.startswith("checkpoint-")))
 
-    trainer = make_trainer(out, [Listing()], max_steps=total, save_strategy="steps", **settings)
+    trainer = make_trainer(out, [Listing()], max_steps=total, **settings)
     trainer.train()
     disk_saved = sorted({s for listing in seen for s in listing})
     disk_kept = seen[-1]
     bin_path = out / f"checkpoint-{disk_kept[-1]}" / "training_args.bin"
     json_path = tmp_path / "args.json"
     json_path.write_text(trainer.args.to_json_string())
+    shape = ["--steps-per-epoch", str(spe)] if spe else []
     for source in (bin_path, json_path):
-        policy = converted(tmp_path, "--from-hf", str(source))
+        policy = converted(tmp_path, "--from-hf", str(source), *shape)
         assert policy.run.total_steps == total
         draft = hf.convert(hf.read(str(source)), source.name)
-        model = draft.trainer(total, None)
-        _check(policy, list(model.saved), list(model.kept), disk_saved, disk_kept, total)
-        assert policy.simulate(total).kept == disk_kept  # the Trainer already keeps its last step
+        model = draft.trainer(total, spe)
+        _check(policy, list(model.saved), list(model.kept), disk_saved, disk_kept, total, spe)
+        assert policy.simulate(total, spe).kept == disk_kept  # the Trainer already keeps its last step
 
 
 _STEP = re.compile(r"step=(\d+)\.ckpt$")
