@@ -77,6 +77,12 @@ def inspect_checkpoint(path: str | os.PathLike, root: str | os.PathLike | None =
         if size != entry["size"]:
             return failed(f"{fname} has {size} bytes, the manifest says {entry['size']} (truncated?)")
     if not verify:
+        # The structure is read (a small pickle, a header) even without hashing: every reader, shallow or
+        # deep, judges a checkpoint by the same check (docs/checkpoints.md).
+        try:
+            structure.check_files(path, manifest)
+        except structure.StructureError as exc:
+            return failed(str(exc), unsafe=isinstance(exc, structure.UnsafeStructure))
         return info_from_manifest(path, root, manifest, None, None)
     for fname, entry in manifest["files"].items():
         algo, expected = digest.entry_digest(entry)
