@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from .errors import StateTooDeepError, StateTypeError, type_name
-from .structure import MAX_DEPTH
 from .snapshot import Snapshot
+from .structure import MAX_DEPTH
 
 _SCALAR_TYPES = frozenset({int, float, bool, str, bytes, type(None)})
 _KEY_TYPES = frozenset({int, float, bool, str, type(None)})
