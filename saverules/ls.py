@@ -170,6 +170,8 @@ def _examine(root: str, args, policy, notes: list[str]) -> list:
                 info = dataclasses.replace(info, verified=False, error=str(exc), unsafe=True)
             except errors.CheckpointError as exc:
                 info = dataclasses.replace(info, verified=False, error=str(exc))
+                if verify.gone(info):  # removed while it was read (by a writer's retention): gone, not damaged
+                    continue
         loaded.append(info)
     return loaded
 

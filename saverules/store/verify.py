@@ -178,6 +178,17 @@ def sort_key(info: CheckpointInfo):
     )
 
 
+def gone(info: CheckpointInfo) -> bool:
+    """Whether a checkpoint that failed its check was removed while it was read (by retention, say).
+
+    Retention moves a checkpoint's directory away in one rename before it
+    deletes it, so a reader that finds files missing in a directory that is
+    no longer there saw a checkpoint go, not a damaged one: it is left out,
+    never reported as failed.
+    """
+    return not info.ok and not os.path.lexists(info.path)
+
+
 def scan(dir: str | os.PathLike, verify: bool = True, _cache: VerifyCache | None = None) -> list[CheckpointInfo]:
     """Every checkpoint directory under ``dir``, oldest first, each with its verification status.
 
@@ -188,9 +199,11 @@ def scan(dir: str | os.PathLike, verify: bool = True, _cache: VerifyCache | None
     infos = []
     for path in layout.candidates(root):
         if _cache is not None:
-            infos.append(_cache.get(path, root, verify))
+            info = _cache.get(path, root, verify)
         else:
-            infos.append(inspect_checkpoint(path, root, verify=verify))
+            info = inspect_checkpoint(path, root, verify=verify)
+        if not gone(info):
+            infos.append(info)
     infos.sort(key=sort_key)
     return infos
 
@@ -210,7 +223,7 @@ def newest_good(root: Path, cache: VerifyCache, skip: Callable[[CheckpointInfo],
         info = cache.get(shallow.path, root, deep(shallow)) if shallow.ok else shallow
         if info.ok:
             yield info
-        else:
+        elif not gone(info):
             skip(info)
 
 
