@@ -42,12 +42,14 @@ def _signature(path: Path, manifest: Mapping | None) -> tuple | None:
 
 
 def inspect_checkpoint(path: str | os.PathLike, root: str | os.PathLike | None = None,
-                       verify: bool = True) -> CheckpointInfo:
+                       verify: bool = True, _structure: bool = True) -> CheckpointInfo:
     """Read one checkpoint directory's manifest and check its files.
 
     With ``verify`` every file is re-hashed (``verified`` True / False);
     without it only the manifest and the file sizes are checked
-    (``verified`` None unless a problem was found).
+    (``verified`` None unless a problem was found), and the files' structure
+    (:func:`saverules.store.structure.check_files`), which every reader judges
+    by.  (``_structure`` False: a shallow pass that a hash check follows.)
     """
     path = Path(path)
     root = Path(root) if root is not None else path.parent
@@ -76,6 +78,8 @@ def inspect_checkpoint(path: str | os.PathLike, root: str | os.PathLike | None =
             return failed(f"cannot read {fname}: {exc.strerror or exc}")
         if size != entry["size"]:
             return failed(f"{fname} has {size} bytes, the manifest says {entry['size']} (truncated?)")
+    if not verify and not _structure:
+        return info_from_manifest(path, root, manifest, None, None)
     if not verify:
         # The structure is read (a small pickle, a header) even without hashing: every reader, shallow or
         # deep, judges a checkpoint by the same check (docs/checkpoints.md).
@@ -141,7 +145,7 @@ class VerifyCache:
         self._entries: dict[str, tuple[tuple, CheckpointInfo]] = {}
 
     def get(self, path: Path, root: Path, deep: bool) -> CheckpointInfo:
-        shallow = inspect_checkpoint(path, root, verify=False)
+        shallow = inspect_checkpoint(path, root, verify=False, _structure=not deep)
         if not deep or shallow.error is not None:
             return shallow
         sig = _signature(path, shallow.manifest)
@@ -189,7 +193,8 @@ def gone(info: CheckpointInfo) -> bool:
     return not info.ok and not os.path.lexists(info.path)
 
 
-def scan(dir: str | os.PathLike, verify: bool = True, _cache: VerifyCache | None = None) -> list[CheckpointInfo]:
+def scan(dir: str | os.PathLike, verify: bool = True, _cache: VerifyCache | None = None,
+         _structure: bool = True) -> list[CheckpointInfo]:
     """Every checkpoint directory under ``dir``, oldest first, each with its verification status.
 
     Directories that hold checkpoint files but no valid manifest are listed
@@ -201,7 +206,7 @@ def scan(dir: str | os.PathLike, verify: bool = True, _cache: VerifyCache | None
         if _cache is not None:
             info = _cache.get(path, root, verify)
         else:
-            info = inspect_checkpoint(path, root, verify=verify)
+            info = inspect_checkpoint(path, root, verify=verify, _structure=_structure)
         if not gone(info):
             infos.append(info)
     infos.sort(key=sort_key)
@@ -215,7 +220,7 @@ def newest_good(root: Path, cache: VerifyCache, skip: Callable[[CheckpointInfo],
     A checkpoint for which ``deep(info)`` is False is only checked shallowly
     (manifest and sizes): its reader checks the digests as it reads.
     """
-    infos = scan(root, verify=False)
+    infos = scan(root, verify=False, _structure=False)  # each is checked in full below, newest first
     for info in infos:
         if info.step is None:
             skip(info)
