@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..engine.progress import Decision, Progress
-from . import commit, lock, options, ranks, resume, retain, sharded
+from . import commit, lock, options, ranks, resume, retain, sharded, space
 from . import job as _job
 from .async_writes import AsyncWrites
 from .errors import CheckpointError, CheckpointWriteError, StateTooDeepError, log, warn
@@ -372,6 +372,7 @@ class Checkpointer:
             retain.retain(self.dir, path, self.policy, self._cache, self.verify != "none", self._warned)
         except Exception as exc:  # retention must never fail a save that was committed
             warn(f"saverules: retention after saving {path} failed: {exc}")
+        space.warn_if_short(self.dir, manifest, self._warned)
 
     # -- reading -------------------------------------------------------------------------
 
