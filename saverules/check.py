@@ -297,7 +297,7 @@ def _cost_findings(report, policy, sim) -> None:
         return
     report.cost = cost = cost_report(
         sim.saved_steps, sim.total_steps, sim.step_seconds, peak_kept=sim.peak_kept,
-        save_seconds=costs["save_seconds"], mtbf=costs["mtbf"], restart_seconds=costs["restart_seconds"],
+        peak_on_disk=sim.peak_on_disk, save_seconds=costs["save_seconds"], mtbf=costs["mtbf"], restart_seconds=costs["restart_seconds"],
         checkpoint_bytes=costs["checkpoint_size"],
     )
     if sim.step_seconds is None and (costs["save_seconds"] is not None or costs["mtbf"] is not None):
@@ -423,7 +423,8 @@ def render_text(r: Report, show_all: bool, out) -> None:
         upto = "" if sim.complete else f" (at step {sim.listed_to:,}, where the listing stops)"
         kept = sim.kept if len(sim.kept) <= ELIDE_ABOVE or show_all else sim.kept[-SHOWN_AT_EACH_END:]
         kept = ("..., " if len(kept) < len(sim.kept) else "") + (", ".join(_fmt_steps(s) for s in kept) or "none")
-        print(f"  kept     {kept}   ({len(sim.kept)} at the end{upto}, at most {sim.peak_kept} at once)", file=out)
+        print(f"  kept     {kept}   ({len(sim.kept)} at the end{upto}, at most {sim.peak_kept} at once, "
+              f"{sim.peak_on_disk} on disk while the next is written)", file=out)
         print(f"  max gap  {gap_text(sim)}: the most work a crash can lose", file=out)
         if not sim.complete and sim.fired_total is not None:
             counts = sorted(sim.fired_total.items(), key=lambda item: -item[1])
@@ -460,6 +461,7 @@ def to_json(r: Report) -> dict:
             saves=[{"step": s, "time": sim.time_of(s), "reasons": list(reasons)} for s, reasons in sim.saves],
             kept=sim.kept,
             peak_kept=sim.peak_kept,
+            peak_on_disk=sim.peak_on_disk,
             max_gap_steps=sim.max_gap_steps,
             max_gap_seconds=sim.max_gap_seconds,
             fired=sim.fired,

@@ -170,6 +170,8 @@ def _examine(root: str, args, policy, notes: list[str]) -> list:
                 info = dataclasses.replace(info, verified=False, error=str(exc), unsafe=True)
             except errors.CheckpointError as exc:
                 info = dataclasses.replace(info, verified=False, error=str(exc))
+                if verify.gone(info):  # removed while it was read (by a writer's retention): gone, not damaged
+                    continue
         loaded.append(info)
     return loaded
 
@@ -274,8 +276,11 @@ def _summary(infos: list) -> int:
     return 1 if failed else 0
 
 
-def _stores_below(root: str) -> list[str]:
-    """Directories below ``root`` (a few levels, not following links) that hold checkpoints."""
+def _stores_below(root: str, unreadable: list[str]) -> list[str]:
+    """Directories below ``root`` (a few levels, not following links) that hold checkpoints.
+
+    A directory that cannot be read is skipped and added to ``unreadable`` (with the reason).
+    """
     from .integrations import manifest as framework_manifest
     from .store.layout import POLICY_FILE, candidates
 
@@ -289,14 +294,21 @@ def _stores_below(root: str) -> list[str]:
                 with os.scandir(directory) as entries:
                     subdirs = sorted(e.path for e in entries
                                      if not e.name.startswith(".") and e.is_dir(follow_symlinks=False))
-            except OSError:
+            except OSError as exc:
+                if directory != root:
+                    unreadable.append(f"{directory} ({exc.strerror or exc})")
                 continue
             for sub in subdirs:
                 seen += 1
                 if seen > SEARCH_LIMIT:
                     return found
-                if os.path.exists(os.path.join(sub, POLICY_FILE)) or candidates(Path(sub)) \
-                        or framework_manifest.is_framework_dir(sub):
+                try:
+                    holds = os.path.exists(os.path.join(sub, POLICY_FILE)) or bool(candidates(Path(sub))) \
+                        or framework_manifest.is_framework_dir(sub)
+                except OSError as exc:
+                    unreadable.append(f"{sub} ({exc.strerror or exc})")
+                    continue
+                if holds:
                     found.append(sub)
                 else:
                     below.append(sub)
@@ -330,7 +342,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     searched = not infos and not os.path.exists(os.path.join(root, POLICY_FILE))
-    stores = _stores_below(root) if searched else []
+    unreadable: list[str] = []
+    stores = _stores_below(root, unreadable) if searched else []
+    if unreadable:
+        shown = "; ".join(unreadable[:5]) + (f"; and {len(unreadable) - 5} more" if len(unreadable) > 5 else "")
+        print(f"saverules.ls: note: skipped {len(unreadable)} folder{'s' if len(unreadable) != 1 else ''} below "
+              f"{root} that cannot be read: {shown}; run ls on a store you can read, or as a user who can read "
+              "these", file=sys.stderr)
     if stores:
         return _list_below(root, stores, args)
 

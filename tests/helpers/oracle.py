@@ -374,9 +374,10 @@ def oracle_retain(retention, checkpoints: Sequence[Checkpoint]) -> list[bool]:
 
 
 class OracleSimulation:
-    def __init__(self, saves, kept, max_gap_steps, max_gap_seconds, peak_kept):
+    def __init__(self, saves, kept, max_gap_steps, max_gap_seconds, peak_kept, peak_on_disk=0):
         self.saves, self.kept = saves, kept
         self.max_gap_steps, self.max_gap_seconds, self.peak_kept = max_gap_steps, max_gap_seconds, peak_kept
+        self.peak_on_disk = peak_on_disk
 
 
 def oracle_simulation(policy, total_steps: int, steps_per_epoch=None, step_seconds=None, metrics=None,
@@ -394,7 +395,7 @@ def oracle_simulation(policy, total_steps: int, steps_per_epoch=None, step_secon
     oracle.cost_unknown = save_seconds is None
     saves: list[tuple[int, tuple[str, ...]]] = []
     kept: list[Checkpoint] = []
-    peak = 0
+    peak = on_disk = 0
     for step in range(1, total_steps + 1):
         reported = metrics(step) if metrics is not None else None
         p = progress_at(step, total_steps, steps_per_epoch, step_seconds, reported)
@@ -405,13 +406,14 @@ def oracle_simulation(policy, total_steps: int, steps_per_epoch=None, step_secon
             oracle.note_cost(save_seconds, write_seconds)
         saves.append((step, reasons))
         kept.append(Checkpoint(step, p.time, reported, step == total_steps))
+        on_disk = max(on_disk, len(kept))  # the new checkpoint is on disk before retention runs
         mask = oracle_retain(policy.retention, kept)
         kept = [c for c, k in zip(kept, mask) if k]
         peak = max(peak, len(kept))
     points = [0] + [s for s, _ in saves] + [total_steps]
     gap = max(b - a for a, b in zip(points, points[1:]))
     return OracleSimulation(
-        saves, [c.step for c in kept], gap, None if step_seconds is None else gap * step_seconds, peak
+        saves, [c.step for c in kept], gap, None if step_seconds is None else gap * step_seconds, peak, on_disk
     )
 
 
