@@ -70,7 +70,10 @@ def s3_server(bucket: str = BUCKET) -> Iterator[S3Server]:
         import s3fs
 
         s3fs.S3FileSystem.clear_instance_cache()
-        s3fs.S3FileSystem(skip_instance_cache=True).mkdir(bucket)
+        try:
+            s3fs.S3FileSystem(skip_instance_cache=True).mkdir(bucket)
+        except FileExistsError:  # moto's state is per process: an earlier server of this process made it
+            pass
         yield server
     finally:
         server.stop()

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from ..errors import log
+from ..errors import CheckpointError, log
 
 T = TypeVar("T")
 
@@ -31,6 +31,15 @@ class Retries:
 
 DEFAULT = Retries()
 
+class RetriesExhausted(CheckpointError):
+    """An operation on a durable tier failed on every attempt; the message names it and the last reason."""
+
+    def __init__(self, message: str, attempts: int, reason: str):
+        super().__init__(message)
+        self.attempts = attempts
+        self.reason = reason
+
+
 #: Exceptions that waiting cannot fix.
 PERMANENT: tuple[type[BaseException], ...] = (FileNotFoundError, FileExistsError, PermissionError)
 
@@ -45,8 +54,14 @@ def retrying(what: str, fn: Callable[[], T], retries: Retries = DEFAULT,
         except permanent:
             raise
         except Exception as exc:  # the backends raise OSError, ClientError, aiohttp errors...
-            if not _transient(exc) or attempt + 1 >= retries.attempts:
+            if not _transient(exc):
                 raise
+            if attempt + 1 >= retries.attempts:
+                reason = _reason(exc)
+                raise RetriesExhausted(
+                    f"saverules: {what} failed {retries.attempts} times; the last time: {reason}",
+                    retries.attempts, reason,
+                ) from exc
             pause = retries.wait(attempt)
             log.warning("saverules: %s failed (%s); retry %d of %d in %.1fs", what, _reason(exc), attempt + 1,
                         retries.attempts - 1, pause)

@@ -18,9 +18,12 @@ from ..manifest import CheckpointInfo, Invalid, info_from_manifest
 from ..retain import retention_view
 from ..verify import sort_key
 from .lease import LOCK_OBJECT, RemoteLock
-from .retry import DEFAULT, Retries, retrying
+from .retry import DEFAULT, Retries, RetriesExhausted, retrying
 from .transfer import MARKER, Progress, download, read_remote_manifest, upload, verify_remote
 from .url import open_url
+
+_UNREACHABLE = ("The durable tier cannot be written: check the URL, that the bucket exists, the credentials and "
+                "endpoint in the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), and the network")
 
 #: Every durable checkpoint as this module sees it is a CheckpointInfo whose ``path`` is the object prefix.
 RemoteInfo = CheckpointInfo
@@ -47,8 +50,10 @@ class DurableTier:
                 self.fs.makedirs(self.root, exist_ok=True)
                 self.lock = retrying(f"lock of {url}", RemoteLock(self.fs, self.root, lease).acquire,
                                      Retries(attempts=3, first=0.5))
-            except CheckpointError:
-                raise
+            except CheckpointError as exc:
+                if not isinstance(exc, RetriesExhausted):
+                    raise
+                raise CheckpointError(f"{exc}. {_UNREACHABLE}") from None
             except Exception as exc:
                 raise CheckpointError(
                     f"saverules: the durable tier {url} cannot be written ({type(exc).__name__}: {exc}); check the "
