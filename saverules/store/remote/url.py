@@ -10,14 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ...engine.policy import SECRET_OPTIONS
 from ..errors import CheckpointError
-
-#: Storage option names that carry a secret; a policy file that sets one is refused.
-SECRET_OPTIONS = frozenset({
-    "key", "secret", "token", "password", "session_token", "aws_access_key_id", "aws_secret_access_key",
-    "aws_session_token", "access_key", "secret_key", "credentials", "client_secret", "sas_token",
-    "account_key", "connection_string",
-})
 
 #: The extra that brings each protocol's fsspec implementation.
 EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
