@@ -156,8 +156,8 @@ class DurableTier:
         self._writing()
         local = Path(local)
         name = name or local.name
-        upload(self.fs, self.root, local, name, retries=self.retries, on_bytes=on_bytes)
-        return self.info(name)
+        manifest = upload(self.fs, self.root, local, name, retries=self.retries, on_bytes=on_bytes)
+        return info_from_manifest(Path(self.prefix(name)), Path(self.root), manifest, None, None)
 
     def download(self, name: str, local_root: str | os.PathLike, on_bytes: Progress | None = None) -> Path:
         """Download ``name`` into ``local_root/name``, checking digests as the bytes stream in."""

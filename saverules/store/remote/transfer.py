@@ -32,6 +32,8 @@ MARKER = "COMMITTED"
 MARKER_FORMAT = "saverules-commit"
 #: Bytes read and written per chunk while streaming.
 CHUNK = 8 << 20
+#: The largest part of a multipart upload (and the largest file sent in one PUT); held in memory while sent.
+PART = 256 << 20
 
 Progress = Callable[[int], None]
 
@@ -146,7 +148,9 @@ def upload(fs: Any, root: str, local: Path, name: str, *, retries: Retries = DEF
                 on_bytes(-sent[0])  # a retry sends the file again
             sent[0] = 0
             with open(local / fname, "rb") as src:
-                out = fs.open(f"{prefix}/{fname}", "wb")
+                # one block for a file up to PART bytes: a single PUT (no multipart upload to assemble)
+                block = min(max(int(entry["size"]) + 1, 5 << 20), PART)  # a full buffer would start parts
+                out = fs.open(f"{prefix}/{fname}", "wb", block_size=block)
                 try:
                     size, hexdigest, algo = _stream(src.read, out.write, entry, count)
                     problem = _mismatch(str(local), fname, entry, size, hexdigest, algo)
