@@ -1,6 +1,6 @@
 """Real faults on the durable tier, against moto's S3 server: a SIGKILLed uploader, a server that stops.
 
-* An uploading process is killed with SIGKILL at a random moment, 10 times:
+* An uploading process is killed with SIGKILL at a random moment, 11 times (the last after one commit):
   the tier never shows a checkpoint without its marker, every listed one
   verifies, the next writer removes the leftovers, and a new node downloads
   the newest committed checkpoint bit for bit.
@@ -42,13 +42,19 @@ def test_sigkill_during_uploads_never_leaves_a_checkpoint_without_its_marker(s3,
     url = f"s3://{BUCKET}/killed-{secrets.token_hex(4)}"
     rng = random.Random(18)
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    with DurableTier(f"s3://{BUCKET}/timing-{secrets.token_hex(4)}") as probe:  # how long one upload takes here
+        started = time.monotonic()
+        probe.upload(source)
+        one_upload = time.monotonic() - started
     saw_leftovers = 0
-    for trial in range(10):
+    for trial in range(11):
         child = subprocess.Popen([sys.executable, CHILD, "upload", url, str(source)], stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, env=env, text=True, start_new_session=True)
         try:
             assert child.stdout.readline().strip() == "held", child.stderr.read()
-            time.sleep(rng.uniform(0.0, 1.2))
+            if trial == 10:  # the last run: one upload commits first, so that a new node has one to resume
+                assert child.stdout.readline().startswith("committed "), child.stderr.read()
+            time.sleep(rng.uniform(0.0, 2.5 * one_upload))
         finally:
             os.killpg(child.pid, signal.SIGKILL)
             child.wait()
