@@ -51,7 +51,7 @@ class RunShape(Model):
     mtbf: Seconds | None = None
     restart_seconds: NonNegativeReal | None = None
     checkpoint_size: Bytes | None = None
-    # the durable tier's upload lag (docs/tiers.md): seconds per upload, or the size over a bandwidth
+    # the durable tier's upload lag (docs/tiers.md): seconds per upload, or the size over a bandwidth (bytes a second)
     upload_seconds: PositiveReal | None = None
     upload_bandwidth: Bytes | None = None
 

@@ -42,8 +42,8 @@ def upload_seconds(policy: Policy) -> float | None:
         return None
     if run.upload_seconds is not None:
         return float(run.upload_seconds)
-    if run.checkpoint_size is not None and run.upload_bandwidth:
-        return float(run.checkpoint_size) / float(run.upload_bandwidth)
+    if run.checkpoint_size is not None and run.upload_bandwidth is not None:
+        return run.checkpoint_size.bytes / run.upload_bandwidth.bytes  # the bandwidth is bytes a second
     return None
 
 

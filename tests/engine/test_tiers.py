@@ -83,6 +83,15 @@ def test_check_simulates_both_tiers_and_warns_of_the_upload_lag(tmp_path):
     assert doc["tiers"]["durable"]["kept"] == [3000, 4000, 5000] and doc["tiers"]["upload_lag"] == [1000, 2000]
 
 
+def test_the_upload_lag_from_checkpoint_size_and_bandwidth():
+    text = TWO_TIERS.replace("upload_seconds = 600", 'checkpoint_size = "60GB"\nupload_bandwidth = "100MB"')
+    sim = simulate_tiers(saverules.loads(text), 5000, None, 0.5)
+    assert sim.upload_seconds == 600.0 and sim.lag_steps == (1000, 2000)
+    fast = simulate_tiers(saverules.loads(text.replace('"100MB"', '"1GB"')), 5000, None, 0.5)
+    assert fast.upload_seconds == 60.0 and fast.lag_steps is None
+    assert fast.node_loss_seconds == 1000 * 0.5 + 60.0
+
+
 @st.composite
 def two_tier_docs(draw):
     doc = draw(policy_docs(with_shares=False, max_rules=2))

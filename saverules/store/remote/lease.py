@@ -69,7 +69,10 @@ def stale(holder: dict[str, Any], now: float, host: str | None = None) -> str | 
             return f"its holder, pid {pid} on this host, is dead"
         return None
     renewed, lease = holder.get("renewed"), holder.get("lease")
-    if type(renewed) in (int, float) and type(lease) in (int, float) and now > renewed + lease:
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (renewed, lease)):
+        return None
+    assert isinstance(renewed, (int, float)) and isinstance(lease, (int, float))
+    if now > renewed + lease:
         return f"its lease of {lease:g}s expired {now - renewed - lease:.0f}s ago (last renewed at {renewed:.0f})"
     return None
 

@@ -8,8 +8,9 @@ upload or of a deletion cut short (a deletion removes the marker first).
 """
 from __future__ import annotations
 
+import builtins
 import os
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +125,7 @@ class DurableTier:
                            self.retries)
         return info_from_manifest(path, root, manifest, problem is None, problem)
 
-    def list(self, verify: bool = False) -> list[CheckpointInfo]:
+    def list(self, verify: bool = False) -> builtins.list[CheckpointInfo]:
         """Every committed durable checkpoint, oldest first, with its verification status."""
         objects = self._objects()
         infos = [self.info(n, verify, files) for n, files in objects.items() if MARKER in files]
@@ -140,14 +141,18 @@ class DurableTier:
             raise CheckpointError(f"saverules: this process no longer writes {self.url}: {self.lock.lost}")
         return self.lock
 
-    def clean(self) -> list[str]:
+    def clean(self) -> builtins.list[str]:
         """Remove every prefix without a marker (a writer's job, under the lock); return their names."""
         self._writing()
         gone = self.leftovers()
         for name in gone:
             log.warning("saverules: removing %s, an unfinished upload or deletion (no %s)", self.prefix(name), MARKER)
-            retrying(f"removal of {self.prefix(name)}", lambda name=name: self.fs.rm(self.prefix(name), recursive=True),
-                     self.retries)
+            prefix = self.prefix(name)
+
+            def remove(prefix: str = prefix) -> None:
+                self.fs.rm(prefix, recursive=True)
+
+            retrying(f"removal of {prefix}", remove, self.retries)
         return gone
 
     def upload(self, local: str | os.PathLike, name: str | None = None,
@@ -176,8 +181,7 @@ class DurableTier:
         except FileNotFoundError:
             pass
 
-    def retain(self, policy: Any, protected: Collection[str] = (),
-               explain: Callable[[CheckpointInfo, str], None] | None = None) -> list[str]:
+    def retain(self, policy: Any, protected: Collection[str] = ()) -> builtins.list[str]:
         """Apply ``policy.retain`` to this tier; return the names deleted.
 
         Never deleted: the newest committed checkpoint, the names in
