@@ -190,3 +190,16 @@ def test_the_holder_renews_its_lease(s3, monkeypatch):
         tier.fs.invalidate_cache()
         later = json.loads(tier.fs.cat_file(f"{tier.root}/{LOCK_OBJECT}"))["renewed"]
         assert later > first
+
+
+def test_a_file_larger_than_one_part_streams_in_parts_with_its_digest_checked(url, tmp_path, monkeypatch):
+    from saverules.store.remote import transfer
+
+    monkeypatch.setattr(transfer, "PART", 5 << 20)  # the smallest part S3 accepts; the file takes three
+    [local] = local_checkpoints(tmp_path / "local", steps=(1,), size=3_000_000)
+    with DurableTier(url) as tier:
+        tier.upload(local)
+        [info] = tier.list(verify=True)
+        assert info.verified is True
+        got = tier.download(info.name, tmp_path / "node")
+    assert same_files(got, local)

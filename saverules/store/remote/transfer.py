@@ -15,6 +15,7 @@ upload leaves is removed by the next writer (:meth:`DurableTier.clean`).
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -148,9 +149,18 @@ def upload(fs: Any, root: str, local: Path, name: str, *, retries: Retries = DEF
                 on_bytes(-sent[0])  # a retry sends the file again
             sent[0] = 0
             with open(local / fname, "rb") as src:
-                # one block for a file up to PART bytes: a single PUT (no multipart upload to assemble)
-                block = min(max(int(entry["size"]) + 1, 5 << 20), PART)  # a full buffer would start parts
-                out = fs.open(f"{prefix}/{fname}", "wb", block_size=block)
+                if int(entry["size"]) < PART:  # read and hashed once, then sent in one PUT, as s3fs's put does
+                    data = src.read(PART)
+                    size, hexdigest, algo = _stream(io.BytesIO(data).read, lambda b: None, entry, None)
+                    problem = _mismatch(str(local), fname, entry, size, hexdigest, algo)
+                    if problem is not None:
+                        raise TransferError(f"saverules: {problem} since it was committed; the upload of {name} "
+                                            "was abandoned")
+                    fs.pipe_file(f"{prefix}/{fname}", data)
+                    count(len(data))
+                    return
+                # a larger file streams in parts of PART bytes, each hashed before it is sent
+                out = fs.open(f"{prefix}/{fname}", "wb", block_size=PART)
                 try:
                     size, hexdigest, algo = _stream(src.read, out.write, entry, count)
                     problem = _mismatch(str(local), fname, entry, size, hexdigest, algo)
