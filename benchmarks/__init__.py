@@ -27,6 +27,7 @@ BENCHMARKS = [
     ("startup", "bench_startup"),
     ("save", "bench_save"),
     ("loop", "bench_loop"),
+    ("tiers", "bench_tiers"),
 ]
 
 

@@ -32,6 +32,7 @@ from .engine.loader import load
 from .engine.policy import Policy
 from .engine.quantities import Share, _validate_duration, _validate_size, format_seconds, resolve_steps
 from .engine.simulate import Simulation
+from .engine.tiers import TierSimulation, simulate_tiers
 
 #: With more saves than this, the text report shows the first and last few.
 ELIDE_ABOVE = 24
@@ -64,6 +65,7 @@ class Report:
     simulation: Simulation | None = None
     costs: dict = field(default_factory=dict)  # save_seconds, write_seconds, mtbf, restart_seconds, checkpoint_size
     cost: CostReport | None = None
+    tiers: TierSimulation | None = None
 
 
 # -- analysis -----------------------------------------------------------------
@@ -202,6 +204,9 @@ def analyse(path: str, args) -> Report:
         report.errors = [d._replace(source=path) for d in exc.diagnostics]
         return report
     report.simulation = sim
+    if policy.durable is not None:
+        report.tiers = simulate_tiers(policy, total, spe, secs)
+        _tier_findings(report, policy)
     _rule_findings(report, policy, sim, total, spe, secs)
     _retention_findings(report, policy, sim)
     _cost_findings(report, policy, sim)
@@ -219,6 +224,43 @@ def analyse(path: str, args) -> Report:
                 + (f", {format_seconds(lost * secs)} of training" if secs else "")
                 + ") are in no checkpoint; remove `final = false` to save the last step"))
     return report
+
+
+def _tier_findings(report: Report, policy: Policy) -> None:
+    tiers = report.tiers
+    if tiers is None:
+        return
+    if tiers.lag_steps is not None and tiers.upload_seconds is not None:
+        a, b = tiers.lag_steps
+        gap = tiers.gap_seconds(b - a) or 0.0
+        report.warnings.append(Finding(
+            *_where(policy, "durable", "rules"),
+            f"durable saves at steps {a:,} and {b:,} come {format_seconds(gap)} apart, but an upload takes "
+            f"{format_seconds(tiers.upload_seconds)}: promotions queue, and the newer replaces the queued one; "
+            "save to the durable tier less often, or upload faster"))
+    elif tiers.upload_seconds is None and policy.durable is not None and policy.durable.rules:
+        report.notes.append(Finding(1, 1, "the upload lag is not simulated: add [run] upload_seconds, or "
+                                          "checkpoint_size and upload_bandwidth"))
+
+
+def _tier_lines(tiers: TierSimulation) -> list[str]:
+    def gap(steps: int) -> str:
+        secs = tiers.gap_seconds(steps)
+        return _plural(steps, "step") + (f" ({format_seconds(secs)} of training)" if secs is not None else "")
+
+    node = tiers.node_loss_seconds
+    lost = gap(tiers.durable_gap_steps)
+    if node is not None and tiers.upload_seconds:
+        lost += f", {format_seconds(node)} with the upload"
+    dsaves = tiers.durable.saves
+    return [
+        f"local    {len(tiers.local_saves)} saves ({len(dsaves)} of them promoted), kept "
+        f"{', '.join(_fmt_steps(s) for s in tiers.local_kept) or 'none'}",
+        f"durable  {len(dsaves)} saves: {', '.join(_fmt_steps(s) for s, _ in dsaves[:SHOWN_AT_EACH_END])}"
+        + (", ..." if len(dsaves) > SHOWN_AT_EACH_END else "")
+        + f"; kept {', '.join(_fmt_steps(s) for s in tiers.durable.kept) or 'none'}",
+        f"tiers    a crashed process loses at most {gap(tiers.local_gap_steps)}; a lost node loses at most {lost}",
+    ]
 
 
 def _rule_findings(report, policy, sim, total, spe, secs) -> None:
@@ -435,6 +477,9 @@ def render_text(r: Report, show_all: bool, out) -> None:
         if r.cost is not None:
             for line in report_lines(r.cost):
                 print(f"  {line}", file=out)
+        if r.tiers is not None:
+            for line in _tier_lines(r.tiers):
+                print(f"  {line}", file=out)
     for n in r.notes:
         print(f"  note: {n.message}", file=out)
     for w in r.warnings:
@@ -474,6 +519,17 @@ def to_json(r: Report) -> dict:
         )
         if r.cost is not None:
             doc["cost"] = r.cost.as_dict()
+    tiers = r.tiers
+    if tiers is not None:
+        doc["tiers"] = {
+            "local": {"saves": [s for s, _ in tiers.local_saves], "kept": tiers.local_kept,
+                      "max_gap_steps": tiers.local_gap_steps},
+            "durable": {"saves": [{"step": s, "reasons": list(rs)} for s, rs in tiers.durable.saves],
+                        "kept": tiers.durable.kept, "max_gap_steps": tiers.durable_gap_steps},
+            "upload_seconds": tiers.upload_seconds,
+            "upload_lag": list(tiers.lag_steps) if tiers.lag_steps is not None else None,
+            "node_loss_seconds": tiers.node_loss_seconds,
+        }
     return doc
 
 

@@ -51,6 +51,9 @@ class RunShape(Model):
     mtbf: Seconds | None = None
     restart_seconds: NonNegativeReal | None = None
     checkpoint_size: Bytes | None = None
+    # the durable tier's upload lag (docs/tiers.md): seconds per upload, or the size over a bandwidth (bytes a second)
+    upload_seconds: PositiveReal | None = None
+    upload_bandwidth: Bytes | None = None
 
     @field_validator("write_seconds")
     @classmethod
@@ -186,6 +189,41 @@ class Storage(Model):
         return _render(self.name, step, epoch, time, run)
 
 
+#: Storage option names that carry a secret: refused in ``[durable].options`` (credentials come from the
+#: environment each backend reads, never from a policy file).
+SECRET_OPTIONS = frozenset({
+    "key", "secret", "token", "password", "session_token", "aws_access_key_id", "aws_secret_access_key",
+    "aws_session_token", "access_key", "secret_key", "credentials", "client_secret", "sas_token",
+    "account_key", "connection_string",
+})
+
+
+def _storage_options(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a table of fsspec storage options, got {type(value).__name__}")
+    for key in value:
+        if str(key).lower() in SECRET_OPTIONS:
+            raise ValueError(
+                f"{key!r} is a credential; credentials never go in a policy file: set them in the environment "
+                "the backend reads (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL for S3, "
+                "GOOGLE_APPLICATION_CREDENTIALS for GCS)"
+            )
+    return dict(value)
+
+
+StorageOptions = Annotated[dict[str, Any], PlainValidator(_storage_options), WithJsonSchema({"type": "object"})]
+
+
+class Durable(Model):
+    """The durable tier (docs/tiers.md): where its checkpoints go, when a save is promoted, what it keeps."""
+
+    dir: Name | None = None
+    options: StorageOptions = {}
+    final: Bool = True
+    rules: Annotated[tuple[Rule, ...], BeforeValidator(_as_tuple)] = ()
+    retention: Retention | None = None
+
+
 class Policy(Model):
     """A whole save policy: what to save when, what to keep, and where."""
 
@@ -195,6 +233,7 @@ class Policy(Model):
     rules: Annotated[tuple[Rule, ...], BeforeValidator(_as_tuple)] = ()
     retention: Retention | None = None
     storage: Storage = Storage()
+    durable: Durable | None = None
 
     _source: str = PrivateAttr(default="<policy>")
     _positions: dict[tuple, Position] = PrivateAttr(default_factory=dict)

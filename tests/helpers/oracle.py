@@ -420,3 +420,57 @@ def oracle_simulation(policy, total_steps: int, steps_per_epoch=None, step_secon
 def oracle_saves(policy, total_steps: int, steps_per_epoch=None, step_seconds=None, metrics=None, **costs):
     """The saves [(step, reasons)] of a run asked at every step 1..total_steps."""
     return oracle_simulation(policy, total_steps, steps_per_epoch, step_seconds, metrics, **costs).saves
+
+
+# -- two tiers (docs/tiers.md) ----------------------------------------------------------------
+
+
+class OracleTiers:
+    def __init__(self, local_saves, local_kept, durable_saves, durable_kept, local_gap, durable_gap):
+        self.local_saves, self.local_kept = local_saves, local_kept
+        self.durable_saves, self.durable_kept = durable_saves, durable_kept
+        self.local_gap, self.durable_gap = local_gap, durable_gap
+
+
+def oracle_tiers(doc: dict, total_steps: int, steps_per_epoch=None, step_seconds=None, metrics=None) -> OracleTiers:
+    """Brute force over both tiers of the policy document ``doc`` (plain data with a ``durable`` table).
+
+    The durable tier is read straight from the document as a policy of its own (its rules, its
+    ``final``, default true, its retention); the local tier is the document without it.  At every
+    step both are asked; the local tier saves when either says so (a durable save promotes a local
+    checkpoint) and each tier applies its own retention after each of its saves."""
+    from saverules import Policy
+
+    durable = doc["durable"]
+    local_doc = {k: v for k, v in doc.items() if k != "durable"}
+    durable_doc = {k: v for k, v in local_doc.items() if k not in ("rules", "retention", "final")}
+    durable_doc["rules"] = durable.get("rules", [])
+    durable_doc["final"] = durable.get("final", True)
+    if "retention" in durable:
+        durable_doc["retention"] = durable["retention"]
+    lpol, dpol = Policy.model_validate(local_doc), Policy.model_validate(durable_doc)
+    lor, dor = Oracle(lpol, total_steps), Oracle(dpol, total_steps)
+    lor.cost_unknown = dor.cost_unknown = True
+    lsaves, dsaves = [], []
+    lkept: list[Checkpoint] = []
+    dkept: list[Checkpoint] = []
+    for step in range(1, total_steps + 1):
+        reported = metrics(step) if metrics is not None else None
+        p = progress_at(step, total_steps, steps_per_epoch, step_seconds, reported)
+        lsave, lreasons = lor.decide(p)
+        dsave, dreasons = dor.decide(p)
+        if dsave:
+            dsaves.append(step)
+            dkept.append(Checkpoint(step, p.time, reported, step == total_steps and "final" in dreasons))
+            dkept = [c for c, k in zip(dkept, oracle_retain(dpol.retention, dkept)) if k]
+        if lsave or dsave:
+            lsaves.append(step)
+            final = step == total_steps and "final" in (lreasons + dreasons)
+            lkept.append(Checkpoint(step, p.time, reported, final))
+            lkept = [c for c, k in zip(lkept, oracle_retain(lpol.retention, lkept)) if k]
+
+    def gap(steps):
+        points = [0] + steps + [total_steps]
+        return max(b - a for a, b in zip(points, points[1:]))
+
+    return OracleTiers(lsaves, [c.step for c in lkept], dsaves, [c.step for c in dkept], gap(lsaves), gap(dsaves))
