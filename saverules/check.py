@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .engine import rules as R
+from .engine.compile import CLOCK, EPOCH_END, METRICS, SIGNAL, rule_events
 from .engine.cost import CostReport, cost_report, report_lines, report_warnings
 from .engine.errors import Diagnostic, PolicyError
 from .engine.limits import MAX_STEPS, steps_text
@@ -82,16 +83,10 @@ def _where(policy: Policy, *path) -> tuple[int, int]:
 
 
 def _is_event_driven(rule: R.RuleModel, with_metrics: bool, with_epochs: bool = True) -> bool:
-    """Rules that fire on outside events (signals, metrics, epoch ends without an epoch
-    length) the simulation does not invent."""
-    for node in R.walk(rule):
-        if isinstance(node, R.OnSignalRule):
-            return True
-        if isinstance(node, R.ImprovedRule) and not with_metrics:
-            return True
-        if isinstance(node, R.EpochEndRule) and not with_epochs:
-            return True
-    return False
+    """Rules that react to outside events (signals, metrics, epoch ends without an epoch
+    length) the simulation does not invent, as their nodes declare (``Node.events``)."""
+    unsimulated = {SIGNAL} | ({METRICS} if not with_metrics else set()) | ({EPOCH_END} if not with_epochs else set())
+    return bool(rule_events(rule) & unsimulated)
 
 
 def _plural(n: int, word: str) -> str:
@@ -278,7 +273,7 @@ def _rule_findings(report, policy, sim, total, spe, secs) -> None:
             report.notes.append(Finding(*where, f"rules[{i}] {name} depends on the measured save cost, not "
                                                 "simulated: give --save-seconds or [run] save_seconds"))
             continue
-        if any(isinstance(n, (R.EveryTimeRule, R.AdaptiveRule)) for n in R.walk(rule)) and secs is None:
+        if CLOCK in rule_events(rule) and secs is None:
             report.notes.append(Finding(*where, f"rules[{i}] {name} reads the training clock, not simulated: "
                                                 "give --step-seconds or [run] step_seconds"))
             continue

@@ -29,6 +29,8 @@ import os
 import sys
 from pathlib import Path
 
+from .engine.quantities import format_bytes
+
 __all__ = ["main"]
 
 
@@ -36,14 +38,6 @@ class _Failed(Exception):
     def __init__(self, message: str, status: int):
         super().__init__(message)
         self.status = status
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"  # pragma: no cover
 
 
 def _pick(path: str, verify: bool):
@@ -171,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.status
     world = (info.manifest or {}).get("world_size") or 1
     print(f"exported state[{args.object!r}] of step {info.step} ({info.format or 'torch'} format, written by "
-          f"{world} rank{'s' if world != 1 else ''}) to {args.out}: {count} tensors, {_size(os.path.getsize(args.out))}")
+          f"{world} rank{'s' if world != 1 else ''}) to {args.out}: {count} tensors, {format_bytes(os.path.getsize(args.out))}")
     return 0
 
 

@@ -29,29 +29,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .engine.quantities import format_bytes, format_seconds
+
 __all__ = ["main", "format_table"]
 
 #: How deep below a run folder ls looks for stores, and how many directories it looks at.
 SEARCH_DEPTH = 3
 SEARCH_LIMIT = 2000
-
-
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"  # pragma: no cover
-
-
-def _clock(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = int(round(seconds))
-    h, rem = divmod(s, 3600)
-    m, sec = divmod(rem, 60)
-    return f"{h}:{m:02d}:{sec:02d}"
 
 
 def _world(info) -> int | None:
@@ -230,10 +214,10 @@ def _print_table(root: str, infos: list, kept: dict, writer: str | None) -> None
             info.name,
             str(info.step) if info.step is not None else "?",
             str(info.epoch) if info.epoch is not None else "?",
-            _clock(info.time),
+            format_seconds(info.time),
             info.utc.strftime("%Y-%m-%d %H:%M:%S") if info.utc else "?",
             ", ".join(info.reasons) or ("-" if info.ok else "?"),
-            _size(info.size),
+            format_bytes(info.size),
             verified,
             why,
         ])

@@ -30,15 +30,25 @@ A node answers two questions about one rule:
 ``_prev`` (the previously decided step), ``_last_save_step``,
 ``_last_save_time`` and ``_total``.  Shares of the run are resolved here,
 once per total.
+
+A rule kind lives in one place: its node class says which rule model it is
+built from (``@builds(Model)``, with the node's ``from_rule``) and which
+:data:`EVENTS` of a Progress it reacts to (``events``).  The decider's quiet
+path and its per-event lists, and the checker's "fires on events" notes, read
+that declaration (:func:`rule_events`); nothing else lists the kinds.  Every
+model of the rule union (:data:`~saverules.engine.rules.RULE_KINDS`) must have
+a node: a kind without one fails at import.
 """
 from __future__ import annotations
 
 import math
 import signal as _signal
 from bisect import bisect_right
+from collections.abc import Callable
 
 from .quantities import Share, resolve_steps
 from .rules import (
+    RULE_KINDS,
     AdaptiveRule,
     AllRule,
     AnyRule,
@@ -57,6 +67,7 @@ from .rules import (
     describe,
     interval_annotation,
     uses_cost,
+    walk,
 )
 
 INF = 1 << 64  # beyond any step (steps are at most 2^63 - 1)
@@ -71,8 +82,28 @@ class ResolveError(ValueError):
         self.path = path
 
 
+# -- the events of a Progress a rule may react to, beside the step ----------------
+
+LAST = "is_last"  # the loop says this is the run's last step
+SIGNAL = "signal"  # a preemption signal arrived
+EPOCH_END = "epoch_end"  # an epoch ended at this step
+METRICS = "metrics"  # metrics were reported at this step
+CLOCK = "clock"  # the training clock (Progress.time) passed a threshold
+#: Every event, in the order the decider's quiet path tests them.
+EVENTS = (LAST, SIGNAL, EPOCH_END, METRICS, CLOCK)
+
+
 class Node:
     children: tuple = ()
+    #: The events (of :data:`EVENTS`) at which this rule may fire or change its state
+    #: while its step bound has not come: a decision carrying one evaluates the rule.
+    #: A ``CLOCK`` node also has ``clock_offset(run)``.
+    events: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_rule(cls, rule: RuleModel, total: int | None, path: tuple) -> Node:  # pragma: no cover - abstract
+        """The node for ``rule`` (at document path ``path``) in a run of ``total`` steps."""
+        raise NotImplementedError
 
     def fires(self, p, run) -> bool:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -97,13 +128,43 @@ class Node:
         for child in self.children:
             yield from child.walk()
 
+    def reacts_to(self) -> frozenset[str]:
+        """The events this rule, or a rule nested in it, reacts to."""
+        return frozenset().union(*(n.events for n in self.walk()))
+
+
+#: rule model class -> the node class built from it (filled by :func:`builds`)
+NODE_OF: dict[type, type[Node]] = {}
+
+
+def builds(model: type[RuleModel]) -> Callable[[type[Node]], type[Node]]:
+    """Register the decorated node class as the one built from rule ``model``."""
+
+    def register(cls: type[Node]) -> type[Node]:
+        NODE_OF[model] = cls
+        return cls
+
+    return register
+
+
+def _steps(value, total, path):
+    try:
+        return resolve_steps(value, total)
+    except ValueError as exc:
+        raise ResolveError(path, f"{exc}: give the run's total_steps (in [run], to compile() or on the Progress)") from None
+
 
 # -- step rules: pure functions of (previous step, step] ---------------------
 
 
+@builds(EveryStepsRule)
 class EverySteps(Node):
     def __init__(self, every: int):
         self.every = every
+
+    @classmethod
+    def from_rule(cls, rule, total, path):
+        return cls(_steps(rule.every, total, path + ("every",)))
 
     def fires(self, p, run):
         return p.step // self.every > run._prev // self.every
@@ -112,9 +173,14 @@ class EverySteps(Node):
         return (after // self.every + 1) * self.every
 
 
+@builds(AtStepsRule)
 class AtSteps(Node):
     def __init__(self, steps):
         self.steps = sorted(set(steps))
+
+    @classmethod
+    def from_rule(cls, rule, total, path):
+        return cls(_steps(s, total, path + ("steps", i)) for i, s in enumerate(rule.steps))
 
     def fires(self, p, run):
         i = bisect_right(self.steps, run._prev)
@@ -125,11 +191,31 @@ class AtSteps(Node):
         return self.steps[i] if i < len(self.steps) else INF
 
 
+@builds(PiecewiseRule)
 class Piecewise(Node):
     def __init__(self, segments):
         # (every, low, high): fires at multiples of every in (low, high]
         self.segments = segments
         self.highs = [high for _, _, high in segments]  # increasing: found by bisection
+
+    @classmethod
+    def from_rule(cls, rule, total, path):
+        segments, low, previous = [], 0, None
+        for i, seg in enumerate(rule.segments):
+            every = _steps(seg.every, total, path + ("segments", i, "every"))
+            high = INF if seg.until is None else _steps(seg.until, total, path + ("segments", i, "until"))
+            # Shares were checked in order at load time: if two round to the same
+            # step on a short run, the later segment is empty.
+            rounded = isinstance(previous, Share) and isinstance(seg.until, Share)
+            previous = seg.until
+            if high < low or (high == low and not rounded):
+                raise ResolveError(
+                    path + ("segments", i, "until"),
+                    f"segments must be increasing: segments[{i}].until resolves to {high}, not after {low}",
+                )
+            segments.append((every, low, high))
+            low = high
+        return cls(segments)
 
     def fires(self, p, run):
         return self.next_step(run._prev, run) <= p.step
@@ -145,9 +231,14 @@ class Piecewise(Node):
         return INF
 
 
+@builds(WindowRule)
 class Window(Node):
     def __init__(self, after: int, until: int):
         self.after, self.until = after, until
+
+    @classmethod
+    def from_rule(cls, rule, total, path):
+        return cls(0, INF)  # bounds are applied by build()
 
     def fires(self, p, run):
         return self.after < p.step <= self.until
@@ -163,6 +254,7 @@ class Window(Node):
         return step if step <= self.until else INF
 
 
+@builds(FinalRule)
 class Final(Node):
     """The first decision with step >= total, and any decision the loop marks is_last.
 
@@ -173,9 +265,14 @@ class Final(Node):
     never saved twice, whatever fires).
     """
 
+    events = frozenset({LAST})
 
     def __init__(self):
         self.reached: int | None = None  # the total whose last step was reached
+
+    @classmethod
+    def from_rule(cls, rule, total, path):
+        return cls()
 
     def fires(self, p, run):
         total = run._total
@@ -201,12 +298,17 @@ class Final(Node):
         self.reached = None if reached is None else int(reached)
 
 
+@builds(TailRule)
 class Tail(Node):
     """In the zone total - step < interval: fire at step >= ceil((a + total) / 2),
     a = max(last save, zone start)."""
 
     def __init__(self, interval: int):
         self.interval = interval
+
+    @classmethod
+    def from_rule(cls, rule, total, path):
+        return cls(_steps(rule.interval, total, path + ("interval",)))
 
     def _target(self, run) -> int:
         total = run._total
@@ -229,10 +331,16 @@ class Tail(Node):
 # -- event and clock rules ---------------------------------------------------
 
 
+@builds(EveryTimeRule)
 class EveryTime(Node):
+    events = frozenset({CLOCK})
 
     def __init__(self, seconds: float):
         self.seconds = seconds
+
+    @classmethod
+    def from_rule(cls, rule, total, path):
+        return cls(rule.every.seconds)
 
     def fires(self, p, run):
         anchor = run._last_save_time
@@ -253,10 +361,16 @@ class EveryTime(Node):
         return first_step_at(self.time_threshold(run), shape.step_seconds, after)
 
 
+@builds(EpochEndRule)
 class EpochEnd(Node):
+    events = frozenset({EPOCH_END})
 
     def __init__(self, every: int):
         self.every = every
+
+    @classmethod
+    def from_rule(cls, rule, total, path):
+        return cls(rule.every)
 
     def fires(self, p, run):
         return bool(p.epoch_end) and (p.epoch + 1) % self.every == 0
@@ -278,10 +392,16 @@ class EpochEnd(Node):
 _SIGNAL_NAMES = {int(s): s.name for s in _signal.Signals}
 
 
+@builds(OnSignalRule)
 class OnSignal(Node):
+    events = frozenset({SIGNAL})
 
     def __init__(self, names):
         self.names = frozenset(names)
+
+    @classmethod
+    def from_rule(cls, rule, total, path):
+        return cls(rule.signals)
 
     def fires(self, p, run):
         sig = p.signal
@@ -297,13 +417,20 @@ class OnSignal(Node):
         return name in self.names
 
 
+@builds(ImprovedRule)
 class Improved(Node):
     """Fires when a value ranks among the best ``top`` saved so far (ties go to the
     earlier value): it must beat the ``top``-th best by more than ``min_delta``."""
 
+    events = frozenset({METRICS})
+
     def __init__(self, metric: str, mode: str, min_delta: float, top: int = 1):
         self.metric, self.mode, self.min_delta, self.top = metric, mode, min_delta, top
         self.values: list = []  # the best `top` values that fired, best first
+
+    @classmethod
+    def from_rule(cls, rule, total, path):
+        return cls(rule.metric, rule.mode, rule.min_delta, rule.top)
 
     def fires(self, p, run):
         metrics = p.metrics
@@ -350,6 +477,7 @@ class Improved(Node):
         self.values = [float(v) for v in values][: self.top]
 
 
+@builds(AdaptiveRule)
 class Adaptive(Node):
     """Fires when the interval planned from the measured save cost (the decider's
     estimate, ``run._cost``) has passed on the training clock since the last save.
@@ -357,8 +485,14 @@ class Adaptive(Node):
     In a simulation that is given no save cost the rule is not simulated: it never fires.
     """
 
+    events = frozenset({CLOCK})
+
     def __init__(self, rule: AdaptiveRule):
         self.rule = rule
+
+    @classmethod
+    def from_rule(cls, rule, total, path):
+        return cls(rule)
 
     def _off(self, run) -> bool:
         shape = run._sim
@@ -413,7 +547,12 @@ class _Combinator(Node):
     def __init__(self, children):
         self.children = tuple(children)
 
+    @classmethod
+    def from_rule(cls, rule, total, path):
+        return cls(build(r, total, path + ("rules", i)) for i, r in enumerate(rule.rules))
 
+
+@builds(AllRule)
 class All(_Combinator):
     def fires(self, p, run):
         results = [c.fires(p, run) for c in self.children]
@@ -436,6 +575,7 @@ class All(_Combinator):
         return candidate
 
 
+@builds(AnyRule)
 class Any_(_Combinator):
     def fires(self, p, run):
         results = [c.fires(p, run) for c in self.children]
@@ -448,7 +588,12 @@ class Any_(_Combinator):
         return min(c.next_fire(after, run) for c in self.children)
 
 
+@builds(NotRule)
 class Not(_Combinator):
+    @classmethod
+    def from_rule(cls, rule, total, path):
+        return cls([build(rule.rule, total, path + ("rule",))])
+
     def fires(self, p, run):
         return not self.children[0].fires(p, run)
 
@@ -472,19 +617,17 @@ class Not(_Combinator):
 # -- building ----------------------------------------------------------------
 
 
-def _steps(value, total, path, what):
-    try:
-        return resolve_steps(value, total)
-    except ValueError as exc:
-        raise ResolveError(path, f"{exc}: give the run's total_steps (in [run], to compile() or on the Progress)") from None
+missing = sorted(name for name, model in RULE_KINDS.items() if model not in NODE_OF)
+if missing:  # pragma: no cover - a new rule model without its node
+    raise ImportError(f"rule kinds without a node in saverules.engine.compile: {', '.join(missing)}")
 
 
 def build(rule: RuleModel, total: int | None, path: tuple) -> Node:
     """Compile one rule model (at document path ``path``) for a run of ``total`` steps."""
-    node = _build_kind(rule, total, path)
+    node = NODE_OF[type(rule)].from_rule(rule, total, path)
     if rule.after is not None or rule.until is not None:
-        after = _steps(rule.after, total, path + ("after",), "after") or 0
-        until = _steps(rule.until, total, path + ("until",), "until")
+        after = _steps(rule.after, total, path + ("after",)) or 0
+        until = _steps(rule.until, total, path + ("until",))
         until = INF if until is None else until
         if until <= after and not (isinstance(rule.after, Share) and isinstance(rule.until, Share)):
             # Two shares were checked in order at load time; on a short run they
@@ -495,51 +638,15 @@ def build(rule: RuleModel, total: int | None, path: tuple) -> Node:
     return node
 
 
-def _build_kind(rule, total, path):
-    if isinstance(rule, EveryStepsRule):
-        return EverySteps(_steps(rule.every, total, path + ("every",), "every"))
-    if isinstance(rule, EveryTimeRule):
-        return EveryTime(rule.every.seconds)
-    if isinstance(rule, EpochEndRule):
-        return EpochEnd(rule.every)
-    if isinstance(rule, FinalRule):
-        return Final()
-    if isinstance(rule, TailRule):
-        return Tail(_steps(rule.interval, total, path + ("interval",), "interval"))
-    if isinstance(rule, AtStepsRule):
-        return AtSteps(_steps(s, total, path + ("steps", i), "steps") for i, s in enumerate(rule.steps))
-    if isinstance(rule, PiecewiseRule):
-        segments, low, previous = [], 0, None
-        for i, seg in enumerate(rule.segments):
-            every = _steps(seg.every, total, path + ("segments", i, "every"), "every")
-            high = INF if seg.until is None else _steps(seg.until, total, path + ("segments", i, "until"), "until")
-            # Shares were checked in order at load time: if two round to the same
-            # step on a short run, the later segment is empty.
-            rounded = isinstance(previous, Share) and isinstance(seg.until, Share)
-            previous = seg.until
-            if high < low or (high == low and not rounded):
-                raise ResolveError(
-                    path + ("segments", i, "until"),
-                    f"segments must be increasing: segments[{i}].until resolves to {high}, not after {low}",
-                )
-            segments.append((every, low, high))
-            low = high
-        return Piecewise(segments)
-    if isinstance(rule, OnSignalRule):
-        return OnSignal(rule.signals)
-    if isinstance(rule, ImprovedRule):
-        return Improved(rule.metric, rule.mode, rule.min_delta, rule.top)
-    if isinstance(rule, AdaptiveRule):
-        return Adaptive(rule)
-    if isinstance(rule, WindowRule):
-        return Window(0, INF)  # bounds are applied by build()
-    if isinstance(rule, AllRule):
-        return All(build(r, total, path + ("rules", i)) for i, r in enumerate(rule.rules))
-    if isinstance(rule, AnyRule):
-        return Any_(build(r, total, path + ("rules", i)) for i, r in enumerate(rule.rules))
-    if isinstance(rule, NotRule):
-        return Not([build(rule.rule, total, path + ("rule",))])
-    raise TypeError(f"unknown rule model {type(rule).__name__}")  # pragma: no cover
+def rule_events(rule: RuleModel) -> frozenset[str]:
+    """The events a rule model, or a rule nested in it, reacts to (read from the nodes' declarations)."""
+    return frozenset().union(*(NODE_OF[type(r)].events for r in walk(rule)))
+
+
+def policy_events(policy) -> frozenset[str]:
+    """The events any rule of ``policy`` reacts to, its final guarantee included."""
+    events = frozenset().union(*(rule_events(r) for r in policy.rules))
+    return events | Final.events if policy.final else events
 
 
 class CostReason:

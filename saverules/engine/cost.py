@@ -134,9 +134,7 @@ def _periodic_waste(interval: float, run: float, c: float, mtbf: float, restart:
     rest = run - k * interval
     if rest < 0:
         rest = 0.0
-    saves = k + (1 if rest > 0 else 0)
-    if saves == 0:
-        saves, k, rest = 1, 0, run
+    saves = k + (1 if rest > 0 else 0)  # >= 1: a run shorter than one interval (k = 0) is all rest
     rework = (k * interval * interval + rest * rest) / (2 * run)
     return saves, saves * c + run / mtbf * (rework + restart)
 

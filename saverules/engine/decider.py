@@ -13,7 +13,7 @@ A decision costs as much as the rules it has to look at, not the whole
 policy: each top-level rule is kept in a heap under the lowest step at which it
 can fire (or change its state) while the run is quiet, and in a list for each
 event it reacts to (signal, epoch end, metrics, the loop's ``is_last``, the
-clock).  A decision evaluates the rules whose step has come and the rules that
+clock), as its nodes declare them (``Node.events``, see :mod:`saverules.engine.compile`).  A decision evaluates the rules whose step has come and the rules that
 react to an event this Progress carries; the others cannot fire, and a skipped
 rule holds no state that the decision would change.  The bounds only grow as
 the run goes on (see :mod:`saverules.engine.compile`), so a bound computed at an
@@ -26,17 +26,12 @@ from __future__ import annotations
 import math
 from heapq import heapify, heappop, heappush
 
-from .compile import INF, Adaptive, EpochEnd, EveryTime, Final, Improved, OnSignal, ResolveError, compile_rules
+from .compile import CLOCK, EPOCH_END, EVENTS, INF, LAST, METRICS, SIGNAL, ResolveError, compile_rules, policy_events
 from .cost import COST_WINDOW, check_cost, estimate
 from .errors import Diagnostic, PolicyError, dotted
 from .progress import NO_SAVE, Decision, Progress, checked_total
-from .rules import AdaptiveRule, EpochEndRule, EveryTimeRule, FinalRule, ImprovedRule, OnSignalRule, walk
 
 STATE_VERSION = 1
-
-
-def _uses(policy, kind) -> bool:
-    return any(isinstance(r, kind) for top in policy.rules for r in walk(top))
 
 
 class Decider:
@@ -44,14 +39,7 @@ class Decider:
 
     def __new__(cls, policy, total_steps: int | None = None):
         if cls is Decider:
-            flags = (
-                policy.final or _uses(policy, FinalRule),
-                _uses(policy, OnSignalRule),
-                _uses(policy, EpochEndRule),
-                _uses(policy, (EveryTimeRule, AdaptiveRule)),
-                _uses(policy, ImprovedRule),
-            )
-            cls = _specialised(flags)
+            cls = _specialised(policy_events(policy))
         return object.__new__(cls)
 
     def __init__(self, policy, total_steps: int | None = None):
@@ -59,6 +47,7 @@ class Decider:
         self._prev = 0  # the previously decided step
         self._last_save_step: int | None = None
         self._last_save_time: float | None = None  # or the clock at the first decision
+        self._time = -math.inf  # the latest Progress.time a decision saw (the clock never goes back)
         self._next_step = 0  # until the rules are compiled: every call takes the full path
         self._next_time = -math.inf
         self._total: int | None = None
@@ -72,9 +61,10 @@ class Decider:
         total_steps = checked_total(total_steps, "total_steps")
         self._set_total(total_steps if total_steps is not None else fallback)
 
-    # -- what the policy reacts to (for DDP sync and the simulator) ----------
+    # -- what the policy reacts to (for DDP sync and the trainer callbacks) ----
     # Set per policy on the specialised class (see _specialised); a subclass
     # made some other way is assumed to react to everything.
+    reacts_to: frozenset[str] = frozenset(EVENTS)
     watches_last = watches_signals = watches_epochs = watches_time = watches_metrics = True
 
     @property
@@ -101,6 +91,9 @@ class Decider:
         step = p.step
         if step < self._prev:
             raise ValueError(_backwards_message(step, self._prev))
+        time = p.time
+        if time is not None and time < self._time:
+            raise ValueError(_clock_backwards_message(time, self._time, step))
         total = p.total_steps
         retotalled = total is not None and total != self._total
         if retotalled:
@@ -120,6 +113,8 @@ class Decider:
         ]
         save = bool(reasons) and step != self._last_save_step
         self._prev = step
+        if time is not None:
+            self._time = time
         if save:
             self._last_save_step = step
             if p.time is not None:
@@ -270,6 +265,15 @@ def _backwards_message(step: int, prev: int) -> str:
     )
 
 
+def _clock_backwards_message(time: float, latest: float, step: int) -> str:
+    return (
+        f"Progress.time went backwards: {time!r} s at step {step} after {latest!r} s. The training clock never "
+        "decreases (a repeat of the same time is allowed); a wall clock that jumps (NTP, a suspended machine) "
+        "would make clock rules fire early or never. Use a monotonic clock that continues across resumes, such "
+        "as Checkpointer.clock() (time.monotonic() counted from the run's start)"
+    )
+
+
 def _stateful(compiled):
     for index, (node, _) in enumerate(compiled):
         for sub_index, sub in enumerate(node.walk()):
@@ -296,24 +300,21 @@ class _Agenda:
     def __init__(self, compiled, run, per_step: bool):
         self.nodes = [node for node, _ in compiled]
         self.per_step = per_step
-        self.signals, self.epochs, self.metrics, self.last, timed = [], [], [], [], []
+        # the rules that react to each event a Progress may carry, as their nodes declare
+        reacting: dict[str, list[int]] = {event: [] for event in _HAPPENED}
+        timed = []
         for i, node in enumerate(self.nodes):
-            kinds = set(map(type, node.walk()))
-            if OnSignal in kinds:
-                self.signals.append(i)
-            if EpochEnd in kinds:
-                self.epochs.append(i)
-            if Improved in kinds:
-                self.metrics.append(i)
-            if Final in kinds:
-                self.last.append(i)
-            if EveryTime in kinds or Adaptive in kinds:
+            events = node.reacts_to()
+            for event in events & _HAPPENED.keys():
+                reacting[event].append(i)
+            if CLOCK in events:
                 # a rule's clock threshold is the anchor plus its shortest interval;
                 # an adaptive rule's interval is the one planned from the current cost
                 # estimate, so the agenda is rebuilt when a cost is reported (note_cost)
-                offset = min(n.clock_offset(run) for n in node.walk() if isinstance(n, (EveryTime, Adaptive)))
+                offset = min(n.clock_offset(run) for n in node.walk() if CLOCK in n.events)
                 if offset < math.inf:  # an adaptive rule a simulation without a cost leaves out
                     timed.append((offset, i))
+        self.reacting = [(_HAPPENED[event], indices) for event, indices in reacting.items() if indices]
         timed.sort()
         self.time_offsets = [offset for offset, _ in timed]
         self.timed = [i for _, i in timed]
@@ -336,14 +337,9 @@ class _Agenda:
             _, version, i = heappop(heap)
             if version == versions[i]:
                 due.add(i)
-        if p.signal and self.signals:
-            due.update(self.signals)
-        if p.epoch_end and self.epochs:
-            due.update(self.epochs)
-        if p.metrics and self.metrics:
-            due.update(self.metrics)
-        if p.is_last is True and self.last:
-            due.update(self.last)
+        for happened, indices in self.reacting:
+            if happened(p):
+                due.update(indices)
         anchor = run._last_save_time
         if self.timed and p.time is not None and anchor is not None:
             offsets = self.time_offsets
@@ -379,46 +375,59 @@ class _Agenda:
         return -math.inf if anchor is None else anchor + self.time_offsets[0]
 
 
+#: event -> does this Progress carry it (the clock is compared with each rule's threshold instead)
+_HAPPENED = {
+    LAST: lambda p: p.is_last is True,
+    SIGNAL: lambda p: bool(p.signal),
+    EPOCH_END: lambda p: p.epoch_end,
+    METRICS: lambda p: bool(p.metrics),
+}
+
 # -- the generated quiet path ---------------------------------------------------
+
+#: event -> the quiet path's test that a Progress does not carry it (reads the slots directly)
+_QUIET = {
+    LAST: "p._is_last is not True",
+    SIGNAL: "not p._signal",
+    EPOCH_END: "not p._epoch_end",
+    METRICS: "not p._metrics",
+    CLOCK: "(p._time is None or self._time <= p._time < self._next_time)",
+}
+assert set(_QUIET) == set(EVENTS) and set(_HAPPENED) == set(EVENTS) - {CLOCK}, "an event without its test"
 
 _CLASSES: dict = {}
 
 
-def _specialised(flags) -> type:
-    """A Decider subclass whose __call__ tests only what this policy reacts to."""
-    cls = _CLASSES.get(flags)
+def _specialised(events: frozenset) -> type:
+    """A Decider subclass whose __call__ tests only the events this policy reacts to."""
+    cls = _CLASSES.get(events)
     if cls is not None:
         return cls
-    last, signals, epochs, clock, metrics = flags
     # A Progress is checked when it is built, so on the quiet path the step is
     # an int >= 1; what is left to test is its order.  The fields are read
     # from the Progress's slots directly, the cheapest read there is.
     checks = ["type(p) is Progress", "self._prev <= p._step < self._next_step"]
-    if last:
-        checks.append("p._is_last is not True")
-    if signals:
-        checks.append("not p._signal")
-    if epochs:
-        checks.append("not p._epoch_end")
-    if clock:
-        checks.append("(p._time is None or p._time < self._next_time)")
-    if metrics:
-        checks.append("not p._metrics")
+    checks += [_QUIET[event] for event in EVENTS if event in events]
+    if CLOCK not in events:
+        # the clock never goes back: a time below the latest one takes the full path, which refuses it
+        checks.append("(p._time is None or self._time <= p._time)")
     checks.append("(p._total_steps == self._total or p._total_steps is None)")
     source = (
         "def __call__(self, p):\n"
         f"    if {' and '.join(checks)}:\n"
         "        self._prev = p._step\n"
+        "        if p._time is not None:\n"
+        "            self._time = p._time\n"
         "        return NO_SAVE\n"
         "    return self._decide(p)\n"
     )
     namespace = {"NO_SAVE": NO_SAVE, "Progress": Progress}
-    exec(compile(source, f"<saverules quiet path {flags}>", "exec"), namespace)
+    exec(compile(source, f"<saverules quiet path {sorted(events)}>", "exec"), namespace)
     attributes = {
-        "__call__": namespace["__call__"], "__module__": __name__, "_quiet_source": source,
-        "watches_last": last, "watches_signals": signals, "watches_epochs": epochs,
-        "watches_time": clock, "watches_metrics": metrics,
+        "__call__": namespace["__call__"], "__module__": __name__, "_quiet_source": source, "reacts_to": events,
+        "watches_last": LAST in events, "watches_signals": SIGNAL in events, "watches_epochs": EPOCH_END in events,
+        "watches_time": CLOCK in events, "watches_metrics": METRICS in events,
     }
     cls = type("Decider", (Decider,), attributes)
-    _CLASSES[flags] = cls
+    _CLASSES[events] = cls
     return cls

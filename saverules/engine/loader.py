@@ -10,7 +10,7 @@ import os
 import re
 import sys
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from .errors import Diagnostic, PolicyError
 from .limits import MAX_FILE_BYTES, MAX_NESTING, MAX_RULES
@@ -26,9 +26,10 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 _TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)\s*$")
 _TOML_END = re.compile(r"\s*\(at end of document\)\s*$")
 
-_KNOWN_KEYS = sorted(
-    {name for model in (Policy, RunShape, Retention, KeepBest, Storage, Durable, Segment, *RULE_KINDS.values()) for name in model.model_fields}
+_MODELS: tuple[type[BaseModel], ...] = (
+    Policy, RunShape, Retention, KeepBest, Storage, Durable, Segment, *RULE_KINDS.values()
 )
+_KNOWN_KEYS = sorted({name for model in _MODELS for name in model.model_fields})
 
 
 def _suggest(word: str, choices) -> str:

@@ -248,6 +248,30 @@ class Policy(Model):
         """(line, col) of the key at ``path`` in the source document, if known."""
         return self._positions.get(tuple(path))
 
+    def __eq__(self, other: object) -> bool:
+        """Equal policies say the same thing, with the same keys written (provenance aside:
+        the same policy loaded from two files is equal)."""
+        if not isinstance(other, Policy):
+            return NotImplemented
+        return self.__dict__ == other.__dict__ and self._written() == other._written()
+
+    def __hash__(self) -> int:
+        return hash(self.digest)
+
+    def _written(self) -> dict:
+        return self.model_dump(mode="json", exclude_unset=True, exclude_none=True)
+
+    def to_toml(self) -> str:
+        """This policy as TOML text that :func:`saverules.loads` reads back to an equal policy.
+
+        Only the keys the policy was given are written, so every rule keeps its reason
+        string; the header comment names where the policy came from and its digest.
+        """
+        from .render import toml_document
+
+        header = f"saverules policy (from {self.source})\ndigest: {self.digest}"
+        return toml_document(self._written(), header)
+
     @property
     def digest(self) -> str:
         """sha256 of the canonical form of the policy: equal for equal policies."""
@@ -279,7 +303,7 @@ class Policy(Model):
 
     def simulate(
         self,
-        total_steps: int,
+        total_steps: int | None = None,
         steps_per_epoch: int | None = None,
         step_seconds: float | None = None,
         metrics: Callable[[int], Mapping[str, float] | None] | None = None,
@@ -290,6 +314,10 @@ class Policy(Model):
     ):
         """Simulate a run of this shape without training; see :mod:`saverules.engine.simulate`.
 
+        Every run parameter not passed (``None``) is taken from the policy's
+        ``[run]`` table, as ``check`` does: ``total_steps``, ``steps_per_epoch``,
+        ``step_seconds`` and ``save_seconds``; ``write_seconds`` too, when
+        ``save_seconds`` also comes from ``[run]`` (a write is measured with its stall).
         At most ``max_saves`` saves are listed (``None``: every save, however
         many); the rest are counted, see :attr:`~saverules.engine.simulate.Simulation.complete`.
         ``save_seconds`` (and ``write_seconds``, the stall when omitted) is what
@@ -297,5 +325,18 @@ class Policy(Model):
         """
         from .simulate import simulate
 
+        run = self.run
+        if run is not None:
+            total_steps = run.total_steps if total_steps is None else total_steps
+            steps_per_epoch = run.steps_per_epoch if steps_per_epoch is None else steps_per_epoch
+            step_seconds = run.step_seconds if step_seconds is None else step_seconds
+            if save_seconds is None and run.save_seconds is not None:
+                save_seconds = run.save_seconds
+                write_seconds = run.write_seconds if write_seconds is None else write_seconds
+        if total_steps is None:
+            raise ValueError(
+                f"Policy.simulate() needs the run's length: pass total_steps=..., or set total_steps in the "
+                f"[run] table of {self.source}"
+            )
         return simulate(self, total_steps, steps_per_epoch, step_seconds, metrics, max_saves,
                         save_seconds=save_seconds, write_seconds=write_seconds)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -266,12 +266,9 @@ Rule = Annotated[
 for _model in (AllRule, AnyRule, NotRule):
     _model.model_rebuild()
 
-RULE_KINDS = {
-    m.model_fields["kind"].annotation.__args__[0]: m
-    for m in (
-        EveryStepsRule, EveryTimeRule, EpochEndRule, FinalRule, TailRule, AtStepsRule, PiecewiseRule,
-        OnSignalRule, ImprovedRule, AdaptiveRule, WindowRule, AllRule, AnyRule, NotRule,
-    )
+#: kind name -> rule model, derived from the union above (the one list of kinds)
+RULE_KINDS: dict[str, type[RuleModel]] = {
+    m.model_fields["kind"].annotation.__args__[0]: m for m in get_args(get_args(Rule)[0])
 }
 
 

@@ -48,6 +48,10 @@ class BackwardsStep(Exception):
     """A decision asked for a step below the previous one (steps never go backwards)."""
 
 
+class BackwardsTime(Exception):
+    """A decision carried a Progress.time below the latest one a decision saw (the clock never goes back)."""
+
+
 class NoTotal(Exception):
     """A share of the run was needed but no total_steps is known."""
 
@@ -112,6 +116,7 @@ class Oracle:
         self.saved: set = set()
         self.last_save_step: int | None = None
         self.clock_anchor: float | None = None  # time of the last save, or of the first decision
+        self.latest_time: float | None = None  # the latest Progress.time a decision saw
         self.final_fired: dict[tuple, int] = {}  # final rule path -> the total it fired for
         self.fired_values: dict[tuple, list[float]] = {}  # improved rule path -> every value it fired on
         self.costs: list[tuple[float, float]] = []  # every (stall, write) reported, oldest first
@@ -121,6 +126,8 @@ class Oracle:
     def decide(self, p: Progress) -> tuple[bool, tuple[str, ...]]:
         if p.step < self.prev:
             raise BackwardsStep(p.step, self.prev)  # refused before anything changes
+        if p.time is not None and self.latest_time is not None and p.time < self.latest_time:
+            raise BackwardsTime(p.time, self.latest_time)  # refused before anything changes
         if p.total_steps is not None:
             self.total = p.total_steps
         if self.clock_anchor is None and p.time is not None:
@@ -140,6 +147,8 @@ class Oracle:
                     reasons.append(name)
         save = bool(reasons) and p.step not in self.saved
         self.prev = p.step
+        if p.time is not None:
+            self.latest_time = p.time
         if save:
             self.saved.add(p.step)
             self.last_save_step = p.step

@@ -1006,7 +1006,7 @@ def test_ls_lists_checkpoints_with_retention_reasons(tmp_path, capsys):
     rows = {line.split()[0]: line for line in lines if line.startswith("step-")}
     assert set(rows) == {"step-00000002", "step-00000004", "step-00000005"}
     assert rows["step-00000002"].rstrip().endswith("keep_every")
-    assert "every_steps(every=1)" in rows["step-00000005"] and "0:05:00" in rows["step-00000005"]
+    assert "every_steps(every=1)" in rows["step-00000005"] and " 5m " in rows["step-00000005"]
     assert "newest" in rows["step-00000005"] and "keep_last" in rows["step-00000005"]
     assert all(" yes " in row for row in rows.values())
 
