@@ -84,9 +84,9 @@ def inspect_checkpoint(path: str | os.PathLike, root: str | os.PathLike | None =
         # The structure is read (a small pickle, a header) even without hashing: every reader, shallow or
         # deep, judges a checkpoint by the same check (docs/checkpoints.md).  Its verdict is remembered by
         # the files' fingerprint, so a store listed at every save is not re-read at every save.
-        problem = _structure_verdict(path, manifest)
-        if problem is not None:
-            return failed(*problem)
+        verdict = _structure_verdict(path, manifest)
+        if verdict is not None:
+            return failed(*verdict)
         return info_from_manifest(path, root, manifest, None, None)
     for fname, entry in manifest["files"].items():
         algo, expected = digest.entry_digest(entry)
