@@ -82,11 +82,11 @@ def inspect_checkpoint(path: str | os.PathLike, root: str | os.PathLike | None =
         return info_from_manifest(path, root, manifest, None, None)
     if not verify:
         # The structure is read (a small pickle, a header) even without hashing: every reader, shallow or
-        # deep, judges a checkpoint by the same check (docs/checkpoints.md).
-        try:
-            structure.check_files(path, manifest)
-        except structure.StructureError as exc:
-            return failed(str(exc), unsafe=isinstance(exc, structure.UnsafeStructure))
+        # deep, judges a checkpoint by the same check (docs/checkpoints.md).  Its verdict is remembered by
+        # the files' fingerprint, so a store listed at every save is not re-read at every save.
+        verdict = _structure_verdict(path, manifest)
+        if verdict is not None:
+            return failed(*verdict)
         return info_from_manifest(path, root, manifest, None, None)
     for fname, entry in manifest["files"].items():
         algo, expected = digest.entry_digest(entry)
@@ -105,6 +105,33 @@ def inspect_checkpoint(path: str | os.PathLike, root: str | os.PathLike | None =
     except structure.StructureError as exc:
         return failed(str(exc), unsafe=isinstance(exc, structure.UnsafeStructure))
     return info_from_manifest(path, root, manifest, True, None)
+
+
+_VERDICTS: dict[str, tuple[tuple, tuple[str, bool] | None]] = {}
+_VERDICTS_LOCK = threading.Lock()
+_VERDICTS_MAX = 100_000
+
+
+def _structure_verdict(path: Path, manifest: Mapping) -> tuple[str, bool] | None:
+    """(why, unsafe) when the checkpoint's structure check fails, else None; remembered by fingerprint."""
+    sig = _signature(path, manifest)
+    key = str(path)
+    if sig is not None:
+        with _VERDICTS_LOCK:
+            hit = _VERDICTS.get(key)
+        if hit is not None and hit[0] == sig:
+            return hit[1]
+    try:
+        structure.check_files(path, manifest)
+        verdict = None
+    except structure.StructureError as exc:
+        verdict = (str(exc), isinstance(exc, structure.UnsafeStructure))
+    if sig is not None and sig == _signature(path, manifest):
+        with _VERDICTS_LOCK:
+            if len(_VERDICTS) >= _VERDICTS_MAX:
+                _VERDICTS.clear()
+            _VERDICTS[key] = (sig, verdict)
+    return verdict
 
 
 def _not_regular(path: Path, directory: bool = False) -> str | None:
