@@ -25,6 +25,7 @@ BENCHMARKS = [
     ("check", "bench_check"),
     ("startup", "bench_startup"),
     ("save", "bench_save"),
+    ("load", "bench_load"),
     ("loop", "bench_loop"),
 ]
 
