@@ -26,6 +26,7 @@ BENCHMARKS = [
     ("startup", "bench_startup"),
     ("save", "bench_save"),
     ("load", "bench_load"),
+    ("resume", "bench_resume"),
     ("loop", "bench_loop"),
 ]
 
