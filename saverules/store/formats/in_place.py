@@ -94,7 +94,7 @@ def targets(tree: Any, refs: list, entries: Mapping[str, tuple[torch.dtype, list
             continue
         obj = into.get(item[0])
         saved = _items(item[1])
-        if saved is None or not plain_module(obj):
+        if saved is None or obj is None or not plain_module(obj):
             continue
         own = obj.state_dict()
         for pair in saved:
