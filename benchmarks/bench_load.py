@@ -71,4 +71,8 @@ def run(quick: bool = False) -> list:
             gc.collect()
             for p in base.iterdir():
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
+    # The sharded row: 2 ranks resuming format "dcp", against dcp.load (benchmarks/bench_load_sharded.py).
+    from . import bench_load_sharded
+
+    rows += bench_load_sharded.run(quick)
     return rows
