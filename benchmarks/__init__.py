@@ -26,7 +26,6 @@ BENCHMARKS = [
     ("startup", "bench_startup"),
     ("save", "bench_save"),
     ("load", "bench_load"),
-    ("resume", "bench_resume"),
     ("loop", "bench_loop"),
 ]
 

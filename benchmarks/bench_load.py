@@ -71,8 +71,10 @@ def run(quick: bool = False) -> list:
             gc.collect()
             for p in base.iterdir():
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
-    # The sharded row: 2 ranks resuming format "dcp", against dcp.load (benchmarks/bench_load_sharded.py).
-    from . import bench_load_sharded
+    # The sharded row: 2 ranks resuming format "dcp", against dcp.load (benchmarks/bench_load_sharded.py);
+    # the time to resume of the reference loop (benchmarks/bench_resume.py).
+    from . import bench_load_sharded, bench_resume
 
     rows += bench_load_sharded.run(quick)
+    rows += bench_resume.run(quick)
     return rows

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import Row, median
 
-NAME = "resume"
+NAME = "load"  # reported with the load rows (python -m benchmarks --only load)
 ROOT = Path(__file__).resolve().parent.parent
 SAVED_STEP = 2
 #: (label, loop arguments): the small preset at 5 layers is the ~200 MB case of the load benchmark.
