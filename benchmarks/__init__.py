@@ -1,5 +1,5 @@
 """Benchmarks for saverules: decision overhead, schedule simulation, the checker
-at its input limits, checker start-up, save stall and throughput, loop overhead and DDP collectives.
+at its input limits, check --plot on 10,000 saves, checker start-up, save stall and throughput, loop overhead and DDP collectives.
 
 Run them all with ``python -m benchmarks`` (``--quick`` for a smoke run,
 ``--only NAME`` for one benchmark, ``--json PATH`` for machine-readable
@@ -23,10 +23,12 @@ BENCHMARKS = [
     ("decide", "bench_decide"),
     ("simulate", "bench_simulate"),
     ("check", "bench_check"),
+    ("plot", "bench_plot"),
     ("startup", "bench_startup"),
     ("save", "bench_save"),
     ("load", "bench_load"),
     ("loop", "bench_loop"),
+    ("tiers", "bench_tiers"),
 ]
 
 

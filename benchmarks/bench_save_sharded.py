@@ -187,7 +187,7 @@ def _worker(tmp: str, mode: str) -> None:
             return (t1 - t0) + held, t3 - t0, ck.dir / policy.storage.render_name(step=step[0]), t2 - t0
         return measure
 
-    from saverules.store.formats import dcp_state
+    from saverules.store.sharded import state as dcp_state
     from saverules.store.snapshot import Snapshot
 
     pool = [{}]

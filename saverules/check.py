@@ -3,14 +3,17 @@
     python -m saverules.check rules/default.toml
     python -m saverules.check rules/*.toml --total-steps 39998 --steps-per-epoch 19999 --strict
     python -m saverules.check rules/default.toml --format json
+    python -m saverules.check rules/minimind-legacy.toml rules/default.toml --plot schedules.png
 
 For each file: errors as ``FILE:LINE:COL: error: message``; otherwise the
 simulated schedule (every save with its step, time and reasons, the
 checkpoints kept at the end, the largest gap, a timeline) and warnings as
-``FILE:LINE:COL: warning: message``.
+``FILE:LINE:COL: warning: message``.  ``--plot IMAGE`` also draws the schedules, one
+row per file (:mod:`saverules.plot`, which needs matplotlib: ``saverules[plot]``).
 
 Exit status: 0 when every file is valid (and, with ``--strict``, warning
-free), 1 on any error or, with ``--strict``, any warning, 2 on bad usage.
+free), 1 on any error or, with ``--strict``, any warning, 2 on bad usage (a
+``--plot`` file that is not .png or .svg, or ``--plot`` without matplotlib, included).
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from .engine.loader import load
 from .engine.policy import Policy
 from .engine.quantities import Share, _validate_duration, _validate_size, format_seconds, resolve_steps
 from .engine.simulate import Simulation
+from .engine.tiers import TierSimulation, simulate_tiers
 
 #: With more saves than this, the text report shows the first and last few.
 ELIDE_ABOVE = 24
@@ -61,6 +65,7 @@ class Report:
     simulation: Simulation | None = None
     costs: dict = field(default_factory=dict)  # save_seconds, write_seconds, mtbf, restart_seconds, checkpoint_size
     cost: CostReport | None = None
+    tiers: TierSimulation | None = None
 
 
 # -- analysis -----------------------------------------------------------------
@@ -199,6 +204,9 @@ def analyse(path: str, args) -> Report:
         report.errors = [d._replace(source=path) for d in exc.diagnostics]
         return report
     report.simulation = sim
+    if policy.durable is not None:
+        report.tiers = simulate_tiers(policy, total, spe, secs)
+        _tier_findings(report, policy)
     _rule_findings(report, policy, sim, total, spe, secs)
     _retention_findings(report, policy, sim)
     _cost_findings(report, policy, sim)
@@ -216,6 +224,43 @@ def analyse(path: str, args) -> Report:
                 + (f", {format_seconds(lost * secs)} of training" if secs else "")
                 + ") are in no checkpoint; remove `final = false` to save the last step"))
     return report
+
+
+def _tier_findings(report: Report, policy: Policy) -> None:
+    tiers = report.tiers
+    if tiers is None:
+        return
+    if tiers.lag_steps is not None and tiers.upload_seconds is not None:
+        a, b = tiers.lag_steps
+        gap = tiers.gap_seconds(b - a) or 0.0
+        report.warnings.append(Finding(
+            *_where(policy, "durable", "rules"),
+            f"durable saves at steps {a:,} and {b:,} come {format_seconds(gap)} apart, but an upload takes "
+            f"{format_seconds(tiers.upload_seconds)}: promotions queue, and the newer replaces the queued one; "
+            "save to the durable tier less often, or upload faster"))
+    elif tiers.upload_seconds is None and policy.durable is not None and policy.durable.rules:
+        report.notes.append(Finding(1, 1, "the upload lag is not simulated: add [run] upload_seconds, or "
+                                          "checkpoint_size and upload_bandwidth"))
+
+
+def _tier_lines(tiers: TierSimulation) -> list[str]:
+    def gap(steps: int) -> str:
+        secs = tiers.gap_seconds(steps)
+        return _plural(steps, "step") + (f" ({format_seconds(secs)} of training)" if secs is not None else "")
+
+    node = tiers.node_loss_seconds
+    lost = gap(tiers.durable_gap_steps)
+    if node is not None and tiers.upload_seconds:
+        lost += f", {format_seconds(node)} with the upload"
+    dsaves = tiers.durable.saves
+    return [
+        f"local    {len(tiers.local_saves)} saves ({len(dsaves)} of them promoted), kept "
+        f"{', '.join(_fmt_steps(s) for s in tiers.local_kept) or 'none'}",
+        f"durable  {len(dsaves)} saves: {', '.join(_fmt_steps(s) for s, _ in dsaves[:SHOWN_AT_EACH_END])}"
+        + (", ..." if len(dsaves) > SHOWN_AT_EACH_END else "")
+        + f"; kept {', '.join(_fmt_steps(s) for s in tiers.durable.kept) or 'none'}",
+        f"tiers    a crashed process loses at most {gap(tiers.local_gap_steps)}; a lost node loses at most {lost}",
+    ]
 
 
 def _rule_findings(report, policy, sim, total, spe, secs) -> None:
@@ -294,7 +339,7 @@ def _cost_findings(report, policy, sim) -> None:
         return
     report.cost = cost = cost_report(
         sim.saved_steps, sim.total_steps, sim.step_seconds, peak_kept=sim.peak_kept,
-        save_seconds=costs["save_seconds"], mtbf=costs["mtbf"], restart_seconds=costs["restart_seconds"],
+        peak_on_disk=sim.peak_on_disk, save_seconds=costs["save_seconds"], mtbf=costs["mtbf"], restart_seconds=costs["restart_seconds"],
         checkpoint_bytes=costs["checkpoint_size"],
     )
     if sim.step_seconds is None and (costs["save_seconds"] is not None or costs["mtbf"] is not None):
@@ -330,6 +375,14 @@ def _timeline(sim: Simulation, width: int = TIMELINE_WIDTH) -> str:
         for i in range(column(sim.listed_to + 1), column(end - 1) + 1 if end - 1 > sim.listed_to else 0):
             chars[i] = "~" if counts[i] == 0 else chars[i]
     return "".join(chars)
+
+
+def gap_text(sim: Simulation) -> str:
+    """The largest gap in words, as the report and the plot (saverules.plot) both say it."""
+    gap = _plural(sim.max_gap_steps, "step")
+    if sim.max_gap_seconds is not None:
+        gap += f" ({format_seconds(sim.max_gap_seconds)} of training)"
+    return gap + ("" if sim.complete else f" in steps 1-{sim.listed_to:,} (not known beyond)")
 
 
 def _run_line(r: Report) -> str:
@@ -412,12 +465,9 @@ def render_text(r: Report, show_all: bool, out) -> None:
         upto = "" if sim.complete else f" (at step {sim.listed_to:,}, where the listing stops)"
         kept = sim.kept if len(sim.kept) <= ELIDE_ABOVE or show_all else sim.kept[-SHOWN_AT_EACH_END:]
         kept = ("..., " if len(kept) < len(sim.kept) else "") + (", ".join(_fmt_steps(s) for s in kept) or "none")
-        print(f"  kept     {kept}   ({len(sim.kept)} at the end{upto}, at most {sim.peak_kept} at once)", file=out)
-        gap = _plural(sim.max_gap_steps, "step")
-        if sim.max_gap_seconds is not None:
-            gap += f" ({format_seconds(sim.max_gap_seconds)} of training)"
-        where = "" if sim.complete else f" in steps 1-{sim.listed_to:,} (not known beyond)"
-        print(f"  max gap  {gap}{where}: the most work a crash can lose", file=out)
+        print(f"  kept     {kept}   ({len(sim.kept)} at the end{upto}, at most {sim.peak_kept} at once, "
+              f"{sim.peak_on_disk} on disk while the next is written)", file=out)
+        print(f"  max gap  {gap_text(sim)}: the most work a crash can lose", file=out)
         if not sim.complete and sim.fired_total is not None:
             counts = sorted(sim.fired_total.items(), key=lambda item: -item[1])
             shown = counts if show_all or len(counts) <= SHOWN_AT_EACH_END else counts[:SHOWN_AT_EACH_END]
@@ -426,6 +476,9 @@ def render_text(r: Report, show_all: bool, out) -> None:
         print(f"  timeline 0 [{_timeline(sim)}] {_fmt_steps(sim.total_steps)}", file=out)
         if r.cost is not None:
             for line in report_lines(r.cost):
+                print(f"  {line}", file=out)
+        if r.tiers is not None:
+            for line in _tier_lines(r.tiers):
                 print(f"  {line}", file=out)
     for n in r.notes:
         print(f"  note: {n.message}", file=out)
@@ -453,6 +506,7 @@ def to_json(r: Report) -> dict:
             saves=[{"step": s, "time": sim.time_of(s), "reasons": list(reasons)} for s, reasons in sim.saves],
             kept=sim.kept,
             peak_kept=sim.peak_kept,
+            peak_on_disk=sim.peak_on_disk,
             max_gap_steps=sim.max_gap_steps,
             max_gap_seconds=sim.max_gap_seconds,
             fired=sim.fired,
@@ -465,6 +519,17 @@ def to_json(r: Report) -> dict:
         )
         if r.cost is not None:
             doc["cost"] = r.cost.as_dict()
+    tiers = r.tiers
+    if tiers is not None:
+        doc["tiers"] = {
+            "local": {"saves": [s for s, _ in tiers.local_saves], "kept": tiers.local_kept,
+                      "max_gap_steps": tiers.local_gap_steps},
+            "durable": {"saves": [{"step": s, "reasons": list(rs)} for s, rs in tiers.durable.saves],
+                        "kept": tiers.durable.kept, "max_gap_steps": tiers.durable_gap_steps},
+            "upload_seconds": tiers.upload_seconds,
+            "upload_lag": list(tiers.lag_steps) if tiers.lag_steps is not None else None,
+            "node_loss_seconds": tiers.node_loss_seconds,
+        }
     return doc
 
 
@@ -548,12 +613,31 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("text", "json"), default="text", help="output format (default text)")
     p.add_argument("--strict", action="store_true", help="treat warnings as errors (exit 1)")
     p.add_argument("--all", action="store_true", help="list every save instead of eliding the middle")
+    p.add_argument("--plot", metavar="IMAGE",
+                   help="also draw the schedules, one row per file, into IMAGE (.png or .svg; needs matplotlib: "
+                        "pip install 'saverules[plot]')")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    reports = [analyse(path, args) for path in args.files]
+    p = parser()
+    args = p.parse_args(argv)
+    draw = None
+    if args.plot is not None:
+        from . import plot as draw  # only --plot imports matplotlib
+
+        try:
+            draw.check_target(args.plot)
+            draw.require()
+        except draw.PlotError as exc:
+            p.print_usage(sys.stderr)
+            print(f"{p.prog}: error: {exc}", file=sys.stderr)
+            return 2
+    reports = []
+    for path in args.files:
+        if draw is not None:  # a long simulation is not silent
+            print(f"plot: simulating {path}", file=sys.stderr, flush=True)
+        reports.append(analyse(path, args))
     failed = any(r.errors or (args.strict and r.warnings) for r in reports)
     if args.format == "json":
         json.dump({"files": [to_json(r) for r in reports], "strict": args.strict, "ok": not failed},
@@ -566,6 +650,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             render_text(r, args.all, sys.stdout)
         if args.strict and any(r.warnings for r in reports) and not any(r.errors for r in reports):
             print("--strict: warnings count as errors", file=sys.stderr)
+    if draw is not None:
+        try:
+            draw.plot(reports, args.plot, log=sys.stderr)
+        except OSError as exc:
+            print(f"{p.prog}: error: cannot write {args.plot}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
     return 1 if failed else 0
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -101,6 +102,25 @@ def _flat_tensors(name: str, sd) -> dict:
     return out
 
 
+def _file_mode() -> int:
+    """0644 less the process's umask (read by setting it, then put back at once)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o644 & ~umask
+
+
+def _refuse_a_checkpoint_dir(out: str) -> None:
+    """Refuse an output inside a checkpoint's directory: it holds only the files its manifest lists."""
+    from .store.layout import MANIFEST
+
+    folder = Path(os.path.abspath(out)).parent
+    if (folder / MANIFEST).exists():
+        raise _Failed(
+            f"{out} would be written into the checkpoint directory {folder}, which holds only the files its "
+            "manifest lists (a file added there is not part of the checkpoint and retention deletes it with "
+            "the checkpoint); write the export elsewhere, for example next to the store", 2)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m saverules.export",
@@ -117,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"saverules.export: error: {args.out}: the output must end in .safetensors or .pt", file=sys.stderr)
         return 2
     try:
-
+        _refuse_a_checkpoint_dir(args.out)
+        if os.path.exists(args.out):
+            raise _Failed(f"{args.out} exists already; remove it or choose another name", 2)
         info = _pick(args.checkpoint, verify=not args.no_verify)
         sd = _read_entry(info, args.object)
         if os.path.exists(args.out):
@@ -137,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 torch.save(sd, tmp)
                 count = sum(1 for _ in _tensors(sd))
+            os.chmod(tmp, _file_mode())  # as any new file: 0644 less the umask, whichever writer made it
             os.replace(tmp, args.out)
         except OSError as exc:
             raise _Failed(f"cannot write {args.out}: {exc.strerror or exc}", 1) from None

@@ -97,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
         description="List the checkpoints in a saverules checkpoint store and verify them.",
     )
     parser.add_argument("dir", metavar="DIR", help="the checkpoint directory ([storage].dir), or a run folder "
-                        "above it")
+                        "above it, or a durable tier's URL ([durable].dir: s3://, gs://, file://, ...)")
     parser.add_argument("--policy", metavar="FILE", help="policy whose retention rules to explain "
                         "(default: DIR/policy.toml)")
     parser.add_argument("--no-verify", action="store_true",
@@ -170,6 +170,8 @@ def _examine(root: str, args, policy, notes: list[str]) -> list:
                 info = dataclasses.replace(info, verified=False, error=str(exc), unsafe=True)
             except errors.CheckpointError as exc:
                 info = dataclasses.replace(info, verified=False, error=str(exc))
+                if verify.gone(info):  # removed while it was read (by a writer's retention): gone, not damaged
+                    continue
         loaded.append(info)
     return loaded
 
@@ -203,7 +205,12 @@ def _as_json(root: str, infos: list, kept: dict, notes: list[str]) -> dict:
             "world_size": _world(info),
             "kept_by": list(kept[id(info)]) if id(info) in kept else None,
         })
-    return {"dir": os.path.abspath(root), "checkpoints": out, "notes": notes}
+    return {"dir": _shown(root), "checkpoints": out, "notes": notes}
+
+
+def _shown(root: str) -> str:
+    """How a store is named in the output: a URL as given, a directory as an absolute path."""
+    return root if "://" in root else os.path.abspath(root)
 
 
 def _print_table(root: str, infos: list, kept: dict, writer: str | None) -> None:
@@ -238,7 +245,7 @@ def _print_table(root: str, infos: list, kept: dict, writer: str | None) -> None
             world = _world(info)
             sharded = getattr(info, "format", None) == "dcp"
             row.insert(7, (f"{world} (dcp)" if sharded else str(world)) if world else "?")
-    print(f"{os.path.abspath(root)}: {len(infos)} checkpoint{'s' if len(infos) != 1 else ''}")
+    print(f"{_shown(root)}: {len(infos)} checkpoint{'s' if len(infos) != 1 else ''}")
     if writer:
         print(writer)
     if rows:
@@ -274,8 +281,11 @@ def _summary(infos: list) -> int:
     return 1 if failed else 0
 
 
-def _stores_below(root: str) -> list[str]:
-    """Directories below ``root`` (a few levels, not following links) that hold checkpoints."""
+def _stores_below(root: str, unreadable: list[str]) -> list[str]:
+    """Directories below ``root`` (a few levels, not following links) that hold checkpoints.
+
+    A directory that cannot be read is skipped and added to ``unreadable`` (with the reason).
+    """
     from .integrations import manifest as framework_manifest
     from .store.layout import POLICY_FILE, candidates
 
@@ -289,14 +299,21 @@ def _stores_below(root: str) -> list[str]:
                 with os.scandir(directory) as entries:
                     subdirs = sorted(e.path for e in entries
                                      if not e.name.startswith(".") and e.is_dir(follow_symlinks=False))
-            except OSError:
+            except OSError as exc:
+                if directory != root:
+                    unreadable.append(f"{directory} ({exc.strerror or exc})")
                 continue
             for sub in subdirs:
                 seen += 1
                 if seen > SEARCH_LIMIT:
                     return found
-                if os.path.exists(os.path.join(sub, POLICY_FILE)) or candidates(Path(sub)) \
-                        or framework_manifest.is_framework_dir(sub):
+                try:
+                    holds = os.path.exists(os.path.join(sub, POLICY_FILE)) or bool(candidates(Path(sub))) \
+                        or framework_manifest.is_framework_dir(sub)
+                except OSError as exc:
+                    unreadable.append(f"{sub} ({exc.strerror or exc})")
+                    continue
+                if holds:
                     found.append(sub)
                 else:
                     below.append(sub)
@@ -304,9 +321,61 @@ def _stores_below(root: str) -> list[str]:
     return found
 
 
+def _durable(args) -> int:
+    """List a durable tier (an fsspec URL): committed checkpoints only, verified by re-reading every object."""
+    from . import PolicyError
+    from .engine.tiers import durable_policy
+    from .store.errors import CheckpointError
+    from .store.lock import describe_holder
+    from .store.remote import DurableTier
+    from .store.remote.lease import LOCK_OBJECT, read_holder
+
+    root = args.dir
+    notes: list[str] = []
+    policy = None
+    if args.policy:
+        try:
+            policy = _load_policy(args.policy)
+        except PolicyError as exc:
+            print(f"saverules.ls: error: cannot use the policy {args.policy}:\n{exc}", file=sys.stderr)
+            return 2
+        policy = durable_policy(policy) or policy
+    else:
+        notes.append("pass --policy FILE to see which retention rule of [durable] keeps what")
+    try:
+        tier = DurableTier(root, writer=False)
+        infos = tier.list(verify=not args.no_verify)
+        leftovers = tier.leftovers()
+        holder = read_holder(tier.fs, f"{tier.root}/{LOCK_OBJECT}")
+    except CheckpointError as exc:
+        print(f"saverules.ls: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # the backend's own errors: the network, permissions, a missing bucket
+        print(f"saverules.ls: error: cannot list {root}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    if leftovers:
+        notes.append(f"{len(leftovers)} unfinished upload(s) without a commit marker, not listed "
+                     f"({', '.join(leftovers[:5])}); the next writer removes them")
+    kept = _kept_by(infos, policy)
+    if args.json:
+        print(json.dumps(_as_json(root, infos, kept, notes), indent=1))
+        return 1 if any(not i.ok for i in infos) else 0
+    writer = f"written by {describe_holder(holder)}, according to its lock" if holder else None
+    _print_table(root, infos, kept, writer)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    return _summary(infos)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     root = args.dir
+    if "://" in root:
+        if args.load:
+            print("saverules.ls: error: --load reads local stores only; download the checkpoint first",
+                  file=sys.stderr)
+            return 2
+        return _durable(args)
     if not os.path.exists(root):
         print(f"saverules.ls: error: {root} does not exist", file=sys.stderr)
         return 2
@@ -330,7 +399,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     searched = not infos and not os.path.exists(os.path.join(root, POLICY_FILE))
-    stores = _stores_below(root) if searched else []
+    unreadable: list[str] = []
+    stores = _stores_below(root, unreadable) if searched else []
+    if unreadable:
+        shown = "; ".join(unreadable[:5]) + (f"; and {len(unreadable) - 5} more" if len(unreadable) > 5 else "")
+        print(f"saverules.ls: note: skipped {len(unreadable)} folder{'s' if len(unreadable) != 1 else ''} below "
+              f"{root} that cannot be read: {shown}; run ls on a store you can read, or as a user who can read "
+              "these", file=sys.stderr)
     if stores:
         return _list_below(root, stores, args)
 

@@ -70,3 +70,22 @@ def test_the_import_paths_the_readme_shows_still_work():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_only_the_plot_module_imports_matplotlib_and_only_when_asked():
+    for path in sorted(PKG.rglob("*.py")):
+        if path.name == "plot.py" and path.parent == PKG:
+            continue
+        hit = [mod for mod in _imports(path) if mod.split(".")[0] == "matplotlib"]
+        assert not hit, f"{path.relative_to(REPO)} imports {hit}: only saverules/plot.py may (saverules[plot])"
+    code = (
+        "import sys, importlib, pkgutil, saverules, saverules.engine\n"
+        "for m in pkgutil.iter_modules(saverules.engine.__path__):\n"
+        "    importlib.import_module('saverules.engine.' + m.name)\n"
+        "import saverules.check, saverules.schema, saverules.plot\n"
+        "saverules.check.main(['rules/default.toml'])\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib'), file=sys.stderr)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.strip() == "[]", out.stderr

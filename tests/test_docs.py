@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-PAGES = ["docs/rules.md", "docs/check.md", "docs/integrations.md"]
+PAGES = ["docs/rules.md", "docs/check.md", "docs/integrations.md", "docs/tiers.md"]
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
 

@@ -191,13 +191,18 @@ def cost_report(
     mtbf: float | None = None,
     restart_seconds: float | None = None,
     checkpoint_bytes: int | None = None,
+    peak_on_disk: int | None = None,
 ) -> CostReport:
-    """The report for a run of ``total_steps`` that saves at ``save_steps``."""
+    """The report for a run of ``total_steps`` that saves at ``save_steps``.
+
+    ``peak_on_disk``: the most checkpoints on disk at once (the simulation's, counting the one being
+    written before retention prunes); ``peak_kept`` when not given."""
     saves = len(save_steps)
     fields: dict = {"saves": saves, "save_seconds": save_seconds, "checkpoint_bytes": checkpoint_bytes,
                     "mtbf": mtbf, "restart_seconds": restart_seconds or 0.0}
     if checkpoint_bytes is not None:
-        fields.update(peak_bytes=peak_kept * checkpoint_bytes, total_bytes=saves * checkpoint_bytes)
+        at_once = peak_on_disk if peak_on_disk is not None else peak_kept
+        fields.update(peak_bytes=at_once * checkpoint_bytes, total_bytes=saves * checkpoint_bytes)
     run = total_steps * step_seconds if step_seconds is not None else None
     fields["run_seconds"] = run
     if save_seconds is not None:
@@ -263,7 +268,8 @@ def report_lines(report: CostReport) -> list[str]:
                      "the Young/Daly interval)")
         rows.append(("waste", text))
     if report.peak_bytes is not None:
-        rows.append(("disk", f"at most {format_bytes(report.peak_bytes)} at once, "
+        rows.append(("disk", f"at most {format_bytes(report.peak_bytes)} at once (with the checkpoint being "
+                             "written before retention prunes), "
                              f"{format_bytes(report.total_bytes)} written in all "
                              f"({format_bytes(report.checkpoint_bytes)} a checkpoint)"))
     return [f"{label:<8} {text}" for label, text in rows]

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from .errors import Diagnostic, PolicyError
 from .limits import MAX_FILE_BYTES, MAX_NESTING, MAX_RULES
 from .locate import key_positions, locate
-from .policy import KeepBest, Policy, Retention, RunShape, Storage
+from .policy import Durable, KeepBest, Policy, Retention, RunShape, Storage
 from .rules import RULE_KINDS, Segment
 
 if sys.version_info >= (3, 11):
@@ -27,7 +27,7 @@ _TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)\s*$")
 _TOML_END = re.compile(r"\s*\(at end of document\)\s*$")
 
 _KNOWN_KEYS = sorted(
-    {name for model in (Policy, RunShape, Retention, KeepBest, Storage, Segment, *RULE_KINDS.values()) for name in model.model_fields}
+    {name for model in (Policy, RunShape, Retention, KeepBest, Storage, Durable, Segment, *RULE_KINDS.values()) for name in model.model_fields}
 )
 
 

@@ -219,4 +219,6 @@ def locate(positions: dict[Path, tuple[int, int]], loc: Path) -> tuple[int, int]
         if candidate in positions:
             path = candidate
             best = positions[path]
+        elif any(key[: len(candidate)] == candidate for key in positions):
+            path = candidate  # a table only implied by a deeper header, such as [[durable.rules]]
     return best

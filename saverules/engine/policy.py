@@ -51,6 +51,9 @@ class RunShape(Model):
     mtbf: Seconds | None = None
     restart_seconds: NonNegativeReal | None = None
     checkpoint_size: Bytes | None = None
+    # the durable tier's upload lag (docs/tiers.md): seconds per upload, or the size over a bandwidth (bytes a second)
+    upload_seconds: PositiveReal | None = None
+    upload_bandwidth: Bytes | None = None
 
     @field_validator("write_seconds")
     @classmethod
@@ -90,7 +93,15 @@ class _UTC:
 
 _PLACEHOLDERS = ("step", "epoch", "time", "run")
 _MAX_NAME = 255  # bytes in one path component on common file systems
+#: The bytes the store adds to a checkpoint's name while it writes, moves or deletes it:
+#: ``.tmp-<name>-<pid>-<8 hex>`` (see saverules.store.layout.hidden_name), at the largest pid Linux can
+#: give (pid_max is at most 2**22 = 4194304, 7 digits).  The engine reads no system file: it assumes that.
+HIDDEN_NAME_BYTES = len(".tmp-") + len(f"-{1 << 22}-") + 8
 _SEPARATORS = ("/", "\\", "\0")
+
+
+class _NameTooLong(ValueError):
+    """A name template that renders a name the store could not write."""
 
 
 def _render(template: str, step: int, epoch: int, time: datetime | None, run: str) -> str:
@@ -102,8 +113,14 @@ def _render(template: str, step: int, epoch: int, time: datetime | None, run: st
     )
     if any(bad in name for bad in _SEPARATORS) or name in ("", ".", "..") or name.startswith(".."):
         raise ValueError(f"name template {template!r} renders to {name!r}, which is not a plain directory name")
-    if len(name.encode("utf-8", "surrogatepass")) > _MAX_NAME:
-        raise ValueError(f"name template {template!r} renders a name longer than {_MAX_NAME} bytes")
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > _MAX_NAME - HIDDEN_NAME_BYTES:
+        raise _NameTooLong(
+            f"the name renders to {size} bytes at step {step:,}; a checkpoint's name may "
+            f"have at most {_MAX_NAME - HIDDEN_NAME_BYTES} bytes, because while it is written the store names it "
+            f"'.tmp-<name>-<pid>-<8 hex>' ({HIDDEN_NAME_BYTES} bytes more) and a file name has at most {_MAX_NAME} "
+            "bytes; shorten the template"
+        )
     return name
 
 
@@ -113,6 +130,20 @@ class Storage(Model):
     dir: Name = "checkpoints"
     name: Name = "step-{step:08d}"
     format: Literal["tensors", "torch", "safetensors", "dcp"] = "tensors"
+
+    @field_validator("dir")
+    @classmethod
+    def _check_dir(cls, directory: str) -> str:
+        # A store lists, verifies and (with [retention]) deletes the checkpoints it finds in its dir: a
+        # filesystem root is never a store of its own.  (A pure string check: the engine touches no disk.)
+        bare = directory.replace("\\", "/")
+        if bare.strip("/") in ("", ".") and bare.startswith("/") or re.fullmatch(r"[A-Za-z]:/*", bare):
+            raise ValueError(
+                f"dir = {directory!r} is a filesystem root; a checkpoint store needs a folder of its own "
+                "(its retention deletes the checkpoints it finds there): name one, for example "
+                "dir = \"/checkpoints/my-run\""
+            )
+        return directory
 
     @field_validator("name")
     @classmethod
@@ -126,10 +157,11 @@ class Storage(Model):
             # a width such as {step:99999999} would render an enormous name
             # (a leading 0 is the zero-padding flag: "{step:0255d}" is 255 wide)
             widths = (digits.lstrip("0") or "0" for digits in re.findall(r"\d+", spec))
-            if any(len(width) > 3 or int(width) > _MAX_NAME for width in widths):
+            if any(len(width) > 3 or int(width) > _MAX_NAME - HIDDEN_NAME_BYTES for width in widths):
                 raise ValueError(
-                    f"the format of {{{field}}} asks for a width beyond {_MAX_NAME} characters, "
-                    "longer than a directory name can be"
+                    f"the format of {{{field}}} asks for a width beyond {_MAX_NAME - HIDDEN_NAME_BYTES} characters, "
+                    f"longer than a checkpoint's name can be (a file name has at most {_MAX_NAME} bytes, and the "
+                    f"store adds {HIDDEN_NAME_BYTES} while it writes one)"
                 )
         for field in fields:
             if field not in _PLACEHOLDERS:
@@ -146,6 +178,8 @@ class Storage(Model):
         for step in (1, 123456789):
             try:
                 _render(template, step, 3, datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc), "run")
+            except _NameTooLong:
+                raise
             except (ValueError, TypeError, KeyError, IndexError) as exc:
                 raise ValueError(f"name template does not render: {exc}") from None
         return template
@@ -153,6 +187,41 @@ class Storage(Model):
     def render_name(self, step: int, epoch: int = 0, time: datetime | None = None, run: str = "run") -> str:
         """The checkpoint directory name for this step (a single path component)."""
         return _render(self.name, step, epoch, time, run)
+
+
+#: Storage option names that carry a secret: refused in ``[durable].options`` (credentials come from the
+#: environment each backend reads, never from a policy file).
+SECRET_OPTIONS = frozenset({
+    "key", "secret", "token", "password", "session_token", "aws_access_key_id", "aws_secret_access_key",
+    "aws_session_token", "access_key", "secret_key", "credentials", "client_secret", "sas_token",
+    "account_key", "connection_string",
+})
+
+
+def _storage_options(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a table of fsspec storage options, got {type(value).__name__}")
+    for key in value:
+        if str(key).lower() in SECRET_OPTIONS:
+            raise ValueError(
+                f"{key!r} is a credential; credentials never go in a policy file: set them in the environment "
+                "the backend reads (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL for S3, "
+                "GOOGLE_APPLICATION_CREDENTIALS for GCS)"
+            )
+    return dict(value)
+
+
+StorageOptions = Annotated[dict[str, Any], PlainValidator(_storage_options), WithJsonSchema({"type": "object"})]
+
+
+class Durable(Model):
+    """The durable tier (docs/tiers.md): where its checkpoints go, when a save is promoted, what it keeps."""
+
+    dir: Name | None = None
+    options: StorageOptions = {}
+    final: Bool = True
+    rules: Annotated[tuple[Rule, ...], BeforeValidator(_as_tuple)] = ()
+    retention: Retention | None = None
 
 
 class Policy(Model):
@@ -164,6 +233,7 @@ class Policy(Model):
     rules: Annotated[tuple[Rule, ...], BeforeValidator(_as_tuple)] = ()
     retention: Retention | None = None
     storage: Storage = Storage()
+    durable: Durable | None = None
 
     _source: str = PrivateAttr(default="<policy>")
     _positions: dict[tuple, Position] = PrivateAttr(default_factory=dict)

@@ -46,6 +46,9 @@ class Simulation:
     max_gap_seconds: float | None
     peak_kept: int
     fired: dict[str, int] = field(default_factory=dict)
+    #: The most checkpoints on disk at once: the store writes each checkpoint before retention prunes, so
+    #: this counts the one being written with those kept before it (``peak_kept`` + 1 once retention prunes).
+    peak_on_disk: int = 0
     #: False when the run has more saves than were listed (see the module's docs).
     complete: bool = True
     #: The last step the listed saves, ``kept``, ``peak_kept`` and the gaps cover.
@@ -165,6 +168,7 @@ def simulate(policy, total_steps, steps_per_epoch=None, step_seconds=None, metri
     fired: dict[str, int] = {}
     kept: list[Checkpoint] = []
     peak = 0
+    on_disk = 0
     step = 0
     overflow = False
     while step < total_steps:
@@ -193,6 +197,7 @@ def simulate(policy, total_steps, steps_per_epoch=None, step_seconds=None, metri
         kept.append(
             Checkpoint(step, None if step_seconds is None else step * step_seconds, reported, "final" in decision.reasons)
         )
+        on_disk = max(on_disk, len(kept))  # written and committed before retention prunes
         if policy.retention is not None:  # no [retention] table keeps everything
             _prune(policy.retention, kept, incremental=policy.retention.keep_best is None or metrics is None)
         peak = max(peak, len(kept))
@@ -220,6 +225,7 @@ def simulate(policy, total_steps, steps_per_epoch=None, step_seconds=None, metri
         max_gap_steps=max_gap,
         max_gap_seconds=None if step_seconds is None else max_gap * step_seconds,
         peak_kept=peak,
+        peak_on_disk=on_disk,
         fired=fired,
         complete=complete,
         listed_to=listed_to,

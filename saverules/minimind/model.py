@@ -35,7 +35,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -348,7 +348,7 @@ class MiniMindLM(nn.Module):
         std = 0.02
         resid_std = std / math.sqrt(2 * self.config.num_hidden_layers)
         nn.init.normal_(self.embed_tokens.weight, mean=0.0, std=std)
-        for layer in self.layers:
+        for layer in cast("list[Block]", self.layers):
             for lin in (layer.attn.q_proj, layer.attn.k_proj, layer.attn.v_proj,
                         layer.mlp.gate_proj, layer.mlp.up_proj):
                 nn.init.normal_(lin.weight, mean=0.0, std=std)
@@ -384,8 +384,9 @@ class MiniMindLM(nn.Module):
                 f"sequence positions {position_offset}..{position_offset + t - 1} exceed "
                 f"max_seq_len={self.config.max_seq_len}"
             )
-        cos = self.rope_cos[position_offset : position_offset + t]
-        sin = self.rope_sin[position_offset : position_offset + t]
+        rope_cos, rope_sin = cast(torch.Tensor, self.rope_cos), cast(torch.Tensor, self.rope_sin)  # buffers
+        cos = rope_cos[position_offset : position_offset + t]
+        sin = rope_sin[position_offset : position_offset + t]
         x = self.dropout(self.embed_tokens(input_ids))
         for layer in self.layers:
             x = layer(x, cos, sin)

@@ -411,6 +411,20 @@ def train(args: argparse.Namespace) -> int:
     batches_done = int(loop.values["batches_done"])
     loop.values["total_steps"] = total_steps
     start_step = step
+    if step >= total_steps:  # only after --resume: a checkpoint at or past the total asked for
+        asked = (f"--max_steps {args.max_steps}" if args.max_steps is not None and args.max_steps == total_steps
+                 else f"--epochs {args.epochs} of {steps_per_epoch} steps")
+        ckpt.close()
+        if ddp:
+            dist.destroy_process_group()
+        if step == total_steps:
+            say(f"--resume: the checkpoint at step {step} already completes this run ({total_steps} steps, "
+                f"{asked}); nothing to train, nothing saved")
+            return 0
+        raise UsageError(
+            f"--resume: the checkpoint at step {step} is already past the {total_steps} steps this run asks for "
+            f"({asked}); nothing was trained or saved. To train on, pass a --max_steps above {step} (and enough "
+            "--epochs); to train a shorter run, start from scratch in another --out_dir")
 
     # ---- signals ---------------------------------------------------------------------------
     pending = {"signal": None}

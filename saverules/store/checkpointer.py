@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from ..engine.progress import Decision, Progress
-from . import commit, lock, options, ranks, resume, retain, sharded
+from . import commit, lock, options, ranks, resume, retain, sharded, space
 from . import job as _job
 from .async_writes import AsyncWrites
-from .errors import CheckpointError, CheckpointWriteError, log, warn
+from .errors import CheckpointError, CheckpointWriteError, StateTooDeepError, log, warn
 from .job import Job
 from .manifest import CheckpointInfo, info_from_manifest, progress_of
 from .opening import open_store, refuse_a_file
@@ -309,7 +309,11 @@ class Checkpointer:
         # time of the whole write, reported to the decider once the write is committed
         # (Decider.note_cost; for an asynchronous write, by _collect).
         started = _time.perf_counter()
-        job, optimizers = self._prepare(progress, state, reasons)
+        try:
+            job, optimizers = self._prepare(progress, state, reasons)
+        except StateTooDeepError as err:  # a state no reader could load: refused, as on_error says
+            self._report(err)
+            return
         if self.async_save:
             self._async.start(job, optimizers, self._run, started, _time.perf_counter() - started)
         else:
@@ -368,6 +372,7 @@ class Checkpointer:
             retain.retain(self.dir, path, self.policy, self._cache, self.verify != "none", self._warned)
         except Exception as exc:  # retention must never fail a save that was committed
             warn(f"saverules: retention after saving {path} failed: {exc}")
+        space.warn_if_short(self.dir, manifest, self._warned)
 
     # -- reading -------------------------------------------------------------------------
 

@@ -93,6 +93,10 @@ class StateTypeError(TypeError):
     """The training state holds a value a checkpoint may not store."""
 
 
+class StateTooDeepError(StateTypeError, CheckpointError):
+    """The training state nests its containers deeper than a checkpoint may (it follows ``on_error``)."""
+
+
 class CheckpointWarning(UserWarning):
     """A checkpoint was skipped, a save failed under ``on_error="warn"``..."""
 

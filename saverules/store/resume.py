@@ -24,7 +24,7 @@ from typing import Any
 
 from .errors import CheckpointError, NoValidCheckpointError, UnsafeCheckpointError, type_name, warn
 from .manifest import CheckpointInfo
-from .verify import VerifyCache, newest_good, sort_key
+from .verify import VerifyCache, gone, newest_good, sort_key
 
 IF_NONE_VALID = ("raise", "start_fresh")
 
@@ -83,7 +83,9 @@ def pick(root: Path, cache: VerifyCache, skip: Callable[[CheckpointInfo], None],
         except UnsafeCheckpointError:
             raise
         except CheckpointError as exc:
-            passed_over(dataclasses.replace(info, verified=False, error=str(exc)))
+            failed = dataclasses.replace(info, verified=False, error=str(exc))
+            if not gone(failed):  # removed while it was read (by retention): gone, not damaged
+                passed_over(failed)
     none_valid(root, rejected_pairs(rejected), if_none_valid)
     return None
 

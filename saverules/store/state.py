@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from .errors import StateTypeError, type_name
+from .errors import StateTooDeepError, StateTypeError, type_name
 from .snapshot import Snapshot
+from .structure import MAX_DEPTH
 
 _SCALAR_TYPES = frozenset({int, float, bool, str, bytes, type(None)})
 _KEY_TYPES = frozenset({int, float, bool, str, type(None)})
@@ -52,8 +53,12 @@ def _hint(value: Any) -> str:
     )
 
 
-def checked(value: Any, where: str, snap: Snapshot | None) -> Any:
-    """Check that ``value`` holds only safe types; return a snapshot copy when ``snap`` is given."""
+def checked(value: Any, where: str, snap: Snapshot | None, depth: int = 0) -> Any:
+    """Check that ``value`` holds only safe types; return a snapshot copy when ``snap`` is given.
+
+    Containers may nest :data:`~saverules.store.structure.MAX_DEPTH` levels deep
+    (``depth`` counts them); a deeper state raises :class:`StateTooDeepError`.
+    """
     t = type(value)
     if t in _SCALAR_TYPES or t in _TORCH_LEAF_TYPES:
         return value
@@ -72,6 +77,12 @@ def checked(value: Any, where: str, snap: Snapshot | None) -> Any:
         raise StateTypeError(
             f"{where}: tensor subclass {type_name(value)} cannot be checkpointed safely; store a plain tensor"
         )
+    if (t is dict or t is collections.OrderedDict or t is list or t is tuple) and depth >= MAX_DEPTH:
+        raise StateTooDeepError(
+            f"{where}: the state nests deeper than {MAX_DEPTH} levels of dicts, lists and tuples, which a "
+            "checkpoint may not hold (its readers refuse such files); store it flatter, for example as a "
+            "list of rows or as a tensor"
+        )
     if t is dict or t is collections.OrderedDict:
         out = t() if snap is not None else None
         for k, v in value.items():
@@ -79,7 +90,7 @@ def checked(value: Any, where: str, snap: Snapshot | None) -> Any:
                 raise StateTypeError(
                     f"{where}: dict key {k!r} of type {type_name(k)} is not allowed; use str or int keys"
                 )
-            item = checked(v, f"{where}[{k!r}]", snap)
+            item = checked(v, f"{where}[{k!r}]", snap, depth + 1)
             if out is not None:
                 out[k] = item
         meta = getattr(value, "_metadata", None) if t is collections.OrderedDict else None
@@ -89,7 +100,7 @@ def checked(value: Any, where: str, snap: Snapshot | None) -> Any:
                 out._metadata = _copy.deepcopy(meta)
         return out if out is not None else value
     if t is list or t is tuple:
-        items = [checked(v, f"{where}[{i}]", snap) for i, v in enumerate(value)]
+        items = [checked(v, f"{where}[{i}]", snap, depth + 1) for i, v in enumerate(value)]
         if snap is None:
             return value
         return items if t is list else tuple(items)

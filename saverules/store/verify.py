@@ -42,12 +42,14 @@ def _signature(path: Path, manifest: Mapping | None) -> tuple | None:
 
 
 def inspect_checkpoint(path: str | os.PathLike, root: str | os.PathLike | None = None,
-                       verify: bool = True) -> CheckpointInfo:
+                       verify: bool = True, _structure: bool = True) -> CheckpointInfo:
     """Read one checkpoint directory's manifest and check its files.
 
     With ``verify`` every file is re-hashed (``verified`` True / False);
     without it only the manifest and the file sizes are checked
-    (``verified`` None unless a problem was found).
+    (``verified`` None unless a problem was found), and the files' structure
+    (:func:`saverules.store.structure.check_files`), which every reader judges
+    by.  (``_structure`` False: a shallow pass that a hash check follows.)
     """
     path = Path(path)
     root = Path(root) if root is not None else path.parent
@@ -76,7 +78,15 @@ def inspect_checkpoint(path: str | os.PathLike, root: str | os.PathLike | None =
             return failed(f"cannot read {fname}: {exc.strerror or exc}")
         if size != entry["size"]:
             return failed(f"{fname} has {size} bytes, the manifest says {entry['size']} (truncated?)")
+    if not verify and not _structure:
+        return info_from_manifest(path, root, manifest, None, None)
     if not verify:
+        # The structure is read (a small pickle, a header) even without hashing: every reader, shallow or
+        # deep, judges a checkpoint by the same check (docs/checkpoints.md).
+        try:
+            structure.check_files(path, manifest)
+        except structure.StructureError as exc:
+            return failed(str(exc), unsafe=isinstance(exc, structure.UnsafeStructure))
         return info_from_manifest(path, root, manifest, None, None)
     for fname, entry in manifest["files"].items():
         algo, expected = digest.entry_digest(entry)
@@ -135,7 +145,7 @@ class VerifyCache:
         self._entries: dict[str, tuple[tuple, CheckpointInfo]] = {}
 
     def get(self, path: Path, root: Path, deep: bool) -> CheckpointInfo:
-        shallow = inspect_checkpoint(path, root, verify=False)
+        shallow = inspect_checkpoint(path, root, verify=False, _structure=not deep)
         if not deep or shallow.error is not None:
             return shallow
         sig = _signature(path, shallow.manifest)
@@ -172,7 +182,19 @@ def sort_key(info: CheckpointInfo):
     )
 
 
-def scan(dir: str | os.PathLike, verify: bool = True, _cache: VerifyCache | None = None) -> list[CheckpointInfo]:
+def gone(info: CheckpointInfo) -> bool:
+    """Whether a checkpoint that failed its check was removed while it was read (by retention, say).
+
+    Retention moves a checkpoint's directory away in one rename before it
+    deletes it, so a reader that finds files missing in a directory that is
+    no longer there saw a checkpoint go, not a damaged one: it is left out,
+    never reported as failed.
+    """
+    return not info.ok and not os.path.lexists(info.path)
+
+
+def scan(dir: str | os.PathLike, verify: bool = True, _cache: VerifyCache | None = None,
+         _structure: bool = True) -> list[CheckpointInfo]:
     """Every checkpoint directory under ``dir``, oldest first, each with its verification status.
 
     Directories that hold checkpoint files but no valid manifest are listed
@@ -182,9 +204,11 @@ def scan(dir: str | os.PathLike, verify: bool = True, _cache: VerifyCache | None
     infos = []
     for path in layout.candidates(root):
         if _cache is not None:
-            infos.append(_cache.get(path, root, verify))
+            info = _cache.get(path, root, verify)
         else:
-            infos.append(inspect_checkpoint(path, root, verify=verify))
+            info = inspect_checkpoint(path, root, verify=verify, _structure=_structure)
+        if not gone(info):
+            infos.append(info)
     infos.sort(key=sort_key)
     return infos
 
@@ -196,7 +220,7 @@ def newest_good(root: Path, cache: VerifyCache, skip: Callable[[CheckpointInfo],
     A checkpoint for which ``deep(info)`` is False is only checked shallowly
     (manifest and sizes): its reader checks the digests as it reads.
     """
-    infos = scan(root, verify=False)
+    infos = scan(root, verify=False, _structure=False)  # each is checked in full below, newest first
     for info in infos:
         if info.step is None:
             skip(info)
@@ -204,7 +228,7 @@ def newest_good(root: Path, cache: VerifyCache, skip: Callable[[CheckpointInfo],
         info = cache.get(shallow.path, root, deep(shallow)) if shallow.ok else shallow
         if info.ok:
             yield info
-        else:
+        elif not gone(info):
             skip(info)
 
 

@@ -74,28 +74,30 @@ def test_min_delta_may_be_zero_but_not_negative():
     assert "at least 0" in _error(base.format("-1e-300"))
 
 
-# -- checkpoint names: at most 255 bytes, one path component ------------------------------------------
+# -- checkpoint names: at most 233 bytes (255 less the store's temporary '.tmp-...-<pid>-<8 hex>'), one
+# path component ----------------------------------------------------------------------------------------
 
 
 def _storage(name: str) -> str:
     return f'version = 1\n[storage]\nname = "{name}"\n[[rules]]\nkind = "every_steps"\nevery = 10\n'
 
 
-def test_a_name_of_exactly_255_bytes_is_accepted_and_256_is_refused():
-    fits = "x" * 246 + "{step:09d}"  # 246 + 9 digits = 255 bytes at every step up to 999,999,999
-    assert loads(_storage(fits)).storage.render_name(123456789, 0).encode() == b"x" * 246 + b"123456789"
-    assert "longer than 255 bytes" in _error(_storage("x" + fits))
+def test_a_name_of_exactly_233_bytes_is_accepted_and_234_is_refused():
+    fits = "x" * 224 + "{step:09d}"  # 224 + 9 digits = 233 bytes at every step up to 999,999,999
+    assert loads(_storage(fits)).storage.render_name(123456789, 0).encode() == b"x" * 224 + b"123456789"
+    assert "renders to 234 bytes" in _error(_storage("x" + fits))
+    assert "at most 233 bytes" in _error(_storage("x" + fits))
 
 
 def test_the_name_length_counts_bytes_not_characters():
-    fits = "é" * 123 + "{step:09d}"  # 246 bytes of UTF-8 + 9 digits
+    fits = "é" * 112 + "{step:09d}"  # 224 bytes of UTF-8 + 9 digits
     assert loads(_storage(fits))
-    assert "longer than 255 bytes" in _error(_storage("é" + fits))
+    assert "renders to 235 bytes" in _error(_storage("é" + fits))
 
 
-def test_a_format_width_of_255_is_accepted_and_256_is_refused():
-    assert loads(_storage("{step:255d}")).storage.render_name(7, 0) == " " * 254 + "7"
-    assert "width beyond 255" in _error(_storage("{step:256d}"))
+def test_a_format_width_of_233_is_accepted_and_234_is_refused():
+    assert loads(_storage("{step:233d}")).storage.render_name(7, 0) == " " * 232 + "7"
+    assert "width beyond 233" in _error(_storage("{step:234d}"))
 
 
 # -- where a file that cannot be read as TOML is wrong ----------------------------------------------
@@ -239,7 +241,7 @@ def test_rules_and_their_quantities_are_immutable_and_hashable():
 
 
 def test_a_zero_padded_width_counts_as_its_width():
-    assert loads(_storage("{step:0255d}")).storage.render_name(7, 0) == "0" * 254 + "7"
-    assert "width beyond 255" in _error(_storage("{step:0256d}"))
-    assert "width beyond 255" in _error(_storage("{step:" + "9" * 5000 + "d}"))  # refused without converting
+    assert loads(_storage("{step:0233d}")).storage.render_name(7, 0) == "0" * 232 + "7"
+    assert "width beyond 233" in _error(_storage("{step:0234d}"))
+    assert "width beyond 233" in _error(_storage("{step:" + "9" * 5000 + "d}"))  # refused without converting
     assert loads(_storage("{step:" + "0" * 5000 + "9d}")).storage.render_name(7, 0) == "000000007"

@@ -160,6 +160,7 @@ def test_simulate_equals_oracle_brute_force(doc, total, steps_per_epoch, seconds
     assert sim.max_gap_steps == ref.max_gap_steps
     assert sim.max_gap_seconds == ref.max_gap_seconds
     assert sim.peak_kept == ref.peak_kept
+    assert sim.peak_on_disk == ref.peak_on_disk
     assert sum(sim.fired.values()) == sum(len(r) for _, r in ref.saves)
 
 

@@ -374,9 +374,10 @@ def oracle_retain(retention, checkpoints: Sequence[Checkpoint]) -> list[bool]:
 
 
 class OracleSimulation:
-    def __init__(self, saves, kept, max_gap_steps, max_gap_seconds, peak_kept):
+    def __init__(self, saves, kept, max_gap_steps, max_gap_seconds, peak_kept, peak_on_disk=0):
         self.saves, self.kept = saves, kept
         self.max_gap_steps, self.max_gap_seconds, self.peak_kept = max_gap_steps, max_gap_seconds, peak_kept
+        self.peak_on_disk = peak_on_disk
 
 
 def oracle_simulation(policy, total_steps: int, steps_per_epoch=None, step_seconds=None, metrics=None,
@@ -394,7 +395,7 @@ def oracle_simulation(policy, total_steps: int, steps_per_epoch=None, step_secon
     oracle.cost_unknown = save_seconds is None
     saves: list[tuple[int, tuple[str, ...]]] = []
     kept: list[Checkpoint] = []
-    peak = 0
+    peak = on_disk = 0
     for step in range(1, total_steps + 1):
         reported = metrics(step) if metrics is not None else None
         p = progress_at(step, total_steps, steps_per_epoch, step_seconds, reported)
@@ -405,16 +406,71 @@ def oracle_simulation(policy, total_steps: int, steps_per_epoch=None, step_secon
             oracle.note_cost(save_seconds, write_seconds)
         saves.append((step, reasons))
         kept.append(Checkpoint(step, p.time, reported, step == total_steps))
+        on_disk = max(on_disk, len(kept))  # the new checkpoint is on disk before retention runs
         mask = oracle_retain(policy.retention, kept)
         kept = [c for c, k in zip(kept, mask) if k]
         peak = max(peak, len(kept))
     points = [0] + [s for s, _ in saves] + [total_steps]
     gap = max(b - a for a, b in zip(points, points[1:]))
     return OracleSimulation(
-        saves, [c.step for c in kept], gap, None if step_seconds is None else gap * step_seconds, peak
+        saves, [c.step for c in kept], gap, None if step_seconds is None else gap * step_seconds, peak, on_disk
     )
 
 
 def oracle_saves(policy, total_steps: int, steps_per_epoch=None, step_seconds=None, metrics=None, **costs):
     """The saves [(step, reasons)] of a run asked at every step 1..total_steps."""
     return oracle_simulation(policy, total_steps, steps_per_epoch, step_seconds, metrics, **costs).saves
+
+
+# -- two tiers (docs/tiers.md) ----------------------------------------------------------------
+
+
+class OracleTiers:
+    def __init__(self, local_saves, local_kept, durable_saves, durable_kept, local_gap, durable_gap):
+        self.local_saves, self.local_kept = local_saves, local_kept
+        self.durable_saves, self.durable_kept = durable_saves, durable_kept
+        self.local_gap, self.durable_gap = local_gap, durable_gap
+
+
+def oracle_tiers(doc: dict, total_steps: int, steps_per_epoch=None, step_seconds=None, metrics=None) -> OracleTiers:
+    """Brute force over both tiers of the policy document ``doc`` (plain data with a ``durable`` table).
+
+    The durable tier is read straight from the document as a policy of its own (its rules, its
+    ``final``, default true, its retention); the local tier is the document without it.  At every
+    step both are asked; the local tier saves when either says so (a durable save promotes a local
+    checkpoint) and each tier applies its own retention after each of its saves."""
+    from saverules import Policy
+
+    durable = doc["durable"]
+    local_doc = {k: v for k, v in doc.items() if k != "durable"}
+    durable_doc = {k: v for k, v in local_doc.items() if k not in ("rules", "retention", "final")}
+    durable_doc["rules"] = durable.get("rules", [])
+    durable_doc["final"] = durable.get("final", True)
+    if "retention" in durable:
+        durable_doc["retention"] = durable["retention"]
+    lpol, dpol = Policy.model_validate(local_doc), Policy.model_validate(durable_doc)
+    lor, dor = Oracle(lpol, total_steps), Oracle(dpol, total_steps)
+    lor.cost_unknown = dor.cost_unknown = True
+    lsaves, dsaves = [], []
+    lkept: list[Checkpoint] = []
+    dkept: list[Checkpoint] = []
+    for step in range(1, total_steps + 1):
+        reported = metrics(step) if metrics is not None else None
+        p = progress_at(step, total_steps, steps_per_epoch, step_seconds, reported)
+        lsave, lreasons = lor.decide(p)
+        dsave, dreasons = dor.decide(p)
+        if dsave:
+            dsaves.append(step)
+            dkept.append(Checkpoint(step, p.time, reported, step == total_steps and "final" in dreasons))
+            dkept = [c for c, k in zip(dkept, oracle_retain(dpol.retention, dkept)) if k]
+        if lsave or dsave:
+            lsaves.append(step)
+            final = step == total_steps and "final" in (lreasons + dreasons)
+            lkept.append(Checkpoint(step, p.time, reported, final))
+            lkept = [c for c, k in zip(lkept, oracle_retain(lpol.retention, lkept)) if k]
+
+    def gap(steps):
+        points = [0] + steps + [total_steps]
+        return max(b - a for a, b in zip(points, points[1:]))
+
+    return OracleTiers(lsaves, [c.step for c in lkept], dsaves, [c.step for c in dkept], gap(lsaves), gap(dsaves))

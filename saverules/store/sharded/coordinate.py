@@ -379,7 +379,7 @@ def _load_shards(ranks: Ranks, fmt, source, state, layouts, name: str) -> None:
     except BaseException as exc:
         if not isinstance(exc, Exception) and type(exc).__name__ != "CheckpointException":
             raise
-        from .formats.dcp_files import UnsafeMetadata, unwrap
+        from .files import UnsafeMetadata, unwrap
 
         if isinstance(unwrap(exc), UnsafeMetadata):
             raise UnsafeCheckpointError(f"saverules: refused to load {source.dir}: {unwrap(exc)}") from None
