@@ -26,6 +26,7 @@ BENCHMARKS = [
     ("plot", "bench_plot"),
     ("startup", "bench_startup"),
     ("save", "bench_save"),
+    ("load", "bench_load"),
     ("loop", "bench_loop"),
     ("tiers", "bench_tiers"),
 ]

@@ -154,6 +154,9 @@ class RNGState:
 #   SAVERULES_TEST_HOLD_AT=step      after optimizer step `step`, print "holding at step N" and wait
 #                                    until a signal arrives (so a test can kill or signal it there)
 #   SAVERULES_TEST_REPORT=path        each rank appends its decisions, as JSON lines, to path.rank<R>
+#   SAVERULES_BENCH_BARE_LOAD=path    --resume restores model, optimizer, scheduler and loop from
+#                                    torch.load(path, weights_only=True) of their state dicts instead of
+#                                    load_latest (the peer of benchmarks/bench_resume.py)
 
 
 def _test_hooks(rank: int):
@@ -354,7 +357,13 @@ def train(args: argparse.Namespace) -> int:
         raise RunError(str(e)) from None
 
     # ---- resume -------------------------------------------------------------------------
-    if args.resume:
+    bare = os.environ.get("SAVERULES_BENCH_BARE_LOAD")
+    if args.resume and bare:  # benchmark hook: the same loop resumed by a bare torch.load
+        sd = torch.load(bare, weights_only=True, map_location=device)
+        for key in ("model", "optimizer", "scheduler", "loop"):
+            state[key].load_state_dict(sd[key])
+        say(f"resumed from step {loop.values['step']} with a bare torch.load of {bare}")
+    elif args.resume:
         try:
             # Checkpoints that are all unusable stop the run: a requeued job must never quietly
             # throw its progress away and report success.

@@ -428,7 +428,7 @@ class Checkpointer:
             info, payload, restored = got
             into: MutableMapping[str, Any] = sharded.Without(state, restored)
         else:
-            found = resume.load_latest(self.dir, self._cache, self._warn_skip, if_none_valid, map_location, mmap)
+            found = resume.load_latest(self.dir, self._cache, self._warn_skip, if_none_valid, map_location, mmap, state)
             if found is None:
                 return None
             (info, payload), into = found, state

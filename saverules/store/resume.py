@@ -118,19 +118,46 @@ def needs_digest_pass(info: CheckpointInfo) -> bool:
 
 
 def load_latest(root: Path, cache: VerifyCache, skip: Callable[[CheckpointInfo], None], if_none_valid: str,
-                map_location: Any, mmap: bool) -> tuple[CheckpointInfo, Any] | None:
+                map_location: Any, mmap: bool,
+                state: MutableMapping[str, Any] | None = None) -> tuple[CheckpointInfo, Any] | None:
     """The newest checkpoint of ``root`` that verifies and decodes, and its payload; None as :func:`pick`.
 
     A checkpoint whose reader checked every digest while reading is
-    remembered in ``cache`` as verified.
+    remembered in ``cache`` as verified.  With ``state`` (the caller's) and
+    ``if_none_valid="raise"``, a format that can reads the tensors of plain
+    modules straight into their memory (:mod:`saverules.store.formats.in_place`):
+    a digest that then fails leaves damaged bytes there, so the walk must
+    end in a checkpoint whose restore overwrites them or in an exception.
+    ``"start_fresh"`` would hand that memory to a fresh start, so it reads
+    into fresh buffers.
     """
     from . import formats  # imports torch: only a resume that decodes needs it
+    from .formats import in_place
 
-    found = pick(root, cache, skip, if_none_valid,
-                 decode=lambda info: formats.read(info, map_location, mmap=mmap), deep=needs_digest_pass)
+    into = state if if_none_valid == "raise" else None
+    failed: list[str] = []  # checkpoints whose read may have landed (damaged) bytes in the state
+
+    def decode(info: CheckpointInfo) -> Any:
+        try:
+            return formats.read(info, map_location, mmap=mmap, into=into)
+        except CheckpointError:
+            if into is not None:
+                failed.append(info.name)
+            raise
+
+    found = pick(root, cache, skip, if_none_valid, decode=decode, deep=needs_digest_pass)
     if found is None:
         return None
     info, payload = found
+    if failed and into is not None:
+        left = [n for n, obj in into.items() if in_place.plain_module(obj) and n not in payload.objects]
+        if left:
+            raise CheckpointError(
+                f"saverules: {', '.join(failed)} failed while being read into the state, and {info.name}, the "
+                f"checkpoint resumed instead, holds no state for {', '.join(map(repr, left))}: those objects may "
+                "hold damaged bytes. Re-create them before use (or pass if_none_valid='start_fresh', which reads "
+                "into fresh memory)"
+            )
     if info.verified is None:  # its reader checked every digest while reading
         cache.put(info.path, dataclasses.replace(info, verified=True))
     return info, payload

@@ -123,6 +123,8 @@ class Format:
 
     name: str = ""
     digests_while_decoding: bool = False
+    #: True: ``decode`` takes ``into=`` (the caller's state) and may read tensors into its memory.
+    lands_in_place: bool = False
 
     def check_available(self) -> None:
         return None
@@ -174,6 +176,14 @@ from ..sharded import format as _dcp  # noqa: E402  (torch.distributed.checkpoin
 register(_dcp.DcpFormat())
 
 
-def read(info: Any, map_location: Any = "cpu", mmap: bool = False):
-    """Decode the committed checkpoint ``info`` (a CheckpointInfo) with the format its manifest names."""
-    return get(info.format).decode(Source.of(info.path, info.manifest), map_location, mmap=mmap)
+def read(info: Any, map_location: Any = "cpu", mmap: bool = False, into: Mapping[str, Any] | None = None):
+    """Decode the committed checkpoint ``info`` (a CheckpointInfo) with the format its manifest names.
+
+    ``into``: the caller's state, for a format whose ``lands_in_place`` is
+    True to read tensors straight into (see :mod:`saverules.store.formats.in_place`).
+    """
+    fmt = get(info.format)
+    source = Source.of(info.path, info.manifest)
+    if into is not None and fmt.lands_in_place:
+        return fmt.decode(source, map_location, mmap=mmap, into=into)
+    return fmt.decode(source, map_location, mmap=mmap)

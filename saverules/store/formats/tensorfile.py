@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,15 +148,23 @@ def read_header(path: Path, f) -> tuple[int, dict[str, tuple[torch.dtype, list[i
     return start, out, raw
 
 
-def read_storages(path: Path, mmap: bool = False,
-                  expected: tuple[str, str] | None = None) -> dict[str, torch.UntypedStorage]:
+Entries = dict[str, tuple[torch.dtype, list[int], int, int]]
+
+
+def read_storages(path: Path, mmap: bool = False, expected: tuple[str, str] | None = None,
+                  into: Callable[[Entries], Mapping[str, torch.UntypedStorage]] | None = None,
+                  ) -> dict[str, torch.UntypedStorage]:
     """Every entry of the file as a CPU storage of its bytes.
 
     Read: one buffer per entry, filled straight from the file (no storage
-    outlives what it holds).  ``mmap``: slices of one private (copy-on-write)
-    map of the file, as ``torch.load(mmap=True)`` does.  With ``expected``
-    (algorithm, hex digest) the digest of every byte of the file is computed
-    from what was read (behind the reader, on the hash worker) and compared.
+    outlives what it holds); ``into(entries)`` may name, for some entries,
+    the storage of exactly their size to read them into instead (see
+    :mod:`~saverules.store.formats.in_place`).  ``mmap``: slices of one
+    private (copy-on-write) map of the file, as ``torch.load(mmap=True)``
+    does.  With ``expected`` (algorithm, hex digest) the digest of every byte
+    of the file is computed from what was read, in pieces of
+    :data:`~saverules.store.digest.CHUNK` bytes on the hash worker while the
+    next piece is read, and compared before this returns.
     """
     from .. import digest
 
@@ -175,19 +183,26 @@ def read_storages(path: Path, mmap: bool = False,
                 out = {name: whole[start + b: start + e] for name, (_, _, b, e) in entries.items()}
             else:
                 out = {}
+                land = dict(into(entries)) if into is not None else {}
                 for name, (_, _, b, e) in sorted(entries.items(), key=lambda kv: kv[1][2]):
-                    buf = torch.empty(e - b, dtype=torch.uint8)
+                    target = land.get(name)
+                    if target is not None and target.nbytes() != e - b:
+                        target = None
+                    buf = torch.empty(0 if target is not None else e - b, dtype=torch.uint8)
+                    if target is not None:
+                        buf.set_(target, 0, (e - b,), (1,))
                     if e > b:
                         f.seek(start + b)
                         view = memoryview(buf.numpy())
                         got = 0
                         while got < e - b:
-                            n = f.readinto(view[got:])
+                            piece = view[got:got + digest.CHUNK]
+                            n = f.readinto(piece)
                             if not n:
                                 raise _bad(path, "it ended early")
+                            if stream is not None:
+                                digest.HASHER.submit(stream, piece[:n])  # the memory stays alive: no wait
                             got += n
-                        if stream is not None:
-                            digest.HASHER.submit(stream, view)  # the buffer stays alive: no wait
                     out[name] = buf.untyped_storage()
                 if stream is not None:
                     digest.HASHER.submit(stream, None, wait=True).wait()

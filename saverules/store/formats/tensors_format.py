@@ -14,6 +14,7 @@ were, sharing what they shared.
 from __future__ import annotations
 
 import collections
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from .. import digest
 from ..errors import CheckpointError, StateTypeError
 from ..layout import STATE_FILE
 from ..state import TENSOR_TYPES, Payload
-from . import Encoded, Format, Output, Source, tensorfile, torchfile
+from . import Encoded, Format, Output, Source, in_place, tensorfile, torchfile
 
 TENSORS_FILE = "tensors.safetensors"
 STRUCTURE_VERSION = 2
@@ -171,7 +172,11 @@ class TensorsFormat(Format):
 
     digests_while_decoding = True
 
-    def decode(self, source: Source, map_location: Any, mmap: bool = False) -> Payload:
+    lands_in_place = True
+
+    def decode(self, source: Source, map_location: Any, mmap: bool = False,
+               into: Mapping[str, Any] | None = None) -> Payload:
+        """The payload of ``source``; ``into`` (the caller's state) lets a read land in its plain modules' memory."""
         path = source.dir / STATE_FILE
         expected = {}
         for fname in (STATE_FILE, TENSORS_FILE):
@@ -189,8 +194,14 @@ class TensorsFormat(Format):
         data = torchfile.read_payload_dict(path, source.step, "cpu")
         if data.get("layout") != self.name or not isinstance(data.get("tensors"), list):
             raise CheckpointError(f"saverules: {path} is not the structure of a tensors-format checkpoint")
+        land = None
+        if into is not None and not mmap and in_place.on_cpu(map_location):
+            tree, refs = data.get("tree"), data["tensors"]
+
+            def land(entries: tensorfile.Entries) -> dict[str, torch.UntypedStorage]:
+                return in_place.targets(tree, refs, entries, into)
         storages = _on(tensorfile.read_storages(source.dir / TENSORS_FILE, mmap=mmap,
-                                                expected=expected[TENSORS_FILE]), map_location)
+                                                expected=expected[TENSORS_FILE], into=land), map_location)
         try:
             tensors = [_tensor(ref, storages, i) for i, ref in enumerate(data["tensors"])]
             tree = _node(data.get("tree"), tensors)
