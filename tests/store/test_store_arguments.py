@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 from store_common import (
-    EVERY_2,
     checkpoint_dirs,
     policy,
+    policy_toml,
     small_state,
 )
 
@@ -45,7 +45,7 @@ def test_policy_must_be_a_policy_or_a_path(tmp_path):
 
 def test_policy_path_is_loaded_and_its_text_recorded(tmp_path):
     path = tmp_path / "p.toml"
-    path.write_text(EVERY_2 + '\n[storage]\ndir = "unused"\n')
+    path.write_text(policy_toml(dir="unused"))
     ck = Checkpointer(path, tmp_path / "store")
     assert ck.dir == (tmp_path / "store").resolve()
     assert (tmp_path / "store" / "policy.toml").read_text() == path.read_text()
@@ -59,15 +59,14 @@ def test_missing_policy_file_is_a_policy_error(tmp_path):
 
 def test_storage_dir_from_the_policy_is_relative_to_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    ck = Checkpointer(policy(EVERY_2, extra='\n[storage]\ndir = "ckpts"\n'))
+    ck = Checkpointer(policy(dir="ckpts"))
     assert ck.dir == tmp_path / "ckpts"
     ck.save(Progress(1), small_state())
     assert checkpoint_dirs(tmp_path / "ckpts") == ["step-00000001"]
 
 
 def test_generated_policy_file_reloads_with_the_same_retention(tmp_path):
-    pol = policy(EVERY_2, extra="\n[retention]\nkeep_last = 3\nkeep_every = 10\n"
-                 "[retention.keep_best]\nmetric = \"loss\"\nmode = \"min\"\nn = 2\n")
+    pol = policy(keep_last=3, keep_every=10, keep_best={"metric": "loss", "mode": "min", "n": 2})
     Checkpointer(pol, tmp_path)
     again = saverules.load(tmp_path / "policy.toml")
     assert again.retention == pol.retention

@@ -7,6 +7,7 @@ import os
 from store_common import (
     EVERY_1_KEEP_2,
     policy,
+    policy_toml,
     run_ls,
     small_state,
 )
@@ -31,7 +32,7 @@ def ls_main(capsys, *args):
 
 
 def test_ls_lists_checkpoints_with_retention_reasons(tmp_path, capsys):
-    pol = policy(EVERY_1_KEEP_2, extra="keep_every = 2\n")
+    pol = policy(every=1, final=False, keep_last=2, keep_every=2)
     ck = Checkpointer(pol, tmp_path)
     for s in range(1, 6):
         ck.step(Progress(s, time=60.0 * s), small_state())
@@ -61,7 +62,7 @@ def test_ls_json_and_explicit_policy(tmp_path, capsys):
     assert all(c["kept_by"] is None for c in data["checkpoints"])
     assert any("--policy" in note for note in data["notes"])
     pfile = tmp_path.parent / f"{tmp_path.name}-policy.toml"
-    pfile.write_text(EVERY_1_KEEP_2.replace("keep_last = 2", "keep_last = 1"))
+    pfile.write_text(policy_toml(1, final=False, keep_last=1))
     data = json.loads(ls_main(capsys, tmp_path, "--json", "--policy", pfile)[1])
     assert [c["kept_by"] for c in data["checkpoints"]] == [[], ["newest", "keep_last"]]
 

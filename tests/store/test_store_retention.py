@@ -10,6 +10,7 @@ from store_common import (
     checkpoint_dirs,
     hidden_entries,
     policy,
+    policy_toml,
     small_state,
 )
 
@@ -34,7 +35,7 @@ def test_retention_keeps_the_last_n(tmp_path):
 
 
 def test_retention_keeps_final_and_best(tmp_path):
-    pol = policy(EVERY_1_KEEP_2, extra='[retention.keep_best]\nmetric = "loss"\n')
+    pol = policy(every=1, final=False, keep_last=2, keep_best="loss")
     ck = Checkpointer(pol, tmp_path)
     losses = {1: 5.0, 2: 0.5, 3: 4.0, 4: 3.0, 5: 2.0, 6: 1.0}
     for s in range(1, 7):
@@ -71,8 +72,7 @@ def test_retention_without_a_table_keeps_everything(tmp_path):
 def test_retention_keeps_the_checkpoint_just_written(tmp_path):
     # keep_best alone would delete a new checkpoint that is not the best; the store keeps
     # the newest until the next save, so resume always finds the latest state.
-    pol = policy(EVERY_1_KEEP_2.replace("keep_last = 2", "keep_last = 1"),
-                 extra='[retention.keep_best]\nmetric = "loss"\n')
+    pol = policy(every=1, final=False, keep_last=1, keep_best="loss")
     ck = Checkpointer(pol, tmp_path)
     ck.step(Progress(1, metrics={"loss": 1.0}), small_state())
     ck.step(Progress(2, metrics={"loss": 2.0}), small_state())
@@ -82,7 +82,7 @@ def test_retention_keeps_the_checkpoint_just_written(tmp_path):
 
 
 def test_retention_rehashes_old_checkpoints_only_when_it_deletes(tmp_path, monkeypatch):
-    keep_10 = EVERY_1_KEEP_2.replace("keep_last = 2", "keep_last = 10")
+    keep_10 = policy_toml(1, final=False, keep_last=10)
     ck = Checkpointer(policy(keep_10), tmp_path)
     for s in (1, 2, 3):
         ck.step(Progress(s), small_state(s))

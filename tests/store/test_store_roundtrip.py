@@ -10,6 +10,7 @@ import pytest
 import torch
 from store_common import (
     policy,
+    policy_toml,
     seed_all,
     small_state,
     tensors_equal,
@@ -143,23 +144,8 @@ def test_load_latest_maps_tensors(tmp_path):
     assert state["t"].device.type == "cpu" and torch.equal(state["t"], torch.ones(3))
 
 
-DECIDER_POLICY = """
-version = 1
-[run]
-total_steps = 60
-[[rules]]
-kind = "every_steps"
-every = 7
-[[rules]]
-kind = "every_time"
-every = "9s"
-[[rules]]
-kind = "improved"
-metric = "loss"
-[[rules]]
-kind = "tail"
-interval = 8
-"""
+DECIDER_POLICY = policy_toml(7, every_time="9s", total_steps=60,
+                             rules=[{"kind": "improved", "metric": "loss"}, {"kind": "tail", "interval": 8}])
 
 
 def _progress(s):
@@ -195,7 +181,7 @@ def test_decisions_after_resume_equal_an_uninterrupted_run(tmp_path, cut):
 def test_decider_state_that_does_not_fit_is_reset_with_a_warning(tmp_path):
     ck = Checkpointer(policy(), tmp_path)
     ck.save(Progress(4), {"x": 1})
-    other = saverules.loads('version = 1\n[[rules]]\nkind = "every_time"\nevery = "5s"\n')
+    other = saverules.loads(policy_toml(None, every_time="5s"))
     fresh = Checkpointer(other, tmp_path)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")

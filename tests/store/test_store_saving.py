@@ -7,10 +7,10 @@ import os
 import pytest
 import torch
 from store_common import (
-    EVERY_2,
     checkpoint_dirs,
     hidden_entries,
     policy,
+    policy_toml,
     small_state,
 )
 
@@ -70,7 +70,7 @@ def test_state_file_is_plain_and_loads_with_weights_only(tmp_path):
 
 
 def test_name_template_with_epoch_and_run(tmp_path):
-    pol = policy(EVERY_2, extra='\n[storage]\nname = "{run}-e{epoch}-s{step}"\n')
+    pol = policy(name="{run}-e{epoch}-s{step}")
     ck = Checkpointer(pol, tmp_path, run_name="exp1")
     ck.save(Progress(4, epoch=2), small_state())
     assert checkpoint_dirs(tmp_path) == ["exp1-e2-s4"]
@@ -80,7 +80,7 @@ def test_name_template_with_epoch_and_run(tmp_path):
 def test_name_template_with_utc_time(tmp_path):
     from datetime import timezone
 
-    pol = policy(EVERY_2, extra='\n[storage]\nname = "s{step}-{time:%Y%m%d}"\n')
+    pol = policy(name="s{step}-{time:%Y%m%d}")
     ck = Checkpointer(pol, tmp_path)
     ck.save(Progress(4), small_state())
     info = ck.latest()
@@ -91,7 +91,7 @@ def test_name_template_with_utc_time(tmp_path):
 @pytest.mark.parametrize("name", ["../up-{step}", "/abs/{step}", "a/{step}", ".hidden-{step}"])
 def test_a_name_template_escaping_the_directory_is_rejected_at_load(tmp_path, name):
     path = tmp_path / "p.toml"
-    path.write_text(EVERY_2 + f'\n[storage]\nname = "{name}"\n')
+    path.write_text(policy_toml(name=name))
     with pytest.raises(saverules.PolicyError) as info:
         Checkpointer(path, tmp_path / "store")
     assert "p.toml" in str(info.value) and "name" in str(info.value)
@@ -99,7 +99,7 @@ def test_a_name_template_escaping_the_directory_is_rejected_at_load(tmp_path, na
 
 
 def test_manual_save_tells_the_decider(tmp_path):
-    pol = saverules.loads('version = 1\nfinal = false\n[[rules]]\nkind = "every_time"\nevery = "10s"\n')
+    pol = saverules.loads(policy_toml(None, every_time="10s", final=False))
     ck = Checkpointer(pol, tmp_path)
     assert ck.step(Progress(1, time=0.0), small_state()).save is False
     d = ck.save(Progress(2, time=8.0), small_state(), reason="manual")
