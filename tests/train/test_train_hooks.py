@@ -26,10 +26,12 @@ def loop_process(tmp_path, monkeypatch):
 
 
 def test_the_policy_sees_the_given_clock_and_after_step_sees_every_decision(loop_process):
+    from store_common import policy_toml
+
     from saverules.minimind.train import StepReport, main
 
     rules = loop_process / "p.toml"
-    rules.write_text('version = 1\nfinal = false\n[[rules]]\nkind = "every_time"\nevery = "1s"\n')
+    rules.write_text(policy_toml(None, every_time="1s", final=False))
     reads: list[float] = []
 
     def clock() -> float:  # a quarter of a second per optimizer step, from 0 at step 1
