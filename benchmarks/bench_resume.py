@@ -3,11 +3,10 @@
 ``python -m saverules.minimind.train --resume`` (``load_latest``, every
 digest checked) against the same command resumed by a bare
 ``torch.load(weights_only=True)`` of the model's, optimizer's, scheduler's
-and loop's state dicts (the ``SAVERULES_BENCH_BARE_LOAD`` hook of the loop),
-from the same step.  Each run is a fresh process of this interpreter; the
-clock stops when the loop prints that it holds after its first step
-(``SAVERULES_TEST_HOLD_AT``), and the process is then ended.  The two run
-interleaved, their order rotating each round.
+and loop's state dicts (the loop's ``restore`` parameter), from the same step.
+Each run is a fresh process of this interpreter (benchmarks/resume_driver.py);
+the clock stops when it prints that the first step is done, and the process
+then ends.  The two run interleaved, their order rotating each round.
 """
 from __future__ import annotations
 
@@ -50,17 +49,20 @@ name = "step-{step:08d}"
 """
 
 
-def _until_first_step(out: Path, args: list[str], env: dict[str, str], rules: Path) -> float:
-    """Seconds from starting a resumed run to its "holding at step" line; the run is then ended."""
+def _until_first_step(out: Path, args: list[str], variant: dict[str, str], rules: Path) -> float:
+    """Seconds from starting a resumed run to its "first step done" line; the run then ends."""
     t0 = time.perf_counter()
-    proc = _train(out, args, ["--resume", "--max_steps", str(SAVED_STEP + 5), "--rules", str(rules)],
-                  {**env, "SAVERULES_TEST_HOLD_AT": str(SAVED_STEP + 1)})
+    bare = ["--bare", variant["bare"]] if "bare" in variant else []
+    cmd = [sys.executable, "-m", "benchmarks.resume_driver", *bare, "--", "--out_dir", str(out), "--progress", "none",
+           "--device", "cpu", *args, "--resume", "--max_steps", str(SAVED_STEP + 5), "--rules", str(rules)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     lines = []
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
             lines.append(line)
-            if line.startswith(f"holding at step {SAVED_STEP + 1}"):
+            if line.startswith(f"first step done at step {SAVED_STEP + 1}"):
                 return time.perf_counter() - t0
     finally:
         if proc.poll() is None:
@@ -95,7 +97,7 @@ def run(quick: bool = False) -> list:
         _bare_file(store, bare)
         rules = Path(tmp) / "no-saves.toml"
         rules.write_text(NO_SAVES)
-        variants = {"load_latest": {}, "torch.load": {"SAVERULES_BENCH_BARE_LOAD": str(bare)}}
+        variants = {"load_latest": {}, "torch.load": {"bare": str(bare)}}
         res: dict[str, list[float]] = {k: [] for k in variants}
         load_at_start = os.getloadavg()[0]
         for r in range(rounds + 1):  # round 0 warms the page cache and the imports

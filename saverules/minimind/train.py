@@ -15,14 +15,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import signal
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from saverules import Decision
+    from saverules.store.checkpointer import Checkpointer
 
 DEFAULT_RULES = "rules/default.toml"
 
@@ -143,38 +148,15 @@ class RNGState:
         self._set(d)
 
 
-# --- test hooks -----------------------------------------------------------------------
-# Used by tests/train/test_train.py to exercise DDP agreement and preemption deterministically.
-# They change nothing unless the variables are set; never set them in real runs.
-#
-#   SAVERULES_TEST_STEP_SECONDS=dt   the training clock reads step * dt instead of wall time
-#   SAVERULES_TEST_CLOCK_SKEW=r:a:b,...  rank r's clock reads a * t + b (skewed clocks per rank)
-#   SAVERULES_TEST_SIGNAL=step:rank[:NAME],...  after optimizer step `step`, rank `rank` sends
-#                                    itself signal NAME (default SIGUSR1) with os.kill
-#   SAVERULES_TEST_HOLD_AT=step      after optimizer step `step`, print "holding at step N" and wait
-#                                    until a signal arrives (so a test can kill or signal it there)
-#   SAVERULES_TEST_REPORT=path        each rank appends its decisions, as JSON lines, to path.rank<R>
-#   SAVERULES_BENCH_BARE_LOAD=path    --resume restores model, optimizer, scheduler and loop from
-#                                    torch.load(path, weights_only=True) of their state dicts instead of
-#                                    load_latest (the peer of benchmarks/bench_resume.py)
+@dataclass(frozen=True)
+class StepReport:
+    """What ``train(after_step=...)`` is given after every optimizer step, once the policy has decided."""
 
-
-def _test_hooks(rank: int):
-    env = os.environ
-    step_seconds = float(env["SAVERULES_TEST_STEP_SECONDS"]) if env.get("SAVERULES_TEST_STEP_SECONDS") else None
-    scale, offset = 1.0, 0.0
-    for item in filter(None, env.get("SAVERULES_TEST_CLOCK_SKEW", "").split(",")):
-        r, a, b = item.split(":")
-        if int(r) == rank:
-            scale, offset = float(a), float(b)
-    signals = {}
-    for item in filter(None, env.get("SAVERULES_TEST_SIGNAL", "").split(",")):
-        parts = item.split(":")
-        if int(parts[1]) == rank:
-            signals[int(parts[0])] = parts[2] if len(parts) > 2 else "SIGUSR1"
-    report = env.get("SAVERULES_TEST_REPORT")
-    hold = int(env["SAVERULES_TEST_HOLD_AT"]) if env.get("SAVERULES_TEST_HOLD_AT") else None
-    return step_seconds, scale, offset, signals, (f"{report}.rank{rank}" if report else None), hold
+    step: int                  # optimizer steps done, resumed ones included
+    total_steps: int
+    decision: Decision         # the policy's decision for this step (saved or not, and why)
+    signal: str | None         # the signal the ranks agreed on at this step ("SIGTERM", "SIGUSR1"), if any
+    checkpointer: Checkpointer
 
 
 def regrouped_batch(saved: dict, world: int) -> int:
@@ -195,10 +177,13 @@ def fmt_seconds(s: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def main(argv=None) -> int:
+def main(argv=None, *, clock: Callable[[], float] | None = None,
+         after_step: Callable[[StepReport], None] | None = None,
+         restore: Callable[[dict[str, Any]], None] | None = None) -> int:
+    """The command line: parse ``argv``, train, and turn usage and run errors into exit statuses 2 and 1."""
     args = parse_args(argv)
     try:
-        return train(args)
+        return train(args, clock=clock, after_step=after_step, restore=restore)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -207,7 +192,19 @@ def main(argv=None) -> int:
         return 1
 
 
-def train(args: argparse.Namespace) -> int:
+def train(args: argparse.Namespace, *, clock: Callable[[], float] | None = None,
+          after_step: Callable[[StepReport], None] | None = None,
+          restore: Callable[[dict[str, Any]], None] | None = None) -> int:
+    """Train as ``args`` say; the exit status.
+
+    ``clock``: the training time in seconds that the policy sees, read once per optimizer step
+    (default: the checkpointer's clock, which continues across resumes). ``after_step``: called
+    after every optimizer step with a :class:`StepReport` (to log decisions, or to stop or signal
+    the run from outside); it runs before the loop checks whether to stop. ``restore``: with
+    ``--resume``, called with the state (``model``, ``optimizer``, ``scheduler``, ``loop``, ...)
+    to load it from somewhere of the caller's instead of the store's ``load_latest`` (the time-to-resume
+    benchmark resumes the same loop from a bare ``torch.load`` this way).
+    """
     try:
         import torch
         import torch.distributed as dist
@@ -357,12 +354,9 @@ def train(args: argparse.Namespace) -> int:
         raise RunError(str(e)) from None
 
     # ---- resume -------------------------------------------------------------------------
-    bare = os.environ.get("SAVERULES_BENCH_BARE_LOAD")
-    if args.resume and bare:  # benchmark hook: the same loop resumed by a bare torch.load
-        sd = torch.load(bare, weights_only=True, map_location=device)
-        for key in ("model", "optimizer", "scheduler", "loop"):
-            state[key].load_state_dict(sd[key])
-        say(f"resumed from step {loop.values['step']} with a bare torch.load of {bare}")
+    if args.resume and restore is not None:
+        restore(state)
+        say(f"resumed from step {loop.values['step']} by the caller's restore")
     elif args.resume:
         try:
             # Checkpoints that are all unusable stop the run: a requeued job must never quietly
@@ -440,11 +434,7 @@ def train(args: argparse.Namespace) -> int:
     if not has_signal_rule:
         say(f"note: {rules} has no on_signal rule: SIGTERM will stop training without a save")
 
-    step_seconds, skew_a, skew_b, test_signals, report_path, hold_at = _test_hooks(rank)
-
-    def clock() -> float:
-        t = step * step_seconds if step_seconds is not None else ckpt.clock()
-        return skew_a * t + skew_b
+    clock = clock if clock is not None else ckpt.clock  # the training time the policy sees
 
     # ---- train ------------------------------------------------------------------------------
     show_bar = master and (args.progress == "bar" or (args.progress == "auto" and sys.stderr.isatty()))
@@ -527,11 +517,6 @@ def train(args: argparse.Namespace) -> int:
             if decision.save:
                 saves.append((step, decision.reasons))
                 say(f"saved step {step}: {', '.join(decision.reasons)}")
-            if report_path:
-                with open(report_path, "a") as f:
-                    f.write(json.dumps({"step": step, "save": decision.save, "reasons": list(decision.reasons),
-                                        "signal": agreed[0] if agreed else False, "collectives": getattr(getattr(ckpt, "decider", None),
-                                                                                 "collectives", 0)}) + "\n")
 
             bar.update(1)
             if metrics is not None:
@@ -543,8 +528,8 @@ def train(args: argparse.Namespace) -> int:
                     print(f"step {step}/{total_steps} epoch {epoch + 1}/{args.epochs} loss {last_loss:.4f} "
                           f"lr {lr:.2e} {rate:.1f} steps/s eta {fmt_seconds(eta)}", flush=True)
 
-            if step in test_signals:  # test hook: deliver a real signal to this process
-                os.kill(os.getpid(), getattr(signal, test_signals[step]))
+            if after_step is not None:
+                after_step(StepReport(step, total_steps, decision, str(agreed[0]) if agreed else None, ckpt))
             if "SIGTERM" in agreed:
                 stop_signal = "SIGTERM"
                 done = True
@@ -552,10 +537,6 @@ def train(args: argparse.Namespace) -> int:
             if is_last:
                 done = True
                 break
-            if step == hold_at:  # test hook: wait here to be killed or signalled
-                say(f"holding at step {step}")
-                while pending["signal"] is None:
-                    time.sleep(0.02)
     bar.close()
 
     # ---- summary ----------------------------------------------------------------------------

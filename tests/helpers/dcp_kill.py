@@ -31,22 +31,14 @@ import traceback
 from pathlib import Path
 
 import torch
+from store_common import policy_toml
 
 torch.set_num_threads(1)
 
 TIMEOUT = 5.0        # the commit timeout of the ranks (seconds)
 DEADLINE = 30.0      # how long the survivor may take to exit after the kill
 
-POLICY = """
-version = 1
-final = false
-[[rules]]
-kind = "every_steps"
-every = 1
-[storage]
-dir = "checkpoints"
-format = "dcp"
-"""
+POLICY = policy_toml(1, final=False, dir="checkpoints", fmt="dcp")
 
 
 def _model():

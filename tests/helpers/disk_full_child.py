@@ -25,6 +25,7 @@ import sys
 import warnings
 
 import torch
+from store_common import policy_toml
 
 import saverules
 from saverules import Progress
@@ -54,7 +55,7 @@ def attempt(ck, mode, step, state):
 
 def scenario(root, limit, mib, mode, fmt):
     directory = os.path.join(root, f"{mode}-{fmt}")
-    text = f'version = 1\n[[rules]]\nkind = "every_steps"\nevery = 1\n[storage]\nformat = "{fmt}"\n'
+    text = policy_toml(1, fmt=fmt)
     policy = saverules.loads(text)
     ck = Checkpointer(policy, directory, async_save=mode == "async", on_error="warn" if mode == "warn" else "raise")
     state = {"model": Weights(mib), "note": "x"}

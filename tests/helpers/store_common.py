@@ -1,44 +1,113 @@
-"""Shared helpers for the checkpoint-store tests (tests/test_store*.py).
+"""Shared helpers for the checkpoint-store tests (tests/store/test_store*.py).
 
 Test fixtures, not part of saverules.
 """
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+from strategies import to_toml
 
 import saverules
 
 REPO = Path(__file__).resolve().parents[2]
 
-EVERY_2 = """
-version = 1
-[[rules]]
-kind = "every_steps"
-every = 2
-"""
 
-EVERY_1_KEEP_2 = """
-version = 1
-final = false
-[[rules]]
-kind = "every_steps"
-every = 1
-[retention]
-keep_last = 2
-"""
+def policy_toml(
+    every: int | None = 2,
+    *,
+    every_time: str | None = None,
+    rules: Sequence[Mapping[str, Any]] = (),
+    final: bool | None = None,
+    total_steps: int | None = None,
+    keep_last: int | None = None,
+    keep_every: int | None = None,
+    keep_best: str | Mapping[str, Any] | None = None,
+    fmt: str | None = None,
+    dir: str | None = None,
+    name: str | None = None,
+) -> str:
+    """The TOML text of a test policy, built from its parts (the one builder instead of copied snippets).
+
+    ``every``: one ``every_steps`` rule (None: none); ``every_time``: one ``every_time`` rule after it;
+    ``rules``: further ``[[rules]]`` tables, in order. ``total_steps`` goes to ``[run]``; ``keep_last``,
+    ``keep_every`` and ``keep_best`` (a metric name, or the whole table) to ``[retention]``; ``fmt``,
+    ``dir`` and ``name`` to ``[storage]``. Tables come in that order, so ``[retention]`` (or
+    ``[storage]``) is last when present. Parts left at None are left out (the policy's defaults).
+    """
+    doc: dict[str, Any] = {"version": 1}
+    if final is not None:
+        doc["final"] = final
+    listed: list[Mapping[str, Any]] = []
+    if every is not None:
+        listed.append({"kind": "every_steps", "every": every})
+    if every_time is not None:
+        listed.append({"kind": "every_time", "every": every_time})
+    listed += rules
+    if listed:
+        doc["rules"] = [dict(r) for r in listed]
+    if total_steps is not None:
+        doc["run"] = {"total_steps": total_steps}
+    retention: dict[str, Any] = {}
+    if keep_last is not None:
+        retention["keep_last"] = keep_last
+    if keep_every is not None:
+        retention["keep_every"] = keep_every
+    if keep_best is not None:
+        retention["keep_best"] = {"metric": keep_best} if isinstance(keep_best, str) else dict(keep_best)
+    if retention:
+        doc["retention"] = retention
+    storage = {k: v for k, v in (("format", fmt), ("dir", dir), ("name", name)) if v is not None}
+    if storage:
+        doc["storage"] = storage
+    return to_toml(doc)
 
 
-def policy(text: str = EVERY_2, fmt: str = "torch", extra: str = "") -> saverules.Policy:
-    """A policy from ``text`` + ``extra`` whose [storage].format is ``fmt`` (the store's tests name it)."""
+#: Save every 2 steps (and the final step); keep everything.
+EVERY_2 = policy_toml(2)
+
+#: Save every step, no final save; keep the last 2.
+EVERY_1_KEEP_2 = policy_toml(1, final=False, keep_last=2)
+
+
+def policy(text: str | None = None, fmt: str = "torch", extra: str = "", **parts: Any) -> saverules.Policy:
+    """A policy whose [storage].format is ``fmt`` (the store's tests name it).
+
+    Either from ``text`` + ``extra``, or (``text`` left out) from :func:`policy_toml`'s ``parts``:
+    ``policy()`` is :data:`EVERY_2`; ``policy(every=1, keep_last=3)`` saves every step and keeps 3.
+    """
+    if text is None:
+        return saverules.loads(policy_toml(**parts, fmt=fmt) + extra)
+    if parts:
+        raise TypeError(f"policy(): give the TOML text or policy_toml's keywords, not both (got {sorted(parts)})")
     doc = text + extra
     if "[storage]\n" in doc:
         return saverules.loads(doc.replace("[storage]\n", f'[storage]\nformat = "{fmt}"\n', 1))
     return saverules.loads(doc + f'\n[storage]\nformat = "{fmt}"\n')
+
+
+def small_state(value: float = 1.0) -> dict:
+    """A small state to save: a module, plain values and a tensor, all scaled by ``value``."""
+    model = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        model.weight.fill_(value)
+        model.bias.fill_(-value)
+    return {"model": model, "epoch": 0, "position": 7, "note": "hi", "tensor": torch.arange(4.0) * value}
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 class TiedNet(torch.nn.Module):

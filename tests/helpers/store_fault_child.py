@@ -27,20 +27,13 @@ import time
 import traceback
 
 import torch
+from store_common import policy_toml
 
 import saverules
 from saverules import Progress
 from saverules.torch import Checkpointer
 
-POLICY = """
-version = 1
-final = false
-[[rules]]
-kind = "every_steps"
-every = 1
-[retention]
-keep_last = 3
-"""
+POLICY = policy_toml(1, final=False, keep_last=3)
 
 
 def make_policy(fmt: str) -> saverules.Policy:

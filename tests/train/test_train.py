@@ -13,6 +13,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
+# Runs the loop with a test's clock, signals, holds and decision reports (see its docstring).
+DRIVER = REPO / "tests" / "helpers" / "drive_train.py"
 
 # Small and fast: 32-token windows, micro-batches of 4, one thread, deterministic kernels.
 FAST = ["--max_seq_len", "32", "--batch_size", "4", "--deterministic", "--progress", "log", "--log_interval", "5"]
@@ -47,20 +49,20 @@ def env_for(extra=None):
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["PYTHONUNBUFFERED"] = "1"
-    for k in list(env):
-        if k.startswith("SAVERULES_TEST_"):
-            del env[k]
     env.update(extra or {})
     return env
 
 
-def train_cmd(*args):
-    return [sys.executable, "-m", "saverules.minimind.train", *FAST, *args]
+def train_cmd(*args, driver=None):
+    """The loop's command line; with ``driver`` flags, run through tests/helpers/drive_train.py."""
+    if driver is None:
+        return [sys.executable, "-m", "saverules.minimind.train", *FAST, *args]
+    return [sys.executable, str(DRIVER), *driver, *FAST, *args]
 
 
-def run_train(cwd, *args, env=None, timeout=120):
-    proc = subprocess.run(train_cmd(*args), cwd=cwd, env=env_for(env), capture_output=True, text=True,
-                          timeout=timeout)
+def run_train(cwd, *args, env=None, driver=None, timeout=120):
+    proc = subprocess.run(train_cmd(*args, driver=driver), cwd=cwd, env=env_for(env), capture_output=True,
+                          text=True, timeout=timeout)
     return proc
 
 
@@ -172,8 +174,8 @@ def start_held_run(tmp_path, hold_at=6):
     """The resume-shaped run (every 2 steps), held after step ``hold_at``; returns (proc, rules, data)."""
     data = write_data(tmp_path / "data.jsonl", 40)
     rules = write_policy(tmp_path / "p.toml", every=2)
-    cmd = train_cmd("--rules", rules, "--data_path", data, *RESUME_ARGS)
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env_for({"SAVERULES_TEST_HOLD_AT": str(hold_at)}),
+    cmd = train_cmd("--rules", rules, "--data_path", data, *RESUME_ARGS, driver=["--hold-at", str(hold_at)])
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env_for(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return proc, rules, data
 
@@ -252,7 +254,7 @@ def test_sigterm_saves_the_next_step_exits_0_and_resumes(uninterrupted, tmp_path
 def test_sigusr1_saves_and_training_goes_on_with_a_progress_bar(tmp_path):
     rules = write_policy(tmp_path / "p.toml", every=100)
     proc = run_train(tmp_path, "--rules", rules, "--max_steps", "12", "--progress", "bar",
-                     env={"SAVERULES_TEST_SIGNAL": "5:0:SIGUSR1"})
+                     driver=["--send-signal", "5:0:SIGUSR1"])
     assert proc.returncode == 0, proc.stderr
     assert saved_lines(proc.stdout) == [6, 12]
     assert f"saved step 6: {ON_SIGNAL}" in proc.stdout
@@ -269,7 +271,7 @@ def test_sigusr1_saves_and_training_goes_on_with_a_progress_bar(tmp_path):
 def test_sigterm_without_on_signal_rule_stops_unsaved_with_143(tmp_path):
     rules = write_policy(tmp_path / "p.toml", text='version = 1\nfinal = true\n[[rules]]\nkind = "every_steps"\nevery = 4\n')
     proc = run_train(tmp_path, "--rules", rules, "--max_steps", "20",
-                     env={"SAVERULES_TEST_SIGNAL": "5:0:SIGTERM"})
+                     driver=["--send-signal", "5:0:SIGTERM"])
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
     out = proc.stdout
     assert "has no on_signal rule: SIGTERM will stop training without a save" in out
@@ -428,17 +430,14 @@ def run_ddp(tmp_path, rules, signals, max_steps=48):
     """Two gloo ranks under torchrun; rank 0 runs 8 steps per (simulated) second and rank 1's
     clock runs 3x fast and 1000 s ahead.  Returns the process and each rank's decision report."""
     report = tmp_path / "report"
-    env = {
-        "SAVERULES_TEST_STEP_SECONDS": "0.125",
-        "SAVERULES_TEST_CLOCK_SKEW": "1:3:1000",
-        "SAVERULES_TEST_SIGNAL": signals,
-        "SAVERULES_TEST_REPORT": str(report),
-        "OMP_NUM_THREADS": "1",
-    }
+    driver = ["--step-seconds", "0.125", "--clock-skew", "1:3:1000", "--report", str(report)]
+    for item in signals.split(","):
+        driver += ["--send-signal", item]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "saverules.minimind.train", *FAST, "--rules", rules, "--max_steps", str(max_steps)]
+           str(DRIVER), *driver, *FAST, "--rules", rules, "--max_steps", str(max_steps)]
     # the timeout is the hang check: a rank left waiting in a collective would never return
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env_for(env), capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env_for({"OMP_NUM_THREADS": "1"}), capture_output=True, text=True,
+                          timeout=180)
     reports = [[json.loads(l) for l in Path(f"{report}.rank{r}").read_text().splitlines()] for r in (0, 1)]
     return proc, reports
 
