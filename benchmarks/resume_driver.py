@@ -22,7 +22,8 @@ def main() -> None:
     args = ap.parse_args()
     loop_args = args.loop[1:] if args.loop[:1] == ["--"] else args.loop
 
-    from saverules.minimind.train import StepReport, main as train_main
+    from saverules.minimind.train import StepReport
+    from saverules.minimind.train import main as train_main
 
     restore = None
     if args.bare:
