@@ -31,17 +31,18 @@ from pathlib import Path
 from typing import Any
 
 from ..engine.progress import Decision, Progress
-from . import commit, lock, options, ranks, resume, retain, sharded
 from . import job as _job
+from . import lock, options, ranks, resume, retain
 from .async_writes import AsyncWrites
+from .commit import Committer, LocalCommitter
 from .errors import CheckpointError, CheckpointWriteError, log, warn
 from .job import Job
 from .manifest import CheckpointInfo, info_from_manifest, progress_of
 from .opening import open_store, refuse_a_file
 from .options import ON_ERROR_CHOICES, VERIFY_CHOICES  # noqa: F401  (importable from here, as before)
-from .ranks import RankFailure, Ranks
+from .ranks import RankFailure
 from .restore import restore
-from .verify import VerifyCache, check_written, scan
+from .verify import VerifyCache, scan
 
 _LIVE: weakref.WeakSet[Checkpointer] = weakref.WeakSet()
 
@@ -142,8 +143,8 @@ class Checkpointer:
 
         self.rank, self.world_size = ranks.process_rank()
         self.decider = options.make_decider(policy, total_steps, self.world_size, sync)
-        # A sharded format: every rank writes, rank 0 commits (saverules.store.sharded.coordinate).
-        self._ranks: Ranks | None = ranks.for_format(self._format, commit_timeout)
+        self._committer = _committer(self._format, self.dir, verify, commit_timeout,
+                                     writes=self.is_writer, read_only=read_only)
 
         self._clock_offset = 0.0
         self._clock_t0 = _time.monotonic()
@@ -167,7 +168,7 @@ class Checkpointer:
 
     def _open_store(self) -> None:
         """Open the store to write (saverules.store.opening); the lock is held until :meth:`close`."""
-        open_store(self.dir, self.policy, self._hold)
+        open_store(self.dir, self.policy, self._hold, self._committer.cleanup)
 
     def _hold(self, held: lock.StoreLock) -> None:
         self._store_lock = held
@@ -287,7 +288,7 @@ class Checkpointer:
     @property
     def _writes(self) -> bool:
         """This process writes files: rank 0, or every rank of a sharded format."""
-        return (self.is_writer or self._ranks is not None) and not self.read_only
+        return self._committer.writes
 
     def _save(self, progress: Progress, state: Mapping[str, Any], reasons: tuple[str, ...]) -> None:
         if self.read_only:
@@ -332,29 +333,15 @@ class Checkpointer:
             snap, optimizers = self._async.snapshot(state)
         clock = float(progress.time) if progress.time is not None else self.clock()
         job = _job.prepare(progress, state, reasons, metrics=metrics, snapshot=snap, clock=clock,
-                           policy=self.policy, run_name=self.run_name, fmt=self._format, ranks=self._ranks,
-                           root=self.dir, decider=self.decider, world_size=self.world_size)
+                           policy=self.policy, run_name=self.run_name, fmt=self._format,
+                           committer=self._committer, decider=self.decider, world_size=self.world_size)
         return job, optimizers
 
     def _run(self, job: Job) -> None:
-        """In the writer: encode, write and digest, verify, commit; then retention."""
-        payload, fmt = job.payload, self._format
-        late = self._async.late(job)
-
-        def check(tmp: Path, files: Mapping[str, Any], metadata) -> None:
-            check_written(tmp, job.step, files, fmt, self.verify, metadata)
-
-        if self._ranks is not None:  # rank 0 settles (cache, retention) before every rank returns
-            sharded.commit(self._ranks, fmt, self.dir, job.tmp, job.name, job.step, job.manifest, payload,
-                           self.verify, settle=lambda path, manifest: self._settle(job, path, manifest),
-                           before=(lambda: self._async.copy_late(job)) if late else None)
-            return
-        if late:
-            self._async.copy_late(job)
-        path, manifest = commit.commit(self.dir, job.name, job.step, job.manifest,
-                                       encode=lambda out: fmt.encode(payload, out),
-                                       check=check if self.verify != "none" else None)
-        self._settle(job, path, manifest)
+        """In the writer: encode, write and digest, verify, commit (the committer); then retention."""
+        before = (lambda: self._async.copy_late(job)) if self._async.late(job) else None
+        self._committer.commit(job.name, job.step, job.manifest, job.payload, job.handle, before=before,
+                               settle=lambda path, manifest: self._settle(job, path, manifest))
 
     def _settle(self, job: Job, path: Path, manifest: Mapping[str, Any]) -> None:
         """After a commit, on the writer: remember the checkpoint as verified, then retention."""
@@ -415,19 +402,22 @@ class Checkpointer:
         resume.check_load_arguments(state, if_none_valid, mmap)
         if self._writes:
             self._collect(block=True)
-        if self._ranks is not None:  # every rank takes part; rank 0 chooses (saverules.store.sharded.coordinate)
-            got = sharded.load_latest(self._ranks, self.dir, self._cache, self._warn_skip, state, map_location,
-                                     if_none_valid)
-            if got is None:
-                return None
-            info, payload, restored = got
-            into: MutableMapping[str, Any] = sharded.Without(state, restored)
-        else:
-            found = resume.load_latest(self.dir, self._cache, self._warn_skip, if_none_valid, map_location, mmap)
-            if found is None:
-                return None
-            (info, payload), into = found, state
+        found = self._committer.load_latest(self._cache, self._warn_skip, state, map_location, if_none_valid, mmap)
+        if found is None:  # a sharded store: every rank takes part, rank 0 chooses
+            return None
+        info, payload, into = found
         self._clock_offset = restore(info, payload, into, self.decider, self.policy.digest)
         self._clock_t0 = _time.monotonic()
         return progress_of(info, self._clock_offset)
 
+
+
+def _committer(fmt: Any, root: Path, verify: str, commit_timeout: float | None, *, writes: bool,
+               read_only: bool) -> Committer:
+    """How this process commits: a sharded format's ranks (every rank writes, rank 0 commits), else locally."""
+    group = ranks.for_format(fmt, commit_timeout)
+    if group is not None:
+        from .sharded import ShardedCommitter
+
+        return ShardedCommitter(group, root, fmt, verify, writes=not read_only)
+    return LocalCommitter(root, fmt, verify, writes=writes)

@@ -12,14 +12,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 from ..engine.progress import Progress
-from . import sharded
+from .commit import Committer
 from .errors import StateTypeError, type_name
 from .manifest import metrics_of, new_manifest
-from .ranks import Ranks
 from .snapshot import Snapshot
 from .state import Payload, capture
 
@@ -35,7 +33,7 @@ class Job:
     manifest: dict[str, Any]
     payload: Payload | None
     snapshot: Snapshot | None = None
-    tmp: Path | None = None  # a sharded save's temporary directory, agreed by every rank
+    handle: Any = None  # what the committer's start() returned for this save (a sharded save's temporary directory)
 
 
 def check_inputs(progress: Any, state: Any) -> dict[str, float] | None:
@@ -49,21 +47,18 @@ def check_inputs(progress: Any, state: Any) -> dict[str, float] | None:
 
 def prepare(progress: Progress, state: Mapping[str, Any], reasons: Sequence[str], *,
             metrics: dict[str, float] | None, snapshot: Snapshot | None, clock: float, policy: Any,
-            run_name: str, fmt: Any, ranks: Ranks | None, root: Path, decider: Any, world_size: int) -> Job:
+            run_name: str, fmt: Any, committer: Committer, decider: Any, world_size: int) -> Job:
     """In the training thread: capture the state (into ``snapshot``, when given) and name the checkpoint.
 
-    A sharded format (``ranks``) captures every rank's state and agrees on the
-    name and the temporary directory (:func:`saverules.store.sharded.coordinate.start`).
+    The committer's ``start`` captures it (every rank of a sharded save, which
+    agree on the name there); a format may capture in its own way (``fmt.capture``).
     """
     utc = datetime.now(timezone.utc)
     name = policy.storage.render_name(step=progress.step, epoch=progress.epoch, time=utc, run=run_name)
-    tmp = None
-    if ranks is not None:
-        tmp, name, payload = sharded.start(ranks, root, name, progress.step, lambda: fmt.capture(
-            state, progress.step, decider.state_dict(), clock, snapshot))
-    else:
-        payload = capture(state, progress.step, decider.state_dict(), clock, snapshot)
+    grab = getattr(fmt, "capture", None) or capture
+    name, payload, handle = committer.start(name, progress.step, lambda: grab(
+        state, progress.step, decider.state_dict(), clock, snapshot))
     manifest = new_manifest(name=name, progress=progress, clock=clock, utc=utc, reasons=reasons,
                             metrics=metrics, policy_digest=policy.digest, storage_format=fmt.name,
                             world_size=world_size)
-    return Job(name=name, step=int(progress.step), manifest=manifest, payload=payload, snapshot=snapshot, tmp=tmp)
+    return Job(name=name, step=int(progress.step), manifest=manifest, payload=payload, snapshot=snapshot, handle=handle)

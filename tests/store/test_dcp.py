@@ -352,7 +352,7 @@ def test_ls_lists_sharded_checkpoints_with_their_ranks_and_verifies_every_shard(
 
 def test_a_planted_metadata_file_is_refused_unread(runs, tmp_path):
     """DCP reads .metadata with pickle; the store refuses anything in it that is not DCP metadata."""
-    from saverules.store.formats import dcp_files
+    from saverules.store.sharded import files as dcp_files
     from saverules.torch import Checkpointer, UnsafeCheckpointError
 
     base = runs[0]
