@@ -1,6 +1,7 @@
 """The façade: :class:`Checkpointer` asks the policy on every step and, when it says save, runs a save.
 
-Its arguments are checked in :mod:`~saverules.store.options`; a writer opens
+Its arguments are checked when it is made (:func:`check_arguments` and the
+functions below it); a writer opens
 its store (directory, lock, cleanup, ``policy.toml``) through
 :mod:`~saverules.store.opening`.  A save is a straight line through the
 modules of the store:
@@ -27,22 +28,25 @@ import sys
 import time as _time
 import weakref
 from collections.abc import Mapping, MutableMapping
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from ..engine.progress import Decision, Progress
-from . import job as _job
-from . import lock, options, ranks, resume, retain
+from . import formats, lock, ranks, resume, retain
 from .async_writes import AsyncWrites
 from .commit import Committer, LocalCommitter
-from .errors import CheckpointError, CheckpointWriteError, log, warn
-from .job import Job
-from .manifest import CheckpointInfo, info_from_manifest, progress_of
+from .errors import CheckpointError, CheckpointWriteError, StateTypeError, log, type_name, warn
+from .manifest import CheckpointInfo, info_from_manifest, metrics_of, new_manifest, progress_of
 from .opening import open_store, refuse_a_file
-from .options import ON_ERROR_CHOICES, VERIFY_CHOICES  # noqa: F401  (importable from here, as before)
 from .ranks import RankFailure
 from .restore import restore
+from .snapshot import Job
+from .state import capture
 from .verify import VerifyCache, scan
+
+VERIFY_CHOICES = ("hash", "device", "load", "none")
+ON_ERROR_CHOICES = ("raise", "warn")
 
 _LIVE: weakref.WeakSet[Checkpointer] = weakref.WeakSet()
 
@@ -127,10 +131,10 @@ class Checkpointer:
         commit_timeout: float | None = None,
         read_only: bool = False,
     ) -> None:
-        policy = options.load_policy(policy)
-        options.check_arguments(dir=dir, read_only=read_only, async_save=async_save, verify=verify,
+        policy = load_policy(policy)
+        check_arguments(dir=dir, read_only=read_only, async_save=async_save, verify=verify,
                                 on_error=on_error, run_name=run_name)
-        self._format = options.storage_format(policy)
+        self._format = storage_format(policy)
 
         self.policy = policy
         self.dir = Path(os.path.abspath(os.fspath(dir if dir is not None else policy.storage.dir)))
@@ -142,7 +146,7 @@ class Checkpointer:
         self.read_only = read_only
 
         self.rank, self.world_size = ranks.process_rank()
-        self.decider = options.make_decider(policy, total_steps, self.world_size, sync)
+        self.decider = make_decider(policy, total_steps, self.world_size, sync)
         self._committer = _committer(self._format, self.dir, verify, commit_timeout,
                                      writes=self.is_writer, read_only=read_only)
 
@@ -323,23 +327,37 @@ class Checkpointer:
                 self.decider.note_cost(elapsed, elapsed)
 
     def _prepare(self, progress: Progress, state: Mapping[str, Any], reasons: tuple[str, ...]) -> tuple[Job, list]:
-        """In the training thread: check the state (and copy it, for an async save); name the checkpoint.
+        """In the training thread: check and capture the state (into a snapshot, async), name the checkpoint.
 
-        Returns the job and the optimizers whose tensors an async save left to the writer.
+        The committer's ``start`` captures the state (every rank of a sharded
+        save, which agree on the name there); a format may capture in its own
+        way (``fmt.capture``).  Returns the job and the optimizers whose
+        tensors an async save left to the writer (the late copy).
         """
-        metrics = _job.check_inputs(progress, state)
+        if not isinstance(state, Mapping):
+            raise StateTypeError(f"state must be a dict of names to objects and values, got {type_name(state)}")
+        if not isinstance(progress, Progress):
+            raise TypeError(f"progress must be a saverules.Progress, got {type_name(progress)}")
+        metrics = metrics_of(progress)
         snap, optimizers = None, []
         if self.async_save:
             snap, optimizers = self._async.snapshot(state)
         clock = float(progress.time) if progress.time is not None else self.clock()
-        job = _job.prepare(progress, state, reasons, metrics=metrics, snapshot=snap, clock=clock,
-                           policy=self.policy, run_name=self.run_name, fmt=self._format,
-                           committer=self._committer, decider=self.decider, world_size=self.world_size)
+        utc = datetime.now(timezone.utc)
+        name = self.policy.storage.render_name(step=progress.step, epoch=progress.epoch, time=utc, run=self.run_name)
+        grab = getattr(self._format, "capture", None) or capture
+        name, payload, handle = self._committer.start(name, progress.step, lambda: grab(
+            state, progress.step, self.decider.state_dict(), clock, snap))
+        manifest = new_manifest(name=name, progress=progress, clock=clock, utc=utc, reasons=reasons,
+                                metrics=metrics, policy_digest=self.policy.digest, storage_format=self._format.name,
+                                world_size=self.world_size)
+        job = Job(name=name, step=int(progress.step), manifest=manifest, payload=payload, snapshot=snap,
+                  handle=handle)
         return job, optimizers
 
     def _run(self, job: Job) -> None:
         """In the writer: encode, write and digest, verify, commit (the committer); then retention."""
-        before = (lambda: self._async.copy_late(job)) if self._async.late(job) else None
+        before = (lambda: self._async.copy_late(job)) if self._async.has_late(job) else None
         self._committer.commit(job.name, job.step, job.manifest, job.payload, job.handle, before=before,
                                settle=lambda path, manifest: self._settle(job, path, manifest))
 
@@ -421,3 +439,65 @@ def _committer(fmt: Any, root: Path, verify: str, commit_timeout: float | None, 
 
         return ShardedCommitter(group, root, fmt, verify, writes=not read_only)
     return LocalCommitter(root, fmt, verify, writes=writes)
+
+
+# -- the arguments, checked when a Checkpointer is made ------------------------------------
+
+
+def load_policy(policy: Any) -> Any:
+    """A :class:`saverules.Policy` as given, or loaded from the path of its TOML file."""
+    import saverules
+
+    if isinstance(policy, (str, os.PathLike)):
+        return saverules.load(policy)
+    if not (hasattr(policy, "compile") and hasattr(policy, "storage") and hasattr(policy, "retain")):
+        raise ValueError(
+            f"policy must be a saverules.Policy or the path of a policy TOML file, got {type_name(policy)}"
+        )
+    return policy
+
+
+def check_arguments(*, dir: str | os.PathLike | None, read_only: Any, async_save: Any, verify: Any,
+                    on_error: Any, run_name: Any) -> None:
+    """Raise ``ValueError`` naming the first argument that is not one the checkpointer takes."""
+    if dir is not None and not isinstance(dir, (str, os.PathLike)):
+        raise ValueError(f"dir must be a path or None, got {type_name(dir)}")
+    if dir is not None and not os.fspath(dir):
+        raise ValueError("dir must not be empty")
+    if not isinstance(read_only, bool):
+        raise ValueError(f"read_only must be True or False, got {read_only!r}")
+    if not isinstance(async_save, bool):
+        raise ValueError(f"async_save must be True or False, got {async_save!r}")
+    if verify not in VERIFY_CHOICES:
+        raise ValueError(f"verify must be one of {', '.join(map(repr, VERIFY_CHOICES))}, got {verify!r}")
+    if on_error not in ON_ERROR_CHOICES:
+        raise ValueError(f"on_error must be one of {', '.join(map(repr, ON_ERROR_CHOICES))}, got {on_error!r}")
+    if not isinstance(run_name, str) or not run_name or any(c in run_name for c in "/\\\0"):
+        raise ValueError(f"run_name must be a non-empty string without path separators, got {run_name!r}")
+
+
+def storage_format(policy: Any) -> Any:
+    """The format ``[storage].format`` names, once its dependencies are known to be installed."""
+    fmt = policy.storage.format
+    if fmt not in formats.names():
+        raise ValueError(
+            f"[storage].format must be {' or '.join(map(repr, formats.names()))}, got {fmt!r}"
+        )
+    found = formats.get(fmt)
+    found.check_available()
+    return found
+
+
+def make_decider(policy: Any, total_steps: int | None, world_size: int,
+                 sync: Mapping[str, Any] | None) -> Any:
+    """The policy compiled; under DDP (``world_size`` > 1) wrapped so that every rank decides alike."""
+    if sync is not None and not isinstance(sync, Mapping):
+        raise ValueError(f"sync must be a mapping of SyncedDecider options or None, got {type_name(sync)}")
+    decider = policy.compile(total_steps)
+    if world_size > 1:
+        from saverules.distributed import SyncedDecider
+
+        # Under DDP every rank must take the same decision: see docs/distributed.md.
+        # ``sync`` passes SyncedDecider's options (sync_seconds, max_interval, sync_signals, ...).
+        decider = SyncedDecider(decider, **dict(sync or {}))
+    return decider
