@@ -26,6 +26,7 @@ BENCHMARKS = [
     ("startup", "bench_startup"),
     ("save", "bench_save"),
     ("loop", "bench_loop"),
+    ("store_size", "bench_store_size"),
 ]
 
 

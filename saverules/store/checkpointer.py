@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ..engine.progress import Decision, Progress
-from . import formats, lock, ranks, resume, retain
+from . import formats, lock, ranks, resume
 from .async_writes import AsyncWrites
 from .commit import Committer, LocalCommitter
 from .errors import CheckpointError, CheckpointWriteError, StateTypeError, log, type_name, warn
@@ -41,6 +41,7 @@ from .manifest import CheckpointInfo, info_from_manifest, metrics_of, new_manife
 from .opening import open_store, refuse_a_file
 from .ranks import RankFailure
 from .restore import restore
+from .retain import Retainer
 from .snapshot import Job
 from .state import capture
 from .verify import VerifyCache, scan
@@ -154,6 +155,7 @@ class Checkpointer:
         self._clock_t0 = _time.monotonic()
         self._cache = VerifyCache()
         self._warned: set = set()
+        self._retainer = Retainer(self.dir, policy, self._cache, verify != "none", self._warned)
         self._async = AsyncWrites()  # the writer thread, copy buffers and write in flight of async saves
         weakref.finalize(self, self._async.writer.stop).atexit = False  # at exit: _finish_at_exit
         self._closed = False
@@ -362,16 +364,22 @@ class Checkpointer:
                                settle=lambda path, manifest: self._settle(job, path, manifest))
 
     def _settle(self, job: Job, path: Path, manifest: Mapping[str, Any]) -> None:
-        """After a commit, on the writer: remember the checkpoint as verified, then retention."""
+        """After a commit, on the writer: remember the checkpoint (as verified), then retention.
+
+        Neither reads the rest of the store: retention plans from the writer's
+        index of it (:class:`~saverules.store.retain.Retainer`).
+        """
         verified = True if self.verify != "none" else None
+        info = info_from_manifest(path, self.dir, manifest, verified, None)
         if verified:
-            self._cache.put(path, info_from_manifest(path, self.dir, manifest, True, None))
+            self._cache.put(path, info)
         else:
             self._cache.forget(path)
         log.info("saved checkpoint %s (step %d, %s)", path, job.step, ", ".join(job.manifest["reasons"]))
         try:
-            retain.retain(self.dir, path, self.policy, self._cache, self.verify != "none", self._warned)
+            self._retainer.retain(info)
         except Exception as exc:  # retention must never fail a save that was committed
+            self._retainer.index.drop()  # read the store again at the next save
             warn(f"saverules: retention after saving {path} failed: {exc}")
 
     # -- reading -------------------------------------------------------------------------
