@@ -145,7 +145,8 @@ class AsyncWrites:
             stage_late = getattr(job.payload, "stage_late", None)  # a format that stages its own (dcp)
             if stage_late is not None:
                 stage_late(job.snapshot)
-            job.snapshot.copy_late(job.step)
+            if job.snapshot is not None:
+                job.snapshot.copy_late(job.step)
         finally:
             self.gate.release()
 

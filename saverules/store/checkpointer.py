@@ -42,7 +42,7 @@ from .opening import open_store, refuse_a_file
 from .ranks import RankFailure
 from .restore import restore
 from .retain import Retainer
-from .snapshot import Job
+from .snapshot import Job, Snapshot
 from .state import capture
 from .verify import VerifyCache, scan
 
@@ -160,7 +160,7 @@ class Checkpointer:
         weakref.finalize(self, self._async.writer.stop).atexit = False  # at exit: _finish_at_exit
         self._closed = False
         self._store_lock: lock.StoreLock | None = None
-        self._release = None
+        self._release: weakref.finalize | None = None
 
         refuse_a_file(self.dir)
         if self.is_writer:
@@ -341,7 +341,8 @@ class Checkpointer:
         if not isinstance(progress, Progress):
             raise TypeError(f"progress must be a saverules.Progress, got {type_name(progress)}")
         metrics = metrics_of(progress)
-        snap, optimizers = None, []
+        snap: Snapshot | None = None
+        optimizers: list[Any] = []
         if self.async_save:
             snap, optimizers = self._async.snapshot(state)
         clock = float(progress.time) if progress.time is not None else self.clock()

@@ -17,7 +17,7 @@ work.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ class StoreIndex:
         """Read every manifest of the store (sizes checked, nothing hashed)."""
         self.build_from(scan(self.root, verify=False))
 
-    def build_from(self, infos: list[CheckpointInfo]) -> None:
+    def build_from(self, infos: Sequence[CheckpointInfo]) -> None:
         """The index of what a scan of the store just found (oldest first)."""
         self._good = [i for i in infos if i.ok and i.step is not None]
         self._keys = [sort_key(i) for i in self._good]
