@@ -29,6 +29,7 @@ BENCHMARKS = [
     ("load", "bench_load"),
     ("loop", "bench_loop"),
     ("tiers", "bench_tiers"),
+    ("store_size", "bench_store_size"),
 ]
 
 

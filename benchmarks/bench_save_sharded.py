@@ -12,7 +12,7 @@ in all (~100 MB per rank).  In interleaved rounds, on both ranks at once:
 * ``dcp.async_save`` with its defaults (``get_state_dict`` and DCP's staging
   copy to CPU memory before it returns);
 * ``Checkpointer(async_save=True).save`` (``get_state_dict``, the copy of
-  what is not left for later into the store's reused buffers, one
+  what is not left to the late copy into the store's reused buffers, one
   collective; the writer copies the parameters and AdamW's moments while
   the next step runs forward and backward, and holds that step's
   ``optimizer.step()`` until it is done: :mod:`saverules.store.staging`).
@@ -261,7 +261,7 @@ def _worker(tmp: str, mode: str) -> None:
                 note="until save returns + the next optimizer.step()'s wait for the writer's copy"),
             Row(NAME, f"{label}: the whole copy in the training thread", med("copy", 0), "s",
                 ratio=med("copy", 0) / dcp_stall, vs="dcp.async_save stall", samples=[x[0] for x in res["copy"]],
-                note="this rank's shards copied into reused buffers: the stall if nothing were left for later"),
+                note="this rank's shards copied into reused buffers: the stall if nothing were left to the late copy"),
             Row(NAME, f"{label}: a training step", plain, "s", samples=[x[0] for x in res["plain_step"]],
                 note="forward, backward, optimizer.step(); no save"),
             Row(NAME, f"{label}: step overhead of dcp.async_save", overhead("dcp_async"), "s",

@@ -1,6 +1,7 @@
 """The façade: :class:`Checkpointer` asks the policy on every step and, when it says save, runs a save.
 
-Its arguments are checked in :mod:`~saverules.store.options`; a writer opens
+Its arguments are checked when it is made (:func:`check_arguments` and the
+functions below it); a writer opens
 its store (directory, lock, cleanup, ``policy.toml``) through
 :mod:`~saverules.store.opening`.  A save is a straight line through the
 modules of the store:
@@ -27,21 +28,26 @@ import sys
 import time as _time
 import weakref
 from collections.abc import Mapping, MutableMapping
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from ..engine.progress import Decision, Progress
-from . import commit, lock, options, ranks, resume, retain, sharded, space
-from . import job as _job
+from . import formats, lock, ranks, resume, space
 from .async_writes import AsyncWrites
-from .errors import CheckpointError, CheckpointWriteError, StateTooDeepError, log, warn
-from .job import Job
-from .manifest import CheckpointInfo, info_from_manifest, progress_of
+from .commit import Committer, LocalCommitter
+from .errors import CheckpointError, CheckpointWriteError, StateTooDeepError, StateTypeError, log, type_name, warn
+from .manifest import CheckpointInfo, info_from_manifest, metrics_of, new_manifest, progress_of
 from .opening import open_store, refuse_a_file
-from .options import ON_ERROR_CHOICES, VERIFY_CHOICES  # noqa: F401  (importable from here, as before)
-from .ranks import RankFailure, Ranks
+from .ranks import RankFailure
 from .restore import restore
-from .verify import VerifyCache, check_written, scan
+from .retain import Retainer
+from .snapshot import Job, Snapshot
+from .state import capture
+from .verify import VerifyCache, scan
+
+VERIFY_CHOICES = ("hash", "device", "load", "none")
+ON_ERROR_CHOICES = ("raise", "warn")
 
 _LIVE: weakref.WeakSet[Checkpointer] = weakref.WeakSet()
 
@@ -126,10 +132,10 @@ class Checkpointer:
         commit_timeout: float | None = None,
         read_only: bool = False,
     ) -> None:
-        policy = options.load_policy(policy)
-        options.check_arguments(dir=dir, read_only=read_only, async_save=async_save, verify=verify,
+        policy = load_policy(policy)
+        check_arguments(dir=dir, read_only=read_only, async_save=async_save, verify=verify,
                                 on_error=on_error, run_name=run_name)
-        self._format = options.storage_format(policy)
+        self._format = storage_format(policy)
 
         self.policy = policy
         self.dir = Path(os.path.abspath(os.fspath(dir if dir is not None else policy.storage.dir)))
@@ -141,19 +147,20 @@ class Checkpointer:
         self.read_only = read_only
 
         self.rank, self.world_size = ranks.process_rank()
-        self.decider = options.make_decider(policy, total_steps, self.world_size, sync)
-        # A sharded format: every rank writes, rank 0 commits (saverules.store.sharded.coordinate).
-        self._ranks: Ranks | None = ranks.for_format(self._format, commit_timeout)
+        self.decider = make_decider(policy, total_steps, self.world_size, sync)
+        self._committer = _committer(self._format, self.dir, verify, commit_timeout,
+                                     writes=self.is_writer, read_only=read_only)
 
         self._clock_offset = 0.0
         self._clock_t0 = _time.monotonic()
         self._cache = VerifyCache()
         self._warned: set = set()
+        self._retainer = Retainer(self.dir, policy, self._cache, verify != "none", self._warned)
         self._async = AsyncWrites()  # the writer thread, copy buffers and write in flight of async saves
         weakref.finalize(self, self._async.writer.stop).atexit = False  # at exit: _finish_at_exit
         self._closed = False
         self._store_lock: lock.StoreLock | None = None
-        self._release = None
+        self._release: weakref.finalize | None = None
 
         refuse_a_file(self.dir)
         if self.is_writer:
@@ -167,7 +174,7 @@ class Checkpointer:
 
     def _open_store(self) -> None:
         """Open the store to write (saverules.store.opening); the lock is held until :meth:`close`."""
-        open_store(self.dir, self.policy, self._hold)
+        open_store(self.dir, self.policy, self._hold, self._committer.cleanup)
 
     def _hold(self, held: lock.StoreLock) -> None:
         self._store_lock = held
@@ -287,7 +294,7 @@ class Checkpointer:
     @property
     def _writes(self) -> bool:
         """This process writes files: rank 0, or every rank of a sharded format."""
-        return (self.is_writer or self._ranks is not None) and not self.read_only
+        return self._committer.writes
 
     def _save(self, progress: Progress, state: Mapping[str, Any], reasons: tuple[str, ...]) -> None:
         if self.read_only:
@@ -326,51 +333,58 @@ class Checkpointer:
                 self.decider.note_cost(elapsed, elapsed)
 
     def _prepare(self, progress: Progress, state: Mapping[str, Any], reasons: tuple[str, ...]) -> tuple[Job, list]:
-        """In the training thread: check the state (and copy it, for an async save); name the checkpoint.
+        """In the training thread: check and capture the state (into a snapshot, async), name the checkpoint.
 
-        Returns the job and the optimizers whose tensors an async save left to the writer.
+        The committer's ``start`` captures the state (every rank of a sharded
+        save, which agree on the name there); a format may capture in its own
+        way (``fmt.capture``).  Returns the job and the optimizers whose
+        tensors an async save left to the writer (the late copy).
         """
-        metrics = _job.check_inputs(progress, state)
-        snap, optimizers = None, []
+        if not isinstance(state, Mapping):
+            raise StateTypeError(f"state must be a dict of names to objects and values, got {type_name(state)}")
+        if not isinstance(progress, Progress):
+            raise TypeError(f"progress must be a saverules.Progress, got {type_name(progress)}")
+        metrics = metrics_of(progress)
+        snap: Snapshot | None = None
+        optimizers: list[Any] = []
         if self.async_save:
             snap, optimizers = self._async.snapshot(state)
         clock = float(progress.time) if progress.time is not None else self.clock()
-        job = _job.prepare(progress, state, reasons, metrics=metrics, snapshot=snap, clock=clock,
-                           policy=self.policy, run_name=self.run_name, fmt=self._format, ranks=self._ranks,
-                           root=self.dir, decider=self.decider, world_size=self.world_size)
+        utc = datetime.now(timezone.utc)
+        name = self.policy.storage.render_name(step=progress.step, epoch=progress.epoch, time=utc, run=self.run_name)
+        grab = getattr(self._format, "capture", None) or capture
+        name, payload, handle = self._committer.start(name, progress.step, lambda: grab(
+            state, progress.step, self.decider.state_dict(), clock, snap))
+        manifest = new_manifest(name=name, progress=progress, clock=clock, utc=utc, reasons=reasons,
+                                metrics=metrics, policy_digest=self.policy.digest, storage_format=self._format.name,
+                                world_size=self.world_size)
+        job = Job(name=name, step=int(progress.step), manifest=manifest, payload=payload, snapshot=snap,
+                  handle=handle)
         return job, optimizers
 
     def _run(self, job: Job) -> None:
-        """In the writer: encode, write and digest, verify, commit; then retention."""
-        payload, fmt = job.payload, self._format
-        late = self._async.late(job)
-
-        def check(tmp: Path, files: Mapping[str, Any], metadata) -> None:
-            check_written(tmp, job.step, files, fmt, self.verify, metadata)
-
-        if self._ranks is not None:  # rank 0 settles (cache, retention) before every rank returns
-            sharded.commit(self._ranks, fmt, self.dir, job.tmp, job.name, job.step, job.manifest, payload,
-                           self.verify, settle=lambda path, manifest: self._settle(job, path, manifest),
-                           before=(lambda: self._async.copy_late(job)) if late else None)
-            return
-        if late:
-            self._async.copy_late(job)
-        path, manifest = commit.commit(self.dir, job.name, job.step, job.manifest,
-                                       encode=lambda out: fmt.encode(payload, out),
-                                       check=check if self.verify != "none" else None)
-        self._settle(job, path, manifest)
+        """In the writer: encode, write and digest, verify, commit (the committer); then retention."""
+        before = (lambda: self._async.copy_late(job)) if self._async.has_late(job) else None
+        self._committer.commit(job.name, job.step, job.manifest, job.payload, job.handle, before=before,
+                               settle=lambda path, manifest: self._settle(job, path, manifest))
 
     def _settle(self, job: Job, path: Path, manifest: Mapping[str, Any]) -> None:
-        """After a commit, on the writer: remember the checkpoint as verified, then retention."""
+        """After a commit, on the writer: remember the checkpoint (as verified), then retention.
+
+        Neither reads the rest of the store: retention plans from the writer's
+        index of it (:class:`~saverules.store.retain.Retainer`).
+        """
         verified = True if self.verify != "none" else None
+        info = info_from_manifest(path, self.dir, manifest, verified, None)
         if verified:
-            self._cache.put(path, info_from_manifest(path, self.dir, manifest, True, None))
+            self._cache.put(path, info)
         else:
             self._cache.forget(path)
         log.info("saved checkpoint %s (step %d, %s)", path, job.step, ", ".join(job.manifest["reasons"]))
         try:
-            retain.retain(self.dir, path, self.policy, self._cache, self.verify != "none", self._warned)
+            self._retainer.retain(info)
         except Exception as exc:  # retention must never fail a save that was committed
+            self._retainer.index.drop()  # read the store again at the next save
             warn(f"saverules: retention after saving {path} failed: {exc}")
         space.warn_if_short(self.dir, manifest, self._warned)
 
@@ -420,19 +434,84 @@ class Checkpointer:
         resume.check_load_arguments(state, if_none_valid, mmap)
         if self._writes:
             self._collect(block=True)
-        if self._ranks is not None:  # every rank takes part; rank 0 chooses (saverules.store.sharded.coordinate)
-            got = sharded.load_latest(self._ranks, self.dir, self._cache, self._warn_skip, state, map_location,
-                                     if_none_valid)
-            if got is None:
-                return None
-            info, payload, restored = got
-            into: MutableMapping[str, Any] = sharded.Without(state, restored)
-        else:
-            found = resume.load_latest(self.dir, self._cache, self._warn_skip, if_none_valid, map_location, mmap, state)
-            if found is None:
-                return None
-            (info, payload), into = found, state
+        found = self._committer.load_latest(self._cache, self._warn_skip, state, map_location, if_none_valid, mmap)
+        if found is None:  # a sharded store: every rank takes part, rank 0 chooses
+            return None
+        info, payload, into = found
         self._clock_offset = restore(info, payload, into, self.decider, self.policy.digest)
         self._clock_t0 = _time.monotonic()
         return progress_of(info, self._clock_offset)
 
+
+
+def _committer(fmt: Any, root: Path, verify: str, commit_timeout: float | None, *, writes: bool,
+               read_only: bool) -> Committer:
+    """How this process commits: a sharded format's ranks (every rank writes, rank 0 commits), else locally."""
+    group = ranks.for_format(fmt, commit_timeout)
+    if group is not None:
+        from .sharded import ShardedCommitter
+
+        return ShardedCommitter(group, root, fmt, verify, writes=not read_only)
+    return LocalCommitter(root, fmt, verify, writes=writes)
+
+
+# -- the arguments, checked when a Checkpointer is made ------------------------------------
+
+
+def load_policy(policy: Any) -> Any:
+    """A :class:`saverules.Policy` as given, or loaded from the path of its TOML file."""
+    import saverules
+
+    if isinstance(policy, (str, os.PathLike)):
+        return saverules.load(policy)
+    if not (hasattr(policy, "compile") and hasattr(policy, "storage") and hasattr(policy, "retain")):
+        raise ValueError(
+            f"policy must be a saverules.Policy or the path of a policy TOML file, got {type_name(policy)}"
+        )
+    return policy
+
+
+def check_arguments(*, dir: str | os.PathLike | None, read_only: Any, async_save: Any, verify: Any,
+                    on_error: Any, run_name: Any) -> None:
+    """Raise ``ValueError`` naming the first argument that is not one the checkpointer takes."""
+    if dir is not None and not isinstance(dir, (str, os.PathLike)):
+        raise ValueError(f"dir must be a path or None, got {type_name(dir)}")
+    if dir is not None and not os.fspath(dir):
+        raise ValueError("dir must not be empty")
+    if not isinstance(read_only, bool):
+        raise ValueError(f"read_only must be True or False, got {read_only!r}")
+    if not isinstance(async_save, bool):
+        raise ValueError(f"async_save must be True or False, got {async_save!r}")
+    if verify not in VERIFY_CHOICES:
+        raise ValueError(f"verify must be one of {', '.join(map(repr, VERIFY_CHOICES))}, got {verify!r}")
+    if on_error not in ON_ERROR_CHOICES:
+        raise ValueError(f"on_error must be one of {', '.join(map(repr, ON_ERROR_CHOICES))}, got {on_error!r}")
+    if not isinstance(run_name, str) or not run_name or any(c in run_name for c in "/\\\0"):
+        raise ValueError(f"run_name must be a non-empty string without path separators, got {run_name!r}")
+
+
+def storage_format(policy: Any) -> Any:
+    """The format ``[storage].format`` names, once its dependencies are known to be installed."""
+    fmt = policy.storage.format
+    if fmt not in formats.names():
+        raise ValueError(
+            f"[storage].format must be {' or '.join(map(repr, formats.names()))}, got {fmt!r}"
+        )
+    found = formats.get(fmt)
+    found.check_available()
+    return found
+
+
+def make_decider(policy: Any, total_steps: int | None, world_size: int,
+                 sync: Mapping[str, Any] | None) -> Any:
+    """The policy compiled; under DDP (``world_size`` > 1) wrapped so that every rank decides alike."""
+    if sync is not None and not isinstance(sync, Mapping):
+        raise ValueError(f"sync must be a mapping of SyncedDecider options or None, got {type_name(sync)}")
+    decider = policy.compile(total_steps)
+    if world_size > 1:
+        from saverules.distributed import SyncedDecider
+
+        # Under DDP every rank must take the same decision: see docs/distributed.md.
+        # ``sync`` passes SyncedDecider's options (sync_seconds, max_interval, sync_signals, ...).
+        decider = SyncedDecider(decider, **dict(sync or {}))
+    return decider

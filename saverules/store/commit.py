@@ -9,23 +9,146 @@
 
 Any failure undoes the commit (:func:`abort`) so the store holds exactly what
 it held before.  :func:`cleanup` removes what an interrupted writer left.
+
+How a Checkpointer commits is one :class:`Committer`: :class:`LocalCommitter`
+(one process writes, the steps above) or
+:class:`~saverules.store.sharded.coordinate.ShardedCommitter` (every rank
+writes its files, rank 0 commits them all).  The Checkpointer picks one when
+it is made and never asks which it holds.
 """
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from . import digest, formats, layout, writer
+from . import digest, formats, layout, resume, writer
 from .errors import CheckpointError, log, warn, write_error
 from .fs import fs
 from .layout import DEL_PREFIX, MANIFEST, OLD_PREFIX, TMP_PREFIX, hidden_name
-from .manifest import encode_manifest
+from .manifest import CheckpointInfo, encode_manifest
+from .verify import VerifyCache, check_written
 
 #: check(tmp, files, metadata): verification of the written files before the manifest goes in.
 Check = Callable[[Path, Mapping[str, Any], Mapping[str, Any] | None], None]
+
+
+#: settle(path, manifest): run by the committing process once the checkpoint is visible (retention).
+Settle = Callable[[Path, Mapping[str, Any]], None]
+#: What a resume found: (the checkpoint, its payload, the state the payload is restored into).
+Loaded = tuple[CheckpointInfo, Any, MutableMapping[str, Any]]
+
+
+class Committer(Protocol):
+    """How the checkpoints of one store become visible: the interface behind every way to commit.
+
+    A Checkpointer holds one committer, picked once when it is made, and runs
+    every save and every resume through it without asking which it is.  Two
+    implementations exist, :class:`LocalCommitter` (one process, a temporary
+    directory renamed into place) and
+    :class:`~saverules.store.sharded.coordinate.ShardedCommitter` (every rank
+    writes its files, rank 0 commits all of them or none).  A third, such as
+    a durable tier on object storage (data objects first, then the manifest
+    with every object's digest and size, then a commit marker; no rename),
+    implements the same methods.
+
+    Contracts, for every implementation:
+
+    * **Visibility.** Nothing of a checkpoint is visible to a reader
+      (:func:`saverules.store.verify.scan`, ``saverules.ls``, a resume) before
+      its commit point (a rename, a marker), and after it the checkpoint is
+      complete: every file written, durable, and named with its size and
+      digest in ``manifest.json``.  A checkpoint that replaces one of the
+      same name replaces it whole.
+    * **Failure.** :meth:`commit` either makes the checkpoint visible or
+      raises (a :class:`~saverules.store.errors.CheckpointError`, whose
+      message says that nothing was committed, or
+      :class:`~saverules.store.ranks.RankFailure` across ranks) after it has
+      removed what this save wrote.  The store then holds exactly what it
+      held before.
+    * **Leftovers.** What a writer killed mid-save leaves (temporary
+      directories, objects without a commit marker) is never visible, and
+      :meth:`cleanup` removes it; the Checkpointer calls it when it opens a
+      store to write, under the store's lock, so that no live writer's work
+      is removed.
+    * **Threads.** :meth:`start` runs in the training thread (it may take
+      part in collectives); :meth:`commit` runs in the writer (the training
+      thread for a synchronous save, the writer thread for an async one).
+    """
+
+    #: This process writes files: the only process, rank 0, or every rank of a sharded format.
+    writes: bool
+
+    def start(self, name: str, step: int, capture: Callable[[], Any]) -> tuple[str, Any, Any]:
+        """In the training thread: capture the state (``capture()``) and settle the checkpoint's name.
+
+        Returns (name, payload, handle): the name to commit under (ranks agree
+        on one), the captured payload, and whatever :meth:`commit` needs to
+        find this save again (a sharded save's temporary directory; None for
+        a local one).  Raises what ``capture`` raises; nothing is visible yet.
+        """
+        ...
+
+    def commit(self, name: str, step: int, manifest: Mapping[str, Any], payload: Any, handle: Any, *,
+               before: Callable[[], None] | None, settle: Settle) -> None:
+        """Encode ``payload``, write and digest, verify, and make the checkpoint ``name`` visible.
+
+        ``manifest`` holds every field but the files (and format metadata),
+        which the committer adds.  ``before()``, when given, runs first on
+        every process that writes (an async save's late copy); its failure
+        fails the save.  ``settle(path, manifest)`` runs on the committing
+        process after the commit point, before this method returns on any
+        process (retention); its failure is a warning, the checkpoint stays.
+        """
+        ...
+
+    def load_latest(self, cache: VerifyCache, skip: Callable[[CheckpointInfo], None],
+                    state: MutableMapping[str, Any], map_location: Any, if_none_valid: str,
+                    mmap: bool) -> Loaded | None:
+        """The newest checkpoint that verifies, decoded (every process gets the same one); None as
+        :func:`saverules.store.resume.pick` decides.  ``skip(info)`` is told of each damaged one passed over."""
+        ...
+
+    def cleanup(self) -> None:
+        """Remove what an interrupted writer left in the store (never a visible checkpoint)."""
+        ...
+
+
+class LocalCommitter:
+    """One process writes the checkpoint into a temporary directory and renames it into place (:func:`commit`)."""
+
+    def __init__(self, root: Path, fmt: Any, verify: str, writes: bool) -> None:
+        self.root, self.fmt, self.verify, self.writes = root, fmt, verify, writes
+
+    def start(self, name: str, step: int, capture: Callable[[], Any]) -> tuple[str, Any, Any]:
+        return name, capture(), None
+
+    def commit(self, name: str, step: int, manifest: Mapping[str, Any], payload: Any, handle: Any, *,
+               before: Callable[[], None] | None, settle: Settle) -> None:
+        if before is not None:
+            before()
+        fmt, verify = self.fmt, self.verify
+
+        def check(tmp: Path, files: Mapping[str, Any], metadata: Mapping[str, Any] | None) -> None:
+            check_written(tmp, step, files, fmt, verify, metadata)
+
+        path, final = commit(self.root, name, step, manifest, encode=lambda out: fmt.encode(payload, out),
+                             check=check if verify != "none" else None)
+        settle(path, final)
+
+    def load_latest(self, cache: VerifyCache, skip: Callable[[CheckpointInfo], None],
+                    state: MutableMapping[str, Any], map_location: Any, if_none_valid: str,
+                    mmap: bool) -> Loaded | None:
+        found = resume.load_latest(self.root, cache, skip, if_none_valid, map_location, mmap, state)
+        if found is None:
+            return None
+        info, payload = found
+        return info, payload, state
+
+    def cleanup(self) -> None:
+        cleanup(self.root)
 
 
 def _write(path: str, producer) -> dict[str, Any]:

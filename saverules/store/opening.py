@@ -5,7 +5,7 @@ made (and again at its next save when the directory could not be made then):
 :func:`refuse_a_file` turns a store path that is a file into a clear error,
 and :func:`open_store` creates the directory, takes the lock
 (:mod:`~saverules.store.lock`), removes what an interrupted writer left
-behind (:func:`~saverules.store.commit.cleanup`) and records the policy
+behind (``cleanup``: the committer's, :meth:`~saverules.store.commit.Committer.cleanup`) and records the policy
 (:mod:`~saverules.store.policyfile`).  A reader opens nothing.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import commit, lock
+from . import lock
 from .errors import CheckpointWriteError, log, write_error
 from .fs import fs
 from .policyfile import write_policy_file
@@ -45,11 +45,12 @@ def refuse_a_file(directory: Path) -> None:
         probe = probe.parent
 
 
-def open_store(directory: Path, policy: Any, hold: Callable[[lock.StoreLock], None]) -> None:
+def open_store(directory: Path, policy: Any, hold: Callable[[lock.StoreLock], None],
+               cleanup: Callable[[], None]) -> None:
     """Create the directory, take the lock, clean up after an interrupted writer, record the policy.
 
     ``hold(held)`` gets this process's hold on the lock as soon as it is
-    taken, before the cleanup, so that the caller owns it (and releases it)
+    taken, before ``cleanup()``, so that the caller owns it (and releases it)
     whatever happens after.  Raises
     :class:`~saverules.store.errors.CheckpointWriteError` when the directory
     or the lock file cannot be created, and
@@ -68,5 +69,5 @@ def open_store(directory: Path, policy: Any, hold: Callable[[lock.StoreLock], No
     hold(held)
     if held.previous:
         log.info("took over the lock of %s left by %s", directory, lock.describe_holder(held.previous))
-    commit.cleanup(directory)
+    cleanup()
     write_policy_file(directory, policy)

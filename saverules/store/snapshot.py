@@ -1,9 +1,15 @@
-"""Asynchronous saves: copy the state's tensors into CPU memory the background writer owns.
+"""The snapshot step of a save: what the training thread hands the writer (:class:`Job`), and the async copy.
+
+A :class:`Job` is one save as the writer gets it: the checkpoint's name,
+its manifest but the files, and the captured payload (for an async save
+copied into a :class:`Snapshot`).
+
+Asynchronous saves copy the state's tensors into CPU memory the background writer owns.
 
 A :class:`Snapshot` is made in the training thread and handed to the writer.
-Storages listed in ``later`` (what only an optimizer's ``step()`` changes,
+Storages listed in ``late`` (what only an optimizer's ``step()`` changes,
 see :mod:`saverules.store.staging`) are copied by the writer instead
-(:meth:`Snapshot.finish_later`), and their tensors' version counters are
+(:meth:`Snapshot.copy_late`: the *late copy*), and their tensors' version counters are
 checked after the copy; everything else is copied before ``save`` returns.  Tensors sharing one
 storage are copied once and stay shared.  Buffers of the previous snapshot
 are reused when the sizes match, so a steady state copies into memory that is
@@ -14,11 +20,16 @@ not reach the memory's bandwidth).
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import threading
 from collections.abc import Set as AbstractSet
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from .state import Payload
 
 #: Below this many bytes in all, copies run on the calling thread only.
 PARALLEL_MIN = 32 << 20
@@ -33,10 +44,10 @@ Pool = dict[int, list[torch.Tensor]]
 class Snapshot:
     """Copies tensors to CPU memory that a background writer may own."""
 
-    def __init__(self, pool: Pool | None = None, later: AbstractSet[int] = frozenset()):
+    def __init__(self, pool: Pool | None = None, late: AbstractSet[int] = frozenset()):
         self.memo: dict[tuple, torch.UntypedStorage] = {}
-        self.later_storages = later
-        self.later: list[tuple[int, int, int]] = []  # copies run by finish_later(), in the writer
+        self.late_storages = late
+        self.late: list[tuple[int, int, int]] = []  # the late copy, run by copy_late() in the writer
         self.watched: list[tuple[torch.Tensor, int]] = []  # (source tensor, its version when captured)
         self.pool = pool if pool is not None else {}
         self.buffers: list[torch.Tensor] = []
@@ -58,13 +69,13 @@ class Snapshot:
 
         ``watch`` is the tensor whose version counter tells of changes to
         ``t`` (a DTensor for its local shard; ``t`` itself by default);
-        ``record=False``: its version was recorded already (:meth:`put_off`).
+        ``record=False``: its version was recorded already (:meth:`is_late`).
         """
         st = t.untyped_storage()
         nbytes = st.nbytes()
         key = (st.data_ptr(), nbytes, t.device)
         on_cpu = t.device.type == "cpu"
-        late = on_cpu and nbytes > 0 and st.data_ptr() in self.later_storages
+        late = on_cpu and nbytes > 0 and st.data_ptr() in self.late_storages
         if late and record:
             source = watch if watch is not None else t
             self.watched.append((source, source._version))
@@ -75,7 +86,7 @@ class Snapshot:
             if nbytes and on_cpu:
                 # Plain memcpys (the GIL is released), run by finish(): steadier than Tensor.copy_,
                 # whose worker threads slow to a crawl when other processes hold the cores.
-                (self.later if late else self.copies).append((buf.data_ptr(), st.data_ptr(), nbytes))
+                (self.late if late else self.copies).append((buf.data_ptr(), st.data_ptr(), nbytes))
             elif nbytes:
                 src = torch.empty(0, dtype=torch.uint8, device=t.device).set_(st, 0, (nbytes,), (1,))
                 buf.copy_(src, non_blocking=pin)
@@ -93,30 +104,30 @@ class Snapshot:
         if self.needs_sync:
             torch.cuda.synchronize()
 
-    def put_off(self, t: torch.Tensor, watch: torch.Tensor) -> bool:
-        """Whether ``t`` is to be copied later, in the writer; if so, ``watch``'s version counter is recorded now.
+    def is_late(self, t: torch.Tensor, watch: torch.Tensor) -> bool:
+        """Whether ``t`` belongs to the late copy, made in the writer; if so, ``watch``'s version counter is recorded now.
 
         For a format that stages such tensors itself on the writer (calling
-        :meth:`tensor` with ``record=False``); :meth:`finish_later` checks the
+        :meth:`tensor` with ``record=False``); :meth:`copy_late` checks the
         counter is unchanged.
         """
-        if t.device.type != "cpu" or t.untyped_storage().data_ptr() not in self.later_storages:
+        if t.device.type != "cpu" or t.untyped_storage().data_ptr() not in self.late_storages:
             return False
         self.watched.append((watch, watch._version))
         return True
 
     @property
-    def pending(self) -> bool:
-        """Tensors are left for :meth:`finish_later` (or for a format to stage in the writer first)."""
-        return bool(self.later or self.watched)
+    def has_late(self) -> bool:
+        """Tensors are left to the late copy (:meth:`copy_late`, or a format that stages them in the writer first)."""
+        return bool(self.late or self.watched)
 
-    def finish_later(self, step: int) -> None:
-        """In the writer: run the copies left for later, then check that none of their sources changed.
+    def copy_late(self, step: int) -> None:
+        """In the writer: run the late copy, then check that none of their sources changed.
 
         Raises :class:`~saverules.store.errors.StateChangedError` when one did
         (the copy may be torn).
         """
-        copies, self.later = self.later, []
+        copies, self.late = self.late, []
         _memmove_all(copies, threads=1)  # training goes on meanwhile: leave it the other cores
         watched, self.watched = self.watched, []
         changed = [t for t, version in watched if t._version != version]
@@ -140,7 +151,7 @@ class Snapshot:
             pool.setdefault(buf.numel(), []).append(buf)
         self.buffers = []
         self.memo = {}
-        self.later, self.watched = [], []
+        self.late, self.watched = [], []
         return pool
 
 
@@ -170,3 +181,15 @@ def _memmove_all(copies: list[tuple[int, int, int]], threads: int = THREADS) -> 
         t.join()
     if errors:  # pragma: no cover
         raise errors[0]
+
+
+@dataclasses.dataclass
+class Job:
+    """One save between the training thread and the writer."""
+
+    name: str
+    step: int
+    manifest: dict[str, Any]
+    payload: Payload | None
+    snapshot: Snapshot | None = None
+    handle: Any = None  # what the committer's start() returned for this save (a sharded save's temporary directory)

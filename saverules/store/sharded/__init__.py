@@ -7,7 +7,7 @@
 """
 from __future__ import annotations
 
-from .coordinate import Without, load_latest, start
+from .coordinate import ShardedCommitter, Without, load_latest, start
 from .coordinate import commit as commit
 
-__all__ = ["Without", "commit", "load_latest", "start"]
+__all__ = ["ShardedCommitter", "Without", "commit", "load_latest", "start"]

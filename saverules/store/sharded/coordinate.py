@@ -31,6 +31,9 @@ A load: rank 0 picks the newest checkpoint that verifies and broadcasts its
 name; every rank reads its rank file (an all-gather of the outcome, so that
 a file one rank cannot read makes all of them fall back together); then the
 shards are loaded into the live models and optimizers, resharded by DCP.
+
+:class:`ShardedCommitter` is this module as the Checkpointer sees it: the
+:class:`~saverules.store.commit.Committer` of a sharded format.
 """
 from __future__ import annotations
 
@@ -57,7 +60,7 @@ from ..layout import MANIFEST, TMP_PREFIX
 from ..manifest import CheckpointInfo
 from ..ranks import RankFailure, Ranks
 from ..state import Payload
-from ..verify import check_written, inspect_checkpoint, newest_good
+from ..verify import VerifyCache, check_written, inspect_checkpoint, newest_good
 
 
 def _nothing(step: int) -> str:
@@ -83,6 +86,40 @@ def _describe(exc: BaseException) -> str:
             return f"could not write {os.path.basename(exc.filename)}: {exc.strerror or exc} ({exc.filename})"
         return str(exc.strerror or exc)
     return f"{type(exc).__name__}: {exc}"
+
+
+class ShardedCommitter:
+    """The :class:`~saverules.store.commit.Committer` of a sharded format: every rank writes, rank 0 commits.
+
+    Every method but :meth:`cleanup` is a collective: every rank calls it at
+    the same save or load.  :meth:`commit` makes the checkpoint visible by
+    rank 0's rename, only once every rank reported its files (see the module's
+    steps); ``settle`` runs on rank 0 before any rank returns.
+    """
+
+    def __init__(self, ranks: Ranks, root: Path, fmt: Any, verify: str, writes: bool) -> None:
+        self.ranks, self.root, self.fmt, self.verify, self.writes = ranks, root, fmt, verify, writes
+
+    def start(self, name: str, step: int, capture: Callable[[], Any]) -> tuple[str, Any, Any]:
+        tmp, name, payload = start(self.ranks, self.root, name, step, capture)
+        return name, payload, tmp
+
+    def commit(self, name: str, step: int, manifest: Mapping[str, Any], payload: Any, handle: Any, *,
+               before: Callable[[], None] | None, settle: _commit.Settle) -> None:
+        commit(self.ranks, self.fmt, self.root, handle, name, step, manifest, payload, self.verify,
+               settle=settle, before=before)
+
+    def load_latest(self, cache: VerifyCache, skip: Callable[[CheckpointInfo], None],
+                    state: MutableMapping[str, Any], map_location: Any, if_none_valid: str,
+                    mmap: bool) -> _commit.Loaded | None:
+        got = load_latest(self.ranks, self.root, cache, skip, state, map_location, if_none_valid)
+        if got is None:
+            return None
+        info, payload, restored = got
+        return info, payload, Without(state, restored)
+
+    def cleanup(self) -> None:
+        _commit.cleanup(self.root)  # rank 0, under the lock: the same hidden names as a local store
 
 
 # --------------------------------------------------------------------------
@@ -189,7 +226,7 @@ class _RankPart:
 
 
 def commit(ranks: Ranks, fmt, root: Path, tmp: Path, name: str, step: int, manifest: Mapping[str, Any], sp,
-           verify_mode: str, settle: Callable[[Path, dict[str, Any]], None] | None = None,
+           verify_mode: str, settle: _commit.Settle | None = None,
            before: Callable[[], None] | None = None) -> tuple[Path, dict[str, Any]] | None:
     """Steps 2 to 6 on every rank; rank 0 gets (path, manifest) of the committed checkpoint, others None.
 

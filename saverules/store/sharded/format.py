@@ -55,7 +55,7 @@ class ShardedPayload:
     late: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # live tensors, staged by stage_late
 
     def stage_late(self, snap) -> None:
-        """In the writer: copy the tensors put off into ``snap`` (its ``finish_later`` then runs the copies)."""
+        """In the writer: copy the tensors of the late copy into ``snap`` (its ``copy_late`` then runs the copies)."""
         from . import state as dcp_state
 
         if self.late:
@@ -133,7 +133,7 @@ class DcpFormat(Format):
         summary = dcp_state.sharding_summary(tensors) if snap is None else None  # async: in the writer
         late: dict[str, torch.Tensor] = {}
         if snap is not None:  # what only an optimizer's step() changes is staged by the writer (stage_late)
-            tensors, late = dcp_state.stage(tensors, snap.tensor, put_off=snap.put_off)
+            tensors, late = dcp_state.stage(tensors, snap.tensor, is_late=snap.is_late)
         rest = {n: o for n, o in state.items() if not dcp_state.is_sharded_object(o)}
         payload = capture(rest, step, decider_state, clock, snap)  # finishes the snapshot
         return ShardedPayload(payload, plain, tensors, summary, late)

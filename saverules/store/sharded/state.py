@@ -214,28 +214,28 @@ def set_state(state: Mapping[str, Any], layouts: Mapping[str, Mapping[str, Any]]
             set_optimizer_state_dict(state[own[name]], obj, sd)
 
 
-def stage(tensors: Mapping[str, torch.Tensor], copy, put_off=None) -> tuple[dict[str, torch.Tensor],
+def stage(tensors: Mapping[str, torch.Tensor], copy, is_late=None) -> tuple[dict[str, torch.Tensor],
                                                                            dict[str, torch.Tensor]]:
-    """(copies of ``tensors`` made by ``copy(local tensor, tensor)``, the tensors put off).
+    """(copies of ``tensors`` made by ``copy(local tensor, tensor)``, the tensors left to the late copy).
 
     A DTensor's copy keeps its mesh and placements.  The second argument of
     ``copy`` is the tensor whose version counter records changes (a
     DTensor's own: its local shard's does not move when it is trained).
-    ``put_off(local tensor, tensor)``, when given, picks tensors to leave
+    ``is_late(local tensor, tensor)``, when given, picks tensors to leave
     uncopied: they come back in the second mapping, for :func:`stage` to copy
-    later.
+    in the writer (the late copy).
     """
     out: dict[str, torch.Tensor] = {}
-    later: dict[str, torch.Tensor] = {}
+    late: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
         dt = is_dtensor(t)
         local = t._local_tensor.detach() if dt else t.detach()
-        if put_off is not None and put_off(local, t):
-            later[key] = t
+        if is_late is not None and is_late(local, t):
+            late[key] = t
             continue
         staged = copy(local, t)
         out[key] = DTensor(staged, t._spec, requires_grad=False) if dt else staged
-    return out, later
+    return out, late
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
