@@ -378,14 +378,23 @@ class SyncedDecider:
         """
         return self.inner.state_dict()
 
-    def load_state_dict(self, d: Mapping[str, Any]) -> None:
-        """Restore the inner decider; the next call is a sync step on every rank."""
-        self.inner.load_state_dict(d)
+    def load_state_dict(self, d: Mapping[str, Any]) -> Any:
+        """Restore the inner decider; the next call is a sync step on every rank.
+
+        Returns what the inner decider's ``load_state_dict`` returns (which
+        rules kept their state, see :class:`saverules.engine.decider.Resumed`).
+        """
+        resumed = self.inner.load_state_dict(d)
         self._next_sync = None
         self._interval = 1
         self._last_sync_step = None
         self._last_sync_clock = None
         self._pending_signals = set()
+        return resumed
+
+    def fresh_state(self, step: int, time: float | None = None) -> dict:
+        """The inner decider's state after a save at ``step``, with no rule state."""
+        return self.inner.fresh_state(step, time)
 
     # -- the sync itself ---------------------------------------------------------
 

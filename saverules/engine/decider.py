@@ -241,6 +241,11 @@ class Decider:
                 states[key] = node.state()
         return states
 
+    def fresh_state(self, step: int, time: float | None = None) -> dict:
+        """The state of this policy's decider that has just saved ``step`` and holds no rule state."""
+        return {"version": STATE_VERSION, "policy": self.policy.digest, "prev_step": step, "last_save_step": step,
+                "last_save_time": time, "total_steps": None, "rules": {}, "costs": []}
+
     def load_state_dict(self, state: dict) -> Resumed:
         """Continue from ``state``; what it returns says which rules kept their state.
 

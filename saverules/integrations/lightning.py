@@ -148,7 +148,7 @@ class SaverulesCheckpoint(Checkpoint):
 
     def _restore(self, step: int) -> None:
         data, self._restored = self._restored, None
-        clock = restore_decider(self._decider, data, step, self.policy.digest, _OWNER)
+        clock = restore_decider(self._decider, data, step, _OWNER)
         self._clock.restore(clock)
         self._last_time = clock
 

@@ -189,7 +189,7 @@ class SaverulesCallback(TrainerCallback, ExportableState):
         if isinstance(saved, list):
             saved = saved[0] if saved else None
         data = (saved or {}).get("attributes", {}).get("saverules_state") if isinstance(saved, dict) else None
-        clock = restore_decider(self._decider, data, state.global_step, self.policy.digest, _OWNER)
+        clock = restore_decider(self._decider, data, state.global_step, _OWNER)
         self._clock.restore(clock)
         self._last_time = clock
 
