@@ -186,7 +186,7 @@ def restore_decider(decider, data: Mapping[str, Any] | None, step: int, owner: s
         digest = data.get("policy_digest")
         if isinstance(saved, dict) and saved.get("policy") is None and isinstance(digest, str):
             saved = {**saved, "policy": digest}
-    restore(decider, saved, step, clock, f"the {owner} state of step {step}")
+    restore(decider, saved, step, clock, f"the {owner} state in the checkpoint")
     return clock
 
 
