@@ -85,6 +85,7 @@ class SaverulesCheckpoint(Checkpoint):
         self.saved_steps: list = []
         #: Checkpoint files removed by retention in this process.
         self.removed: list = []
+        self._warned: set[str] = set()  # checkpoints that failed verification, warned about once
 
     # -- where checkpoints live ----------------------------------------------------
 
@@ -257,8 +258,6 @@ class SaverulesCheckpoint(Checkpoint):
                           reasons=reasons, metrics=metrics, final="final" in reasons or bool(progress.is_last),
                           policy_digest=self.policy.digest)
         say(describe(step, reasons) + f" -> {final}")
-        infos = [i for i in fm.scan(directory, verify=False) if i.framework in ("lightning", None)]
-        for info, why in fm.retention_plan(self.policy, infos):
-            fm.remove(info)
+        for info, why in fm.retain(directory, self.policy, "lightning", (), self._warned):
             self.removed.append(info.name)
             say(f"removed {info.name} (step {info.step}): {why}")

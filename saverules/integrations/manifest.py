@@ -433,16 +433,20 @@ def last_good(root: str | os.PathLike, verify: bool = True) -> FrameworkCheckpoi
 
 def retention_plan(policy: Any, infos: Sequence[FrameworkCheckpoint],
                    protect: Sequence[str | os.PathLike] = ()) -> list[tuple[FrameworkCheckpoint, str]]:
-    """The verified checkpoints that ``policy.retain`` drops, each with a sentence saying why.
+    """The usable checkpoints that ``policy.retain`` drops, each with a sentence saying why.
 
-    Checkpoints that do not verify are never touched.  The newest, the final
-    and the best are always kept by the retention rules; ``protect`` adds
+    Checkpoints that fail are never touched nor counted.  Retention sees them
+    through the store's own view (:func:`saverules.store.retain.retention_view`):
+    only the newest final stays pinned, so the finals of shorter runs before
+    an extension go as the store's and ``saverules.ls`` say.  ``protect`` adds
     paths that must stay (the trainer's own best model, say).
     """
+    from ..store.retain import retention_view
+
     valid = [i for i in infos if i.ok and i.step is not None]
     if policy.retention is None or not valid:
         return []
-    keep = policy.retain([i.as_checkpoint() for i in valid])
+    keep = policy.retain(retention_view(valid))
     guarded = {os.path.realpath(p) for p in protect}
     ret = policy.retention
     rules = [f"keep_last = {ret.keep_last}"]
@@ -453,6 +457,36 @@ def retention_plan(policy: Any, infos: Sequence[FrameworkCheckpoint],
     why = "no retention rule keeps it (" + ", ".join(rules) + ")"
     return [(info, why) for info, kept in zip(valid, keep)
             if not kept and os.path.realpath(info.path) not in guarded]
+
+
+def retain(root: str | os.PathLike, policy: Any, framework: str, protect: Sequence[str | os.PathLike] = (),
+           warned: set[str] | None = None) -> list[tuple[FrameworkCheckpoint, str]]:
+    """Apply the policy's retention to the ``framework`` checkpoints under ``root``; what it removed, and why.
+
+    As the store does: the plan is made from the manifests (sizes only); when
+    it would delete anything, every checkpoint is re-hashed and the plan made
+    again from the ones that verify, so a damaged checkpoint is never counted
+    in place of a good one.  One that fails is warned about once (``warned``
+    remembers) and left on disk.
+    """
+    def plan(verify: bool) -> list[tuple[FrameworkCheckpoint, str]]:
+        infos = [i for i in scan(root, verify=verify) if i.framework in (framework, None)]
+        if verify:
+            for info in infos:
+                if not info.ok and (warned is None or str(info.path) not in warned):
+                    if warned is not None:
+                        warned.add(str(info.path))
+                    warnings.warn(f"saverules: checkpoint {info.path} failed verification ({info.error}); it is not "
+                                  "counted by retention and is left on disk for you to inspect or delete",
+                                  ManifestWarning, stacklevel=4)
+        return retention_plan(policy, infos, protect=protect)
+
+    doomed = plan(verify=False)
+    if doomed:
+        doomed = plan(verify=True)
+    for info, _ in doomed:
+        remove(info)
+    return doomed
 
 
 def remove(info: FrameworkCheckpoint) -> None:

@@ -120,6 +120,7 @@ class SaverulesCallback(TrainerCallback, ExportableState):
         self.saved_steps: list = []
         #: Checkpoint directories removed by retention in this process.
         self.removed: list = []
+        self._warned: set[str] = set()  # checkpoints that failed verification, warned about once
 
     # -- the stateful-callback mechanism ---------------------------------------
 
@@ -252,9 +253,7 @@ class SaverulesCallback(TrainerCallback, ExportableState):
             policy_digest=self.policy.digest,
         )
         protect = [state.best_model_checkpoint] if state.best_model_checkpoint else []
-        infos = [i for i in fm.scan(args.output_dir, verify=False) if i.framework in ("transformers", None)]
-        for info, why in fm.retention_plan(self.policy, infos, protect=protect):
-            fm.remove(info)
+        for info, why in fm.retain(args.output_dir, self.policy, "transformers", protect, self._warned):
             self.removed.append(info.name)
             say(f"removed {info.name} (step {info.step}): {why}")
 
