@@ -86,6 +86,7 @@ class SaverulesCheckpoint(Checkpoint):
         #: Checkpoint files removed by retention in this process.
         self.removed: list = []
         self._warned: set[str] = set()  # checkpoints that failed verification, warned about once
+        self._validated: tuple[int, dict[str, float]] | None = None  # (step, metrics) of the last validation
 
     # -- where checkpoints live ----------------------------------------------------
 
@@ -198,6 +199,7 @@ class SaverulesCheckpoint(Checkpoint):
         if self._decider is None or trainer.sanity_checking or trainer.global_step < 1:
             return
         metrics = fm.clean_metrics(trainer.callback_metrics)
+        self._validated = (trainer.global_step, metrics)
         if self._saved_file is not None and self._saved_file[0] == trainer.global_step and trainer.is_global_zero:
             # validated after this step was saved: retention ranks the checkpoint by these metrics
             fm.update_metrics(self._saved_file[1], metrics)
@@ -224,6 +226,15 @@ class SaverulesCheckpoint(Checkpoint):
             self._signals.uninstall()
 
     # -- writing -----------------------------------------------------------------------
+
+    def _metrics_of(self, trainer, step: int) -> dict[str, float]:
+        """The metrics measured on this step's weights: Lightning keeps the last validation's values in
+        ``callback_metrics`` until the next one, so those of a validation at another step are left out."""
+        metrics = fm.clean_metrics(trainer.callback_metrics)
+        validated = self._validated
+        if validated is not None and validated[0] != step:
+            metrics = {k: v for k, v in metrics.items() if k not in validated[1]}
+        return metrics
 
     def _save(self, trainer, progress: Progress, reasons) -> None:
         step = progress.step
@@ -253,7 +264,7 @@ class SaverulesCheckpoint(Checkpoint):
         os.replace(tmp, final)
         fm.fsync_dir(directory)
         self._saved_file = (step, final)
-        metrics = progress.metrics or fm.clean_metrics(trainer.callback_metrics)
+        metrics = progress.metrics or self._metrics_of(trainer, step)
         fm.write_manifest(final, framework="lightning", step=step, epoch=progress.epoch, time=progress.time,
                           reasons=reasons, metrics=metrics, final="final" in reasons or bool(progress.is_last),
                           policy_digest=self.policy.digest)

@@ -90,3 +90,20 @@ def test_lightning_extended_runs_keep_only_the_current_runs_final(tmp_path):
         fit(tmp_path, [SaverulesCheckpoint(policy, dirpath=d)], max_steps=total,
             ckpt_path=SaverulesCheckpoint.last_good(d))
         assert ckpt_files(d) == kept, total
+
+
+def test_lightning_ranks_a_checkpoint_only_by_metrics_measured_on_its_own_weights(tmp_path):
+    from saverules.integrations import manifest as fm
+
+    text = EVERY_40_KEEP_2.replace("every = 40", "every = 10").replace(
+        "keep_last = 2", 'keep_last = 1\n[retention.keep_best]\nmetric = "val_loss"\nmode = "min"')
+    d = tmp_path / "ckpts"
+    cb = SaverulesCheckpoint(saverules.loads(text), dirpath=d)
+    # one batch per epoch: validation at steps 7, 14, 21, ..., saves at 10, 20, ..., 70 (both), 80
+    fit(tmp_path, [cb], val=True, max_steps=80, check_val_every_n_epoch=7)
+    assert cb.saved_steps == [10, 20, 30, 40, 50, 60, 70, 80]
+    metrics = {i.step: i.metrics or {} for i in fm.scan(d)}
+    assert "val_loss" in metrics[70]  # validated at its own step
+    assert all("val_loss" not in metrics[s] for s in metrics if s != 70), metrics
+    # keep_best can only keep a checkpoint that was validated: 70, with the newest (80)
+    assert ckpt_files(d) == [70, 80]
