@@ -28,6 +28,7 @@ from typing import Any
 from lightning.pytorch.callbacks import Checkpoint
 
 from ..engine.progress import Progress
+from ..store.fs import fs
 from . import manifest as fm
 from .common import (
     COMMON_OPTIONS,
@@ -262,7 +263,7 @@ class SaverulesCheckpoint(Checkpoint):
             return
         fm.fsync_file(tmp)
         os.replace(tmp, final)
-        fm.fsync_dir(directory)
+        fs.fsync_dir(str(directory))
         self._saved_file = (step, final)
         metrics = progress.metrics or self._metrics_of(trainer, step)
         fm.write_manifest(final, framework="lightning", step=step, epoch=progress.epoch, time=progress.time,

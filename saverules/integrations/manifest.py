@@ -23,7 +23,6 @@ kinds.  This module is pure Python: listing never imports torch.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -34,6 +33,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ..store.digest import hash_file
+from ..store.fs import fs
 from ..store.manifest import CheckpointInfo, Invalid, read_json
 
 __all__ = [
@@ -52,7 +53,6 @@ STORE_MANIFEST = "manifest.json"  # the checkpoint store's own manifest (saverul
 FRAMEWORKS = ("transformers", "lightning")
 
 _HF_DIR = re.compile(r"^checkpoint-(\d+)$")
-_CHUNK = 4 << 20
 
 
 class ManifestWarning(UserWarning):
@@ -75,33 +75,6 @@ class FrameworkCheckpoint(CheckpointInfo):
 
 
 # -- writing -------------------------------------------------------------------
-
-
-def hash_file(path: str | os.PathLike) -> tuple[int, str]:
-    """``(size, sha256 hex)`` of a file, read in chunks."""
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(_CHUNK)
-            if not chunk:
-                break
-            size += len(chunk)
-            digest.update(chunk)
-    return size, digest.hexdigest()
-
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def fsync_file(path: str | os.PathLike) -> None:
@@ -178,7 +151,7 @@ def write_manifest(
         files[rel] = {"size": size, "sha256": digest}
     if checkpoint.is_dir():
         for dirpath, _, _ in os.walk(checkpoint):
-            fsync_dir(dirpath)
+            fs.fsync_dir(str(dirpath))
     doc = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -206,7 +179,7 @@ def _replace_manifest(target: Path, doc: Mapping[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, target)
-    fsync_dir(target.parent)
+    fs.fsync_dir(str(target.parent))
 
 
 def update_metrics(checkpoint: str | os.PathLike, metrics: Mapping[str, Any]) -> bool:
@@ -505,4 +478,4 @@ def remove(info: FrameworkCheckpoint) -> None:
             os.unlink(path)
         except FileNotFoundError:
             pass
-    fsync_dir(path.parent)
+    fs.fsync_dir(str(path.parent))
