@@ -75,7 +75,7 @@ def restore(info: CheckpointInfo, payload: Payload, state: MutableMapping[str, A
     saved = payload.decider
     if isinstance(saved, dict) and saved.get("policy") is None and info.policy_digest is not None:
         saved = {**saved, "policy": info.policy_digest}  # a state written before it named its policy
-    restore_decider(decider, saved, info.step, info.time, f"checkpoint {info.path}")
+    restore_decider(decider, saved, info.step if info.step is not None else 0, info.time, f"checkpoint {info.path}")
     clock = payload.clock if payload.clock is not None else info.time
     log.info("resumed from checkpoint %s (step %d)", info.path, info.step)
     return float(clock) if clock is not None else 0.0
