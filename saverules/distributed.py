@@ -44,7 +44,7 @@ from typing import Any
 from .engine.progress import Decision, Progress
 from .engine.rules import uses_cost
 
-__all__ = ["SyncedDecider", "sync_schedule", "signal_code", "signal_from_code", "dist_info"]
+__all__ = ["SyncedDecider", "PolicyMismatchError", "agree_on_policy", "sync_schedule", "signal_code", "signal_from_code", "dist_info"]
 
 # Layout of the float64 vector reduced (with MAX) at each sync step.
 _TIME = 0          # rank 0's clock; -inf elsewhere
@@ -175,6 +175,36 @@ def dist_info(group: Any = None) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+class PolicyMismatchError(ValueError):
+    """The ranks of one job loaded different policies; raised on every rank."""
+
+
+def agree_on_policy(policy: Any, group: Any = None) -> None:
+    """Check once that every rank holds the same policy (by digest); raise on every rank if not.
+
+    Ranks deciding under different policies would save at different steps (the
+    job diverges, or hangs in a collective that only some ranks enter), so the
+    job stops here instead, with a message that names each rank's file and
+    digest.  One ``all_gather_object`` of a short string; nothing without an
+    initialized process group.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    mine = (str(getattr(policy, "digest", "")), str(getattr(policy, "source", None) or "<policy object>"))
+    every: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, mine, group=group)
+    if all(d == every[0][0] for d, _ in every):
+        return
+    lines = [f"rank {r}: {src} (digest {d[:12]})" for r, (d, src) in enumerate(every)]
+    raise PolicyMismatchError(
+        "saverules: the ranks of this job loaded different policies, so they would save at different steps "
+        "(or hang waiting for each other):\n  " + "\n  ".join(lines) + "\n"
+        "Give every rank the same policy file (the same path on a shared filesystem, or identical copies)."
+    )
+
+
 class SyncedDecider:
     """A decider that takes the same decision on every rank of a process group.
 
@@ -245,6 +275,9 @@ class SyncedDecider:
                 "adaptive rules are not supported under DDP yet: the save cost is measured on the writing rank "
                 "only; use every_time for a time-based interval"
             )
+
+        if self.world_size > 1 and policy is not None:
+            agree_on_policy(policy, group)
 
         self._watch_time = bool(getattr(decider, "watches_time", True))
         self._watch_signals = bool(getattr(decider, "watches_signals", True))
@@ -378,14 +411,23 @@ class SyncedDecider:
         """
         return self.inner.state_dict()
 
-    def load_state_dict(self, d: Mapping[str, Any]) -> None:
-        """Restore the inner decider; the next call is a sync step on every rank."""
-        self.inner.load_state_dict(d)
+    def load_state_dict(self, d: Mapping[str, Any]) -> Any:
+        """Restore the inner decider; the next call is a sync step on every rank.
+
+        Returns what the inner decider's ``load_state_dict`` returns (which
+        rules kept their state, see :class:`saverules.engine.decider.Resumed`).
+        """
+        resumed = self.inner.load_state_dict(d)
         self._next_sync = None
         self._interval = 1
         self._last_sync_step = None
         self._last_sync_clock = None
         self._pending_signals = set()
+        return resumed
+
+    def fresh_state(self, step: int, time: float | None = None) -> dict:
+        """The inner decider's state after a save at ``step``, with no rule state."""
+        return self.inner.fresh_state(step, time)
 
     # -- the sync itself ---------------------------------------------------------
 

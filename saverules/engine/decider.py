@@ -23,15 +23,21 @@ cost (:meth:`Decider.note_cost`) recomputes every bound.
 """
 from __future__ import annotations
 
+import hashlib
 import math
+from dataclasses import dataclass
 from heapq import heapify, heappop, heappush
 
 from .compile import CLOCK, EPOCH_END, EVENTS, INF, LAST, METRICS, SIGNAL, ResolveError, compile_rules, policy_events
 from .cost import COST_WINDOW, check_cost, estimate
 from .errors import Diagnostic, PolicyError, dotted
 from .progress import NO_SAVE, Decision, Progress, checked_total
+from .rules import RuleModel, describe
 
-STATE_VERSION = 1
+#: Version 2 keys each rule's state by what the rule is (its canonical form),
+#: version 1 by its position in the policy.
+STATE_VERSION = 2
+_READS = (1, 2)
 
 
 class Decider:
@@ -150,7 +156,7 @@ class Decider:
 
     # -- internals --------------------------------------------------------------
     def _set_total(self, total: int | None) -> None:
-        old = self._compiled
+        old = self._node_states() if self._compiled is not None else None
         try:
             self._compiled = compile_rules(self.policy, total)
             self._unresolved = None
@@ -162,7 +168,7 @@ class Decider:
         finally:
             self._total = total
         if old is not None:
-            self._load_node_states(_node_states(old))
+            self._load_node_states(old, by_position=False)
         self._refresh()
 
     def _refresh(self) -> None:
@@ -209,35 +215,126 @@ class Decider:
             "last_save_step": self._last_save_step,
             "last_save_time": self._last_save_time,
             "total_steps": self._total,
-            "rules": _node_states(self._compiled) if self._compiled else {},
+            "rules": self._node_states() if self._compiled else {},
             "costs": [list(c) for c in self._costs],
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+    def _node_states(self) -> dict:
+        assert self._compiled is not None
+        states = {}
+        for (_, keys), nodes in zip(self._rule_keys(), _stateful_by_rule(self._compiled)):
+            for key, node in zip(keys, nodes):
+                states[key] = node.state()
+        return states
+
+    def fresh_state(self, step: int, time: float | None = None) -> dict:
+        """The state of this policy's decider that has just saved ``step`` and holds no rule state."""
+        return {"version": STATE_VERSION, "policy": self.policy.digest, "prev_step": step, "last_save_step": step,
+                "last_save_time": time, "total_steps": None, "rules": {}, "costs": []}
+
+    def load_state_dict(self, state: dict) -> Resumed:
+        """Continue from ``state``; what it returns says which rules kept their state.
+
+        A rule's state is matched by what the rule is (its kind and parameters,
+        :func:`rule_identity`), never by its position: under a changed policy,
+        the rules both policies hold keep their state and every other rule
+        starts fresh from the saved step, as a new decider would.
+        """
+        if not isinstance(state, dict) or state.get("version") not in _READS:
             found = state.get("version") if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f"decider state has version {found!r}; this saverules reads version {STATE_VERSION}")
-        self._prev = int(state["prev_step"])
+            raise ValueError(f"decider state has version {found!r}; this saverules reads versions 1 and 2")
+        prev = int(state["prev_step"])
         last = state.get("last_save_step")
-        self._last_save_step = None if last is None else int(last)
         t = state.get("last_save_time")
+        rules = state.get("rules") or {}
+        if not isinstance(rules, dict):
+            raise ValueError(f"decider state 'rules' must be a table, got {type(rules).__name__}")
+        costs = [check_cost(*c) for c in state.get("costs") or ()][-COST_WINDOW:]
+        saved_digest = state.get("policy")
+        same_policy = saved_digest == self.policy.digest
+        if state["version"] == 1 and not same_policy:
+            rules = {}  # positions of another policy say nothing about this one's rules
+        self._prev = prev
+        self._last_save_step = None if last is None else int(last)
         self._last_save_time = None if t is None else float(t)
         total = state.get("total_steps")
         if total is not None and int(total) != self._total:
             # the run's length is part of what is restored; a Progress that
             # carries another total changes it again at the next decision
             self._set_total(int(total))
-        self._load_node_states(state.get("rules") or {})
-        self._costs = [check_cost(*c) for c in state.get("costs") or ()][-COST_WINDOW:]
+        kept, fresh = self._load_node_states(rules, by_position=state["version"] == 1)
+        self._costs = costs
         self._cost = estimate(self._costs)
         self._refresh()
+        return Resumed(policy_changed=saved_digest is not None and not same_policy, kept=kept, fresh=fresh)
 
-    def _load_node_states(self, states: dict) -> None:
+    def _load_node_states(self, states: dict, by_position: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        kept: list[str] = []
+        fresh: list[str] = []
         if not self._compiled:
-            return
-        for key, node in _stateful(self._compiled):
-            if key in states:
-                node.load(states[key])
+            return (), ()
+        for (name, node_keys), nodes in zip(self._rule_keys(by_position), _stateful_by_rule(self._compiled)):
+            if not nodes:
+                continue  # a rule without state decides the same either way
+            found = [(states[key], node) for key, node in zip(node_keys, nodes) if key in states]
+            if len(found) == len(nodes):
+                for saved, node in found:
+                    node.load(saved)
+                kept.append(name)
+            else:
+                fresh.append(name)  # a new node's state is already fresh
+        return tuple(kept), tuple(fresh)
+
+    def _rule_keys(self, by_position: bool = False) -> list[tuple[str, list[str]]]:
+        """(name, the state key of each stateful node) for each compiled top-level rule, in order."""
+        out: list[tuple[str, list[str]]] = []
+        seen: dict[str, int] = {}
+        assert self._compiled is not None
+        tops: list[RuleModel | None] = [None] * (len(self._compiled) - len(self.policy.rules))
+        tops += list(self.policy.rules)
+        for index, ((node, _), rule) in enumerate(zip(self._compiled, tops)):
+            if by_position:
+                base = str(index)
+            else:
+                ident = "final" if rule is None else rule_identity(rule)
+                seen[ident] = seen.get(ident, 0) + 1
+                base = ident if seen[ident] == 1 else f"{ident}#{seen[ident]}"
+            keys = [f"{base}.{sub_index}" for sub_index, sub in enumerate(node.walk()) if hasattr(sub, "state")]
+            out.append(("final" if rule is None else describe(rule), keys))
+        return out
+
+
+def rule_identity(rule: RuleModel) -> str:
+    """What a rule is, as a short stable key: equal exactly for rules of the same kind and parameters."""
+    canonical = f"{type(rule).__name__}:{rule.model_dump_json()}"
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """What :meth:`Decider.load_state_dict` did with the saved rule states.
+
+    ``kept`` names the rules whose state continued (the same rule is in both
+    policies), ``fresh`` the rules with state that started fresh (new or
+    changed rules); rules without state are in neither.
+    """
+
+    policy_changed: bool
+    kept: tuple[str, ...] = ()
+    fresh: tuple[str, ...] = ()
+
+    def message(self, where: str, step: int) -> str | None:
+        """The one warning to show the user, or None when the policy did not change."""
+        if not self.policy_changed:
+            return None
+        kept = ", ".join(self.kept) or "none"
+        fresh = ", ".join(self.fresh) or "none"
+        return (
+            f"saverules: {where} (step {step}) was written under a different policy. Rules are matched by what "
+            f"they are, not by their position: rules in both policies keep their state (kept: {kept}); changed "
+            f"and new rules start fresh from step {step} (fresh: {fresh}). The new policy applies from here on, "
+            "retention included"
+        )
 
 
 def _as_progress(p) -> Progress:
@@ -274,15 +371,9 @@ def _clock_backwards_message(time: float, latest: float, step: int) -> str:
     )
 
 
-def _stateful(compiled):
-    for index, (node, _) in enumerate(compiled):
-        for sub_index, sub in enumerate(node.walk()):
-            if hasattr(sub, "state"):
-                yield f"{index}.{sub_index}", sub
-
-
-def _node_states(compiled) -> dict:
-    return {key: node.state() for key, node in _stateful(compiled)}
+def _stateful_by_rule(compiled) -> list[list]:
+    """For each compiled top-level rule, its nodes that hold state, in walk order."""
+    return [[sub for sub in node.walk() if hasattr(sub, "state")] for node, _ in compiled]
 
 
 # -- which rules a decision looks at ------------------------------------------------

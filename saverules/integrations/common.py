@@ -167,35 +167,26 @@ def make_decider(policy: Policy, total_steps: int | None, sync_seconds: float, m
                          sync_signals=sync_signals)
 
 
-def restore_decider(decider, data: Mapping[str, Any] | None, step: int, digest: str, owner: str) -> float | None:
-    """Restore the decider from the state saved at ``step``; return the training clock at that save.
+def restore_decider(decider, data: Mapping[str, Any] | None, step: int, owner: str) -> float | None:
+    """Restore the decider from the callback state saved at ``step``; return the training clock at that save.
 
-    Without a state (a checkpoint written without the callback), with a state
-    of another policy, or with one that does not load, the decider starts
-    fresh from ``step``, as if it had saved it, with a warning.
+    The decider continues by the store's one rule
+    (:func:`saverules.store.restore.restore_decider`): rules that both policies
+    hold keep their state, changed and new rules start fresh from ``step``, and
+    one warning says which.
     """
-    import warnings
-
-    from ..engine.decider import STATE_VERSION
+    from ..store.restore import restore_decider as restore
 
     clock = None
-    problem = None
-    if not data or not isinstance(data.get("decider"), dict):
-        problem = f"the checkpoint of step {step} holds no {owner} state (written without it?)"
-    else:
-        clock = data.get("clock")
-        clock = float(clock) if isinstance(clock, (int, float)) and math.isfinite(clock) else None
-        if data.get("policy_digest") != digest:
-            problem = f"the policy changed since step {step} was saved"
-        else:
-            try:
-                decider.load_state_dict(data["decider"])
-            except (ValueError, KeyError, TypeError) as exc:
-                problem = f"the decider state saved at step {step} does not load ({exc})"
-    if problem is not None:
-        warnings.warn(f"saverules: {problem}; the decider starts fresh from that step", stacklevel=3)
-        decider.load_state_dict({"version": STATE_VERSION, "prev_step": step, "last_save_step": step,
-                                 "last_save_time": clock, "total_steps": None, "rules": {}})
+    saved = None
+    if data:
+        raw = data.get("clock")
+        clock = float(raw) if isinstance(raw, (int, float)) and math.isfinite(raw) else None
+        saved = data.get("decider")
+        digest = data.get("policy_digest")
+        if isinstance(saved, dict) and saved.get("policy") is None and isinstance(digest, str):
+            saved = {**saved, "policy": digest}
+    restore(decider, saved, step, clock, f"the {owner} state in the checkpoint")
     return clock
 
 

@@ -28,6 +28,7 @@ from typing import Any
 from lightning.pytorch.callbacks import Checkpoint
 
 from ..engine.progress import Progress
+from ..store.fs import fs
 from . import manifest as fm
 from .common import (
     COMMON_OPTIONS,
@@ -85,6 +86,8 @@ class SaverulesCheckpoint(Checkpoint):
         self.saved_steps: list = []
         #: Checkpoint files removed by retention in this process.
         self.removed: list = []
+        self._warned: set[str] = set()  # checkpoints that failed verification, warned about once
+        self._validated: tuple[int, dict[str, float]] | None = None  # (step, metrics) of the last validation
 
     # -- where checkpoints live ----------------------------------------------------
 
@@ -148,7 +151,7 @@ class SaverulesCheckpoint(Checkpoint):
 
     def _restore(self, step: int) -> None:
         data, self._restored = self._restored, None
-        clock = restore_decider(self._decider, data, step, self.policy.digest, _OWNER)
+        clock = restore_decider(self._decider, data, step, _OWNER)
         self._clock.restore(clock)
         self._last_time = clock
 
@@ -197,6 +200,7 @@ class SaverulesCheckpoint(Checkpoint):
         if self._decider is None or trainer.sanity_checking or trainer.global_step < 1:
             return
         metrics = fm.clean_metrics(trainer.callback_metrics)
+        self._validated = (trainer.global_step, metrics)
         if self._saved_file is not None and self._saved_file[0] == trainer.global_step and trainer.is_global_zero:
             # validated after this step was saved: retention ranks the checkpoint by these metrics
             fm.update_metrics(self._saved_file[1], metrics)
@@ -224,6 +228,15 @@ class SaverulesCheckpoint(Checkpoint):
 
     # -- writing -----------------------------------------------------------------------
 
+    def _metrics_of(self, trainer, step: int) -> dict[str, float]:
+        """The metrics measured on this step's weights: Lightning keeps the last validation's values in
+        ``callback_metrics`` until the next one, so those of a validation at another step are left out."""
+        metrics = fm.clean_metrics(trainer.callback_metrics)
+        validated = self._validated
+        if validated is not None and validated[0] != step:
+            metrics = {k: v for k, v in metrics.items() if k not in validated[1]}
+        return metrics
+
     def _save(self, trainer, progress: Progress, reasons) -> None:
         step = progress.step
         self._last_time = progress.time
@@ -250,15 +263,13 @@ class SaverulesCheckpoint(Checkpoint):
             return
         fm.fsync_file(tmp)
         os.replace(tmp, final)
-        fm.fsync_dir(directory)
+        fs.fsync_dir(str(directory))
         self._saved_file = (step, final)
-        metrics = progress.metrics or fm.clean_metrics(trainer.callback_metrics)
+        metrics = progress.metrics or self._metrics_of(trainer, step)
         fm.write_manifest(final, framework="lightning", step=step, epoch=progress.epoch, time=progress.time,
                           reasons=reasons, metrics=metrics, final="final" in reasons or bool(progress.is_last),
                           policy_digest=self.policy.digest)
         say(describe(step, reasons) + f" -> {final}")
-        infos = [i for i in fm.scan(directory, verify=False) if i.framework in ("lightning", None)]
-        for info, why in fm.retention_plan(self.policy, infos):
-            fm.remove(info)
+        for info, why in fm.retain(directory, self.policy, "lightning", (), self._warned):
             self.removed.append(info.name)
             say(f"removed {info.name} (step {info.step}): {why}")

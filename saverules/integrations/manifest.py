@@ -23,7 +23,6 @@ kinds.  This module is pure Python: listing never imports torch.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -34,6 +33,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ..store.digest import hash_file
+from ..store.fs import fs
 from ..store.manifest import CheckpointInfo, Invalid, read_json
 
 __all__ = [
@@ -52,7 +53,6 @@ STORE_MANIFEST = "manifest.json"  # the checkpoint store's own manifest (saverul
 FRAMEWORKS = ("transformers", "lightning")
 
 _HF_DIR = re.compile(r"^checkpoint-(\d+)$")
-_CHUNK = 4 << 20
 
 
 class ManifestWarning(UserWarning):
@@ -75,33 +75,6 @@ class FrameworkCheckpoint(CheckpointInfo):
 
 
 # -- writing -------------------------------------------------------------------
-
-
-def hash_file(path: str | os.PathLike) -> tuple[int, str]:
-    """``(size, sha256 hex)`` of a file, read in chunks."""
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(_CHUNK)
-            if not chunk:
-                break
-            size += len(chunk)
-            digest.update(chunk)
-    return size, digest.hexdigest()
-
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def fsync_file(path: str | os.PathLike) -> None:
@@ -178,7 +151,7 @@ def write_manifest(
         files[rel] = {"size": size, "sha256": digest}
     if checkpoint.is_dir():
         for dirpath, _, _ in os.walk(checkpoint):
-            fsync_dir(dirpath)
+            fs.fsync_dir(str(dirpath))
     doc = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -206,7 +179,7 @@ def _replace_manifest(target: Path, doc: Mapping[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, target)
-    fsync_dir(target.parent)
+    fs.fsync_dir(str(target.parent))
 
 
 def update_metrics(checkpoint: str | os.PathLike, metrics: Mapping[str, Any]) -> bool:
@@ -433,16 +406,20 @@ def last_good(root: str | os.PathLike, verify: bool = True) -> FrameworkCheckpoi
 
 def retention_plan(policy: Any, infos: Sequence[FrameworkCheckpoint],
                    protect: Sequence[str | os.PathLike] = ()) -> list[tuple[FrameworkCheckpoint, str]]:
-    """The verified checkpoints that ``policy.retain`` drops, each with a sentence saying why.
+    """The usable checkpoints that ``policy.retain`` drops, each with a sentence saying why.
 
-    Checkpoints that do not verify are never touched.  The newest, the final
-    and the best are always kept by the retention rules; ``protect`` adds
+    Checkpoints that fail are never touched nor counted.  Retention sees them
+    through the store's own view (:func:`saverules.store.retain.retention_view`):
+    only the newest final stays pinned, so the finals of shorter runs before
+    an extension go as the store's and ``saverules.ls`` say.  ``protect`` adds
     paths that must stay (the trainer's own best model, say).
     """
+    from ..store.retain import retention_view
+
     valid = [i for i in infos if i.ok and i.step is not None]
     if policy.retention is None or not valid:
         return []
-    keep = policy.retain([i.as_checkpoint() for i in valid])
+    keep = policy.retain(retention_view(valid))
     guarded = {os.path.realpath(p) for p in protect}
     ret = policy.retention
     rules = [f"keep_last = {ret.keep_last}"]
@@ -453,6 +430,36 @@ def retention_plan(policy: Any, infos: Sequence[FrameworkCheckpoint],
     why = "no retention rule keeps it (" + ", ".join(rules) + ")"
     return [(info, why) for info, kept in zip(valid, keep)
             if not kept and os.path.realpath(info.path) not in guarded]
+
+
+def retain(root: str | os.PathLike, policy: Any, framework: str, protect: Sequence[str | os.PathLike] = (),
+           warned: set[str] | None = None) -> list[tuple[FrameworkCheckpoint, str]]:
+    """Apply the policy's retention to the ``framework`` checkpoints under ``root``; what it removed, and why.
+
+    As the store does: the plan is made from the manifests (sizes only); when
+    it would delete anything, every checkpoint is re-hashed and the plan made
+    again from the ones that verify, so a damaged checkpoint is never counted
+    in place of a good one.  One that fails is warned about once (``warned``
+    remembers) and left on disk.
+    """
+    def plan(verify: bool) -> list[tuple[FrameworkCheckpoint, str]]:
+        infos = [i for i in scan(root, verify=verify) if i.framework in (framework, None)]
+        if verify:
+            for info in infos:
+                if not info.ok and (warned is None or str(info.path) not in warned):
+                    if warned is not None:
+                        warned.add(str(info.path))
+                    warnings.warn(f"saverules: checkpoint {info.path} failed verification ({info.error}); it is not "
+                                  "counted by retention and is left on disk for you to inspect or delete",
+                                  ManifestWarning, stacklevel=4)
+        return retention_plan(policy, infos, protect=protect)
+
+    doomed = plan(verify=False)
+    if doomed:
+        doomed = plan(verify=True)
+    for info, _ in doomed:
+        remove(info)
+    return doomed
 
 
 def remove(info: FrameworkCheckpoint) -> None:
@@ -471,4 +478,4 @@ def remove(info: FrameworkCheckpoint) -> None:
             os.unlink(path)
         except FileNotFoundError:
             pass
-    fsync_dir(path.parent)
+    fs.fsync_dir(str(path.parent))

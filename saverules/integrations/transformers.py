@@ -42,7 +42,7 @@ from .common import (
     say,
 )
 
-__all__ = ["SaverulesCallback", "last_good_checkpoint", "ConflictingSettingsError"]
+__all__ = ["SaverulesCallback", "last_good_checkpoint", "best_checkpoint", "ConflictingSettingsError"]
 
 _OWNER = "SaverulesCallback"
 _OPTIONS = {**COMMON_OPTIONS, "stop_on_sigterm": True}
@@ -60,7 +60,37 @@ def last_good_checkpoint(output_dir: str | os.PathLike) -> str | None:
     if not os.path.isdir(output_dir):
         return None
     best = fm.last_good(output_dir)
-    return None if best is None else str(best.path)
+    if best is None:
+        return None
+    if not os.path.exists(os.path.join(best.path, "optimizer.pt")):
+        import warnings
+
+        warnings.warn(
+            f"saverules: {best.path} holds the model only (written with save_only_model=True?): no optimizer or "
+            "scheduler state. Resuming from it restarts the optimizer (Adam's moments) and the learning-rate "
+            "schedule; it continues the weights, not the training run. Leave save_only_model False to resume runs.",
+            fm.ManifestWarning, stacklevel=2,
+        )
+    return str(best.path)
+
+
+def best_checkpoint(output_dir: str | os.PathLike, metric: str, mode: str = "min") -> str | None:
+    """The verified ``checkpoint-N`` under ``output_dir`` with the best ``metric`` in its manifest.
+
+    ``mode`` is ``"min"`` or ``"max"``; on a tie the earlier step wins.  ``None``
+    when no verified checkpoint records the metric.  What
+    ``load_best_model_at_end`` would load, for a run whose saves the policy decides.
+    """
+    if mode not in ("min", "max"):
+        raise ValueError(f"best_checkpoint(mode=...) takes 'min' or 'max', got {mode!r}")
+    if not os.path.isdir(output_dir):
+        return None
+    scored = [(i.metrics[metric], i.step, str(i.path)) for i in fm.scan(output_dir)
+              if i.ok and i.framework in ("transformers", None) and i.metrics and metric in i.metrics]
+    if not scored:
+        return None
+    best = min(scored, key=lambda t: (t[0] if mode == "min" else -t[0], t[1]))
+    return best[2]
 
 
 def _barrier() -> None:
@@ -120,6 +150,7 @@ class SaverulesCallback(TrainerCallback, ExportableState):
         self.saved_steps: list = []
         #: Checkpoint directories removed by retention in this process.
         self.removed: list = []
+        self._warned: set[str] = set()  # checkpoints that failed verification, warned about once
 
     # -- the stateful-callback mechanism ---------------------------------------
 
@@ -158,6 +189,19 @@ class SaverulesCallback(TrainerCallback, ExportableState):
                 f"Pass the policy as a path, or leave that setting False: {_OWNER} restores its own state "
                 "from the checkpoint either way."
             )
+        if getattr(args, "load_best_model_at_end", False):
+            metric = getattr(args, "metric_for_best_model", None) or "loss"
+            name = metric if metric.startswith("eval_") else f"eval_{metric}"
+            mode = "max" if getattr(args, "greater_is_better", None) else "min"
+            raise ConflictingSettingsError(
+                "TrainingArguments(load_best_model_at_end=True) needs the Trainer to save on its own schedule "
+                f"(save_strategy equal to eval_strategy), and {_OWNER} needs save_strategy=\"no\", so the Trainer "
+                "would never know a best checkpoint to load. Leave load_best_model_at_end False; keep the best in "
+                f"the policy ([[rules]] kind = \"improved\", metric = \"{name}\", mode = \"{mode}\", and "
+                f"[retention.keep_best] metric = \"{name}\", mode = \"{mode}\"), and after trainer.train() load "
+                "saverules.transformers.best_checkpoint(output_dir, "
+                f"\"{name}\", \"{mode}\") with trainer._load_from_checkpoint(path) or from its model.safetensors."
+            )
         if args.save_total_limit is not None:
             raise ConflictingSettingsError(
                 f"TrainingArguments(save_total_limit={args.save_total_limit}) makes the Trainer delete checkpoints "
@@ -189,7 +233,7 @@ class SaverulesCallback(TrainerCallback, ExportableState):
         if isinstance(saved, list):
             saved = saved[0] if saved else None
         data = (saved or {}).get("attributes", {}).get("saverules_state") if isinstance(saved, dict) else None
-        clock = restore_decider(self._decider, data, state.global_step, self.policy.digest, _OWNER)
+        clock = restore_decider(self._decider, data, state.global_step, _OWNER)
         self._clock.restore(clock)
         self._last_time = clock
 
@@ -252,9 +296,7 @@ class SaverulesCallback(TrainerCallback, ExportableState):
             policy_digest=self.policy.digest,
         )
         protect = [state.best_model_checkpoint] if state.best_model_checkpoint else []
-        infos = [i for i in fm.scan(args.output_dir, verify=False) if i.framework in ("transformers", None)]
-        for info, why in fm.retention_plan(self.policy, infos, protect=protect):
-            fm.remove(info)
+        for info, why in fm.retain(args.output_dir, self.policy, "transformers", protect, self._warned):
             self.removed.append(info.name)
             say(f"removed {info.name} (step {info.step}): {why}")
 

@@ -419,6 +419,8 @@ def train(args: argparse.Namespace, *, clock: Callable[[], float] | None = None,
             f"--resume: the checkpoint at step {step} is already past the {total_steps} steps this run asks for "
             f"({asked}); nothing was trained or saved. To train on, pass a --max_steps above {step} (and enough "
             "--epochs); to train a shorter run, start from scratch in another --out_dir")
+    # what earlier runs left here: the summary accounts for each one this run's retention removes
+    earlier = sorted(e.step for e in ckpt.list() if e.ok and e.step is not None) if master and args.resume else []
 
     # ---- signals ---------------------------------------------------------------------------
     pending = {"signal": None}
@@ -544,7 +546,7 @@ def train(args: argparse.Namespace, *, clock: Callable[[], float] | None = None,
     if master:
         trained = step
         listing = list(ckpt.list())
-        print_summary(say, policy, ckpt_dir, listing, saves, start_step, trained, total_steps, stop_signal)
+        print_summary(say, policy, ckpt_dir, listing, saves, start_step, trained, total_steps, stop_signal, earlier)
     if ddp:
         dist.barrier()
         dist.destroy_process_group()
@@ -553,8 +555,13 @@ def train(args: argparse.Namespace, *, clock: Callable[[], float] | None = None,
     return 0
 
 
-def print_summary(say, policy, ckpt_dir, listing, saves, start_step, trained, total_steps, stop_signal) -> None:
-    """Where the checkpoints are, which were kept and why, and which trained steps no checkpoint holds."""
+def print_summary(say, policy, ckpt_dir, listing, saves, start_step, trained, total_steps, stop_signal,
+                  earlier=()) -> None:
+    """Where the checkpoints are, which were kept and why, and which trained steps no checkpoint holds.
+
+    ``earlier`` lists the steps of the checkpoints that earlier runs left in the
+    store when this run resumed: those this run's retention removed are named too.
+    """
     if stop_signal:
         say(f"stopped by {stop_signal} after step {trained} of {total_steps}")
     say(f"trained steps {start_step + 1}-{trained} in this run; saved "
@@ -575,6 +582,10 @@ def print_summary(say, policy, ckpt_dir, listing, saves, start_step, trained, to
     gone = [s for s, _ in saves if s not in on_disk]
     if gone:
         say(f"removed by retention: step{'s' if len(gone) > 1 else ''} {', '.join(map(str, gone))}")
+    gone_before = [s for s in earlier if s not in on_disk]
+    if gone_before:
+        say(f"removed by retention: step{'s' if len(gone_before) > 1 else ''} {', '.join(map(str, gone_before))} "
+            "saved by an earlier run (the retention of this run's policy no longer keeps them)")
     if trained == 0:
         return
     newest = max(on_disk, default=0)

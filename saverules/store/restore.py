@@ -1,17 +1,53 @@
-"""Resume: put a decoded checkpoint back into the caller's state and the decider."""
+"""Resume: put a decoded checkpoint back into the caller's state and the decider.
+
+:func:`restore_decider` is the one way a decider continues from a saved
+state, for the Checkpointer (both formats), the trainer callbacks and the
+synced DDP decider.  It imports no torch, so the callbacks use it too.
+"""
 from __future__ import annotations
 
-from collections.abc import MutableMapping
-from typing import Any
+from collections.abc import Mapping, MutableMapping
+from typing import TYPE_CHECKING, Any
 
 from .errors import CheckpointError, log, warn
-from .manifest import CheckpointInfo
-from .state import Payload, has_state_dict
+
+if TYPE_CHECKING:
+    from .manifest import CheckpointInfo
+    from .state import Payload
+
+
+def restore_decider(decider: Any, saved: Any, step: int, time: float | None, where: str) -> None:
+    """Continue ``decider`` from ``saved`` (a ``state_dict()``) of the save at ``step``.
+
+    Rules are matched by what they are: under a changed policy the rules both
+    policies hold keep their state and the others start fresh from ``step``;
+    one warning names which.  A state that is missing or does not load at all
+    starts every rule fresh from ``step``, as if it had just saved, with a
+    warning that says why.
+    """
+    problem = None
+    if not isinstance(saved, Mapping):
+        problem = "holds no decider state (written without saverules?)"
+    else:
+        try:
+            resumed = decider.load_state_dict(dict(saved))
+        except (ValueError, KeyError, TypeError) as exc:
+            problem = f"holds a decider state that does not load ({exc})"
+        else:
+            message = resumed.message(where, step) if resumed is not None else None
+            if message is not None:
+                warn(message)
+            return
+    warn(f"saverules: {where} (step {step}) {problem}; every rule starts fresh from step {step}")
+    fresh = decider.fresh_state(step, time)
+    decider.load_state_dict(fresh)
 
 
 def restore(info: CheckpointInfo, payload: Payload, state: MutableMapping[str, Any], decider: Any,
-            policy_digest: str) -> float:
+            policy_digest: str) -> float:  # noqa: ARG001 - the saved state names its own policy
     """Restore ``payload`` into ``state`` and ``decider``; the training clock to continue from."""
+    from .state import has_state_dict
+
     objects, values = payload.objects, payload.values
     for name, sd in objects.items():
         target = state.get(name)
@@ -36,17 +72,10 @@ def restore(info: CheckpointInfo, payload: Payload, state: MutableMapping[str, A
             )
             continue
         state[name] = value
-    try:
-        decider.load_state_dict(payload.decider)
-    except Exception as exc:
-        warn(
-            f"saverules: the decider state in {info.path} does not fit this policy ({exc}); "
-            "the decider starts fresh from the saved step"
-        )
-        decider.note_save(info.step, info.time)
-    if info.policy_digest is not None and info.policy_digest != policy_digest:
-        log.info("checkpoint %s was written under a different policy (digest %s)", info.path,
-                 info.policy_digest[:12])
+    saved = payload.decider
+    if isinstance(saved, dict) and saved.get("policy") is None and info.policy_digest is not None:
+        saved = {**saved, "policy": info.policy_digest}  # a state written before it named its policy
+    restore_decider(decider, saved, info.step if info.step is not None else 0, info.time, f"checkpoint {info.path}")
     clock = payload.clock if payload.clock is not None else info.time
     log.info("resumed from checkpoint %s (step %d)", info.path, info.step)
     return float(clock) if clock is not None else 0.0

@@ -372,7 +372,7 @@ def test_state_dict_is_versioned_json():
     d = saverules.load(ROOT / "rules" / "default.toml").compile(40000)
     run(d, range(1, 2500), total=40000)
     state = d.state_dict()
-    assert state["version"] == 1
+    assert state["version"] == 2
     assert json.loads(json.dumps(state)) == state
     with pytest.raises(ValueError, match="version"):
         d.load_state_dict({**state, "version": 99})

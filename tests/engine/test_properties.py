@@ -253,7 +253,7 @@ def test_resume_from_a_json_state_dict_changes_no_later_decision(case, data):
         else:
             _outcome(whole, item)
     state = json.loads(json.dumps(whole.state_dict()))
-    assert state["version"] == 1
+    assert state["version"] == 2
     resumed = policy.compile(data.draw(st.sampled_from([compile_total, None]), label="resumed_total"))
     resumed.load_state_dict(state)
     for item in items[cut:]:

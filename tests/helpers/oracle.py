@@ -171,6 +171,40 @@ class Oracle:
         if time is not None:
             self.clock_anchor = time
 
+    def resumed_under(self, policy) -> Oracle:
+        """An oracle for ``policy`` continuing this run after a restart at the last decision.
+
+        A top-level rule keeps its state only when this run's policy holds the
+        same rule (same kind, same parameters); the k-th copy of a rule pairs
+        with the k-th copy.  Every other rule starts fresh.
+        """
+        new = Oracle(policy, self.total)
+        new.prev, new.saved, new.last_save_step = self.prev, set(self.saved), self.last_save_step
+        new.clock_anchor, new.costs = self.clock_anchor, list(self.costs)
+        mapping: dict[tuple, tuple] = {}
+        if self.policy.final and policy.final:
+            mapping[("final",)] = ("final",)
+        old_by_what: dict[tuple, list[int]] = {}
+        for i, rule in enumerate(self.policy.rules):
+            old_by_what.setdefault((type(rule), rule.model_dump_json()), []).append(i)
+        for j, rule in enumerate(policy.rules):
+            olds = old_by_what.get((type(rule), rule.model_dump_json()))
+            if olds:
+                mapping[("rules", olds.pop(0))] = ("rules", j)
+
+        def moved(path: tuple) -> tuple | None:
+            for old, now in mapping.items():
+                if path[: len(old)] == old:
+                    return now + path[len(old):]
+            return None
+
+        for table, into in ((self.final_fired, new.final_fired), (self.fired_values, new.fired_values)):
+            for path, value in table.items():
+                target = moved(path)
+                if target is not None:
+                    into[target] = value if not isinstance(value, list) else list(value)
+        return new
+
     def _check_resolvable(self) -> None:
         """Shares need a total before any decision, whether or not their rule would fire."""
         for rule in self.policy.rules:
