@@ -9,10 +9,9 @@ ends are dotted lines, the steps that are in no checkpoint (``final = false``) a
 hatched, and the part of a long run whose saves are counted but not listed is
 hatched and its count written in.
 
-A row holds one lane per storage tier.  A simulation has one today (the local
-checkpoints); a :class:`~saverules.engine.simulate.Simulation` that carries a
-``tiers`` mapping (tier name to an object with ``saves`` and ``kept``, as the
-durable tiers will) gets a lane for each tier below the local one.
+A row holds one lane per storage tier: one for a policy without a ``[durable]``
+table, and for one with it a local lane (every local save, durable promotions
+included) above a durable lane (see :mod:`saverules.engine.tiers`).
 
 Only this module imports matplotlib, and only when a plot is asked for: it is the
 optional extra ``saverules[plot]``.  Every artist that carries information has a
@@ -24,7 +23,7 @@ what was drawn: ``saves-R-L-K`` (the saves of row R, lane L, rule K), ``kept-R-L
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +37,7 @@ if TYPE_CHECKING:
 
     from .check import Report
     from .engine.simulate import Simulation
+    from .engine.tiers import TierSimulation
 
 SUFFIXES = (".png", ".svg")
 INSTALL = "pip install 'saverules[plot]'"
@@ -108,11 +108,21 @@ class Row:
     unlisted: Span | None = None   # where saves are counted, not listed
 
 
-def lanes_of(sim: Simulation) -> tuple[Lane, ...]:
-    """The local lane, then one per storage tier the simulation carries (see the module's docs)."""
-    tiers: Mapping[str, Any] = getattr(sim, "tiers", None) or {}
-    local = Lane("local" if tiers else "saves", tuple(sim.saves) + tuple(sim.last_saves), frozenset(sim.kept))
-    return (local,) + tuple(Lane(str(name), tuple(t.saves), frozenset(t.kept)) for name, t in tiers.items())
+def lanes_of(sim: Simulation, tiers: TierSimulation | None = None) -> tuple[Lane, ...]:
+    """One lane for a policy of one tier; with a ``[durable]`` tier, the local lane then the durable one.
+
+    The local lane of a policy with tiers shows every local save, the durable
+    saves' promotions included (a durable save commits a local checkpoint
+    first), and what the local retention keeps; the durable lane shows the
+    durable tier's saves and what its retention keeps.
+    """
+    if tiers is None:
+        return (Lane("saves", tuple(sim.saves) + tuple(sim.last_saves), frozenset(sim.kept)),)
+    durable = tiers.durable
+    return (
+        Lane("local", tuple(tiers.local_saves), frozenset(tiers.local_kept)),
+        Lane("durable", tuple(durable.saves) + tuple(durable.last_saves), frozenset(durable.kept)),
+    )
 
 
 def largest_gap(sim: Simulation) -> tuple[int, int]:
@@ -164,7 +174,8 @@ def row_of(report: Report) -> Row | str:
         count = f"more than {len(sim.saves):,} saves ({len(sim.saves):,} drawn)"
     upto = "" if sim.complete else f" at step {sim.listed_to:,}"
     title = f"{report.file}: {count}, {len(sim.kept):,} kept at the end{upto}"
-    return Row(title, sim.total_steps, sim.steps_per_epoch, sim.step_seconds, lanes_of(sim), gap, unsaved, unlisted)
+    lanes = lanes_of(sim, report.tiers)
+    return Row(title, sim.total_steps, sim.steps_per_epoch, sim.step_seconds, lanes, gap, unsaved, unlisted)
 
 
 # -- drawing ----------------------------------------------------------------------

@@ -201,21 +201,52 @@ def test_a_run_with_more_saves_than_listed_states_the_counted_remainder(tmp_path
     png_size(out)
 
 
-def test_a_policy_with_a_tier_gets_a_lane_per_tier():
-    """Tiers are not on main yet: a Simulation carrying ``tiers`` (the interface plot.lanes_of reads)."""
-    (report,) = reports(str(REPO / "rules/default.toml"))
-    sim = report.simulation
-    durable = reports(str(REPO / "rules/minimind-legacy.toml"))[0].simulation
-    assert len(plot.lanes_of(sim)) == 1
-    sim.tiers = {"durable": durable}
-    lanes = plot.lanes_of(sim)
-    assert [lane.name for lane in lanes] == ["local", "durable"]
-    fig = plot.figure([plot.row_of(report)])
-    steps = sorted(x for c in by_gid(fig, r"saves-0-1-\d+") for x in c.get_offsets()[:, 0])
-    assert steps == durable.saved_steps
-    (kept,) = by_gid(fig, "kept-0-1")
-    assert sorted(kept.get_offsets()[:, 0]) == durable.kept
-    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["local", "durable"]
+DURABLE = """\
+version = 1
+[run]
+total_steps = 1000
+[[rules]]
+kind = "every_steps"
+every = 50
+[retention]
+keep_last = 2
+[storage]
+dir = "local"
+[durable]
+dir = "s3://bucket/run"
+[[durable.rules]]
+kind = "every_steps"
+every = 300
+[durable.retention]
+keep_last = 2
+"""
+
+
+def test_the_durable_lane_exists_exactly_when_the_policy_has_a_durable_tier(tmp_path):
+    two = tmp_path / "two-tiers.toml"
+    two.write_text(DURABLE)
+    one = tmp_path / "one-tier.toml"
+    one.write_text(DURABLE.split("[durable]")[0])
+    reports_ = reports(str(one), str(two))
+    fig = plot.figure([plot.row_of(r) for r in reports_])
+    # row 0 (one tier): a single lane; row 1: local above durable
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["saves"]
+    assert [t.get_text() for t in fig.axes[1].get_yticklabels()] == ["local", "durable"]
+    assert not by_gid(fig, r"saves-0-1-\d+") and not by_gid(fig, r"kept-0-1")
+    tiers = reports_[1].tiers
+    assert tiers is not None
+    durable = sorted(x for c in by_gid(fig, r"saves-1-1-\d+") for x in c.get_offsets()[:, 0])
+    assert durable == [s for s, _ in tiers.durable.saves] == [300, 600, 900, 1000]
+    (kept,) = by_gid(fig, "kept-1-1")
+    assert sorted(kept.get_offsets()[:, 0]) == sorted(tiers.durable.kept)
+    local = sorted(x for c in by_gid(fig, r"saves-1-0-\d+") for x in c.get_offsets()[:, 0])
+    assert local == [s for s, _ in tiers.local_saves]
+    (lkept,) = by_gid(fig, "kept-1-0")
+    assert sorted(lkept.get_offsets()[:, 0]) == sorted(tiers.local_kept)
+    out = tmp_path / "tiers.png"
+    code, _, _ = run_check(str(two), "--plot", str(out))
+    assert code == 0
+    png_size(out)
 
 
 def test_files_that_cannot_be_drawn_are_named_in_the_figure(tmp_path):
