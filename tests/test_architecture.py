@@ -89,3 +89,9 @@ def test_only_the_plot_module_imports_matplotlib_and_only_when_asked():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stderr.strip() == "[]", out.stderr
+
+
+def test_test_modules_have_unique_names():
+    """pytest imports test modules by their file name, so two folders must never hold the same one."""
+    names = [p.name for p in (REPO / "tests").rglob("test_*.py")]
+    assert sorted(names) == sorted(set(names)), sorted({n for n in names if names.count(n) > 1})
