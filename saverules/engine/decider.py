@@ -328,12 +328,12 @@ class Resumed:
         if not self.policy_changed:
             return None
         kept = ", ".join(self.kept) or "none"
-        fresh = ", ".join(self.fresh) or "none"
+        fresh = ", ".join(self.fresh) or "none had any to drop"
         return (
             f"saverules: {where} (step {step}) was written under a different policy. Rules are matched by what "
-            f"they are, not by their position: rules in both policies keep their state (kept: {kept}); changed "
-            f"and new rules start fresh from step {step} (fresh: {fresh}). The new policy applies from here on, "
-            "retention included"
+            f"they are, not by their position: rules in both policies keep their decider state (kept: {kept}); "
+            f"changed and new rules start fresh from step {step} (fresh: {fresh}; a rule without state decides "
+            "the same either way). The new policy applies from here on, retention included"
         )
 
 

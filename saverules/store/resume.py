@@ -22,6 +22,7 @@ from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
+from . import layout
 from .errors import CheckpointError, NoValidCheckpointError, UnsafeCheckpointError, type_name, warn
 from .manifest import CheckpointInfo
 from .verify import VerifyCache, gone, newest_good, sort_key
@@ -75,19 +76,29 @@ def pick(root: Path, cache: VerifyCache, skip: Callable[[CheckpointInfo], None],
         rejected.append(info)
         skip(info)
 
-    for info in newest_good(root, cache, passed_over, deep=deep):
-        if decode is None:
-            return info, None
-        try:
-            return info, decode(info)
-        except UnsafeCheckpointError:
-            raise
-        except CheckpointError as exc:
-            failed = dataclasses.replace(info, verified=False, error=str(exc))
-            if not gone(failed):  # removed while it was read (by retention): gone, not damaged
-                passed_over(failed)
+    # A writer's retention can remove every checkpoint of one listing while a reader walks it (each
+    # one gone, none damaged): the store is then listed again, a bounded number of times, since
+    # a newer checkpoint took their place.
+    for _attempt in range(_RELISTS):
+        for info in newest_good(root, cache, passed_over, deep=deep):
+            if decode is None:
+                return info, None
+            try:
+                return info, decode(info)
+            except UnsafeCheckpointError:
+                raise
+            except CheckpointError as exc:
+                failed = dataclasses.replace(info, verified=False, error=str(exc))
+                if not gone(failed):  # removed while it was read (by retention): gone, not damaged
+                    passed_over(failed)
+        if rejected or not layout.candidates(root):
+            break
     none_valid(root, rejected_pairs(rejected), if_none_valid)
     return None
+
+
+#: How many times a reader lists a store whose checkpoints all vanished while it read them.
+_RELISTS = 5
 
 
 def rejected_pairs(rejected: list[CheckpointInfo]) -> list[tuple[str, str]]:

@@ -46,11 +46,15 @@ while True:
         print("ready", flush=True)
 """
 
+# the writer's own policy: a reader under another one would be told, once per load, that the policy changed
 READER_POLICY = """
 version = 1
+final = false
 [[rules]]
 kind = "every_steps"
 every = 1
+[retention]
+keep_last = 2
 [storage]
 format = "tensors"
 """
@@ -82,6 +86,8 @@ def test_ls_and_a_read_only_resume_never_call_a_pruned_checkpoint_failed(tmp_pat
     finally:
         os.killpg(writer.pid, signal.SIGKILL)
         writer.wait()
+        if writer.stdout is not None:
+            writer.stdout.close()
     bad = [out for rc, out in outcomes if rc != 0 or "FAILED" in out]
     assert not bad, bad[0]
     assert loads > 20

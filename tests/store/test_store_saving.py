@@ -139,6 +139,8 @@ def test_only_rank_0_writes_and_the_manifest_records_the_world_size(tmp_path, mo
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_rank", lambda group=None: rank)
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    # the ranks compare their policies once (saverules.distributed.agree_on_policy): both hold this one
+    monkeypatch.setattr(dist, "all_gather_object", lambda out, obj, group=None: out.__setitem__(slice(None), [obj] * len(out)))
     ck = Checkpointer(policy(), tmp_path / "store")  # step rules only: the decision needs no collective
     assert ck.world_size == 2 and ck.is_writer == (rank == 0)
     decisions = [ck.step(Progress(s, total_steps=4), small_state(s)).save for s in range(1, 5)]
