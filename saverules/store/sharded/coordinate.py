@@ -72,7 +72,7 @@ def _describe(exc: BaseException) -> str:
     try:
         from torch.distributed.checkpoint.api import CheckpointException
     except ImportError:  # pragma: no cover
-        CheckpointException = ()  # type: ignore[assignment]
+        CheckpointException = ()  # type: ignore[assignment,misc]  # an empty tuple: isinstance below is then always False
     if isinstance(exc, CheckpointException):
         parts = []
         for r, (err, _trace) in sorted(exc.failures.items()):

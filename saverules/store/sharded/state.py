@@ -29,7 +29,7 @@ import torch
 try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover - torch builds without distributed
-    DTensor = None  # type: ignore[assignment]
+    DTensor = None  # type: ignore[assignment,misc]  # rebinding the class: None marks "no DTensor in this build"
 
 #: A tensor's place in a skeleton: the keys and list indices from the top.
 Path = tuple[Any, ...]
