@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, StateTypeError, UnsafeCheckpointError, warn, write_error
-from ..formats import Encoded, Format, Output, Source, torchfile
+from ..formats import Encoded, FileEntry, Format, Output, Source, torchfile
 from ..state import Payload, capture, checked
 from ..writer import HashingFile, Stable, tensors_in
 
@@ -149,7 +149,7 @@ class DcpFormat(Format):
 
         data = torchfile.payload_dict(sp.payload, sp.payload.objects, None)
         data["dcp"] = sp.layouts
-        files: dict[str, dict[str, Any]] = {}
+        files: dict[str, FileEntry | None] = {}
         failure: BaseException | None = None
         try:
             files[rank_file(rank)] = out.write(rank_file(rank), lambda f: torch.save(data, f), tensors_in(data))
