@@ -26,7 +26,7 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -176,7 +176,8 @@ def read_storages(path: Path, mmap: bool = False, expected: tuple[str, str] | No
             if stream is not None:
                 stream.h.update(len(raw).to_bytes(8, "little") + raw)
             if mmap:
-                whole = torch.UntypedStorage.from_file(str(path), False, size)
+                # torch's stub types from_file as _StorageBase; on UntypedStorage it makes an UntypedStorage
+                whole = cast(torch.UntypedStorage, torch.UntypedStorage.from_file(str(path), False, size))
                 if stream is not None and size > start:
                     mapped = torch.empty(0, dtype=torch.uint8).set_(whole, 0, (size,), (1,))
                     stream.h.update(mapped.numpy().data[start:])

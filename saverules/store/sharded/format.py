@@ -138,7 +138,9 @@ class DcpFormat(Format):
         payload = capture(rest, step, decider_state, clock, snap)  # finishes the snapshot
         return ShardedPayload(payload, plain, tensors, summary, late)
 
-    def encode(self, sp: ShardedPayload, out: Output, *, rank: int, group: Any) -> Encoded:
+    # only coordinate.commit encodes a sharded payload, and it passes the rank and the group: the
+    # base signature has neither
+    def encode(self, sp: ShardedPayload, out: Output, *, rank: int, group: Any) -> Encoded:  # type: ignore[override]
         """Write this rank's files into ``out.dir``: its rank file, then its shards (a collective on ``group``)."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
