@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import sys
+import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -31,7 +32,7 @@ from .engine.errors import Diagnostic, PolicyError
 from .engine.limits import MAX_STEPS, steps_text
 from .engine.loader import load
 from .engine.policy import Policy
-from .engine.quantities import Share, _validate_duration, _validate_size, format_seconds, resolve_steps
+from .engine.quantities import Duration, Share, Size, _validate_duration, _validate_size, format_seconds, resolve_steps
 from .engine.simulate import Simulation
 from .engine.tiers import TierSimulation, simulate_tiers
 
@@ -140,9 +141,9 @@ def _costs(args, policy: Policy) -> dict:
         value = getattr(args, name, None)
         if value is None and run is not None:
             value = getattr(run, name)
-        if hasattr(value, "seconds"):
+        if isinstance(value, Duration):
             value = value.seconds
-        elif hasattr(value, "bytes"):
+        elif isinstance(value, Size):
             value = value.bytes
         out[name] = value
     return out
@@ -297,8 +298,8 @@ def _longer_than_run(rule, total, epochs, secs) -> tuple[str, str] | None:
             return "every", (f"interval {rule.every} is longer than the run "
                              f"({format_seconds(total * secs)} of training): it never fires")
     if isinstance(rule, R.EpochEndRule) and rule.every > epochs:
-        every = "every epoch" if rule.every == 1 else f"every {rule.every} epochs"
-        return "every", (f"{every}, but {_plural(epochs, 'epoch')} end{'s' if epochs == 1 else ''} in this run "
+        cadence = "every epoch" if rule.every == 1 else f"every {rule.every} epochs"
+        return "every", (f"{cadence}, but {_plural(epochs, 'epoch')} end{'s' if epochs == 1 else ''} in this run "
                          "(an epoch ends at a multiple of steps_per_epoch): it never fires")
     return None
 
@@ -381,10 +382,13 @@ def gap_text(sim: Simulation) -> str:
 
 
 def _run_line(r: Report) -> str:
-    parts = [_plural(r.total_steps, "step")]
+    total = r.total_steps
+    if total is None:
+        raise ValueError(f"{r.file}: the run line needs a run length; only a simulated report has one")
+    parts = [_plural(total, "step")]
     spe = r.steps_per_epoch
     if spe:
-        ended, rest = divmod(r.total_steps, spe)
+        ended, rest = divmod(total, spe)
         if not ended:
             parts.append(f"less than one epoch of {_fmt_steps(spe)} (no epoch ends)")
         elif rest:
@@ -393,12 +397,12 @@ def _run_line(r: Report) -> str:
         else:
             parts.append(f"{_plural(ended, 'epoch')} of {_fmt_steps(spe)}")
     if r.step_seconds:
-        parts.append(f"{r.step_seconds:g} s/step ({format_seconds(r.total_steps * r.step_seconds)})")
+        parts.append(f"{r.step_seconds:g} s/step ({format_seconds(total * r.step_seconds)})")
     return ", ".join(parts) + (f"   (from {r.shape_from})" if r.shape_from else "")
 
 
 def _summarise_reasons(saves) -> str:
-    counts = {}
+    counts: dict[str, int] = {}
     for _, reasons in saves:
         for reason in reasons:
             counts[reason] = counts.get(reason, 0) + 1
@@ -411,6 +415,8 @@ def render_text(r: Report, show_all: bool, out) -> None:
     if r.errors:
         return
     policy, sim = r.policy, r.simulation
+    if policy is None:
+        raise ValueError(f"{r.file}: a report without errors must hold its policy")
     rules = len(policy.rules)
     guarantee = "the final step is always saved" if policy.final else "final step NOT guaranteed"
     print(f"{r.file}: valid, {rules} rule{'s' if rules != 1 else ''}, {guarantee}", file=out)
@@ -459,15 +465,15 @@ def render_text(r: Report, show_all: bool, out) -> None:
                 print(row(s, reasons), file=out)
         upto = "" if sim.complete else f" (at step {sim.listed_to:,}, where the listing stops)"
         kept = sim.kept if len(sim.kept) <= ELIDE_ABOVE or show_all else sim.kept[-SHOWN_AT_EACH_END:]
-        kept = ("..., " if len(kept) < len(sim.kept) else "") + (", ".join(_fmt_steps(s) for s in kept) or "none")
-        print(f"  kept     {kept}   ({len(sim.kept)} at the end{upto}, at most {sim.peak_kept} at once, "
+        kept_text = ("..., " if len(kept) < len(sim.kept) else "") + (", ".join(_fmt_steps(s) for s in kept) or "none")
+        print(f"  kept     {kept_text}   ({len(sim.kept)} at the end{upto}, at most {sim.peak_kept} at once, "
               f"{sim.peak_on_disk} on disk while the next is written)", file=out)
         print(f"  max gap  {gap_text(sim)}: the most work a crash can lose", file=out)
         if not sim.complete and sim.fired_total is not None:
             counts = sorted(sim.fired_total.items(), key=lambda item: -item[1])
-            shown = counts if show_all or len(counts) <= SHOWN_AT_EACH_END else counts[:SHOWN_AT_EACH_END]
-            rest = f", and {len(counts) - len(shown):,} more reasons (--all lists them)" if len(shown) < len(counts) else ""
-            print(f"  fired    {', '.join(f'{reason} x{n:,}' for reason, n in shown)}{rest}", file=out)
+            top = counts if show_all or len(counts) <= SHOWN_AT_EACH_END else counts[:SHOWN_AT_EACH_END]
+            rest = f", and {len(counts) - len(top):,} more reasons (--all lists them)" if len(top) < len(counts) else ""
+            print(f"  fired    {', '.join(f'{reason} x{n:,}' for reason, n in top)}{rest}", file=out)
         print(f"  timeline 0 [{_timeline(sim)}] {_fmt_steps(sim.total_steps)}", file=out)
         if r.cost is not None:
             for line in report_lines(r.cost):
@@ -617,14 +623,15 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
-    draw = None
+    draw: types.ModuleType | None = None
     if args.plot is not None:
-        from . import plot as draw  # only --plot imports matplotlib
+        from . import plot  # only --plot imports matplotlib
 
+        draw = plot
         try:
-            draw.check_target(args.plot)
-            draw.require()
-        except draw.PlotError as exc:
+            plot.check_target(args.plot)
+            plot.require()
+        except plot.PlotError as exc:
             p.print_usage(sys.stderr)
             print(f"{p.prog}: error: {exc}", file=sys.stderr)
             return 2

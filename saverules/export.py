@@ -63,7 +63,7 @@ def _read_entry(info, name: str):
 
     try:
         fmt = formats.get(info.format)
-        if hasattr(fmt, "read_object"):
+        if hasattr(fmt, "read_object") and hasattr(fmt, "entries"):  # the sharded format has both
             source = formats.Source.of(info.path, info.manifest)
             try:
                 return fmt.read_object(source, name)

@@ -668,7 +668,7 @@ def compile_rules(policy, total: int | None):
 
     A reason is a string, or a :class:`CostReason` to call with the decider.
     """
-    compiled = []
+    compiled: list[tuple[Node, CostReason | str]] = []
     if policy.final:
         compiled.append((Final(), "final"))
     for i, rule in enumerate(policy.rules):

@@ -33,14 +33,14 @@ Cost = tuple[float, float]  # (stall seconds c, write seconds w)
 
 def check_cost(stall_seconds: object, write_seconds: object = None) -> Cost:
     """Validate one measured save cost; ``write_seconds`` defaults to the stall (a synchronous save)."""
-    values = []
+    values: list[float] = []
     for name, value in (("stall_seconds", stall_seconds), ("write_seconds", write_seconds)):
         if value is None and name == "write_seconds":
             values.append(values[0])
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             try:
-                value = float(value)  # numpy scalars
+                value = float(value)  # type: ignore[arg-type]  # numpy scalars; any other object raises TypeError
             except (TypeError, ValueError):
                 raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}") from None
         value = float(value)
@@ -207,7 +207,7 @@ def cost_report(
         fields["saving_seconds"] = saves * save_seconds
         if run is not None:
             fields["saving_share"] = saves * save_seconds / run
-    if run is None:
+    if run is None or step_seconds is None:  # run is None exactly when step_seconds is
         return CostReport(**fields)
     rework = rework_per_failure(save_steps, total_steps, step_seconds)
     fields["rework_seconds"] = rework
@@ -260,12 +260,13 @@ def report_lines(report: CostReport) -> list[str]:
         rows.append(("failures", text))
     if report.waste_share is not None:
         text = f"this policy wastes {_pct(report.waste_share)} ({format_seconds(report.waste_seconds)})"
-        if report.optimum_interval is not None:
+        if report.optimum_interval is not None and report.optimum_waste_share is not None:
             text += (f"; saving every {format_seconds(report.optimum_interval)} would waste "
                      f"{_pct(report.optimum_waste_share)} ({format_seconds(report.optimum_waste_seconds)}, "
                      "the Young/Daly interval)")
         rows.append(("waste", text))
-    if report.peak_bytes is not None:
+    if report.peak_bytes is not None and report.total_bytes is not None and report.checkpoint_bytes is not None:
+        # cost_report sets the three together
         rows.append(("disk", f"at most {format_bytes(report.peak_bytes)} at once (with the checkpoint being "
                              "written before retention prunes), "
                              f"{format_bytes(report.total_bytes)} written in all "
@@ -278,10 +279,10 @@ def report_warnings(report: CostReport) -> list[str]:
     from .quantities import format_seconds
 
     out = []
-    if report.saving_too_costly:
+    if report.saving_too_costly and report.saving_share is not None:
         out.append(f"saving takes {_pct(report.saving_share)} of the run's training time (more than "
                    f"{SAVING_SHARE_WARNING:.0%}): save less often, or save asynchronously")
-    if report.wasteful:
+    if report.wasteful and report.waste_share is not None and report.optimum_waste_share is not None:
         out.append(f"this policy wastes {_pct(report.waste_share)} of the run, more than twice the "
                    f"{_pct(report.optimum_waste_share)} of saving every {format_seconds(report.optimum_interval)} "
                    '(the Young/Daly interval); consider kind = "adaptive" with mtbf')

@@ -11,6 +11,7 @@ import re
 import sys
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from .errors import Diagnostic, PolicyError
 from .limits import MAX_FILE_BYTES, MAX_NESTING, MAX_RULES
@@ -32,7 +33,7 @@ _MODELS: tuple[type[BaseModel], ...] = (
 _KNOWN_KEYS = sorted({name for model in _MODELS for name in model.model_fields})
 
 
-def _suggest(word: str, choices) -> str:
+def _suggest(word: object, choices) -> str:
     close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ""
 
@@ -47,7 +48,7 @@ def _strip_tags(loc: tuple) -> tuple:
     return tuple(out)
 
 
-def _message(error: dict) -> str:
+def _message(error: ErrorDetails) -> str:
     kind = error["type"]
     ctx = error.get("ctx") or {}
     if kind == "union_tag_invalid":
@@ -138,8 +139,8 @@ def _syntax_error(exc: Exception, source: str, text: str) -> Diagnostic:
         lines = text.split("\n")
         line, col = len(lines), len(lines[-1]) + 1
         message = _TOML_END.sub("", message)
-    lines = max(1, text.count("\n") + 1)
-    line = min(max(line, 1), lines)
+    line_count = max(1, text.count("\n") + 1)
+    line = min(max(line, 1), line_count)
     return Diagnostic(source, line, max(col, 1), f"TOML syntax: {message}")
 
 

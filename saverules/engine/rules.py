@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, cast, get_args
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -302,17 +302,19 @@ def describe(rule: RuleModel, annotate: Callable[[RuleModel], dict[str, str]] | 
     """
     fields = _written(rule)
     extra = annotate(rule) if annotate is not None else {}
+    # RuleModel is only a base: every rule object is one of the kinds in the Rule union
+    kind = cast("Rule", rule).kind
     if isinstance(rule, (AllRule, AnyRule)):
         inner = ", ".join(describe(r, annotate) for r in rule.rules)
         more = "".join(f", {k}={_format_value(v)}" for k, v in fields.items() if k != "rules")
-        return f"{rule.kind}({inner}{more})"
+        return f"{kind}({inner}{more})"
     if isinstance(rule, NotRule):
         more = "".join(f", {k}={_format_value(v)}" for k, v in fields.items() if k != "rule")
         return f"not({describe(rule.rule, annotate)}{more})"
     parts = [f"{k}={_format_value(v)}" for k, v in fields.items()] + [f"{k}={v}" for k, v in extra.items()]
     if not parts:
-        return rule.kind
-    return f"{rule.kind}(" + ", ".join(parts) + ")"
+        return kind
+    return f"{kind}(" + ", ".join(parts) + ")"
 
 
 _ANNOTATION = re.compile(r", interval=[^,()]*(?=\))")

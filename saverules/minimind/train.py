@@ -26,6 +26,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
+
     from saverules import Decision
     from saverules.store.checkpointer import Checkpointer
 
@@ -108,7 +111,7 @@ def rules_path(given: str | None) -> str:
         return DEFAULT_RULES
     from importlib import resources
 
-    packaged = resources.files("saverules").joinpath("rules", "default.toml")
+    packaged = resources.files("saverules").joinpath("rules").joinpath("default.toml")
     if packaged.is_file():
         return str(packaged)
     raise UsageError(f"no {DEFAULT_RULES} here and no packaged default policy; pass --rules PATH")
@@ -313,18 +316,19 @@ def train(args: argparse.Namespace, *, clock: Callable[[], float] | None = None,
             amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    fsdp_model: FSDPModule | None = None  # set with --fsdp under torchrun
+    ddp_model: DistributedDataParallel | None = None  # set under torchrun otherwise
+    train_model: torch.nn.Module = model
     if args.fsdp and ddp:
         from torch.distributed.fsdp import fully_shard
 
         for block in model.layers:  # one FSDP unit per block, the rest (tied embedding, norm) at the root
             fully_shard(block)
-        fully_shard(model)
-        train_model = model
+        fsdp_model = fully_shard(model)  # the model itself, its class now an FSDPModule
     elif ddp:
-        train_model = torch.nn.parallel.DistributedDataParallel(
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    else:
-        train_model = model
+        train_model = ddp_model
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.1, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, total_steps, warmup))
 
@@ -469,11 +473,11 @@ def train(args: argparse.Namespace, *, clock: Callable[[], float] | None = None,
             update = micro + 1 == window_start + window
             input_ids = input_ids.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
-            if args.fsdp and ddp:  # FSDP2 reduces gradients only on the micro-batch that ends the window
-                train_model.set_requires_gradient_sync(update)
-                sync_grads = contextlib.nullcontext()
+            if fsdp_model is not None:  # FSDP2 reduces gradients only on the micro-batch that ends the window
+                fsdp_model.set_requires_gradient_sync(update)
+                sync_grads: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
             else:
-                sync_grads = train_model.no_sync() if ddp and not update else contextlib.nullcontext()
+                sync_grads = ddp_model.no_sync() if ddp_model is not None and not update else contextlib.nullcontext()
             with sync_grads:
                 with autocast():
                     _, loss = train_model(input_ids, labels)

@@ -23,6 +23,7 @@ import queue
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Literal, overload
 
 from . import layout
 from .errors import CheckpointError
@@ -116,6 +117,12 @@ class HashWorker:
                     stream.error = exc
             if done is not None:
                 done.set()
+
+    @overload
+    def submit(self, stream: HashStream, data, wait: Literal[True]) -> threading.Event: ...
+
+    @overload
+    def submit(self, stream: HashStream, data, wait: Literal[False] = False) -> None: ...
 
     def submit(self, stream: HashStream, data, wait: bool = False) -> threading.Event | None:
         """Queue ``data`` for ``stream``; with ``wait``, return an event set once it (and all before it) is hashed."""

@@ -30,7 +30,7 @@ FORMAT_VERSION = 2
 MAX_MANIFEST_BYTES = 16 << 20
 
 #: The files a checkpoint of each format cannot lack (``state.pt`` for the others).
-REQUIRED_FILES = {"dcp": ("rank-00000.pt", ".metadata")}
+REQUIRED_FILES: dict[str | None, tuple[str, ...]] = {"dcp": ("rank-00000.pt", ".metadata")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +70,9 @@ class CheckpointInfo:
 
     def as_checkpoint(self) -> Checkpoint:
         """What retention sees."""
+        if self.step is None:
+            raise ValueError(f"{self.path} has no valid manifest ({self.error}): retention sees only "
+                             "checkpoints that scan() read")
         return Checkpoint(self.step, self.time, self.metrics, self.final)
 
 
@@ -252,12 +255,16 @@ def new_manifest(*, name: str, progress: Progress, clock: float, utc: datetime, 
 
 def progress_of(info: CheckpointInfo, clock: float) -> Progress:
     """The Progress of the saved step, as ``load_latest`` returns it."""
+    manifest = info.manifest
+    if info.step is None or info.epoch is None or manifest is None:
+        raise ValueError(f"{info.path} has no valid manifest ({info.error}): only a checkpoint that scan() "
+                         "read can be resumed")
     return Progress(
         step=info.step,
-        total_steps=info.manifest.get("total_steps"),
+        total_steps=manifest.get("total_steps"),
         epoch=info.epoch,
-        epoch_end=bool(info.manifest.get("epoch_end", False)),
-        is_last=info.manifest.get("is_last"),
+        epoch_end=bool(manifest.get("epoch_end", False)),
+        is_last=manifest.get("is_last"),
         time=clock,
         metrics=info.metrics,
     )

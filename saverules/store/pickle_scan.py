@@ -154,7 +154,7 @@ def read_pickle(data: bytes) -> tuple[Any, list[Any], list[_Call]]:
             elif name in _SKIP:
                 continue
             elif name == "PROTO":
-                if not 0 <= arg <= 5:
+                if not isinstance(arg, int) or not 0 <= arg <= 5:  # pickletools gives PROTO an int
                     raise StructureError(f"has a damaged pickle (protocol {arg})")
             elif name == "MARK":
                 stack.append(_MARK)
@@ -174,9 +174,9 @@ def read_pickle(data: bytes) -> tuple[Any, list[Any], list[_Call]]:
                 n = int(name[-1])
                 if len(stack) < n:
                     raise StructureError("has a damaged pickle (stack underflow)")
-                items = tuple(stack[-n:])
+                group = tuple(stack[-n:])
                 del stack[-n:]
-                stack.append(items)
+                stack.append(group)
             elif name == "LIST":
                 stack.append(_pop_mark(stack))
             elif name == "DICT":
@@ -216,6 +216,8 @@ def read_pickle(data: bytes) -> tuple[Any, list[Any], list[_Call]]:
                     raise StructureError("has a damaged pickle (unknown memo entry)")
                 stack.append(memo[arg])
             elif name == "GLOBAL":
+                if not isinstance(arg, str):  # pickletools gives GLOBAL "module name"
+                    raise StructureError("has a damaged pickle (a global without a name)")
                 full = arg.replace(" ", ".", 1)
                 if full not in ALLOWED_GLOBALS:
                     raise _refuse(full)

@@ -154,9 +154,16 @@ class Ranks:
         import torch.distributed as dist
 
         box = [obj]
-        self.run(doing, lambda: dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0),
-                                                            group=self.group))
+        self.run(doing, lambda: dist.broadcast_object_list(box, src=self._first(), group=self.group))
         return box[0]
+
+    def _first(self) -> int:
+        """The global rank of the group's rank 0 (a distributed Ranks always has its group)."""
+        import torch.distributed as dist
+
+        if self.group is None:
+            raise RuntimeError("saverules: a collective on ranks without their process group (a single process)")
+        return dist.get_global_rank(self.group, 0)
 
     def all_gather(self, obj: Any, doing: str) -> list[Any]:
         """Every rank's ``obj``, in rank order, on every rank."""
@@ -175,8 +182,7 @@ class Ranks:
         import torch.distributed as dist
 
         out: list[Any] | None = [None] * self.size if self.rank == 0 else None
-        self.run(doing, lambda: dist.gather_object(obj, out, dst=dist.get_global_rank(self.group, 0),
-                                                   group=self.group))
+        self.run(doing, lambda: dist.gather_object(obj, out, dst=self._first(), group=self.group))
         return out
 
 

@@ -61,7 +61,13 @@ def retention_view(infos: Sequence[CheckpointInfo]) -> list[Checkpoint]:
         pinned = {k for k in finals if totals[k] == current}
     else:
         pinned = set(finals[-1:])
-    return [Checkpoint(i.step, i.time, i.metrics, k in pinned) for k, i in enumerate(infos)]
+    return [Checkpoint(_step(i), i.time, i.metrics, k in pinned) for k, i in enumerate(infos)]
+
+
+def _step(info: CheckpointInfo) -> int:
+    if info.step is None:
+        raise ValueError(f"{info.path} has no valid manifest ({info.error}): retention sees only usable checkpoints")
+    return info.step
 
 
 def _total(info: CheckpointInfo) -> Any:

@@ -28,7 +28,7 @@ def rng_state() -> dict:
     try:
         import numpy
     except ImportError:  # pragma: no cover - numpy is optional
-        numpy = None
+        numpy = None  # type: ignore[assignment]  # None marks "no numpy"; checked below
     if numpy is not None:
         np_state = numpy.random.get_state(legacy=False)
         state["numpy"] = {

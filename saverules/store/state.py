@@ -84,7 +84,7 @@ def checked(value: Any, where: str, snap: Snapshot | None, depth: int = 0) -> An
             "list of rows or as a tensor"
         )
     if t is dict or t is collections.OrderedDict:
-        out = t() if snap is not None else None
+        out: dict | None = t() if snap is not None else None
         for k, v in value.items():
             if type(k) not in _KEY_TYPES:
                 raise StateTypeError(
@@ -97,7 +97,7 @@ def checked(value: Any, where: str, snap: Snapshot | None, depth: int = 0) -> An
         if meta is not None:
             meta = checked(meta, f"{where}._metadata", None)
             if out is not None:
-                out._metadata = _copy.deepcopy(meta)
+                out._metadata = _copy.deepcopy(meta)  # type: ignore[attr-defined]  # torch keeps version info on a state dict
         return out if out is not None else value
     if t is list or t is tuple:
         items = [checked(v, f"{where}[{i}]", snap, depth + 1) for i, v in enumerate(value)]

@@ -123,10 +123,10 @@ def check_state_file(path: str, step: int) -> StateFacts:
             pickles = [n for n in infos if n.endswith("/data.pkl") and n.count("/") == 1]
             if len(pickles) != 1:
                 raise StructureError("is a zip archive but not one written by torch.save (no data.pkl)")
-            record = infos[pickles[0]]
+            pickle_record = infos[pickles[0]]
             # torch.save stores its records uncompressed: a compressed one is foreign, and could be a
             # small file that inflates to gigabytes.
-            if record.compress_type != zipfile.ZIP_STORED or record.file_size > os.path.getsize(path):
+            if pickle_record.compress_type != zipfile.ZIP_STORED or pickle_record.file_size > os.path.getsize(path):
                 raise StructureError("is a zip archive but not one written by torch.save (a compressed data.pkl)")
             prefix = pickles[0][: -len("data.pkl")]
             data = z.read(pickles[0])

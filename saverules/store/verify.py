@@ -18,7 +18,7 @@ import stat
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import digest, layout, structure
 from .errors import CheckpointError, CheckpointVerifyError
@@ -275,7 +275,15 @@ def _reread(tmp: Path, files: Mapping[str, Mapping], from_device: bool) -> None:
             )
 
 
-def check_written(tmp: Path, step: int, files: Mapping[str, Mapping], fmt: formats.Format, mode: str,
+class WrittenCheck(Protocol):
+    """What :func:`check_written` asks of a format (a rank's part of a sharded checkpoint has only these)."""
+
+    def check_index(self, source: formats.Source) -> bool: ...
+
+    def check_loads(self, source: formats.Source) -> None: ...
+
+
+def check_written(tmp: Path, step: int, files: Mapping[str, dict[str, Any]], fmt: WrittenCheck, mode: str,
                   metadata: Mapping | None = None) -> None:
     """Verify the files of a save before it is committed; raise CheckpointVerifyError.
 

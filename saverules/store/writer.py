@@ -19,7 +19,7 @@ from .fs import fs
 try:
     import numpy as _np
 except ImportError:  # pragma: no cover - numpy ships with torch wheels; without it chunks are hashed in step
-    _np = None
+    _np = None  # type: ignore[assignment]  # None marks "no numpy"; every use checks it
 
 
 def _sync_file_range():

@@ -185,5 +185,6 @@ def read(info: Any, map_location: Any = "cpu", mmap: bool = False, into: Mapping
     fmt = get(info.format)
     source = Source.of(info.path, info.manifest)
     if into is not None and fmt.lands_in_place:
-        return fmt.decode(source, map_location, mmap=mmap, into=into)
+        # a format that lands in place (TensorsFormat) takes `into`; the base signature does not
+        return fmt.decode(source, map_location, mmap=mmap, into=into)  # type: ignore[call-arg]
     return fmt.decode(source, map_location, mmap=mmap)

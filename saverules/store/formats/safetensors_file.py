@@ -58,4 +58,4 @@ def write(f, weights: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -
         if t.device.type != "cpu":
             t = t.to("cpu")
         flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
-        f.write(memoryview(flat.numpy()))
+        f.write(flat.numpy().data)

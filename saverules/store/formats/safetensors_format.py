@@ -19,7 +19,7 @@ from ..errors import CheckpointError
 from ..layout import STATE_FILE, WEIGHTS_FILE
 from ..state import TENSOR_TYPES, Payload
 from ..writer import tensors_in
-from . import Encoded, Output, Source, safetensors_file, torchfile
+from . import Encoded, FileEntry, Output, Source, safetensors_file, torchfile
 from .torch_format import TorchFormat
 
 
@@ -99,7 +99,7 @@ def rebuild_weights(loaded: Mapping[str, torch.Tensor], layout: Mapping[str, Any
         for k, stk in zip(lay["keys"], lay["tensors"]):
             sd[k] = loaded[stk]
         if lay.get("metadata") is not None and isinstance(sd, collections.OrderedDict):
-            sd._metadata = lay["metadata"]
+            sd._metadata = lay["metadata"]  # type: ignore[attr-defined]  # torch keeps version info on a state dict
         out[name] = sd
     return out
 
@@ -144,7 +144,7 @@ class SafetensorsFormat(TorchFormat):
     def encode(self, payload: Payload, out: Output) -> Encoded:
         weights, layout, objects = split_weights(payload.objects)
         meta = {"format": "pt", "saverules": str(torchfile.PAYLOAD_VERSION)}
-        files = {
+        files: dict[str, FileEntry | None] = {
             WEIGHTS_FILE: out.write(WEIGHTS_FILE, lambda f: safetensors_file.write(f, weights, meta),
                                     list(weights.values())),
         }

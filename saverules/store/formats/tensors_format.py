@@ -23,7 +23,7 @@ from .. import digest
 from ..errors import CheckpointError, StateTypeError
 from ..layout import STATE_FILE
 from ..state import TENSOR_TYPES, Payload
-from . import Encoded, Format, Output, Source, in_place, tensorfile, torchfile
+from . import Encoded, FileEntry, Format, Output, Source, in_place, tensorfile, torchfile
 
 TENSORS_FILE = "tensors.safetensors"
 STRUCTURE_VERSION = 2
@@ -120,7 +120,7 @@ def _node(x: Any, tensors: list[torch.Tensor]) -> Any:
                 raise CheckpointError("a dict of the structure is malformed")
             out[item[0]] = _node(item[1], tensors)
         if tag == "O" and x[2] is not None:
-            out._metadata = _node(x[2], tensors)
+            out._metadata = _node(x[2], tensors)  # type: ignore[attr-defined]  # torch keeps version info on a state dict
         return out
     raise CheckpointError(f"a node of the structure is malformed (tag {tag!r})")
 
@@ -160,7 +160,7 @@ class TensorsFormat(Format):
         head = tensorfile.header_bytes(entries)
         memory = [torch.empty(0, dtype=torch.uint8, device=e.device).set_(e.storage, 0, (e.nbytes,), (1,))
                   for e in entries]
-        files = {TENSORS_FILE: out.write(TENSORS_FILE, lambda f: tensorfile.write(f, entries, head), memory)}
+        files: dict[str, FileEntry | None] = {TENSORS_FILE: out.write(TENSORS_FILE, lambda f: tensorfile.write(f, entries, head), memory)}
         structure = {"format": torchfile.PAYLOAD_NAME, "format_version": STRUCTURE_VERSION,
                      "step": int(payload.step), "clock": payload.clock, "layout": self.name,
                      "tree": tree, "tensors": enc.refs}

@@ -32,7 +32,7 @@ def check_options(options: Mapping[str, Any], where: str = "the storage options"
 def open_url(url: str, options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
     """(fsspec file system, root path) of ``url``; CheckpointError when its backend is not installed."""
     try:
-        import fsspec.core  # type: ignore[import-untyped]
+        import fsspec.core
     except ImportError:
         raise CheckpointError(
             "saverules: a durable tier needs fsspec: pip install 'saverules[s3]' (or [gcs])"

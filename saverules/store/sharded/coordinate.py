@@ -72,7 +72,7 @@ def _describe(exc: BaseException) -> str:
     try:
         from torch.distributed.checkpoint.api import CheckpointException
     except ImportError:  # pragma: no cover
-        CheckpointException = ()  # type: ignore[assignment]
+        CheckpointException = ()  # type: ignore[assignment,misc]  # an empty tuple: isinstance below is then always False
     if isinstance(exc, CheckpointException):
         parts = []
         for r, (err, _trace) in sorted(exc.failures.items()):
@@ -323,7 +323,7 @@ def _seal(ranks: Ranks, root: Path, tmp: Path, name: str, step: int, manifest: M
     except BaseException as exc:
         _commit.abort(root, tmp, target, steps.old, steps.renamed_in)
         if isinstance(exc, OSError):
-            raise write_error(exc, step, str(tmp), steps.stage) from exc
+            raise write_error(exc, step, str(tmp), steps.stage or f"write {MANIFEST}") from exc
         raise
     _commit.remove_replaced(steps.old)
     return target, final
@@ -352,6 +352,8 @@ def load_latest(ranks: Ranks, root: Path, cache, skip: Callable[[CheckpointInfo]
     resume.check_if_none_valid(if_none_valid)
     rejected: list[CheckpointInfo] = []
 
+    from .format import DcpFormat  # (imported here: the format module imports the store's formats)
+
     def passed_over(bad: CheckpointInfo) -> None:
         if bad.unsafe:
             raise resume.unsafe_error(bad)
@@ -379,11 +381,11 @@ def load_latest(ranks: Ranks, root: Path, cache, skip: Callable[[CheckpointInfo]
             info = inspect_checkpoint(root / name, root, verify=False)
         status, payload, layouts, fmt = None, None, None, None
         try:
-            if not info.ok:
+            if not info.ok or info.manifest is None:  # (a usable checkpoint has its manifest)
                 raise CheckpointError(f"saverules: rank {ranks.rank} cannot use {info.path}: {info.error}")
             fmt = formats.get(info.format)
             source = formats.Source.of(info.path, info.manifest)
-            if getattr(fmt, "sharded", False):
+            if isinstance(fmt, DcpFormat):
                 world = int(info.manifest.get("world_size") or 1)
                 payload, layouts = fmt.read_rank(source, ranks.rank, world, map_location)
             else:
@@ -403,6 +405,8 @@ def load_latest(ranks: Ranks, root: Path, cache, skip: Callable[[CheckpointInfo]
 
                 passed_over(replace(info, verified=False, error=errors[0].replace("saverules: ", "", 1)))
             continue
+        if payload is None:  # every rank read its part (no errors above), so each has a payload
+            raise CheckpointError(f"saverules: rank {ranks.rank} read no state from {info.path}")
         if layouts is not None:
             _load_shards(ranks, fmt, source, state, layouts, name)
         return info, payload, set(layouts or ())

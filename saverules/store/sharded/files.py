@@ -282,7 +282,7 @@ class DigestingWriter(FileSystemWriter):
         self._fsync = fsync
         self._do_rename = rename
         self._lock = threading.Lock()
-        self.entries: dict[str, dict[str, Any]] = {}
+        self.entries: dict[str, dict[str, Any] | None] = {}
         self._fail = fail
 
     def prepare_local_plan(self, plan):

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, StateTypeError, UnsafeCheckpointError, warn, write_error
-from ..formats import Encoded, Format, Output, Source, torchfile
+from ..formats import Encoded, FileEntry, Format, Output, Source, torchfile
 from ..state import Payload, capture, checked
 from ..writer import HashingFile, Stable, tensors_in
 
@@ -138,7 +138,9 @@ class DcpFormat(Format):
         payload = capture(rest, step, decider_state, clock, snap)  # finishes the snapshot
         return ShardedPayload(payload, plain, tensors, summary, late)
 
-    def encode(self, sp: ShardedPayload, out: Output, *, rank: int, group: Any) -> Encoded:
+    # only coordinate.commit encodes a sharded payload, and it passes the rank and the group: the
+    # base signature has neither
+    def encode(self, sp: ShardedPayload, out: Output, *, rank: int, group: Any) -> Encoded:  # type: ignore[override]
         """Write this rank's files into ``out.dir``: its rank file, then its shards (a collective on ``group``)."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
@@ -149,7 +151,7 @@ class DcpFormat(Format):
 
         data = torchfile.payload_dict(sp.payload, sp.payload.objects, None)
         data["dcp"] = sp.layouts
-        files: dict[str, dict[str, Any]] = {}
+        files: dict[str, FileEntry | None] = {}
         failure: BaseException | None = None
         try:
             files[rank_file(rank)] = out.write(rank_file(rank), lambda f: torch.save(data, f), tensors_in(data))

@@ -22,14 +22,14 @@ from __future__ import annotations
 import collections
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 
 try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover - torch builds without distributed
-    DTensor = None  # type: ignore[assignment]
+    DTensor = None  # type: ignore[assignment,misc]  # rebinding the class: None marks "no DTensor in this build"
 
 #: A tensor's place in a skeleton: the keys and list indices from the top.
 Path = tuple[Any, ...]
@@ -41,7 +41,7 @@ class ShardedStateError(TypeError):
     """The state cannot be saved through DCP as it is (the message says what to change)."""
 
 
-def is_dtensor(t: Any) -> bool:
+def is_dtensor(t: Any) -> TypeGuard[DTensor]:
     return DTensor is not None and isinstance(t, DTensor)
 
 
@@ -80,7 +80,7 @@ def _rebuild_containers(x: Any, path: Path, leaf: Callable[[Any, Path], Any]) ->
             out[k] = _rebuild_containers(v, path + (k,), leaf)
         meta = getattr(x, "_metadata", None) if t is collections.OrderedDict else None
         if meta is not None:
-            out._metadata = meta
+            out._metadata = meta  # type: ignore[attr-defined]  # torch keeps version info on a state dict
         return out
     if t is list or t is tuple:
         items = [_rebuild_containers(v, path + (i,), leaf) for i, v in enumerate(x)]
@@ -228,13 +228,13 @@ def stage(tensors: Mapping[str, torch.Tensor], copy, is_late=None) -> tuple[dict
     out: dict[str, torch.Tensor] = {}
     late: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
-        dt = is_dtensor(t)
-        local = t._local_tensor.detach() if dt else t.detach()
+        spec = t._spec if is_dtensor(t) else None
+        local = local_tensor(t).detach()
         if is_late is not None and is_late(local, t):
             late[key] = t
             continue
         staged = copy(local, t)
-        out[key] = DTensor(staged, t._spec, requires_grad=False) if dt else staged
+        out[key] = DTensor(staged, spec, requires_grad=False) if spec is not None else staged
     return out, late
 
 
