@@ -474,7 +474,7 @@ class SyncedDecider:
         out = self._allreduce_max(vec)
         send_metrics = metrics is not None and not self.metrics_synced
         if send_metrics:
-            metrics = self._broadcast_object(dict(metrics) if self.rank == 0 else None)
+            metrics = self._broadcast_object(dict(metrics or {}) if self.rank == 0 else None)
         self.syncs += 1
 
         time_ = out[_TIME] if out[_HAS_TIME] > 0 else None

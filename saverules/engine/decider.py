@@ -61,7 +61,7 @@ class Decider:
         self._unresolved: ResolveError | None = None
         self._sim = None  # the run's shape, when a simulation drives this decider
         self._costs: list = []  # the latest measured save costs [(stall, write)], oldest first
-        self._cost = None  # their estimate (see saverules.engine.cost.estimate), None before any
+        self._cost: tuple[float, float] | None = None  # their estimate (see saverules.engine.cost.estimate), None before any
         self._agenda: _Agenda | None = None
         fallback = policy.run.total_steps if policy.run is not None else None
         total_steps = checked_total(total_steps, "total_steps")
@@ -105,6 +105,7 @@ class Decider:
         if retotalled:
             self._set_total(total)
         if self._compiled is None:
+            assert self._unresolved is not None  # set whenever compiling failed
             raise self._policy_error(self._unresolved)
         if self._last_save_time is None and p.time is not None:
             self._last_save_time = p.time  # clock rules count from the first decision

@@ -74,7 +74,7 @@ class SaverulesCheckpoint(Checkpoint):
             raise TypeError(f"{_OWNER}(dirpath=...) takes a directory path, got {type(dirpath).__name__}")
         self._dirpath = None if dirpath is None else os.fspath(dirpath)
         self.dirpath: str | None = self._dirpath
-        self._decider = None
+        self._decider: Any = None  # the run's SyncedDecider, made when training begins
         self._clock = TrainingClock()
         self._signals = SignalFlags()
         self._restored: dict[str, Any] | None = None
@@ -146,8 +146,14 @@ class SaverulesCheckpoint(Checkpoint):
         if self._decider.watches_signals and others:
             self._signals.install(others)
         if trainer.is_global_zero:
-            os.makedirs(self.dirpath, exist_ok=True)
-            fm.write_policy_file(self.dirpath, self.policy)
+            os.makedirs(self._directory(), exist_ok=True)
+            fm.write_policy_file(self._directory(), self.policy)
+
+    def _directory(self) -> str:
+        """Where the checkpoints go: set at construction, or from the trainer's root when training starts."""
+        if self.dirpath is None:
+            raise RuntimeError("saverules: SaverulesCheckpoint has no directory yet: it is set when training starts")
+        return self.dirpath
 
     def _restore(self, step: int) -> None:
         data, self._restored = self._restored, None
@@ -240,7 +246,7 @@ class SaverulesCheckpoint(Checkpoint):
     def _save(self, trainer, progress: Progress, reasons) -> None:
         step = progress.step
         self._last_time = progress.time
-        directory = Path(self.dirpath)
+        directory = Path(self._directory())
         final = directory / self._file_name(step, progress.epoch)
         tmp = directory / f".tmp-{final.name}-{os.getpid()}"
         if trainer.is_global_zero:

@@ -263,8 +263,11 @@ def _check(doc: Any, name: str) -> dict[str, Any]:
     reasons = doc.get("reasons")
     if not isinstance(reasons, list) or not all(isinstance(r, str) for r in reasons):
         raise Invalid(f"{name} has no valid reasons")
+    utc = doc.get("utc")
     try:
-        datetime.fromisoformat(doc.get("utc"))
+        if not isinstance(utc, str):
+            raise TypeError(utc)
+        datetime.fromisoformat(utc)
     except (TypeError, ValueError):
         raise Invalid(f"{name} has no valid utc time") from None
     metrics = doc.get("metrics")
@@ -397,7 +400,7 @@ def last_good(root: str | os.PathLike, verify: bool = True) -> FrameworkCheckpoi
     for info in infos:
         if info.ok:
             continue
-        if best is None or info.step is None or info.step >= best.step:
+        if best is None or info.step is None or best.step is None or info.step >= best.step:
             fallback = f"resuming from {best.name} instead" if best else "no verified checkpoint is left"
             warnings.warn(f"saverules: skipping {info.path}: {info.error}; {fallback}", ManifestWarning,
                           stacklevel=3)

@@ -139,7 +139,7 @@ class SaverulesCallback(TrainerCallback, ExportableState):
     def __init__(self, policy: Any = None, **options: Any) -> None:
         self.policy = load_policy(policy, _OWNER)
         self.options = check_options(_OWNER, options, _OPTIONS)
-        self._decider = None
+        self._decider: Any = None  # the run's SyncedDecider, made when training begins
         self._clock = TrainingClock()
         self._signals = SignalFlags()
         self._step_progress: Progress | None = None
