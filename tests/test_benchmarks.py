@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-ALL = ["decide", "simulate", "check", "plot", "startup", "save", "load", "loop", "tiers"]
+ALL = ["decide", "simulate", "check", "plot", "startup", "save", "load", "loop", "tiers", "store_size"]
 ROW_KEYS = {"benchmark", "name", "value", "unit", "ratio", "vs", "goal", "met", "extrapolated", "note", "samples"}
 
 
