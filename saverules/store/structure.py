@@ -190,12 +190,7 @@ def check_weights_file(path: str, size: int, expected: Iterable[str] = ()) -> No
             raw = f.read(n)
     except OSError as exc:
         raise StructureError(f"cannot be read: {exc.strerror or exc}") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise StructureError("has a header that is not valid JSON (damaged?)") from None
-    if not isinstance(header, dict):
-        raise StructureError("has a header that is not a JSON object (damaged?)")
+    header = _json_header(raw)
     spans = []
     for name, entry in header.items():
         if name == "__metadata__":
@@ -260,12 +255,7 @@ def check_tensors_file(path: str, size: int, facts: StateFacts) -> None:
             raw = f.read(n)
     except OSError as exc:
         raise StructureError(f"cannot be read: {exc.strerror or exc}") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise StructureError("has a header that is not valid JSON (damaged?)") from None
-    if not isinstance(header, dict):
-        raise StructureError("has a header that is not a JSON object (damaged?)")
+    header = _json_header(raw)
     meta = header.pop("__metadata__", None)
     if not isinstance(meta, dict) or meta.get("format") != TENSORS_NAME:
         raise StructureError("is not a saverules tensors file (damaged?)")
@@ -335,3 +325,14 @@ def check_files(directory, manifest: Mapping[str, Any]) -> None:
                                facts.weights if facts is not None else ())
         except StructureError as exc:
             raise StructureError(f"{WEIGHTS_FILE} {exc}") from None
+
+
+def _json_header(raw: bytes) -> dict:
+    """A safetensors header's bytes as the JSON object they must be."""
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise StructureError("has a header that is not valid JSON (damaged?)") from None
+    if not isinstance(header, dict):
+        raise StructureError("has a header that is not a JSON object (damaged?)")
+    return header
