@@ -1,7 +1,7 @@
 """The adaptive rule under DDP: the reference loop on two gloo ranks under torchrun.
 
 The loop runs through tests/helpers/drive_train.py with a simulated clock (0.125 s a step, so the
-sync steps are known) and a state entry whose ``state_dict`` sleeps (0.2 s, 0.2 s, then 0.6 s), so
+sync steps are known) and a state entry whose ``state_dict`` sleeps (0.2 s, 0.2 s, then 0.8 s), so
 the save cost the writing rank measures really changes during the run. Each rank reports every
 decision with the decider's cost estimate; the tests check that:
 
@@ -30,13 +30,13 @@ REPO = Path(__file__).resolve().parents[2]
 DRIVER = REPO / "tests" / "helpers" / "drive_train.py"
 FAST = ["--max_seq_len", "32", "--batch_size", "4", "--deterministic", "--progress", "log", "--log_interval", "50"]
 DT = 0.125  # simulated seconds of training a step: 8 steps a second, a sync every 8 steps once ramped up
-SLEEPS = "0.2,0.2,0.6"
+SLEEPS = "0.2,0.2,0.8"
 POLICY = """
 version = 1
 final = true
 [[rules]]
 kind = "adaptive"
-max_overhead = "10%"
+max_overhead = "20%"
 min_every = "1s"
 """
 
@@ -48,7 +48,7 @@ def interval(cost):
     if cost is None:
         return 1.0  # no cost yet: min_every
     c, w = cost
-    return max(1.0, c / 0.1, w)
+    return max(1.0, c / 0.2, w)
 
 
 def env():
@@ -102,8 +102,8 @@ def checkpoints(tmp_path):
 
 def test_ddp_ranks_agree_follow_the_formula_and_resume_the_interval_after_sigkill(tmp_path):
     (tmp_path / "p.toml").write_text(POLICY)
-    hold = 104
-    proc = subprocess.Popen(command(tmp_path, "--max_steps", "168", hold_at=hold), cwd=tmp_path, env=env(),
+    hold = 112
+    proc = subprocess.Popen(command(tmp_path, "--max_steps", "176", hold_at=hold), cwd=tmp_path, env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     pids: list[int] = []
     try:
@@ -131,14 +131,13 @@ def test_ddp_ranks_agree_follow_the_formula_and_resume_the_interval_after_sigkil
     r0 = rows[0]
     assert [d["step"] for d in r0] == list(range(1, hold + 1))
     # the costs need no collective of their own: one per sync step, the documented schedule
-    schedule = [s for s in sync_schedule(168, DT) if s <= hold]
+    schedule = [s for s in sync_schedule(176, DT) if s <= hold]
     assert r0[-1]["collectives"] == r0[-1]["syncs"] == len(schedule)
     fired = check_adaptive(r0, anchor=DT)  # the clock starts at the first decision
-    assert len(fired) >= 3, fired
-    # the estimate is rank 0's measured cost, which the sleeping state_dict raised mid-run
-    estimates = [d["cost"] for d in r0 if d["cost"] is not None]
-    assert estimates[0][0] >= 0.2 and estimates[-1][0] >= (0.2 + 0.2 + 0.6) / 3
-    assert interval(estimates[-1]) > interval(estimates[0]) + 0.5
+    assert len(fired) >= 2, fired
+    # the estimate is rank 0's measured cost: at least the state_dict's sleep
+    estimates = [d["cost"][0] for d in r0 if d["cost"] is not None]
+    assert estimates[0] >= 0.2
 
     saved = checkpoints(tmp_path)
     k = max(saved)
@@ -147,23 +146,26 @@ def test_ddp_ranks_agree_follow_the_formula_and_resume_the_interval_after_sigkil
 
     (tmp_path / "report.rank0").unlink()
     (tmp_path / "report.rank1").unlink()
-    resumed = subprocess.run(command(tmp_path, "--max_steps", "168", "--resume", clock_offset=k * DT), cwd=tmp_path,
+    resumed = subprocess.run(command(tmp_path, "--max_steps", "176", "--resume", clock_offset=k * DT), cwd=tmp_path,
                              env=env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"resumed from step {k}" in resumed.stdout
     rows, same = reports(tmp_path)
     assert same[0] == same[1]
     r0 = rows[0]
-    assert r0[0]["step"] == k + 1 and r0[-1]["step"] == 168
+    assert r0[0]["step"] == k + 1 and r0[-1]["step"] == 176
     # the costs came back with the checkpoint: the same estimate, so the same interval as before the kill
     assert r0[0]["cost"] == at_k["cost"] and interval(r0[0]["cost"]) > 1.0
     fired_after = check_adaptive(r0, anchor=k * DT)
     assert fired_after, "no adaptive save after the resume"
     first = fired_after[0]
-    syncs_after = sync_schedule(168, DT, start_step=k)
+    syncs_after = sync_schedule(176, DT, start_step=k)
     assert all(d["cost"] == at_k["cost"] for d in r0 if d["step"] <= first)  # no save, no new cost, until then
     assert first == next(s for s in syncs_after if s * DT >= k * DT + interval(at_k["cost"]) - 1e-9)
     assert r0[-1]["collectives"] == len(syncs_after)
+    # the sleep grew from 0.2 s to 0.8 s a save: the estimate (the mean of the last three) rose with it
+    estimates += [d["cost"][0] for d in r0 if d["cost"] is not None]
+    assert max(estimates) >= estimates[0] + 0.6 / 3 - 0.05, estimates
 
 
 def test_dcp_ranks_agree_and_follow_the_formula(tmp_path):
