@@ -143,6 +143,7 @@ class SaverulesCallback(TrainerCallback, ExportableState):
         self._clock = TrainingClock()
         self._signals = SignalFlags()
         self._step_progress: Progress | None = None
+        self._step_fields: tuple | None = None  # this step's Progress fields; the Progress is built when needed
         self._step_metrics: dict[str, float] = {}
         self._pending: tuple | None = None  # (step, reasons, time) of the save the trainer is about to write
         self._last_time: float | None = None  # the clock at the latest decided save
@@ -237,8 +238,8 @@ class SaverulesCallback(TrainerCallback, ExportableState):
         self._clock.restore(clock)
         self._last_time = clock
 
-    def _decide(self, progress: Progress, control) -> None:
-        decision = self._decider(progress)
+    def _decide(self, progress: Progress, control, decision: Any = None) -> None:
+        decision = self._decider(progress) if decision is None else decision  # given: decided by the fields call
         if decision:
             control.should_save = True
             self._pending = (progress.step, decision.reasons, progress.time)
@@ -251,15 +252,22 @@ class SaverulesCallback(TrainerCallback, ExportableState):
         epoch, epoch_end = _epoch(state.epoch)
         total = state.max_steps or None
         self._step_metrics = {}
-        self._step_progress = Progress(
-            step, total_steps=total, epoch=epoch, epoch_end=epoch_end,
-            is_last=bool(total is not None and step >= total), time=self._clock.now(),
-            signal=self._signals.take(),
-        )
-        self._decide(self._step_progress, control)
+        self._step_fields = (step, total, epoch, epoch_end, bool(total is not None and step >= total),
+                             self._clock.now(), None, self._signals.take())
+        self._step_progress = None
+        # the fields call decides without building a Progress on a quiet step (docs/performance.md)
+        decision = self._decider.decide(*self._step_fields)
+        if decision or self._decider.last_signals:
+            self._decide(self._progress_of_step(), control, decision)
+
+    def _progress_of_step(self) -> Progress | None:
+        """This step's Progress, built from its fields the first time it is needed."""
+        if self._step_progress is None and self._step_fields is not None:
+            self._step_progress = Progress(*self._step_fields)
+        return self._step_progress
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        p = self._step_progress
+        p = self._progress_of_step()
         if self._decider is None or p is None or state.global_step != p.step or not logs or "train_runtime" in logs:
             return
         self._step_metrics.update(fm.clean_metrics({k: v for k, v in logs.items() if k not in _NOT_METRICS}))
