@@ -1,0 +1,117 @@
+"""A rank of the sharded-promotion tests (tests/store/test_durable_dcp.py), run under torchrun or alone.
+
+    torchrun --nproc_per_node 2 tests/helpers/durable_dcp_child.py ACTION LOCAL_DIR URL
+
+The moto server's address comes in ``AWS_ENDPOINT_URL`` (set by the test);
+each rank writes ``<SAVERULES_TEST_OUT>/<action>-rank<R>.json`` with what it
+saw.  Actions:
+
+``promote``
+    An FSDP2 model (tests/helpers/dcp_worker.py's) trained 3 steps on every
+    rank, saved at step 3 in format "dcp" to ``LOCAL_DIR``; then every rank
+    runs its promotion (:class:`saverules.store.remote.sharded.ShardedUpload`
+    on the tier it opened: rank 0 the writer, the others without the lock).
+    Rank 0 writes the full (unsharded) state to ``saved.pt``.
+``fault``
+    The same, but rank 1 flips one byte of a shard it wrote after the local
+    commit (a disk that went bad, a file changed under the store): its upload
+    fails its digest; every rank records the error it got.
+``load``
+    One process, an empty ``LOCAL_DIR``: the newest durable checkpoint
+    downloaded into it (digests checked while streaming), then loaded by a
+    dcp Checkpointer into a model built for 1 rank; the full state goes to
+    ``loaded.pt``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from dcp_worker import Counter, build, gathered, train_step  # noqa: E402
+
+POLICY = """
+version = 1
+final = false
+[[rules]]
+kind = "every_steps"
+every = 3
+[storage]
+dir = "checkpoints"
+format = "dcp"
+"""
+
+
+def main(action: str, local_dir: str, url: str) -> int:
+    from saverules import Progress, loads
+    from saverules.store.remote import DurableTier
+    from saverules.store.remote.retry import Retries
+    from saverules.store.remote.sharded import ShardedUpload
+    from saverules.torch import Checkpointer
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    torch.set_num_threads(1)
+    out = Path(os.environ["SAVERULES_TEST_OUT"])
+    rec: dict = {"rank": rank, "world": world}
+    timeout = float(os.environ.get("SAVERULES_COMMIT_TIMEOUT", "60"))
+    retries = Retries(attempts=2, first=0.1, longest=0.2)
+    model, opt = build(world)
+    state = {"model": model, "optimizer": opt, "counter": Counter(rank)}
+    if action in ("promote", "fault"):
+        ck = Checkpointer(loads(POLICY), dir=local_dir)
+        for step in (1, 2, 3):
+            train_step(model, opt, step, rank)
+            ck.step(Progress(step, total_steps=3), state)
+        ck.close()
+        msd, osd = gathered(model, opt)
+        if rank == 0:
+            torch.save({"model": msd, "optimizer": osd}, out / "saved.pt")
+        local = Path(local_dir) / "step-00000003"
+        manifest = json.loads((local / "manifest.json").read_text())
+        rec["mine"] = sorted(f for f, e in manifest["files"].items() if e.get("rank") == rank)
+        if action == "fault" and rank == 1:
+            shard = local / [f for f in rec["mine"] if f.endswith(".distcp")][0]
+            data = bytearray(shard.read_bytes())
+            data[len(data) // 2] ^= 0x01
+            shard.write_bytes(bytes(data))
+            rec["flipped"] = shard.name
+        if world > 1:
+            dist.barrier()  # every rank's checkpoint is committed (and rank 1's shard damaged) before the uploads
+        tier = DurableTier(url, writer=rank == 0, retries=retries)
+        try:
+            ShardedUpload(tier, rank, world, timeout)(local, local.name)
+            rec["error"] = None
+        except Exception as exc:
+            rec["error"] = f"{type(exc).__name__}: {exc}"
+        finally:
+            tier.close()
+    elif action == "load":
+        assert not any(Path(local_dir).iterdir()) if Path(local_dir).exists() else True
+        tier = DurableTier(url, writer=False, retries=retries)
+        [newest] = tier.list(verify=False)[-1:]
+        tier.download(newest.name, local_dir)
+        rec["downloaded"] = newest.name
+        ck = Checkpointer(loads(POLICY), dir=local_dir)
+        got = ck.load_latest(state)
+        rec["step"] = got.step if got is not None else None
+        ck.close()
+        msd, osd = gathered(model, opt)
+        torch.save({"model": msd, "optimizer": osd}, out / "loaded.pt")
+    (out / f"{action}-rank{rank}.json").write_text(json.dumps(rec))
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:4]))

@@ -1,0 +1,110 @@
+"""Sharded (``format = "dcp"``) promotion to a durable tier on moto's S3 server, with two real ranks.
+
+tests/helpers/durable_dcp_child.py runs under torchrun (gloo, CPU); the server
+is moto's standalone one on 127.0.0.1, started here, reached by every rank
+through ``AWS_ENDPOINT_URL``.  One server for the module:
+
+* two ranks save a dcp checkpoint and promote it, each uploading the files it
+  wrote, rank 0 committing; then one process with an empty local directory
+  loads it from the durable tier alone, resharded from 2 ranks to 1, and the
+  model and optimizer equal the saved ones bit for bit;
+* rank 1's shard goes bad after the local commit: the promotion is abandoned
+  on both ranks, both errors name rank 1, and nothing is visible on the tier
+  (after the next writer's clean-up, nothing at all is left).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from s3_server import BUCKET, s3_server
+
+from saverules.store.remote import DurableTier
+
+ROOT = Path(__file__).resolve().parents[2]
+CHILD = ROOT / "tests" / "helpers" / "durable_dcp_child.py"
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server():
+    with s3_server() as srv:
+        yield srv
+
+
+def run(nproc: int, action: str, local: Path, url: str, out: Path, timeout: float = 300) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), SAVERULES_TEST_OUT=str(out), OMP_NUM_THREADS="1",
+               SAVERULES_COMMIT_TIMEOUT="60")
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               str(CHILD), action, str(local), url]
+    else:
+        cmd = [sys.executable, str(CHILD), action, str(local), url]
+    proc = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return [json.loads((out / f"{action}-rank{r}.json").read_text()) for r in range(nproc)]
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert sorted(a["model"]) == sorted(b["model"])
+    for k in a["model"]:
+        assert a["model"][k].dtype == b["model"][k].dtype
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sorted(sa) == sorted(sb) and sa
+    for k in sa:
+        assert sorted(sa[k]) == sorted(sb[k])
+        for j in sa[k]:
+            assert torch.equal(sa[k][j], sb[k][j]), (k, j)
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+
+
+def test_two_ranks_promote_and_an_empty_node_loads_from_the_durable_tier_alone(server, tmp_path):
+    url = f"s3://{BUCKET}/dcp-run"
+    reports = run(2, "promote", tmp_path / "node-a", url, tmp_path)
+    assert [r["error"] for r in reports] == [None, None]
+    # each rank wrote files of its own (rank 0 also .metadata), and uploaded those
+    assert all(r["mine"] for r in reports)
+    assert ".metadata" in reports[0]["mine"] and not set(reports[0]["mine"]) & set(reports[1]["mine"])
+    tier = DurableTier(url, writer=False)
+    [info] = tier.list(verify=True)
+    assert (info.name, info.step, info.verified) == ("step-00000003", 3, True), info.error
+    local = tmp_path / "node-a" / "step-00000003"
+    assert (local / "manifest.json").read_bytes() == tier.fs.cat_file(f"{tier.prefix(info.name)}/manifest.json")
+    objects = tier._objects()[info.name]
+    assert sorted(objects) == sorted(["COMMITTED", "manifest.json", *reports[0]["mine"], *reports[1]["mine"]])
+    assert tier.leftovers() == []
+
+    [loaded] = run(1, "load", tmp_path / "node-b", url, tmp_path)
+    assert loaded["downloaded"] == "step-00000003" and loaded["step"] == 3
+    saved = torch.load(tmp_path / "saved.pt", weights_only=True)
+    again = torch.load(tmp_path / "loaded.pt", weights_only=True)
+    assert_same_state(saved, again)
+
+
+def test_a_failure_on_rank_1_abandons_the_promotion_on_both_ranks_and_leaves_nothing_visible(server, tmp_path):
+    url = f"s3://{BUCKET}/dcp-fault"
+    reports = run(2, "fault", tmp_path / "node", url, tmp_path)
+    flipped = reports[1]["flipped"]
+    for r in reports:
+        assert r["error"] is not None, r
+        assert "was abandoned on every rank: rank 1:" in r["error"], r["error"]
+        assert "step-00000003" in r["error"]
+    # rank 1 names the file whose digest did not match; rank 0 hands on rank 1's reason
+    assert flipped in reports[1]["error"] and "digest" in reports[1]["error"]
+    assert flipped in reports[0]["error"]
+    reader = DurableTier(url, writer=False)
+    assert reader.names() == [] and reader.list() == []
+    # what is left is hidden (the abandon object) and the next writer removes it
+    assert reader.leftovers() == ["step-00000003"]
+    left = reader.fs.find(reader.prefix("step-00000003"))
+    assert [p.rsplit("/", 2)[-2:] for p in left] == [[".ranks", "abandon.json"]]
+    with DurableTier(url) as writer:
+        assert writer.leftovers() == []
