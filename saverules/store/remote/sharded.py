@@ -275,6 +275,11 @@ class ShardedUpload:
             pointer = self._read(f"{self.tier.root}/{POINTER}")
             if pointer is not None and isinstance(pointer.get("step"), int) and isinstance(pointer.get("name"), str):
                 other = pointer["name"]
+                if other == name:  # rank 0 opened this promotion and already abandoned it (the open object is gone)
+                    got = self._read(self._path(name, ABANDON))
+                    if got is not None and got.get("attempt") == pointer.get("attempt"):
+                        raise TransferError(_abandoned(name, self.tier.url, int(got.get("rank", 0)),
+                                                       str(got.get("reason") or "no reason given")))
                 if pointer["step"] > step:
                     log.info("saverules: rank %d: rank 0 promotes %s, newer than %s, which it replaced; nothing "
                              "of %s to upload", self.rank, other, name, name)

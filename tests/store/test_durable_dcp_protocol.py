@@ -1,0 +1,151 @@
+"""The sharded promotion's protocol (saverules/store/remote/sharded.py) with ranks as threads on ``memory://``.
+
+Each rank is a :class:`ShardedUpload` on its own :class:`DurableTier` (rank 0
+the writer, holding the lock; the others opened without it), run in a thread
+of its own, coordinating only through the tier's objects, as the ranks of a
+job do.  The local checkpoints are committed by the store and their manifests
+name a rank for each file, as a dcp checkpoint's do.  The two-process run on
+the S3 server is tests/store/test_durable_dcp.py.
+"""
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from store_common import policy
+
+from saverules import Progress
+from saverules.store.remote import DurableTier, TransferError
+from saverules.store.remote.sharded import ABANDON, POINTER, ShardedUpload, files_of
+from saverules.torch import Checkpointer
+
+
+def sharded_checkpoints(root: Path, world: int, steps=(3,)) -> dict[int, Path]:
+    """Committed local checkpoints whose files are shared out among ``world`` ranks, by step."""
+    pol = policy('version = 1\nfinal = false\n[[rules]]\nkind = "every_steps"\nevery = 1\n', fmt="tensors")
+    out = {}
+    with Checkpointer(pol, dir=root) as ckpt:
+        for s in steps:
+            ckpt.save(Progress(s), {"a": torch.arange(1000.0) + s, "b": torch.ones(300) * s, "n": s})
+            out[s] = ckpt.list()[-1].path
+    for path in out.values():
+        m = json.loads((path / "manifest.json").read_text())
+        for i, fname in enumerate(sorted(m["files"])):
+            m["files"][fname]["rank"] = i % world
+        (path / "manifest.json").write_text(json.dumps(m, indent=1, sort_keys=True))
+    return out
+
+
+def url() -> str:
+    return f"memory://dcp-{secrets.token_hex(4)}/run"
+
+
+def ranks(address: str, world: int, timeout: float = 10.0) -> list[ShardedUpload]:
+    tiers = [DurableTier(address, writer=r == 0) for r in range(world)]
+    return [ShardedUpload(t, r, world, timeout, poll=0.01) for r, t in enumerate(tiers)]
+
+
+def in_threads(jobs: dict[int, list[tuple[Path, str]]], uploads: list[ShardedUpload]) -> dict[int, list]:
+    """Run each rank's promotions in order in a thread of its own; each rank's outcomes (None or the error)."""
+    results: dict[int, list] = {r: [] for r in jobs}
+
+    def rank_main(r: int) -> None:
+        for path, name in jobs[r]:
+            try:
+                uploads[r](path, name)
+                results[r].append(None)
+            except TransferError as exc:
+                results[r].append(str(exc))
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    return results
+
+
+def test_files_of_gives_each_file_to_the_rank_that_wrote_it_and_orphans_to_rank_0():
+    manifest = {"files": {"a": {"rank": 0}, "b": {"rank": 1}, "c": {"rank": 3}, "d": {}}}
+    assert sorted(files_of(manifest, 0, 2)) == ["a", "c", "d"]
+    assert sorted(files_of(manifest, 1, 2)) == ["b"]
+    assert sorted(files_of(manifest, 3, 4)) == ["c"]
+    with pytest.raises(ValueError, match="rank 2 is not one of the 2 ranks"):
+        ShardedUpload(DurableTier(url(), writer=False), 2, 2, 1.0)
+
+
+def test_three_ranks_commit_one_checkpoint_and_leave_no_coordination_objects(tmp_path):
+    [local] = sharded_checkpoints(tmp_path, 3).values()
+    address = url()
+    ups = ranks(address, 3)
+    got = in_threads({r: [(local, local.name)] for r in range(3)}, ups)
+    assert got == {0: [None], 1: [None], 2: [None]}
+    tier = ups[0].tier
+    [info] = tier.list(verify=True)
+    assert info.verified and info.name == local.name
+    # the reports are gone once committed; the root pointer is hidden from every listing
+    assert sorted(ups[0]._objects(local.name)) == sorted(["COMMITTED", "manifest.json", *json.loads(
+        (local / "manifest.json").read_text())["files"]])
+    assert tier.fs.exists(f"{tier.root}/{POINTER}") and tier.leftovers() == []
+
+
+def test_a_rank_that_never_reports_is_named_when_rank_0_gives_up(tmp_path):
+    [local] = sharded_checkpoints(tmp_path, 3).values()
+    ups = ranks(url(), 3, timeout=0.5)
+    got = in_threads({0: [(local, local.name)], 1: [(local, local.name)]}, ups)  # rank 2 is gone
+    assert "rank 2: no report from rank(s) 2 within 0.5s" in got[0][0]
+    assert "abandoned on every rank: rank 2" in got[1][0]  # rank 1 reads rank 0's abandon object
+    tier = ups[0].tier
+    assert tier.names() == []
+    assert [p.rsplit("/", 2)[-2:] for p in tier.fs.find(tier.prefix(local.name))] == [ABANDON.split("/")]
+
+
+def test_a_file_of_rank_0_changed_since_its_commit_abandons_and_rank_1_hears_why(tmp_path):
+    [local] = sharded_checkpoints(tmp_path, 2).values()
+    mine = sorted(files_of(json.loads((local / "manifest.json").read_text()), 0, 2))[0]
+    data = bytearray((local / mine).read_bytes())
+    data[-1] ^= 0xFF
+    (local / mine).write_bytes(bytes(data))
+    ups = ranks(url(), 2)
+    got = in_threads({r: [(local, local.name)] for r in range(2)}, ups)
+    for r in (0, 1):
+        assert f"abandoned on every rank: rank 0: {local}/{mine} does not match its" in got[r][0], got[r][0]
+    assert ups[0].tier.names() == []
+
+
+def test_a_promotion_rank_0_replaced_is_skipped_by_the_others(tmp_path):
+    cps = sharded_checkpoints(tmp_path, 2, steps=(3, 5))
+    ups = ranks(url(), 2)
+    got = in_threads({0: [(cps[5], cps[5].name)],
+                      1: [(cps[3], cps[3].name), (cps[5], cps[5].name)]}, ups)
+    assert got == {0: [None], 1: [None, None]}
+    assert ups[0].tier.names() == [cps[5].name] and ups[0].tier.leftovers() == []
+
+
+def test_a_promotion_the_other_rank_replaced_is_served_before_its_own(tmp_path):
+    cps = sharded_checkpoints(tmp_path, 2, steps=(3, 5))
+    ups = ranks(url(), 2)
+    got = in_threads({0: [(cps[3], cps[3].name), (cps[5], cps[5].name)],
+                      1: [(cps[5], cps[5].name)]}, ups)
+    assert got == {0: [None, None], 1: [None]}
+    assert [i.name for i in ups[0].tier.list(verify=True) if i.verified] == [cps[3].name, cps[5].name]
+
+
+def test_a_rank_waits_bounded_for_rank_0_to_start(tmp_path):
+    [local] = sharded_checkpoints(tmp_path, 2).values()
+    ups = ranks(url(), 2, timeout=0.3)
+    got = in_threads({1: [(local, local.name)]}, ups)
+    assert "rank 1 waited 0.3s (the commit timeout) for rank 0 to start the promotion of step-00000003" in got[1][0]
+
+
+def test_a_local_directory_that_is_not_a_committed_checkpoint_uploads_nothing(tmp_path):
+    ups = ranks(url(), 1)
+    (tmp_path / "half").mkdir()
+    with pytest.raises(TransferError, match="is not a committed checkpoint"):
+        ups[0](tmp_path / "half", "half")
+    assert ups[0].tier.fs.find(ups[0].tier.root) == [f"{ups[0].tier.root}/.saverules.lock"]
