@@ -149,3 +149,20 @@ def test_a_local_directory_that_is_not_a_committed_checkpoint_uploads_nothing(tm
     with pytest.raises(TransferError, match="is not a committed checkpoint"):
         ups[0](tmp_path / "half", "half")
     assert ups[0].tier.fs.find(ups[0].tier.root) == [f"{ups[0].tier.root}/.saverules.lock"]
+
+
+def test_open_sharded_gives_rank_0_the_lock_and_fails_at_once_on_an_unwritable_tier(tmp_path):
+    from saverules.store.ranks import Ranks
+    from saverules.store.remote.sharded import open_sharded
+    from saverules.torch import CheckpointError
+
+    address = url()
+    tier, upload = open_sharded(Ranks(5.0), address)
+    assert tier.lock is not None and (upload.rank, upload.world, upload.timeout) == (0, 1, 5.0)
+    [local] = sharded_checkpoints(tmp_path / "local", 1).values()
+    upload(local, local.name)
+    assert tier.names() == [local.name]
+    tier.close()
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(CheckpointError, match="cannot be written"):
+        open_sharded(Ranks(5.0), f"file://{tmp_path}/a-file/run")

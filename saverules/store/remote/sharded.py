@@ -52,10 +52,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import log
+from ..errors import CheckpointError, log
 from ..layout import MANIFEST
 from ..manifest import Invalid, read_manifest
-from .retry import retrying
+from .retry import DEFAULT, Retries, retrying
 from .tier import DurableTier
 from .transfer import MARKER, Progress, TransferError, marker_bytes, upload_file
 
@@ -366,6 +366,35 @@ class ShardedUpload:
             self.sleep(self.poll)
 
 
+def open_sharded(ranks: Any, url: str, options: Mapping[str, Any] | None = None, *, lease: float | None = None,
+                 retries: Retries = DEFAULT) -> tuple[DurableTier, ShardedUpload]:
+    """Every rank of a sharded store, when its Checkpointer is made: the tier and this rank's upload strategy.
+
+    Rank 0 opens the tier as its writer (the lock, the clean-up of
+    leftovers; an unreachable tier fails there); the other ranks open it
+    without the lock.  ``ranks`` is the sharded store's
+    :class:`~saverules.store.ranks.Ranks`: one small all-reduce (in the
+    training thread, at construction, as the store's own collectives) makes
+    every rank raise together when rank 0 could not open the tier, instead of
+    the others waiting for it at their first save.
+    """
+    mine: BaseException | None = None
+    tier: DurableTier | None = None
+    try:
+        tier = DurableTier(url, options, writer=ranks.rank == 0, lease=lease, retries=retries)
+    except CheckpointError as exc:
+        mine = exc
+    failed, _ = ranks.agree(mine is not None, "", f"open the durable tier {url}")
+    if mine is not None:
+        raise mine
+    if failed or tier is None:
+        if tier is not None:
+            tier.close()
+        raise CheckpointError(f"saverules: the durable tier {url} could not be opened on rank 0 (its error says "
+                              "why); no rank goes on")
+    return tier, ShardedUpload(tier, ranks.rank, ranks.size, ranks.timeout)
+
+
 def _local_manifest(local_path: Path, name: str) -> tuple[dict[str, Any], bytes]:
     try:
         return read_manifest(local_path), (local_path / MANIFEST).read_bytes()
@@ -385,4 +414,4 @@ def _abandoned(name: str, url: str, rank: int, reason: str) -> str:
             "tries again")
 
 
-__all__ = ["ABANDON", "OPEN", "POINTER", "RANKS_DIR", "ShardedUpload", "files_of", "report_name"]
+__all__ = ["ABANDON", "OPEN", "POINTER", "RANKS_DIR", "ShardedUpload", "files_of", "open_sharded", "report_name"]
