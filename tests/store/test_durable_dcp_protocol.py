@@ -46,7 +46,7 @@ def url() -> str:
 
 def ranks(address: str, world: int, timeout: float = 10.0) -> list[ShardedUpload]:
     tiers = [DurableTier(address, writer=r == 0) for r in range(world)]
-    return [ShardedUpload(t, r, world, timeout, poll=0.01) for r, t in enumerate(tiers)]
+    return [ShardedUpload(t, r, world, timeout) for r, t in enumerate(tiers)]
 
 
 def in_threads(jobs: dict[int, list[tuple[Path, str]]], uploads: list[ShardedUpload]) -> dict[int, list]:

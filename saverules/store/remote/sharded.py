@@ -65,8 +65,10 @@ OPEN = f"{RANKS_DIR}/open.json"
 ABANDON = f"{RANKS_DIR}/abandon.json"
 #: The root-level object naming the promotion rank 0 works on (hidden: listings skip root-level objects).
 POINTER = ".saverules.promoting"
-#: Seconds between two looks at the tier while a rank waits for another.
-POLL = 0.2
+#: Seconds between the first two looks at the tier while a rank waits for another; the pause then grows
+#: by half at each look, up to :data:`POLL_MAX` (a thousand waiting ranks must not flood the object store).
+POLL = 0.05
+POLL_MAX = 2.0
 
 
 def report_name(rank: int) -> str:
@@ -100,6 +102,16 @@ class ShardedUpload:
             raise ValueError(f"rank {rank} is not one of the {world} ranks")
         self.tier, self.rank, self.world, self.timeout = tier, rank, world, float(timeout)
         self.poll, self.clock, self.sleep = poll, clock, sleep
+
+    def _pauses(self) -> Callable[[], None]:
+        """A fresh wait: each call sleeps half as long again as the one before, at most POLL_MAX seconds."""
+        pause = [self.poll]
+
+        def wait() -> None:
+            self.sleep(pause[0])
+            pause[0] = min(POLL_MAX, pause[0] * 1.5)
+
+        return wait
 
     def __call__(self, local_path: Path, name: str, on_bytes: Progress | None = None) -> None:
         local_path = Path(local_path)
@@ -146,18 +158,20 @@ class ShardedUpload:
         self.tier.fs.invalidate_cache(path)
         return bool(retrying(f"look-up of {path}", probe, self.tier.retries))
 
-    def _objects(self, name: str) -> dict[str, int]:
-        """{object name under the prefix: size} of checkpoint ``name``, hidden ones included."""
+    def _objects(self, name: str, under: str | None = None) -> dict[str, int]:
+        """{object name under the prefix: size} of checkpoint ``name`` (only those in folder ``under``), hidden
+        ones included."""
         prefix = self.tier.prefix(name)
         self.tier.fs.invalidate_cache()
+        where = prefix if under is None else f"{prefix}/{under}"
 
         def find() -> Any:
             try:
-                return self.tier.fs.find(prefix, detail=True)
+                return self.tier.fs.find(where, detail=True)
             except FileNotFoundError:
                 return {}
 
-        found = retrying(f"listing of {prefix}", find, self.tier.retries)
+        found = retrying(f"listing of {where}", find, self.tier.retries)
         base = prefix.rstrip("/") + "/"
         return {str(p)[len(base):]: int(e.get("size") or 0) for p, e in found.items() if str(p).startswith(base)}
 
@@ -208,8 +222,12 @@ class ShardedUpload:
     def _wait_reports(self, name: str, attempt: str) -> None:
         waiting = set(range(1, self.world))
         deadline = self.clock() + self.timeout
+        pause = self._pauses()
         while waiting:
+            there = self._objects(name, RANKS_DIR)  # one listing a look, then only the new reports are read
             for r in sorted(waiting):
+                if report_name(r) not in there:
+                    continue
                 rep = self._read(self._path(name, report_name(r)))
                 if rep is None or rep.get("attempt") != attempt:
                     continue
@@ -223,7 +241,7 @@ class ShardedUpload:
                 self._abandon(name, attempt, min(waiting),
                               f"no report from rank(s) {ranks} within {self.timeout:g}s (the commit timeout): "
                               "that rank died, hung, or cannot reach the durable tier")
-            self.sleep(self.poll)
+            pause()
 
     def _seal(self, name: str, attempt: str, manifest: Mapping[str, Any], raw: bytes) -> None:
         """Every file there with its size: the manifest, then the marker (the commit point), then no reports."""
@@ -267,6 +285,7 @@ class ShardedUpload:
         step = int(manifest["step"])
         deadline = self.clock() + self.timeout
         served: set[str] = set()
+        pause = self._pauses()
         while True:
             opened = self._read(self._path(name, OPEN))
             if opened is not None and isinstance(opened.get("attempt"), str):
@@ -295,7 +314,7 @@ class ShardedUpload:
                     f"the promotion of {name} to {self.tier.url}; nothing of it was committed. Rank 0 may be "
                     "stuck on an earlier upload, or cannot reach the durable tier"
                 )
-            self.sleep(self.poll)
+            pause()
 
     def _catch_up(self, local_path: Path, name: str, attempt: Any, on_bytes: Progress | None) -> None:
         """Serve an older promotion rank 0 runs that this rank's promoter had replaced."""
@@ -346,6 +365,7 @@ class ShardedUpload:
     def _outcome(self, name: str, attempt: str) -> None:
         """Wait for rank 0's commit marker or its abandon object (at most twice the commit timeout)."""
         deadline = self.clock() + 2 * self.timeout
+        pause = self._pauses()
         while True:
             if self._has(self._path(name, MARKER)):
                 return
@@ -363,7 +383,7 @@ class ShardedUpload:
                     f"saverules: rank {self.rank} waited {2 * self.timeout:g}s for rank 0 to commit the promotion "
                     f"of {name} to {self.tier.url}; it did not (rank 0 died, hung, or lost the tier)"
                 )
-            self.sleep(self.poll)
+            pause()
 
 
 def open_sharded(ranks: Any, url: str, options: Mapping[str, Any] | None = None, *, lease: float | None = None,
