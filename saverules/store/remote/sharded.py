@@ -55,7 +55,7 @@ from typing import Any
 from ..errors import CheckpointError, log
 from ..layout import MANIFEST
 from ..manifest import Invalid, read_manifest
-from .retry import DEFAULT, Retries, retrying
+from .retry import DEFAULT, Retries, RetriesExhausted, retrying
 from .tier import DurableTier
 from .transfer import MARKER, Progress, TransferError, marker_bytes, upload_file
 
@@ -215,7 +215,7 @@ class ShardedUpload:
         try:
             self._upload_mine(local_path, name, manifest, on_bytes)
         except Exception as exc:
-            self._abandon(name, attempt, 0, _reason(exc))
+            self._abandon(name, attempt, 0, _reason(exc), transient=isinstance(exc, RetriesExhausted))
         self._wait_reports(name, attempt)
         self._seal(name, attempt, manifest, raw)
 
@@ -232,7 +232,8 @@ class ShardedUpload:
                 if rep is None or rep.get("attempt") != attempt:
                     continue
                 if not rep.get("ok"):
-                    self._abandon(name, attempt, r, str(rep.get("error") or "its upload failed"))
+                    self._abandon(name, attempt, r, str(rep.get("error") or "its upload failed"),
+                                  transient=rep.get("transient") is True)
                 waiting.discard(r)
             if not waiting:
                 return
@@ -261,23 +262,30 @@ class ShardedUpload:
             retrying(f"commit of {prefix}", lambda: self.tier.fs.pipe_file(f"{prefix}/{MARKER}", marker),
                      self.tier.retries)
         except Exception as exc:
-            self._abandon(name, attempt, 0, _reason(exc))
+            self._abandon(name, attempt, 0, _reason(exc), transient=isinstance(exc, RetriesExhausted))
         try:
             self._remove(name, keep=tuple(r for r in self._objects(name) if not r.startswith(RANKS_DIR + "/")))
         except Exception as exc:  # committed: the reports are hidden, the next writer's clean-up leaves them
             log.warning("saverules: could not remove the rank reports of %s (%s)", prefix, _reason(exc))
         log.info("saverules: promoted %s to %s (%d ranks' files)", name, self.tier.url, self.world)
 
-    def _abandon(self, name: str, attempt: str, rank: int, reason: str) -> None:
-        """Rank 0: tell every rank, remove the promotion's objects, and raise naming ``rank``."""
+    def _abandon(self, name: str, attempt: str, rank: int, reason: str, transient: bool = False) -> None:
+        """Rank 0: tell every rank, remove the promotion's objects, and raise naming ``rank``.
+
+        ``transient``: the failure was a network operation's retries running
+        out; every rank then raises :class:`RetriesExhausted`, so that each
+        rank's promoter tries the whole promotion again (rank 0 opens a new
+        attempt, the others serve it), as for a promotion of one process.
+        """
         prefix = self.tier.prefix(name)
         try:
-            self._write(self._path(name, ABANDON), {"attempt": attempt, "rank": rank, "reason": reason})
+            self._write(self._path(name, ABANDON), {"attempt": attempt, "rank": rank, "reason": reason,
+                                                     "transient": transient})
             self._remove(name, keep=(ABANDON,))
         except Exception as exc:  # the tier is unreachable: the other ranks time out; the prefix has no marker
             log.warning("saverules: could not abandon %s cleanly (%s); its leftovers are removed by the next "
                         "writer", prefix, _reason(exc))
-        raise TransferError(_abandoned(name, self.tier.url, rank, reason))
+        raise _failure(_abandoned(name, self.tier.url, rank, reason), reason, transient)
 
     # -- the other ranks -------------------------------------------------------------------
 
@@ -297,8 +305,7 @@ class ShardedUpload:
                 if other == name:  # rank 0 opened this promotion and already abandoned it (the open object is gone)
                     got = self._read(self._path(name, ABANDON))
                     if got is not None and got.get("attempt") == pointer.get("attempt"):
-                        raise TransferError(_abandoned(name, self.tier.url, int(got.get("rank", 0)),
-                                                       str(got.get("reason") or "no reason given")))
+                        raise _told(got, name, self.tier.url)
                 if pointer["step"] > step:
                     log.info("saverules: rank %d: rank 0 promotes %s, newer than %s, which it replaced; nothing "
                              "of %s to upload", self.rank, other, name, name)
@@ -332,52 +339,59 @@ class ShardedUpload:
             return
         try:
             self._serve(local_path, name, manifest, attempt, on_bytes)
-        except TransferError as exc:  # that promotion's outcome is rank 0's to report
+        except (TransferError, RetriesExhausted) as exc:  # that promotion's outcome is rank 0's to report
             log.warning("saverules: rank %d: %s", self.rank, exc)
 
-    def _report(self, name: str, attempt: str, files: Mapping[str, Any] | None, error: str | None) -> None:
+    def _report(self, name: str, attempt: str, files: Mapping[str, Any] | None, error: str | None,
+                transient: bool = False) -> None:
         body: dict[str, Any] = {"attempt": attempt, "rank": self.rank, "ok": error is None}
         if error is None:
             body["files"] = dict(files or {})
         else:
-            body["error"] = error
+            body["error"], body["transient"] = error, transient
         self._write(self._path(name, report_name(self.rank)), body)
 
     def _serve(self, local_path: Path, name: str, manifest: Mapping[str, Any], attempt: str,
                on_bytes: Progress | None) -> None:
-        """Upload this rank's files of the promotion ``attempt``, report, and wait for its outcome."""
-        def abandoned() -> bool:
-            got = self._read(self._path(name, ABANDON))
-            return got is not None and got.get("attempt") == attempt
+        """Upload this rank's files of the promotion ``attempt``, report, and wait for its outcome.
 
-        try:
-            files = self._upload_mine(local_path, name, manifest, on_bytes, stop=abandoned)
-        except Exception as exc:
-            reason = _reason(exc)
+        When rank 0 opens a new attempt of the same checkpoint meanwhile (its
+        promoter tries again), this rank serves that one too.
+        """
+        next_attempt: str | None = attempt
+        while next_attempt is not None:
+            attempt = next_attempt
+
+            def abandoned(attempt: str = attempt) -> bool:
+                got = self._read(self._path(name, ABANDON))
+                return got is not None and got.get("attempt") == attempt
+
             try:
-                self._report(name, attempt, None, reason)
-            except Exception as rexc:  # rank 0 times out waiting for this rank's report
-                log.warning("saverules: rank %d could not report its failure (%s)", self.rank, _reason(rexc))
-            raise TransferError(_abandoned(name, self.tier.url, self.rank, reason)) from None
-        self._report(name, attempt, files, None)
-        self._outcome(name, attempt)
+                files = self._upload_mine(local_path, name, manifest, on_bytes, stop=abandoned)
+            except Exception as exc:
+                reason, transient = _reason(exc), isinstance(exc, RetriesExhausted)
+                try:
+                    self._report(name, attempt, None, reason, transient)
+                except Exception as rexc:  # rank 0 times out waiting for this rank's report
+                    log.warning("saverules: rank %d could not report its failure (%s)", self.rank, _reason(rexc))
+                raise _failure(_abandoned(name, self.tier.url, self.rank, reason), reason, transient) from None
+            self._report(name, attempt, files, None)
+            next_attempt = self._outcome(name, attempt)
 
-    def _outcome(self, name: str, attempt: str) -> None:
-        """Wait for rank 0's commit marker or its abandon object (at most twice the commit timeout)."""
+    def _outcome(self, name: str, attempt: str) -> str | None:
+        """Wait for rank 0's commit marker (None) or a new attempt of the same promotion (its token); raise what
+        rank 0's abandon object says.  At most twice the commit timeout."""
         deadline = self.clock() + 2 * self.timeout
         pause = self._pauses()
         while True:
             if self._has(self._path(name, MARKER)):
-                return
+                return None
             got = self._read(self._path(name, ABANDON))
             if got is not None and got.get("attempt") == attempt:
-                raise TransferError(_abandoned(name, self.tier.url, int(got.get("rank", 0)),
-                                               str(got.get("reason") or "no reason given")))
+                raise _told(got, name, self.tier.url)
             opened = self._read(self._path(name, OPEN))
-            if opened is None or opened.get("attempt") != attempt:
-                if self._has(self._path(name, MARKER)):
-                    return
-                raise TransferError(_abandoned(name, self.tier.url, 0, "rank 0 withdrew it (see rank 0's log)"))
+            if opened is not None and isinstance(opened.get("attempt"), str) and opened["attempt"] != attempt:
+                return str(opened["attempt"])
             if self.clock() >= deadline:
                 raise TransferError(
                     f"saverules: rank {self.rank} waited {2 * self.timeout:g}s for rank 0 to commit the promotion "
@@ -426,6 +440,22 @@ def _local_manifest(local_path: Path, name: str) -> tuple[dict[str, Any], bytes]
 def _reason(exc: BaseException) -> str:
     text = str(exc).replace("saverules: ", "", 1) or type(exc).__name__
     return text if len(text) <= 400 else text[:397] + "..."
+
+
+def _failure(message: str, reason: str, transient: bool) -> TransferError | RetriesExhausted:
+    """The error every rank raises for an abandoned promotion: retried as a whole by the promoter when the
+    cause was a network operation whose retries ran out, never when it was a fault waiting cannot fix."""
+    if transient:
+        return RetriesExhausted(message, 1, reason)
+    return TransferError(message)
+
+
+def _told(got: Mapping[str, Any], name: str, url: str) -> TransferError | RetriesExhausted:
+    """The error an abandon object ``got`` (written by rank 0) tells the other ranks to raise."""
+    rank = got.get("rank")
+    reason = str(got.get("reason") or "no reason given")
+    return _failure(_abandoned(name, url, rank if isinstance(rank, int) else 0, reason), reason,
+                    got.get("transient") is True)
 
 
 def _abandoned(name: str, url: str, rank: int, reason: str) -> str:
