@@ -567,13 +567,20 @@ def tiered(inner: Committer, root: Path, policy: Any, url: str | None, options: 
     from .remote.retry import DEFAULT
 
     opener = None
+    upload = None
     if url is not None:
         from .remote.tier import DurableTier
+        from .sharded import ShardedCommitter
 
-        def opener() -> DurableTier:
-            return DurableTier(url, options, writer=lock, retries=retries or DEFAULT)
+        if isinstance(inner, ShardedCommitter):  # every rank uploads its files, rank 0 commits (docs/distributed.md)
+            from .remote.sharded import sharded_tier
 
-    return TieredCommitter(inner, root, durable_policy(policy), open_tier=opener, released=released,
+            opener, upload = sharded_tier(inner.ranks, url, options, retries or DEFAULT, writer=lock)
+        else:
+            def opener() -> DurableTier:
+                return DurableTier(url, options, writer=lock, retries=retries or DEFAULT)
+
+    return TieredCommitter(inner, root, durable_policy(policy), open_tier=opener, upload=upload, released=released,
                            downloads=downloads)
 
 

@@ -400,12 +400,13 @@ class ShardedUpload:
             pause()
 
 
-def open_sharded(ranks: Any, url: str, options: Mapping[str, Any] | None = None, *, lease: float | None = None,
-                 retries: Retries = DEFAULT) -> tuple[DurableTier, ShardedUpload]:
+def open_sharded(ranks: Any, url: str, options: Mapping[str, Any] | None = None, *, writer: bool | None = None,
+                 lease: float | None = None, retries: Retries = DEFAULT) -> tuple[DurableTier, ShardedUpload]:
     """Every rank of a sharded store, when its Checkpointer is made: the tier and this rank's upload strategy.
 
-    Rank 0 opens the tier as its writer (the lock, the clean-up of
-    leftovers; an unreachable tier fails there); the other ranks open it
+    Rank 0 opens the tier as its writer (``writer``, default: whether this
+    is rank 0; False for a read-only Checkpointer): the lock, the clean-up
+    of leftovers; an unreachable tier fails there.  The other ranks open it
     without the lock.  ``ranks`` is the sharded store's
     :class:`~saverules.store.ranks.Ranks`: one small all-reduce (in the
     training thread, at construction, as the store's own collectives) makes
@@ -415,7 +416,8 @@ def open_sharded(ranks: Any, url: str, options: Mapping[str, Any] | None = None,
     mine: BaseException | None = None
     tier: DurableTier | None = None
     try:
-        tier = DurableTier(url, options, writer=ranks.rank == 0, lease=lease, retries=retries)
+        tier = DurableTier(url, options, writer=ranks.rank == 0 if writer is None else writer, lease=lease,
+                           retries=retries)
     except CheckpointError as exc:
         mine = exc
     failed, _ = ranks.agree(mine is not None, "", f"open the durable tier {url}")
@@ -427,6 +429,26 @@ def open_sharded(ranks: Any, url: str, options: Mapping[str, Any] | None = None,
         raise CheckpointError(f"saverules: the durable tier {url} could not be opened on rank 0 (its error says "
                               "why); no rank goes on")
     return tier, ShardedUpload(tier, ranks.rank, ranks.size, ranks.timeout)
+
+
+def sharded_tier(ranks: Any, url: str, options: Mapping[str, Any] | None, retries: Retries, *,
+                 writer: bool) -> tuple[Callable[[], DurableTier], Callable[[Path, str, Progress], None]]:
+    """What a sharded store's :class:`~saverules.store.remote.committer.TieredCommitter` is given: the opener of
+    the tier (:func:`open_sharded`, run by every rank when the Checkpointer is made) and the upload strategy of
+    this rank's promoter (its :class:`ShardedUpload`, once the tier is open)."""
+    opened: list[ShardedUpload] = []
+
+    def opener() -> DurableTier:
+        tier, upload = open_sharded(ranks, url, options, writer=writer, retries=retries)
+        opened.append(upload)
+        return tier
+
+    def upload(local_path: Path, name: str, on_bytes: Progress) -> None:
+        if not opened:
+            raise CheckpointError(f"saverules: the durable tier {url} was not opened on rank {ranks.rank}")
+        opened[-1](local_path, name, on_bytes)
+
+    return opener, upload
 
 
 def _local_manifest(local_path: Path, name: str) -> tuple[dict[str, Any], bytes]:
@@ -464,4 +486,5 @@ def _abandoned(name: str, url: str, rank: int, reason: str) -> str:
             "tries again")
 
 
-__all__ = ["ABANDON", "OPEN", "POINTER", "RANKS_DIR", "ShardedUpload", "files_of", "open_sharded", "report_name"]
+__all__ = ["ABANDON", "OPEN", "POINTER", "RANKS_DIR", "ShardedUpload", "files_of", "open_sharded", "report_name",
+           "sharded_tier"]
