@@ -16,6 +16,17 @@ saw.  Actions:
     The same, but rank 1 flips one byte of a shard it wrote after the local
     commit (a disk that went bad, a file changed under the store): its upload
     fails its digest; every rank records the error it got.
+``train``
+    The whole runtime: a dcp Checkpointer with ``durable=URL`` on every rank
+    (rank 0 holds the tier's lock), 6 steps, the local tier saving every 2
+    steps and the durable tier every 3 (and the final step); ``close()``
+    waits for the uploads and raises when the final step did not reach the
+    durable tier.  Rank 0 writes the full state to ``saved.pt``.
+``resume``
+    One process, an empty ``LOCAL_DIR``: a dcp Checkpointer with
+    ``durable=URL`` resumes (``load_latest``), downloading the newest durable
+    checkpoint; records the step and ``resumed_from``; the full state goes to
+    ``loaded.pt``.
 ``load``
     One process, an empty ``LOCAL_DIR``: the newest durable checkpoint
     downloaded into it (digests checked while streaming), then loaded by a
@@ -45,6 +56,16 @@ every = 3
 [storage]
 dir = "checkpoints"
 format = "dcp"
+"""
+
+
+TIERED = POLICY.replace("every = 3", "every = 2").replace("final = false\n", "") + """
+[durable]
+[[durable.rules]]
+kind = "every_steps"
+every = 3
+[durable.retention]
+keep_last = 1
 """
 
 
@@ -94,6 +115,27 @@ def main(action: str, local_dir: str, url: str) -> int:
             rec["error"] = f"{type(exc).__name__}: {exc}"
         finally:
             tier.close()
+    elif action == "train":
+        ck = Checkpointer(loads(TIERED), dir=local_dir, durable=url, durable_retries=retries)
+        rec["decisions"] = []
+        for step in range(1, 7):
+            train_step(model, opt, step, rank)
+            d = ck.step(Progress(step, total_steps=6), state)
+            rec["decisions"].append([step, bool(d.save), list(d.reasons), list(getattr(d, "durable", ()))])
+        ck.close(timeout=120)
+        msd, osd = gathered(model, opt)
+        if rank == 0:
+            torch.save({"model": msd, "optimizer": osd}, out / "saved.pt")
+        rec["local"] = sorted(p.name for p in Path(local_dir).iterdir() if p.name.startswith("step-"))
+    elif action == "resume":
+        assert not (Path(local_dir).exists() and any(Path(local_dir).iterdir()))
+        ck = Checkpointer(loads(TIERED), dir=local_dir, durable=url, durable_retries=retries)
+        got = ck.load_latest(state)
+        rec["step"] = got.step if got is not None else None
+        rec["resumed_from"] = list(ck.resumed_from) if ck.resumed_from is not None else None
+        ck.close()
+        msd, osd = gathered(model, opt)
+        torch.save({"model": msd, "optimizer": osd}, out / "loaded.pt")
     elif action == "load":
         assert not any(Path(local_dir).iterdir()) if Path(local_dir).exists() else True
         tier = DurableTier(url, writer=False, retries=retries)
