@@ -6,15 +6,13 @@ The moto server's address comes in ``AWS_ENDPOINT_URL`` (set by the test);
 each rank writes ``<SAVERULES_TEST_OUT>/<action>-rank<R>.json`` with what it
 saw.  Actions:
 
-``promote``
-    An FSDP2 model (tests/helpers/dcp_worker.py's) trained 3 steps on every
-    rank, saved at step 3 in format "dcp" to ``LOCAL_DIR``; then every rank
-    runs its promotion (:class:`saverules.store.remote.sharded.ShardedUpload`
-    on the tier it opened: rank 0 the writer, the others without the lock).
-    Rank 0 writes the full (unsharded) state to ``saved.pt``.
 ``fault``
-    The same, but rank 1 flips one byte of a shard it wrote after the local
-    commit (a disk that went bad, a file changed under the store): its upload
+    An FSDP2 model (tests/helpers/dcp_worker.py's) trained 3 steps on every
+    rank, saved at step 3 in format "dcp" to ``LOCAL_DIR`` (no durable tier);
+    then rank 1 flips one byte of a shard it wrote (a disk that went bad, a
+    file changed under the store), and every rank runs its promotion
+    (:class:`saverules.store.remote.sharded.ShardedUpload` on the tier it
+    opened: rank 0 the writer, the others without the lock).  Rank 1's upload
     fails its digest; every rank records the error it got.
 ``train``
     The whole runtime: a dcp Checkpointer with ``durable=URL`` on every rank
@@ -26,11 +24,6 @@ saw.  Actions:
     One process, an empty ``LOCAL_DIR``: a dcp Checkpointer with
     ``durable=URL`` resumes (``load_latest``), downloading the newest durable
     checkpoint; records the step and ``resumed_from``; the full state goes to
-    ``loaded.pt``.
-``load``
-    One process, an empty ``LOCAL_DIR``: the newest durable checkpoint
-    downloaded into it (digests checked while streaming), then loaded by a
-    dcp Checkpointer into a model built for 1 rank; the full state goes to
     ``loaded.pt``.
 """
 from __future__ import annotations
@@ -87,19 +80,16 @@ def main(action: str, local_dir: str, url: str) -> int:
     retries = Retries(attempts=2, first=0.1, longest=0.2)
     model, opt = build(world)
     state = {"model": model, "optimizer": opt, "counter": Counter(rank)}
-    if action in ("promote", "fault"):
+    if action == "fault":
         ck = Checkpointer(loads(POLICY), dir=local_dir)
         for step in (1, 2, 3):
             train_step(model, opt, step, rank)
             ck.step(Progress(step, total_steps=3), state)
         ck.close()
-        msd, osd = gathered(model, opt)
-        if rank == 0:
-            torch.save({"model": msd, "optimizer": osd}, out / "saved.pt")
         local = Path(local_dir) / "step-00000003"
         manifest = json.loads((local / "manifest.json").read_text())
         rec["mine"] = sorted(f for f, e in manifest["files"].items() if e.get("rank") == rank)
-        if action == "fault" and rank == 1:
+        if rank == 1:
             shard = local / [f for f in rec["mine"] if f.endswith(".distcp")][0]
             data = bytearray(shard.read_bytes())
             data[len(data) // 2] ^= 0x01
@@ -133,18 +123,6 @@ def main(action: str, local_dir: str, url: str) -> int:
         got = ck.load_latest(state)
         rec["step"] = got.step if got is not None else None
         rec["resumed_from"] = list(ck.resumed_from) if ck.resumed_from is not None else None
-        ck.close()
-        msd, osd = gathered(model, opt)
-        torch.save({"model": msd, "optimizer": osd}, out / "loaded.pt")
-    elif action == "load":
-        assert not any(Path(local_dir).iterdir()) if Path(local_dir).exists() else True
-        tier = DurableTier(url, writer=False, retries=retries)
-        [newest] = tier.list(verify=False)[-1:]
-        tier.download(newest.name, local_dir)
-        rec["downloaded"] = newest.name
-        ck = Checkpointer(loads(POLICY), dir=local_dir)
-        got = ck.load_latest(state)
-        rec["step"] = got.step if got is not None else None
         ck.close()
         msd, osd = gathered(model, opt)
         torch.save({"model": msd, "optimizer": osd}, out / "loaded.pt")

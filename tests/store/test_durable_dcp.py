@@ -4,10 +4,12 @@ tests/helpers/durable_dcp_child.py runs under torchrun (gloo, CPU); the server
 is moto's standalone one on 127.0.0.1, started here, reached by every rank
 through ``AWS_ENDPOINT_URL``.  One server for the module:
 
-* two ranks save a dcp checkpoint and promote it, each uploading the files it
-  wrote, rank 0 committing; then one process with an empty local directory
-  loads it from the durable tier alone, resharded from 2 ranks to 1, and the
-  model and optimizer equal the saved ones bit for bit;
+* two ranks train with a dcp Checkpointer and ``durable=URL``: the durable
+  rules promote steps 3 and 6, each rank uploading the files it wrote and
+  rank 0 committing, and ``close()`` waits for them; then one process with
+  an empty local directory resumes from the durable tier alone, resharded
+  from 2 ranks to 1, and the model and optimizer equal the saved ones bit
+  for bit;
 * rank 1's shard goes bad after the local commit: the promotion is abandoned
   on both ranks, both errors name rank 1, and nothing is visible on the tier
   (after the next writer's clean-up, nothing at all is left).
@@ -66,24 +68,27 @@ def assert_same_state(a: dict, b: dict) -> None:
     assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
 
 
-def test_two_ranks_promote_and_an_empty_node_loads_from_the_durable_tier_alone(server, tmp_path):
+def test_two_ranks_promote_through_the_checkpointer_and_an_empty_node_resumes_from_the_durable_tier(server, tmp_path):
     url = f"s3://{BUCKET}/dcp-run"
-    reports = run(2, "promote", tmp_path / "node-a", url, tmp_path)
-    assert [r["error"] for r in reports] == [None, None]
-    # each rank wrote files of its own (rank 0 also .metadata), and uploaded those
-    assert all(r["mine"] for r in reports)
-    assert ".metadata" in reports[0]["mine"] and not set(reports[0]["mine"]) & set(reports[1]["mine"])
+    reports = run(2, "train", tmp_path / "node-a", url, tmp_path)
+    # both ranks took the same decisions, the durable tier's included (steps 3 and 6; 6 is the final step)
+    assert reports[0]["decisions"] == reports[1]["decisions"]
+    assert [(s, d) for s, save, _r, d in reports[0]["decisions"] if d] == [
+        (3, ["every_steps(every=3)"]), (6, ["final", "every_steps(every=3)"])]
+    assert reports[0]["local"] == ["step-00000002", "step-00000003", "step-00000004", "step-00000006"]
     tier = DurableTier(url, writer=False)
+    # durable retention kept the last one; step 3 was committed, then deleted by it
     [info] = tier.list(verify=True)
-    assert (info.name, info.step, info.verified) == ("step-00000003", 3, True), info.error
-    local = tmp_path / "node-a" / "step-00000003"
+    assert (info.name, info.step, info.verified) == ("step-00000006", 6, True), info.error
+    local = tmp_path / "node-a" / "step-00000006"
     assert (local / "manifest.json").read_bytes() == tier.fs.cat_file(f"{tier.prefix(info.name)}/manifest.json")
-    objects = tier._objects()[info.name]
-    assert sorted(objects) == sorted(["COMMITTED", "manifest.json", *reports[0]["mine"], *reports[1]["mine"]])
-    assert tier.leftovers() == []
+    manifest = json.loads((local / "manifest.json").read_text())
+    assert {e["rank"] for e in manifest["files"].values()} == {0, 1}  # both ranks' files, each uploaded by its rank
+    assert sorted(tier._objects()[info.name]) == sorted(["COMMITTED", "manifest.json", *manifest["files"]])
+    assert tier.leftovers() == [] and not tier.fs.exists(f"{tier.root}/.saverules.lock")
 
-    [loaded] = run(1, "load", tmp_path / "node-b", url, tmp_path)
-    assert loaded["downloaded"] == "step-00000003" and loaded["step"] == 3
+    [resumed] = run(1, "resume", tmp_path / "node-b", url, tmp_path)
+    assert resumed["step"] == 6 and resumed["resumed_from"] == ["durable", "step-00000006"]
     saved = torch.load(tmp_path / "saved.pt", weights_only=True)
     again = torch.load(tmp_path / "loaded.pt", weights_only=True)
     assert_same_state(saved, again)
@@ -92,6 +97,7 @@ def test_two_ranks_promote_and_an_empty_node_loads_from_the_durable_tier_alone(s
 def test_a_failure_on_rank_1_abandons_the_promotion_on_both_ranks_and_leaves_nothing_visible(server, tmp_path):
     url = f"s3://{BUCKET}/dcp-fault"
     reports = run(2, "fault", tmp_path / "node", url, tmp_path)
+    assert ".metadata" in reports[0]["mine"] and not set(reports[0]["mine"]) & set(reports[1]["mine"])
     flipped = reports[1]["flipped"]
     for r in reports:
         assert r["error"] is not None, r
