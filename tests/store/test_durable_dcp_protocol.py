@@ -166,3 +166,43 @@ def test_open_sharded_gives_rank_0_the_lock_and_fails_at_once_on_an_unwritable_t
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(CheckpointError, match="cannot be written"):
         open_sharded(Ranks(5.0), f"file://{tmp_path}/a-file/run")
+
+
+def test_a_transient_failure_on_one_rank_is_retried_as_a_whole_by_every_rank_s_promoter(tmp_path):
+    """Rank 1's file cannot be read (a directory stands in its place: an OSError the retries do not fix); each
+    rank's real Promoter tries the whole promotion again once the abandon is seen, and the file is back."""
+    import shutil
+
+    from saverules.store.remote.promote import Promoter, Promotion
+    from saverules.store.remote.retry import Retries
+
+    [local] = sharded_checkpoints(tmp_path / "local", 2).values()
+    [theirs] = sorted(files_of(json.loads((local / "manifest.json").read_text()), 1, 2))
+    shutil.move(str(local / theirs), str(tmp_path / "aside"))
+    (local / theirs).mkdir()
+    address = url()
+    quick = Retries(attempts=2, first=0.01, longest=0.01)
+    tiers = [DurableTier(address, writer=r == 0, retries=quick) for r in range(2)]
+    promoters = [Promoter(t, ShardedUpload(t, r, 2, 10.0), Retries(attempts=3, first=0.3, longest=0.3))
+                 for r, t in enumerate(tiers)]
+
+    def repair() -> None:  # once rank 0 abandoned the first attempt, the file comes back
+        for _ in range(2000):
+            if tiers[0].fs.exists(f"{tiers[0].prefix(local.name)}/{ABANDON}"):
+                (local / theirs).rmdir()
+                shutil.move(str(tmp_path / "aside"), str(local / theirs))
+                return
+            threading.Event().wait(0.005)
+
+    fixer = threading.Thread(target=repair)
+    fixer.start()
+    for p in promoters:
+        p.enqueue(Promotion(name=local.name, step=3, path=local, final=True))
+    assert all(p.drain(30, bar=False) for p in promoters)
+    fixer.join(10)
+    assert [p.failures() for p in promoters] == [[], []]
+    assert all(p.reached(local.name) for p in promoters)
+    [info] = tiers[0].list(verify=True)
+    assert info.verified and tiers[0].leftovers() == []
+    for p in promoters:
+        p.close()
