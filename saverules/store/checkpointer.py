@@ -285,25 +285,43 @@ class Checkpointer:
         self._report_background()
         decision = self.decider(progress)
         if decision.save:
-            self._save(progress, state, tuple(decision.reasons), tuple(getattr(decision, "durable", ()) or ()))
+            durable = self._committer.promoted(decision)
+            if durable and not decision.durable:  # a signal save of the local tier: promoted at once
+                self.decider.note_save(progress.step, progress.time if progress.time is not None else self.clock(),
+                                       tiers=("durable",))
+            self._save(progress, state, tuple(decision.reasons), durable)
         return decision
 
     def _report_background(self) -> None:
-        """Report the uploads to the durable tier that failed since the last step (as ``on_error`` says)."""
+        """Pass the uploads' wall times to the decider, and report those that failed (as ``on_error`` says)."""
+        for seconds in self._committer.upload_seconds():
+            self.decider.note_upload_cost(seconds)
         for err in self._committer.failures():
             self._report(err)
 
-    def save(self, progress: Progress, state: Mapping[str, Any], reason: str = "manual") -> Decision:
-        """Save now, whatever the policy says; the decider is told (time rules measure from here)."""
+    def save(self, progress: Progress, state: Mapping[str, Any], reason: str = "manual", *,
+             durable: bool = False) -> Decision:
+        """Save now, whatever the policy says; the decider is told (time rules measure from here).
+
+        ``durable=True`` also promotes the save to the durable tier (and its
+        rules measure from here too); it needs a durable tier.
+        """
         if not isinstance(reason, str) or not reason:
             raise ValueError(f"reason must be a non-empty string, got {reason!r}")
+        if not isinstance(durable, bool):
+            raise ValueError(f"durable must be True or False, got {durable!r}")
+        if durable and self._committer.tier is None:
+            raise ValueError("durable=True needs a durable tier: add a [durable] table to the policy (docs/tiers.md)")
         self._check_open("save")
         self._collect(block=False)
         self._report_background()
         time_ = progress.time if progress.time is not None else self.clock()
-        self.decider.note_save(progress.step, time_)
-        self._save(progress, state, (reason,))
-        return Decision(True, (reason,))
+        if self._committer.tier is None:
+            self.decider.note_save(progress.step, time_)
+        else:
+            self.decider.note_save(progress.step, time_, tiers=("local", "durable") if durable else ("local",))
+        self._save(progress, state, (reason,), (reason,) if durable else ())
+        return Decision(True, (reason,), (reason,) if durable else ())
 
     def wait(self) -> None:
         """Block until the write in flight (if any) is committed; report its failure."""

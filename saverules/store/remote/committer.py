@@ -86,6 +86,7 @@ class TieredCommitter:
         self._held_local: CheckpointInfo | None = None  # what a resume came from, until a newer local commit
         self._held_durable: CheckpointInfo | None = None  # ... until a newer durable commit
         self._failed: dict[str, Promotion] = {}  # failed promotions: their local copies stay until one succeeds
+        self._seconds: list[float] = []  # upload wall times not yet told to the decider
         self._lock = threading.Lock()
 
     # -- opening and closing ---------------------------------------------------------------
@@ -212,17 +213,32 @@ class TieredCommitter:
             names.add(held.name)
         return names
 
+    def promoted(self, decision: Any) -> tuple[str, ...]:
+        """The durable reasons of a decision to save: its durable tier's rules, or (with a durable tier) the
+        ``on_signal`` rules of the local tier, since a signal save is promoted at once; () when not promoted."""
+        durable = tuple(getattr(decision, "durable", ()) or ())
+        if durable or self.tier is None:
+            return durable
+        return tuple(r for r in decision.reasons if is_signal(r))
+
+    def upload_seconds(self) -> list[float]:
+        """The wall time of each upload that reached the durable tier since the last call (for the decider)."""
+        with self._lock:
+            out, self._seconds = self._seconds, []
+        return out
+
     def failures(self) -> list[PromotionError]:
         """The promotions that failed since the last call (for the next ``step()`` to report)."""
         return self.promoter.failures() if self.promoter is not None else []
 
-    def _uploaded(self, promotion: Promotion, failure: PromotionError | None) -> None:
+    def _uploaded(self, promotion: Promotion, failure: PromotionError | None, seconds: float) -> None:
         """On the promoter thread, after an upload: hold a failed one's local copy; else durable retention."""
         if failure is not None:
             with self._lock:
                 self._failed[promotion.name] = promotion
             return
         with self._lock:
+            self._seconds.append(seconds)
             for name, p in list(self._failed.items()):
                 if p.step <= promotion.step:
                     del self._failed[name]
