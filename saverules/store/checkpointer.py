@@ -133,9 +133,10 @@ class Checkpointer:
         ``[durable].options``.  Never credentials: those come from the
         environment (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``, ...).
     durable_retries:
-        How each network operation on the durable tier is retried
-        (:class:`saverules.store.remote.retry.Retries`; default 6 attempts,
-        0.5 s doubling to 8 s).
+        How each network operation on the durable tier, and each promotion
+        as a whole, is retried (:class:`saverules.store.remote.retry.Retries`;
+        default: 6 attempts, 0.5 s doubling to 8 s, for an operation; 3
+        attempts, 2 s doubling to 30 s, for a promotion).
 
     With a durable tier, the writer opens it when the Checkpointer is made
     (its lock; an unreachable tier is a :class:`CheckpointError` at once), a
@@ -582,6 +583,7 @@ def tiered(inner: Committer, root: Path, policy: Any, url: str | None, options: 
            retries: Retries | None, *, lock: bool, downloads: bool,
            released: Any) -> TieredCommitter:
     """The committer of a store with its durable tier (when ``url``); the tier opens in ``open()``."""
+    from .remote.promote import PROMOTION_RETRIES
     from .remote.retry import DEFAULT
 
     opener = None
@@ -592,7 +594,7 @@ def tiered(inner: Committer, root: Path, policy: Any, url: str | None, options: 
             return DurableTier(url, options, writer=lock, retries=retries or DEFAULT)
 
     return TieredCommitter(inner, root, durable_policy(policy), open_tier=opener, released=released,
-                           downloads=downloads)
+                           downloads=downloads, retries=retries or PROMOTION_RETRIES)
 
 
 def durable_arguments(policy: Any, durable: Any, options: Any, retries: Any) -> tuple[str | None, dict | None]:
