@@ -19,7 +19,6 @@ from tier_common import durable_steps, local_steps, open_checkpointer, run, tier
 
 from saverules.engine.tiers import simulate_tiers
 from saverules.store.errors import CheckpointError, CheckpointWarning, DurableError
-from saverules.store.remote import DurableTier
 from saverules.store.remote.promote import PromotionError
 from saverules.store.remote.retry import Retries
 from saverules.torch import Checkpointer
