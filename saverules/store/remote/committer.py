@@ -67,7 +67,8 @@ class TieredCommitter:
     """The local (or sharded) committer ``inner``, and the durable ``tier`` when there is one (see the module)."""
 
     def __init__(self, inner: Committer, root: Path, durable_policy: Any = None, *,
-                 open_tier: Callable[[], DurableTier] | None = None, upload: Upload | None = None,
+                 open_tier: Callable[[], DurableTier] | None = None,
+                 uploader: Callable[[DurableTier], Upload] | None = None,
                  retries: Retries = PROMOTION_RETRIES, released: Callable[[], None] | None = None,
                  downloads: bool = True) -> None:
         self.inner = inner
@@ -77,7 +78,7 @@ class TieredCommitter:
         self.tier: DurableTier | None = None
         self.promoter: Promoter | None = None
         self._open_tier = open_tier
-        self._upload = upload
+        self._uploader = uploader
         self._retries = retries
         self._released = released
         self._downloads = downloads
@@ -97,7 +98,8 @@ class TieredCommitter:
             return
         self.tier = self._open_tier()
         if self.writes:
-            self.promoter = Promoter(self.tier, self._upload, self._retries, on_done=self._uploaded)
+            upload = self._uploader(self.tier) if self._uploader is not None else None
+            self.promoter = Promoter(self.tier, upload, self._retries, on_done=self._uploaded)
 
     def close(self) -> None:
         """Stop the promoter (an upload still running is abandoned at its next chunk) and let go of the tier."""
@@ -226,6 +228,10 @@ class TieredCommitter:
         with self._lock:
             out, self._seconds = self._seconds, []
         return out
+
+    def unfinished(self) -> set[str]:
+        """The checkpoints whose upload is queued or running."""
+        return self.promoter.pending() if self.promoter is not None else set()
 
     def failures(self) -> list[PromotionError]:
         """The promotions that failed since the last call (for the next ``step()`` to report)."""
