@@ -133,9 +133,10 @@ class Checkpointer:
         ``[durable].options``.  Never credentials: those come from the
         environment (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``, ...).
     durable_retries:
-        How each network operation on the durable tier is retried
-        (:class:`saverules.store.remote.retry.Retries`; default 6 attempts,
-        0.5 s doubling to 8 s).
+        How each network operation on the durable tier, and each promotion
+        as a whole, is retried (:class:`saverules.store.remote.retry.Retries`;
+        default: 6 attempts, 0.5 s doubling to 8 s, for an operation; 3
+        attempts, 2 s doubling to 30 s, for a promotion).
 
     With a durable tier, the writer opens it when the Checkpointer is made
     (its lock; an unreachable tier is a :class:`CheckpointError` at once), a
@@ -285,25 +286,45 @@ class Checkpointer:
         self._report_background()
         decision = self.decider(progress)
         if decision.save:
-            self._save(progress, state, tuple(decision.reasons), tuple(getattr(decision, "durable", ()) or ()))
+            durable = self._committer.promoted(decision)
+            if durable and not decision.durable:  # a signal save of the local tier: promoted at once
+                self.decider.note_save(progress.step, progress.time if progress.time is not None else self.clock(),
+                                       tiers=("durable",))
+            self._save(progress, state, tuple(decision.reasons), durable)
         return decision
 
     def _report_background(self) -> None:
-        """Report the uploads to the durable tier that failed since the last step (as ``on_error`` says)."""
+        """Pass the uploads' wall times to the decider, and report those that failed (as ``on_error`` says)."""
+        note = getattr(self.decider, "note_upload_cost", None)  # a tiered decider (a wrapper may lack it)
+        for seconds in self._committer.upload_seconds():
+            if note is not None:
+                note(seconds)
         for err in self._committer.failures():
             self._report(err)
 
-    def save(self, progress: Progress, state: Mapping[str, Any], reason: str = "manual") -> Decision:
-        """Save now, whatever the policy says; the decider is told (time rules measure from here)."""
+    def save(self, progress: Progress, state: Mapping[str, Any], reason: str = "manual", *,
+             durable: bool = False) -> Decision:
+        """Save now, whatever the policy says; the decider is told (time rules measure from here).
+
+        ``durable=True`` also promotes the save to the durable tier (and its
+        rules measure from here too); it needs a durable tier.
+        """
         if not isinstance(reason, str) or not reason:
             raise ValueError(f"reason must be a non-empty string, got {reason!r}")
+        if not isinstance(durable, bool):
+            raise ValueError(f"durable must be True or False, got {durable!r}")
+        if durable and self._committer.tier is None:
+            raise ValueError("durable=True needs a durable tier: add a [durable] table to the policy (docs/tiers.md)")
         self._check_open("save")
         self._collect(block=False)
         self._report_background()
         time_ = progress.time if progress.time is not None else self.clock()
-        self.decider.note_save(progress.step, time_)
-        self._save(progress, state, (reason,))
-        return Decision(True, (reason,))
+        if self._committer.tier is None:
+            self.decider.note_save(progress.step, time_)
+        else:
+            self.decider.note_save(progress.step, time_, tiers=("local", "durable") if durable else ("local",))
+        self._save(progress, state, (reason,), (reason,) if durable else ())
+        return Decision(True, (reason,), (reason,) if durable else ())
 
     def wait(self) -> None:
         """Block until the write in flight (if any) is committed; report its failure."""
@@ -353,6 +374,11 @@ class Checkpointer:
         _cost, err = self._async.outcome()
         if err is not None:
             print(f"saverules: the last checkpoint write failed: {err}", file=sys.stderr)
+        left = self._committer.unfinished()
+        if left:
+            print(f"saverules: the process ends with {len(left)} upload(s) to the durable tier unfinished "
+                  f"({', '.join(sorted(left))}): close() waits for them; their local copies are in {self.dir}",
+                  file=sys.stderr)
 
     def _collect(self, block: bool) -> None:
         """Pick up the finished asynchronous write (waiting for it when ``block``): note its cost, report its error."""
@@ -561,13 +587,17 @@ def describe_tiers(manifest: Mapping[str, Any]) -> str:
 
 
 def tiered(inner: Committer, root: Path, policy: Any, url: str | None, options: Mapping[str, Any] | None,
-           retries: Retries | None, *, lock: bool, downloads: bool,
-           released: Any) -> TieredCommitter:
-    """The committer of a store with its durable tier (when ``url``); the tier opens in ``open()``."""
+           retries: Retries | None, *, lock: bool, downloads: bool, released: Any,
+           uploader: Any = None) -> TieredCommitter:
+    """The committer of a store with its durable tier (when ``url``); the tier opens in ``open()``.
+
+    ``uploader(tier)``, when given, makes the upload strategy of the promotions (a sharded store's: every
+    rank uploads its own files); by default the tier's own ``upload``.
+    """
+    from .remote.promote import PROMOTION_RETRIES
     from .remote.retry import DEFAULT
 
     opener = None
-    upload = None
     if url is not None:
         from .remote.tier import DurableTier
         from .sharded import ShardedCommitter
@@ -575,13 +605,14 @@ def tiered(inner: Committer, root: Path, policy: Any, url: str | None, options: 
         if isinstance(inner, ShardedCommitter):  # every rank uploads its files, rank 0 commits (docs/distributed.md)
             from .remote.sharded import sharded_tier
 
-            opener, upload = sharded_tier(inner.ranks, url, options, retries or DEFAULT, writer=lock)
+            opener, sharded_uploader = sharded_tier(inner.ranks, url, options, retries or DEFAULT, writer=lock)
+            uploader = uploader or sharded_uploader
         else:
             def opener() -> DurableTier:
                 return DurableTier(url, options, writer=lock, retries=retries or DEFAULT)
 
-    return TieredCommitter(inner, root, durable_policy(policy), open_tier=opener, upload=upload, released=released,
-                           downloads=downloads)
+    return TieredCommitter(inner, root, durable_policy(policy), open_tier=opener, released=released,
+                           downloads=downloads, retries=retries or PROMOTION_RETRIES, uploader=uploader)
 
 
 def durable_arguments(policy: Any, durable: Any, options: Any, retries: Any) -> tuple[str | None, dict | None]:

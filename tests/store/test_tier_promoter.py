@@ -107,7 +107,7 @@ def test_a_failing_upload_is_retried_with_a_log_line_each_time_then_kept_for_the
 
     done: list[tuple[str, bool]] = []
     p = Promoter(tier, refused, Retries(attempts=3, first=0.01, longest=0.02),
-                 on_done=lambda prom, err: done.append((prom.name, err is None)))
+                 on_done=lambda prom, err, secs: done.append((prom.name, err is None)))
     try:
         with caplog.at_level(logging.WARNING, logger="saverules.store"):
             p.enqueue(promotion(ckpts[0]))

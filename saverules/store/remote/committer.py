@@ -67,7 +67,8 @@ class TieredCommitter:
     """The local (or sharded) committer ``inner``, and the durable ``tier`` when there is one (see the module)."""
 
     def __init__(self, inner: Committer, root: Path, durable_policy: Any = None, *,
-                 open_tier: Callable[[], DurableTier] | None = None, upload: Upload | None = None,
+                 open_tier: Callable[[], DurableTier] | None = None,
+                 uploader: Callable[[DurableTier], Upload] | None = None,
                  retries: Retries = PROMOTION_RETRIES, released: Callable[[], None] | None = None,
                  downloads: bool = True) -> None:
         self.inner = inner
@@ -77,7 +78,7 @@ class TieredCommitter:
         self.tier: DurableTier | None = None
         self.promoter: Promoter | None = None
         self._open_tier = open_tier
-        self._upload = upload
+        self._uploader = uploader
         self._retries = retries
         self._released = released
         self._downloads = downloads
@@ -86,6 +87,7 @@ class TieredCommitter:
         self._held_local: CheckpointInfo | None = None  # what a resume came from, until a newer local commit
         self._held_durable: CheckpointInfo | None = None  # ... until a newer durable commit
         self._failed: dict[str, Promotion] = {}  # failed promotions: their local copies stay until one succeeds
+        self._seconds: list[float] = []  # upload wall times not yet told to the decider
         self._lock = threading.Lock()
 
     # -- opening and closing ---------------------------------------------------------------
@@ -96,7 +98,8 @@ class TieredCommitter:
             return
         self.tier = self._open_tier()
         if self.writes:
-            self.promoter = Promoter(self.tier, self._upload, self._retries, on_done=self._uploaded)
+            upload = self._uploader(self.tier) if self._uploader is not None else None
+            self.promoter = Promoter(self.tier, upload, self._retries, on_done=self._uploaded)
 
     def close(self) -> None:
         """Stop the promoter (an upload still running is abandoned at its next chunk) and let go of the tier."""
@@ -212,17 +215,36 @@ class TieredCommitter:
             names.add(held.name)
         return names
 
+    def promoted(self, decision: Any) -> tuple[str, ...]:
+        """The durable reasons of a decision to save: its durable tier's rules, or (with a durable tier) the
+        ``on_signal`` rules of the local tier, since a signal save is promoted at once; () when not promoted."""
+        durable = tuple(getattr(decision, "durable", ()) or ())
+        if durable or self.tier is None:
+            return durable
+        return tuple(r for r in decision.reasons if is_signal(r))
+
+    def upload_seconds(self) -> list[float]:
+        """The wall time of each upload that reached the durable tier since the last call (for the decider)."""
+        with self._lock:
+            out, self._seconds = self._seconds, []
+        return out
+
+    def unfinished(self) -> set[str]:
+        """The checkpoints whose upload is queued or running."""
+        return self.promoter.pending() if self.promoter is not None else set()
+
     def failures(self) -> list[PromotionError]:
         """The promotions that failed since the last call (for the next ``step()`` to report)."""
         return self.promoter.failures() if self.promoter is not None else []
 
-    def _uploaded(self, promotion: Promotion, failure: PromotionError | None) -> None:
+    def _uploaded(self, promotion: Promotion, failure: PromotionError | None, seconds: float) -> None:
         """On the promoter thread, after an upload: hold a failed one's local copy; else durable retention."""
         if failure is not None:
             with self._lock:
                 self._failed[promotion.name] = promotion
             return
         with self._lock:
+            self._seconds.append(seconds)
             for name, p in list(self._failed.items()):
                 if p.step <= promotion.step:
                     del self._failed[name]

@@ -19,7 +19,7 @@ A durable save commits a local checkpoint and then hands it to the
 
 ``upload(local_path, name, on_bytes)`` is the strategy that moves one
 checkpoint: :meth:`DurableTier.upload` by default; a sharded store supplies
-its own (every rank uploads its files).  ``on_done(promotion, error)`` runs
+its own (every rank uploads its files).  ``on_done(promotion, error, seconds)`` runs
 on the promoter thread after each upload ends (``error`` None on success):
 the Checkpointer applies the durable tier's retention there and releases
 the local copy.
@@ -39,8 +39,8 @@ from .transfer import TransferError
 
 #: upload(local checkpoint directory, name in the durable tier, on_bytes): moves one checkpoint.
 Upload = Callable[[Path, str, Callable[[int], None]], None]
-#: on_done(promotion, error or None): after each upload, on the promoter thread.
-OnDone = Callable[["Promotion", "PromotionError | None"], None]
+#: on_done(promotion, error or None, seconds the upload took): after each upload, on the promoter thread.
+OnDone = Callable[["Promotion", "PromotionError | None", float], None]
 
 #: Whole-upload retries of a promotion (each upload also retries every object, see DurableTier.retries).
 PROMOTION_RETRIES = Retries(attempts=3, first=2.0, longest=30.0)
@@ -253,7 +253,7 @@ class Promoter:
                 log.warning("%s", failure)
             try:
                 if self.on_done is not None:
-                    self.on_done(promotion, failure)
+                    self.on_done(promotion, failure, seconds)
             except Exception as exc:  # the callback's failure (retention) must not stop the uploads
                 log.warning("saverules: after the promotion of %s: %s", promotion.name, exc)
             with self._cond:

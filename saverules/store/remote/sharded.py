@@ -432,23 +432,18 @@ def open_sharded(ranks: Any, url: str, options: Mapping[str, Any] | None = None,
 
 
 def sharded_tier(ranks: Any, url: str, options: Mapping[str, Any] | None, retries: Retries, *,
-                 writer: bool) -> tuple[Callable[[], DurableTier], Callable[[Path, str, Progress], None]]:
+                 writer: bool) -> tuple[Callable[[], DurableTier], Callable[[DurableTier], ShardedUpload]]:
     """What a sharded store's :class:`~saverules.store.remote.committer.TieredCommitter` is given: the opener of
-    the tier (:func:`open_sharded`, run by every rank when the Checkpointer is made) and the upload strategy of
-    this rank's promoter (its :class:`ShardedUpload`, once the tier is open)."""
-    opened: list[ShardedUpload] = []
+    the tier (:func:`open_sharded`, run by every rank when the Checkpointer is made) and the uploader, which
+    makes this rank's upload strategy (its :class:`ShardedUpload`) once the tier is open."""
 
     def opener() -> DurableTier:
-        tier, upload = open_sharded(ranks, url, options, writer=writer, retries=retries)
-        opened.append(upload)
-        return tier
+        return open_sharded(ranks, url, options, writer=writer, retries=retries)[0]
 
-    def upload(local_path: Path, name: str, on_bytes: Progress) -> None:
-        if not opened:
-            raise CheckpointError(f"saverules: the durable tier {url} was not opened on rank {ranks.rank}")
-        opened[-1](local_path, name, on_bytes)
+    def uploader(tier: DurableTier) -> ShardedUpload:
+        return ShardedUpload(tier, ranks.rank, ranks.size, ranks.timeout)
 
-    return opener, upload
+    return opener, uploader
 
 
 def _local_manifest(local_path: Path, name: str) -> tuple[dict[str, Any], bytes]:
