@@ -206,3 +206,20 @@ def test_a_transient_failure_on_one_rank_is_retried_as_a_whole_by_every_rank_s_p
     assert info.verified and tiers[0].leftovers() == []
     for p in promoters:
         p.close()
+
+
+def test_what_an_earlier_job_left_does_not_mislead_the_ranks_of_this_one(tmp_path):
+    [local] = sharded_checkpoints(tmp_path, 2).values()
+    address = url()
+    tiers = [DurableTier(address, writer=r == 0) for r in range(2)]
+    # an earlier job (another run) was promoting a later step when it was killed
+    tiers[0].fs.pipe_file(f"{tiers[0].root}/{POINTER}",
+                          json.dumps({"attempt": "old", "name": "step-00000099", "step": 99, "run": "before"}).encode())
+    ups = [ShardedUpload(t, r, 2, 3.0, run="this-job") for r, t in enumerate(tiers)]
+    follower: list = []
+    rank1 = threading.Thread(target=lambda: follower.append(ups[1](local, local.name)))
+    rank1.start()  # rank 1 looks first, and finds only the earlier job's pointer
+    threading.Event().wait(0.5)
+    ups[0](local, local.name)
+    rank1.join(30)
+    assert follower == [None] and tiers[0].names() == [local.name]

@@ -94,13 +94,18 @@ class ShardedUpload:
     lock; the others open it without one and write only under the
     prefixes of promotions that rank 0 opened).  ``timeout`` bounds each
     wait for another rank (the commit timeout of the sharded store).
+    ``run`` is the same on every rank of this job and different for every
+    job (agreed by :func:`open_sharded`): the other ranks heed only rank 0's
+    objects written in this run, never what an earlier job left.
     """
 
-    def __init__(self, tier: DurableTier, rank: int, world: int, timeout: float, *, poll: float = POLL,
-                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
+    def __init__(self, tier: DurableTier, rank: int, world: int, timeout: float, *, run: str = "",
+                 poll: float = POLL, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep):
         if world < 1 or not 0 <= rank < world:
             raise ValueError(f"rank {rank} is not one of the {world} ranks")
         self.tier, self.rank, self.world, self.timeout = tier, rank, world, float(timeout)
+        self.run = run
         self.poll, self.clock, self.sleep = poll, clock, sleep
 
     def _pauses(self) -> Callable[[], None]:
@@ -210,8 +215,9 @@ class ShardedUpload:
         step = int(manifest["step"])
         self._remove(name)  # an earlier attempt of this name (committed or not): its marker goes first
         attempt = secrets.token_hex(8)
-        self._write(self._path(name, OPEN), {"attempt": attempt, "name": name, "step": step, "world": self.world})
-        self._write(f"{self.tier.root}/{POINTER}", {"attempt": attempt, "name": name, "step": step})
+        self._write(self._path(name, OPEN), {"attempt": attempt, "name": name, "step": step, "world": self.world,
+                                             "run": self.run})
+        self._write(f"{self.tier.root}/{POINTER}", {"attempt": attempt, "name": name, "step": step, "run": self.run})
         try:
             self._upload_mine(local_path, name, manifest, on_bytes)
         except Exception as exc:
@@ -296,11 +302,12 @@ class ShardedUpload:
         pause = self._pauses()
         while True:
             opened = self._read(self._path(name, OPEN))
-            if opened is not None and isinstance(opened.get("attempt"), str):
+            if opened is not None and opened.get("run") == self.run and isinstance(opened.get("attempt"), str):
                 self._serve(local_path, name, manifest, opened["attempt"], on_bytes)
                 return
             pointer = self._read(f"{self.tier.root}/{POINTER}")
-            if pointer is not None and isinstance(pointer.get("step"), int) and isinstance(pointer.get("name"), str):
+            if (pointer is not None and pointer.get("run") == self.run and isinstance(pointer.get("step"), int)
+                    and isinstance(pointer.get("name"), str)):
                 other = pointer["name"]
                 if other == name:  # rank 0 opened this promotion and already abandoned it (the open object is gone)
                     got = self._read(self._path(name, ABANDON))
@@ -420,15 +427,19 @@ def open_sharded(ranks: Any, url: str, options: Mapping[str, Any] | None = None,
                            retries=retries)
     except CheckpointError as exc:
         mine = exc
-    failed, _ = ranks.agree(mine is not None, "", f"open the durable tier {url}")
+    # one all-gather: every rank's error (or None), and rank 0's name for this run
+    told = ranks.all_gather((None if mine is None else _reason(mine), secrets.token_hex(8)),
+                            f"open the durable tier {url}")
     if mine is not None:
         raise mine
+    failed = [(r, note) for r, (note, _) in enumerate(told) if note is not None]
     if failed or tier is None:
         if tier is not None:
             tier.close()
-        raise CheckpointError(f"saverules: the durable tier {url} could not be opened on rank 0 (its error says "
-                              "why); no rank goes on")
-    return tier, ShardedUpload(tier, ranks.rank, ranks.size, ranks.timeout)
+        named = "; ".join(f"rank {r}: {note}" for r, note in failed)
+        raise CheckpointError(f"saverules: the durable tier {url} could not be opened on every rank ({named}); "
+                              "no rank goes on")
+    return tier, ShardedUpload(tier, ranks.rank, ranks.size, ranks.timeout, run=str(told[0][1]))
 
 
 def sharded_tier(ranks: Any, url: str, options: Mapping[str, Any] | None, retries: Retries, *,
@@ -437,11 +448,18 @@ def sharded_tier(ranks: Any, url: str, options: Mapping[str, Any] | None, retrie
     the tier (:func:`open_sharded`, run by every rank when the Checkpointer is made) and the uploader, which
     makes this rank's upload strategy (its :class:`ShardedUpload`) once the tier is open."""
 
+    made: list[ShardedUpload] = []
+
     def opener() -> DurableTier:
-        return open_sharded(ranks, url, options, writer=writer, retries=retries)[0]
+        tier, upload = open_sharded(ranks, url, options, writer=writer, retries=retries)
+        made.append(upload)
+        return tier
 
     def uploader(tier: DurableTier) -> ShardedUpload:
-        return ShardedUpload(tier, ranks.rank, ranks.size, ranks.timeout)
+        upload = made[-1]  # the opener ran first (TieredCommitter.open), on this same tier
+        if upload.tier is not tier:
+            raise CheckpointError(f"saverules: the durable tier {url} of rank {ranks.rank} was opened twice")
+        return upload
 
     return opener, uploader
 
