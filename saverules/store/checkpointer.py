@@ -295,11 +295,13 @@ class Checkpointer:
 
     def _report_background(self) -> None:
         """Pass the uploads' wall times to the decider, and report those that failed (as ``on_error`` says)."""
-        note = getattr(self.decider, "note_upload_cost", None)  # a tiered decider (a wrapper may lack it)
-        for seconds in self._committer.upload_seconds():
-            if note is not None:
-                note(seconds)
-        for err in self._committer.failures():
+        seconds, failures = self._committer.take_news()
+        if seconds:
+            note = getattr(self.decider, "note_upload_cost", None)  # a tiered decider (a wrapper may lack it)
+            for s in seconds:
+                if note is not None:
+                    note(s)
+        for err in failures:
             self._report(err)
 
     def save(self, progress: Progress, state: Mapping[str, Any], reason: str = "manual", *,

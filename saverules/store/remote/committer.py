@@ -88,6 +88,8 @@ class TieredCommitter:
         self._held_durable: CheckpointInfo | None = None  # ... until a newer durable commit
         self._failed: dict[str, Promotion] = {}  # failed promotions: their local copies stay until one succeeds
         self._seconds: list[float] = []  # upload wall times not yet told to the decider
+        #: An upload ended since the training thread last looked (read without the lock: a quiet step is cheap).
+        self.news = False
         self._lock = threading.Lock()
 
     # -- opening and closing ---------------------------------------------------------------
@@ -237,8 +239,16 @@ class TieredCommitter:
         """The promotions that failed since the last call (for the next ``step()`` to report)."""
         return self.promoter.failures() if self.promoter is not None else []
 
+    def take_news(self) -> tuple[list[float], list[PromotionError]]:
+        """(upload wall times, failed promotions) since the last call; nothing to take costs one attribute read."""
+        if not self.news:
+            return [], []
+        self.news = False
+        return self.upload_seconds(), self.failures()
+
     def _uploaded(self, promotion: Promotion, failure: PromotionError | None, seconds: float) -> None:
         """On the promoter thread, after an upload: hold a failed one's local copy; else durable retention."""
+        self.news = True  # the promoter has recorded the outcome: failures() returns it from now on
         if failure is not None:
             with self._lock:
                 self._failed[promotion.name] = promotion

@@ -251,6 +251,11 @@ class Promoter:
                     "next durable save tries again", promotion, reason)
                 failure.__cause__ = error
                 log.warning("%s", failure)
+            with self._cond:  # recorded first, so that on_done's news finds it; still running until on_done ends
+                if failure is None:
+                    self.done.append(promotion)
+                else:
+                    self._failures.append(failure)
             try:
                 if self.on_done is not None:
                     self.on_done(promotion, failure, seconds)
@@ -259,10 +264,6 @@ class Promoter:
             with self._cond:
                 self._running = None
                 self._finished += promotion.size
-                if failure is None:
-                    self.done.append(promotion)
-                else:
-                    self._failures.append(failure)
                 self._cond.notify_all()
 
     def _one(self, promotion: Promotion) -> None:
