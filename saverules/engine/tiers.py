@@ -305,17 +305,31 @@ class TierResumed:
 T = TypeVar("T", bound=Hashable)
 
 
-def must_reach_durable(decision: Decision, progress: Progress) -> bool:
-    """Whether a promotion of this decision is never replaced in the queue: the durable tier's
-    ``final`` fired, or the Progress carried a signal (a preemption: the save the job dies with)."""
-    return bool(decision.durable) and ("final" in decision.durable or progress.signal not in (False, None, 0))
+def is_signal_reason(reason: str) -> bool:
+    """Whether a save reason is a top-level ``on_signal`` rule's (a preemption save)."""
+    return reason == "on_signal" or reason.startswith("on_signal(")
+
+
+def promoted(decision: Decision) -> tuple[str, ...]:
+    """Why a save goes to the durable tier: the durable tier's rules that fired; when none did, the local
+    tier's ``on_signal`` rules (a preemption save is promoted at once: the job is about to end, and the
+    durable decider is then told of the save); () when it is not promoted."""
+    if decision.durable:
+        return tuple(decision.durable)
+    return tuple(r for r in decision.reasons if is_signal_reason(r))
+
+
+def must_reach_durable(reasons: Sequence[str]) -> bool:
+    """Whether a promotion for these :func:`promoted` reasons is never replaced in the queue: the
+    durable tier's ``final``, or a signal save."""
+    return "final" in reasons or any(is_signal_reason(r) for r in reasons)
 
 
 class PromotionQueue(Generic[T]):
     """Which promotions wait and which one uploads, for one durable tier.
 
     At most one upload runs.  The promotions that wait are every pinned one
-    (:func:`must_reach_durable`: never replaced), in order, and at most one
+    (:func:`must_reach_durable`: a final or signal save, never replaced), in order, and at most one
     other after them: a newer promotion replaces a waiting unpinned one, and
     waits behind the pinned ones.  Items are the local checkpoints' names (or
     anything hashable); the same item is never pending twice.

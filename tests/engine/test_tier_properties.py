@@ -31,6 +31,7 @@ from saverules.engine.tiers import (
     durable_policy,
     local_policy,
     must_reach_durable,
+    promoted,
     simulate_tiers,
 )
 
@@ -195,12 +196,15 @@ def runtime_tier_run(policy: Policy, total, spe=None, secs=None, metrics=None, *
         decision = decider(p)
         if not decision:
             continue
-        run.events.append(("save", step, decision.reasons, decision.durable))
+        reasons = promoted(decision)
+        if reasons and not decision.durable:  # a local signal save, promoted: the durable tier's rules count from it
+            decider.note_save(step, p.time, ("durable",))
+        run.events.append(("save", step, decision.reasons, decision.durable, reasons))
         final = step == total and "final" in decision.reasons + decision.durable
         committed("local", Checkpoint(step, p.time, reported, final))
-        if decision.durable:
-            finals[step] = "final" in decision.durable
-            replaced = queue.offer(step, must_reach_durable(decision, p))
+        if reasons:
+            finals[step] = "final" in reasons
+            replaced = queue.offer(step, must_reach_durable(reasons))
             protect["local"].hold(step)
             if replaced is not None:
                 protect["local"].release(replaced)
@@ -234,6 +238,12 @@ def tier_runs(draw):
     total = draw(st.integers(1, 200))
     spe, secs, metrics = draw(epochs), draw(seconds), draw(metric_functions())
     signal_at = draw(st.none() | st.integers(1, total))
+    if signal_at is not None:  # a preemption the policy acts on, in either tier or both
+        tiers = draw(st.sampled_from([(), ("local",), ("durable",), ("local", "durable")]))
+        if "local" in tiers:
+            doc["rules"] = [*doc["rules"], {"kind": "on_signal"}]
+        if "durable" in tiers:
+            doc["durable"] = {**doc["durable"], "rules": [*doc["durable"]["rules"], {"kind": "on_signal"}]}
     durations = tuple(draw(st.lists(st.integers(1, 12) | st.integers(1, total), min_size=1, max_size=6)))
     start = draw(st.integers(0, total - 1)) if draw(st.booleans()) else 0
     policy = Policy.model_validate(doc)
@@ -276,8 +286,8 @@ def test_once_the_queue_drains_each_tier_keeps_its_retention_and_the_final_step_
         return Checkpoint(step, None if secs is None else step * secs, metrics(step) if metrics else None,
                           step == total and "final" in reasons)
 
-    local = [checkpoint(s, lr + dr) for _, s, lr, dr in saved]
-    reasons = {s: dr for _, s, _, dr in saved}
+    local = [checkpoint(s, lr + dr) for _, s, lr, dr, _ in saved]
+    reasons = {s: why for _, s, _, _, why in saved}  # why each was promoted
     durable = [checkpoint(s, reasons[s]) for s in run.uploads]
     lret, dret = local_policy(policy).retention, durable_policy(policy).retention
     assert run.local_kept == [c.step for c in retained(lret, local, options["initial_local"])]
@@ -285,9 +295,11 @@ def test_once_the_queue_drains_each_tier_keeps_its_retention_and_the_final_step_
     assert run.uploads == sorted(set(run.uploads)), "uploads commit in step order, each once"
     if doc["durable"].get("final", True):
         assert run.uploads[-1] == total and total in run.durable_kept and total in run.local_kept
-    # a promotion is only ever dropped for a newer one, never a final or signalled one
+    # a promotion is only ever dropped for a newer one, never a final or a signal save's
     for _, old, new in (e for e in run.events if e[0] == "replaced"):
-        assert old < new and old != total and old != options["signal_at"]
+        assert old < new and "final" not in reasons[old] and not any(r.startswith("on_signal") for r in reasons[old])
+    for _, _s, local_reasons, durable_reasons, why in saved:  # a signal save is promoted, whatever the durable rules say
+        assert why == (durable_reasons or tuple(r for r in local_reasons if r.startswith("on_signal")))
     if not any(e[0] == "replaced" for e in run.events) and not options["start"]:
         # nothing was replaced: the durable tier committed every durable save, as simulate_tiers says
         sim = simulate_tiers(policy, total, spe, secs, metrics, max_saves=None)

@@ -594,7 +594,8 @@ def oracle_tier_run(doc: dict, total: int, steps_per_epoch=None, step_seconds=No
     new run).  A save commits a local checkpoint; a durable one also asks to promote it.  At most
     one upload runs; the n-th upload started takes ``durations[n % len(durations)]`` steps (>= 1):
     one started at step s is committed just before the decision at step s + d, or when the run
-    closes.  Waiting promotions: every pinned one (final, or a signal at that step) in order, then
+    closes.  A local save for an ``on_signal`` rule is promoted too (a preemption), and the durable
+    tier's rules count from it.  Waiting promotions: every pinned one (final, or a signal save) in order, then
     at most one other; a newer promotion replaces a waiting unpinned one.  Retention runs in the
     local tier after each local commit and each upload's end, in the durable tier after each
     upload's commit, and in both once more at close; it never deletes the newest checkpoint of the
@@ -669,13 +670,18 @@ def oracle_tier_run(doc: dict, total: int, steps_per_epoch=None, step_seconds=No
         save, lreasons, dreasons = tor.decide(p)
         if not save:
             continue
-        run.events.append(("save", step, lreasons, dreasons))
+        # promoted: a durable save, or a local signal save (the job is about to end), which the
+        # durable tier's rules then count from
+        promote = dreasons or tuple(r for r in lreasons if r.startswith("on_signal"))
+        if promote and not dreasons:
+            tor.note_save(step, p.time, ("durable",))
+        run.events.append(("save", step, lreasons, dreasons, promote))
         commit("local", Checkpoint(step, p.time, reported, step == total and "final" in lreasons + dreasons))
-        if dreasons:
-            pinned = "final" in dreasons or step == signal_at
+        if promote:
+            pinned = "final" in promote or any(r.startswith("on_signal") for r in promote)
             if waiting and not waiting[-1][1]:
                 run.events.append(("replaced", waiting.pop()[0], step))
-            waiting.append((step, pinned, dreasons))
+            waiting.append((step, pinned, promote))
         prune("local")
         if save_seconds is not None:
             tor.note_cost(save_seconds)
