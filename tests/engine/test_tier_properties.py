@@ -342,3 +342,35 @@ def test_the_promotion_queue_runs_one_upload_and_waits_pinned_then_the_newest(op
         assert set(queue.pinned_waiting()) == set(waiting) & offered_pinned
     assert uploaded == sorted(uploaded)
     assert offered_pinned <= set(uploaded) | queue.pending(), "a pinned promotion is never dropped"
+
+
+@given(two_tier_docs(), totals, epochs, seconds, metric_functions(), st.data())
+def test_a_resume_across_a_change_of_tiers_continues_the_local_tier_exactly(doc, total, spe, secs, metrics, data):
+    two = Policy.model_validate(doc)
+    one = Policy.model_validate({k: v for k, v in doc.items() if k != "durable"})
+    cut = data.draw(st.integers(0, total))
+    # tier added: a one-tier run's state into the policy with [durable]
+    first = one.compile(total)
+    head, _ = per_tier(first, total, spe, secs, metrics, stop=cut)
+    added = two.compile(total)
+    said = added.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert said.durable is None and "start fresh from step" in said.message("c", cut)
+    local, durable = per_tier(added, total, spe, secs, metrics, start=cut)
+    assert head + local == per_tier(one.compile(total), total, spe, secs, metrics)[0]
+    fresh = TieredOracle(doc, total)  # the durable tier: as if it had just saved at the cut, with no rule state
+    if cut:
+        fresh.resumed_at(cut, first.state_dict()["last_save_time"])
+    want = []
+    for step in range(cut + 1, total + 1):
+        _, _, dreasons = fresh.decide(progress_at(step, total, spe, secs, metrics(step) if metrics else None))
+        if dreasons:
+            want.append((step, dreasons))
+    assert durable == want
+    # tier removed: a two-tier run's state into the policy without [durable]
+    both = two.compile(total)
+    head, _ = per_tier(both, total, spe, secs, metrics, stop=cut)
+    removed = one.compile(total)
+    said = removed.load_state_dict(json.loads(json.dumps(both.state_dict())))
+    assert said.dropped_durable and "decider state is dropped" in said.message("c", cut)
+    local, durable = per_tier(removed, total, spe, secs, metrics, start=cut)
+    assert durable == [] and head + local == per_tier(two.compile(total), total, spe, secs, metrics)[0]
