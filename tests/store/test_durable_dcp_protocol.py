@@ -40,8 +40,15 @@ def sharded_checkpoints(root: Path, world: int, steps=(3,)) -> dict[int, Path]:
     return out
 
 
-def url() -> str:
+def url(kind: str = "memory", where: Path | None = None) -> str:
+    """A fresh tier: ``memory://`` (the default) or ``file://`` under ``where``."""
+    if kind == "file":
+        assert where is not None
+        return f"file://{where}/tier-{secrets.token_hex(4)}"
     return f"memory://dcp-{secrets.token_hex(4)}/run"
+
+
+both = pytest.mark.parametrize("kind", ["memory", "file"])
 
 
 def ranks(address: str, world: int, timeout: float = 10.0) -> list[ShardedUpload]:
@@ -79,9 +86,10 @@ def test_files_of_gives_each_file_to_the_rank_that_wrote_it_and_orphans_to_rank_
         ShardedUpload(DurableTier(url(), writer=False), 2, 2, 1.0)
 
 
-def test_three_ranks_commit_one_checkpoint_and_leave_no_coordination_objects(tmp_path):
+@both
+def test_three_ranks_commit_one_checkpoint_and_leave_no_coordination_objects(tmp_path, kind):
     [local] = sharded_checkpoints(tmp_path, 3).values()
-    address = url()
+    address = url(kind, tmp_path)
     ups = ranks(address, 3)
     got = in_threads({r: [(local, local.name)] for r in range(3)}, ups)
     assert got == {0: [None], 1: [None], 2: [None]}
@@ -94,9 +102,10 @@ def test_three_ranks_commit_one_checkpoint_and_leave_no_coordination_objects(tmp
     assert tier.fs.exists(f"{tier.root}/{POINTER}") and tier.leftovers() == []
 
 
-def test_a_rank_that_never_reports_is_named_when_rank_0_gives_up(tmp_path):
+@both
+def test_a_rank_that_never_reports_is_named_when_rank_0_gives_up(tmp_path, kind):
     [local] = sharded_checkpoints(tmp_path, 3).values()
-    ups = ranks(url(), 3, timeout=0.5)
+    ups = ranks(url(kind, tmp_path), 3, timeout=0.5)
     got = in_threads({0: [(local, local.name)], 1: [(local, local.name)]}, ups)  # rank 2 is gone
     assert "rank 2: no report from rank(s) 2 within 0.5s" in got[0][0]
     assert "abandoned on every rank: rank 2" in got[1][0]  # rank 1 reads rank 0's abandon object
@@ -105,31 +114,34 @@ def test_a_rank_that_never_reports_is_named_when_rank_0_gives_up(tmp_path):
     assert [p.rsplit("/", 2)[-2:] for p in tier.fs.find(tier.prefix(local.name))] == [ABANDON.split("/")]
 
 
-def test_a_file_of_rank_0_changed_since_its_commit_abandons_and_rank_1_hears_why(tmp_path):
+@both
+def test_a_file_of_rank_0_changed_since_its_commit_abandons_and_rank_1_hears_why(tmp_path, kind):
     [local] = sharded_checkpoints(tmp_path, 2).values()
     mine = sorted(files_of(json.loads((local / "manifest.json").read_text()), 0, 2))[0]
     data = bytearray((local / mine).read_bytes())
     data[-1] ^= 0xFF
     (local / mine).write_bytes(bytes(data))
-    ups = ranks(url(), 2)
+    ups = ranks(url(kind, tmp_path), 2)
     got = in_threads({r: [(local, local.name)] for r in range(2)}, ups)
     for r in (0, 1):
         assert f"abandoned on every rank: rank 0: {local}/{mine} does not match its" in got[r][0], got[r][0]
     assert ups[0].tier.names() == []
 
 
-def test_a_promotion_rank_0_replaced_is_skipped_by_the_others(tmp_path):
+@both
+def test_a_promotion_rank_0_replaced_is_skipped_by_the_others(tmp_path, kind):
     cps = sharded_checkpoints(tmp_path, 2, steps=(3, 5))
-    ups = ranks(url(), 2)
+    ups = ranks(url(kind, tmp_path), 2)
     got = in_threads({0: [(cps[5], cps[5].name)],
                       1: [(cps[3], cps[3].name), (cps[5], cps[5].name)]}, ups)
     assert got == {0: [None], 1: [None, None]}
     assert ups[0].tier.names() == [cps[5].name] and ups[0].tier.leftovers() == []
 
 
-def test_a_promotion_the_other_rank_replaced_is_served_before_its_own(tmp_path):
+@both
+def test_a_promotion_the_other_rank_replaced_is_served_before_its_own(tmp_path, kind):
     cps = sharded_checkpoints(tmp_path, 2, steps=(3, 5))
-    ups = ranks(url(), 2)
+    ups = ranks(url(kind, tmp_path), 2)
     got = in_threads({0: [(cps[3], cps[3].name), (cps[5], cps[5].name)],
                       1: [(cps[5], cps[5].name)]}, ups)
     assert got == {0: [None, None], 1: [None]}
@@ -223,3 +235,30 @@ def test_what_an_earlier_job_left_does_not_mislead_the_ranks_of_this_one(tmp_pat
     ups[0](local, local.name)
     rank1.join(30)
     assert follower == [None] and tiers[0].names() == [local.name]
+
+
+def test_a_rank_that_cannot_reach_the_tier_is_named_by_itself_and_by_rank_0(tmp_path):
+    from saverules.store.remote.retry import Retries, RetriesExhausted
+
+    [local] = sharded_checkpoints(tmp_path / "local", 2).values()
+    (tmp_path / "a-file").write_text("x")
+    quick = Retries(attempts=2, first=0.01, longest=0.01)
+    good = DurableTier(f"file://{tmp_path}/tier", retries=quick)
+    # rank 1 sees the tier through a path that cannot work (a file stands where a folder must be)
+    cut_off = DurableTier(f"file://{tmp_path}/a-file/tier", writer=False, retries=quick)
+    ups = [ShardedUpload(good, 0, 2, 0.5), ShardedUpload(cut_off, 1, 2, 0.5)]
+    errors: dict = {}
+
+    def rank1() -> None:
+        try:
+            ups[1](local, local.name)
+        except RetriesExhausted as exc:
+            errors[1] = str(exc)
+
+    t = threading.Thread(target=rank1)
+    t.start()
+    with pytest.raises(TransferError, match="abandoned on every rank: rank 1: no report from rank"):
+        ups[0](local, local.name)
+    t.join(30)
+    assert errors[1].startswith("saverules: rank 1: read of "), errors
+    assert good.names() == []

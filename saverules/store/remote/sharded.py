@@ -121,10 +121,16 @@ class ShardedUpload:
     def __call__(self, local_path: Path, name: str, on_bytes: Progress | None = None) -> None:
         local_path = Path(local_path)
         manifest, raw = _local_manifest(local_path, name)
-        if self.rank == 0:
-            self._lead(local_path, name, manifest, raw, on_bytes)
-        else:
-            self._follow(local_path, name, manifest, on_bytes)
+        try:
+            if self.rank == 0:
+                self._lead(local_path, name, manifest, raw, on_bytes)
+            else:
+                self._follow(local_path, name, manifest, on_bytes)
+        except RetriesExhausted as exc:  # the tier is out of reach: say which rank found it so
+            text = _reason(exc)
+            if text.startswith(("the promotion of", f"rank {self.rank}:")):
+                raise
+            raise RetriesExhausted(f"saverules: rank {self.rank}: {text}", exc.attempts, exc.reason) from exc
 
     # -- the tier's objects ------------------------------------------------------------------
 
@@ -150,7 +156,12 @@ class ShardedUpload:
 
     def _write(self, path: str, data: Mapping[str, Any]) -> None:
         body = json.dumps(data, sort_keys=True).encode("utf-8")
-        retrying(f"write of {path}", lambda: self.tier.fs.pipe_file(path, body), self.tier.retries)
+
+        def put() -> None:
+            self.tier.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)  # a file system has folders to make
+            self.tier.fs.pipe_file(path, body)
+
+        retrying(f"write of {path}", put, self.tier.retries)
 
     def _has(self, path: str) -> bool:
         def probe() -> bool:
@@ -201,6 +212,7 @@ class ShardedUpload:
         """Upload this rank's files of ``manifest``; {file: entry} of what it uploaded."""
         prefix = self.tier.prefix(name)
         mine = files_of(manifest, self.rank, self.world)
+        retrying(f"creation of {prefix}", lambda: self.tier.fs.makedirs(prefix, exist_ok=True), self.tier.retries)
         for fname, entry in sorted(mine.items()):
             if stop is not None and stop():
                 break
