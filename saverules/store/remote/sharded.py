@@ -158,8 +158,11 @@ class ShardedUpload:
         body = json.dumps(data, sort_keys=True).encode("utf-8")
 
         def put() -> None:
-            self.tier.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)  # a file system has folders to make
-            self.tier.fs.pipe_file(path, body)
+            try:
+                self.tier.fs.pipe_file(path, body)
+            except FileNotFoundError:  # a file system (file://) has folders to make; object stores do not
+                self.tier.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+                self.tier.fs.pipe_file(path, body)
 
         retrying(f"write of {path}", put, self.tier.retries)
 
@@ -212,7 +215,9 @@ class ShardedUpload:
         """Upload this rank's files of ``manifest``; {file: entry} of what it uploaded."""
         prefix = self.tier.prefix(name)
         mine = files_of(manifest, self.rank, self.world)
-        retrying(f"creation of {prefix}", lambda: self.tier.fs.makedirs(prefix, exist_ok=True), self.tier.retries)
+        if mine:  # (the same call transfer.upload makes first)
+            retrying(f"creation of {prefix}", lambda: self.tier.fs.makedirs(prefix, exist_ok=True),
+                     self.tier.retries)
         for fname, entry in sorted(mine.items()):
             if stop is not None and stop():
                 break
