@@ -1,10 +1,11 @@
 """A rank of the sharded-promotion tests (tests/store/test_durable_dcp.py), run under torchrun or alone.
 
-    torchrun --nproc_per_node 2 tests/helpers/durable_dcp_child.py ACTION LOCAL_DIR URL
+    torchrun --nproc_per_node 2 tests/helpers/durable_dcp_child.py ACTION LOCAL_DIR URL [ACTION LOCAL_DIR URL ...]
 
-The moto server's address comes in ``AWS_ENDPOINT_URL`` (set by the test);
-each rank writes ``<SAVERULES_TEST_OUT>/<action>-rank<R>.json`` with what it
-saw.  Actions:
+The actions run in order in one launch (one start of the ranks for several
+checks).  The moto server's address comes in ``AWS_ENDPOINT_URL`` (set by the
+test); each rank writes ``<SAVERULES_TEST_OUT>/<action>-rank<R>.json`` with
+what it saw.  Actions:
 
 ``fault``
     An FSDP2 model (tests/helpers/dcp_worker.py's) trained 3 steps on every
@@ -62,12 +63,8 @@ keep_last = 1
 """
 
 
-def main(action: str, local_dir: str, url: str) -> int:
-    from saverules import Progress, loads
-    from saverules.store.remote import DurableTier
+def main(argv: list[str]) -> int:
     from saverules.store.remote.retry import Retries
-    from saverules.store.remote.sharded import ShardedUpload
-    from saverules.torch import Checkpointer
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
@@ -75,9 +72,26 @@ def main(action: str, local_dir: str, url: str) -> int:
     rank = dist.get_rank() if world > 1 else 0
     torch.set_num_threads(1)
     out = Path(os.environ["SAVERULES_TEST_OUT"])
-    rec: dict = {"rank": rank, "world": world}
     timeout = float(os.environ.get("SAVERULES_COMMIT_TIMEOUT", "60"))
     retries = Retries(attempts=2, first=0.1, longest=0.2)
+    for i in range(0, len(argv), 3):
+        action, local_dir, url = argv[i:i + 3]
+        rec = run(action, local_dir, url, rank, world, out, timeout, retries)
+        (out / f"{action}-rank{rank}.json").write_text(json.dumps(rec))
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+def run(action: str, local_dir: str, url: str, rank: int, world: int, out: Path, timeout: float,
+        retries) -> dict:
+    from saverules import Progress, loads
+    from saverules.store.remote import DurableTier
+    from saverules.store.remote.sharded import ShardedUpload
+    from saverules.torch import Checkpointer
+
+    rec: dict = {"rank": rank, "world": world}
     model, opt = build(world)
     state = {"model": model, "optimizer": opt, "counter": Counter(rank)}
     if action == "fault":
@@ -126,12 +140,8 @@ def main(action: str, local_dir: str, url: str) -> int:
         ck.close()
         msd, osd = gathered(model, opt)
         torch.save({"model": msd, "optimizer": osd}, out / "loaded.pt")
-    (out / f"{action}-rank{rank}.json").write_text(json.dumps(rec))
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    return 0
+    return rec
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:4]))
+    sys.exit(main(sys.argv[1:]))

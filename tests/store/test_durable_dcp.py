@@ -2,7 +2,8 @@
 
 tests/helpers/durable_dcp_child.py runs under torchrun (gloo, CPU); the server
 is moto's standalone one on 127.0.0.1, started here, reached by every rank
-through ``AWS_ENDPOINT_URL``.  One server for the module:
+through ``AWS_ENDPOINT_URL``.  One server and one two-rank launch for the
+module:
 
 * two ranks train with a dcp Checkpointer and ``durable=URL``: the durable
   rules promote steps 3 and 6, each rank uploading the files it wrote and
@@ -40,18 +41,32 @@ def server():
         yield srv
 
 
-def run(nproc: int, action: str, local: Path, url: str, out: Path, timeout: float = 300) -> list[dict]:
+def run(nproc: int, actions: list[tuple[str, Path, str]], out: Path, timeout: float = 300) -> dict[str, list[dict]]:
+    """One launch of tests/helpers/durable_dcp_child.py on ``nproc`` ranks running ``actions`` in order;
+    every rank's report of each action, by action."""
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=str(ROOT), SAVERULES_TEST_OUT=str(out), OMP_NUM_THREADS="1",
                SAVERULES_COMMIT_TIMEOUT="60")
+    args = [str(a) for triple in actions for a in triple]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               str(CHILD), action, str(local), url]
+               str(CHILD), *args]
     else:
-        cmd = [sys.executable, str(CHILD), action, str(local), url]
+        cmd = [sys.executable, str(CHILD), *args]
     proc = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return [json.loads((out / f"{action}-rank{r}.json").read_text()) for r in range(nproc)]
+    return {a: [json.loads((out / f"{a}-rank{r}.json").read_text()) for r in range(nproc)] for a, _, _ in actions}
+
+
+RUN = f"s3://{BUCKET}/dcp-run"
+FAULT = f"s3://{BUCKET}/dcp-fault"
+
+
+@pytest.fixture(scope="module")
+def two_ranks(server, tmp_path_factory):
+    """One launch of two ranks: the whole runtime (train), then a promotion with a bad shard on rank 1 (fault)."""
+    base = tmp_path_factory.mktemp("durable-dcp")
+    return base, run(2, [("train", base / "node-a", RUN), ("fault", base / "node-f", FAULT)], base)
 
 
 def assert_same_state(a: dict, b: dict) -> None:
@@ -68,9 +83,10 @@ def assert_same_state(a: dict, b: dict) -> None:
     assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
 
 
-def test_two_ranks_promote_through_the_checkpointer_and_an_empty_node_resumes_from_the_durable_tier(server, tmp_path):
-    url = f"s3://{BUCKET}/dcp-run"
-    reports = run(2, "train", tmp_path / "node-a", url, tmp_path)
+def test_two_ranks_promote_through_the_checkpointer_and_an_empty_node_resumes_from_the_durable_tier(two_ranks):
+    tmp_path, got = two_ranks
+    url = RUN
+    reports = got["train"]
     # both ranks took the same decisions, the durable tier's included (steps 3 and 6; 6 is the final step)
     assert reports[0]["decisions"] == reports[1]["decisions"]
     assert [(s, d) for s, save, _r, d in reports[0]["decisions"] if d] == [
@@ -87,16 +103,17 @@ def test_two_ranks_promote_through_the_checkpointer_and_an_empty_node_resumes_fr
     assert sorted(tier._objects()[info.name]) == sorted(["COMMITTED", "manifest.json", *manifest["files"]])
     assert tier.leftovers() == [] and not tier.fs.exists(f"{tier.root}/.saverules.lock")
 
-    [resumed] = run(1, "resume", tmp_path / "node-b", url, tmp_path)
+    [resumed] = run(1, [("resume", tmp_path / "node-b", url)], tmp_path)["resume"]
     assert resumed["step"] == 6 and resumed["resumed_from"] == ["durable", "step-00000006"]
     saved = torch.load(tmp_path / "saved.pt", weights_only=True)
     again = torch.load(tmp_path / "loaded.pt", weights_only=True)
     assert_same_state(saved, again)
 
 
-def test_a_failure_on_rank_1_abandons_the_promotion_on_both_ranks_and_leaves_nothing_visible(server, tmp_path):
-    url = f"s3://{BUCKET}/dcp-fault"
-    reports = run(2, "fault", tmp_path / "node", url, tmp_path)
+def test_a_failure_on_rank_1_abandons_the_promotion_on_both_ranks_and_leaves_nothing_visible(two_ranks):
+    _, got = two_ranks
+    url = FAULT
+    reports = got["fault"]
     assert ".metadata" in reports[0]["mine"] and not set(reports[0]["mine"]) & set(reports[1]["mine"])
     flipped = reports[1]["flipped"]
     for r in reports:
