@@ -7,8 +7,9 @@ durable tier is there.  Without one (``tier`` None) it only passes through.
 With one:
 
 * **Promotion.** A save whose manifest names durable reasons (``"durable":
-  [...]``), or a signal save (a reason of an ``on_signal`` rule, in either
-  tier), is committed locally first and then handed to the
+  [...]``: :func:`saverules.engine.tiers.promoted` of its decision, the
+  durable tier's rules or, a preemption save, the local ``on_signal`` ones)
+  is committed locally first and then handed to the
   :class:`~saverules.store.remote.promote.Promoter`, which uploads it in the
   background.
 * **The protected set** (:meth:`TieredCommitter.protected`): local retention
@@ -38,6 +39,7 @@ from collections.abc import Callable, Collection, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
+from ...engine.tiers import promoted
 from ..commit import Committer, Loaded, Settle
 from ..errors import CheckpointError, DurableError, NoValidCheckpointError, log, warn
 from ..manifest import CheckpointInfo
@@ -48,19 +50,6 @@ from .tier import DurableTier
 from .transfer import TransferError
 
 LOCAL, DURABLE = "local", "durable"
-
-
-def is_signal(reason: str) -> bool:
-    """Whether a save reason is an ``on_signal`` rule's (a preemption save)."""
-    return reason.startswith("on_signal")
-
-
-def promoted_reasons(manifest: Mapping[str, Any]) -> tuple[str, ...]:
-    """Why a committed save goes to the durable tier: its durable reasons, else its signal reasons; () if not."""
-    durable = tuple(manifest.get("durable") or ())
-    if durable:
-        return durable
-    return tuple(r for r in manifest.get("reasons") or () if is_signal(r))
 
 
 class TieredCommitter:
@@ -127,7 +116,7 @@ class TieredCommitter:
             settle(path, final)
 
         self.inner.commit(name, step, manifest, payload, handle, before=before, settle=settled)
-        reasons = promoted_reasons(manifest)
+        reasons = tuple(manifest.get("durable") or ())
         if self.promoter is None or not reasons:
             return
         final = seen.get("manifest", manifest)
@@ -135,10 +124,7 @@ class TieredCommitter:
         size = sum(int(e.get("size", 0)) for e in files.values() if isinstance(e, Mapping))
         log.info("saverules: promoting %s (step %d, durable: %s) to the durable tier %s in the background",
                  name, step, ", ".join(reasons), self.promoter.tier.url)
-        self.promoter.enqueue(Promotion(
-            name=name, step=step, path=Path(seen.get("path", self.root / name)), reasons=reasons,
-            final="final" in reasons, signal=any(is_signal(r) for r in reasons), size=size,
-        ))
+        self.promoter.enqueue(Promotion.of(name, step, Path(seen.get("path", self.root / name)), reasons, size))
 
     def cleanup(self) -> None:
         self.inner.cleanup()
@@ -220,10 +206,7 @@ class TieredCommitter:
     def promoted(self, decision: Any) -> tuple[str, ...]:
         """The durable reasons of a decision to save: its durable tier's rules, or (with a durable tier) the
         ``on_signal`` rules of the local tier, since a signal save is promoted at once; () when not promoted."""
-        durable = tuple(getattr(decision, "durable", ()) or ())
-        if durable or self.tier is None:
-            return durable
-        return tuple(r for r in decision.reasons if is_signal(r))
+        return promoted(decision) if self.tier is not None else ()
 
     def upload_seconds(self) -> list[float]:
         """The wall time of each upload that reached the durable tier since the last call (for the decider)."""
@@ -328,4 +311,4 @@ class TieredCommitter:
         return {self._held_durable.name} if self._held_durable is not None else set()
 
 
-__all__ = ["TieredCommitter", "LOCAL", "DURABLE", "is_signal", "promoted_reasons"]
+__all__ = ["TieredCommitter", "LOCAL", "DURABLE"]
