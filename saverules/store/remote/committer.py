@@ -39,7 +39,7 @@ from collections.abc import Callable, Collection, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
-from ...engine.tiers import promoted
+from ...engine.tiers import Protected, promoted
 from ..commit import Committer, Loaded, Settle
 from ..errors import CheckpointError, DurableError, NoValidCheckpointError, log, warn
 from ..manifest import CheckpointInfo
@@ -73,9 +73,12 @@ class TieredCommitter:
         self._downloads = downloads
         #: (tier, name) of the checkpoint the last resume came from.
         self.resumed_from: tuple[str, str] | None = None
-        self._held_local: CheckpointInfo | None = None  # what a resume came from, until a newer local commit
-        self._held_durable: CheckpointInfo | None = None  # ... until a newer durable commit
-        self._failed: dict[str, Promotion] = {}  # failed promotions: their local copies stay until one succeeds
+        #: Each tier's protected names (engine.tiers.Protected): its newest commit, the checkpoint a resume came
+        #: from until another is committed there, and (local) the copies of failed promotions, held until a
+        #: later promotion reaches the tier.  Changed on the writer and the promoter thread, under ``_lock``.
+        self._local: Protected[str] = Protected()
+        self._durable: Protected[str] = Protected()
+        self._failed: dict[str, Promotion] = {}
         self._seconds: list[float] = []  # upload wall times not yet told to the decider
         #: An upload ended since the training thread last looked (read without the lock: a quiet step is cheap).
         self.news = False
@@ -110,9 +113,8 @@ class TieredCommitter:
 
         def settled(path: Path, final: Mapping[str, Any]) -> None:
             seen["path"], seen["manifest"] = path, final
-            held = self._held_local
-            if held is not None and held.step is not None and step > held.step:
-                self._held_local = None  # a newer local checkpoint is committed: the resume's no longer held
+            with self._lock:
+                self._local.committed(name)  # the resume's checkpoint is no longer held once another is committed
             settle(path, final)
 
         self.inner.commit(name, step, manifest, payload, handle, before=before, settle=settled)
@@ -147,8 +149,10 @@ class TieredCommitter:
         info = found[0]
         tier = DURABLE if fetched is not None and info.name == fetched else LOCAL
         self.resumed_from = (tier, info.name)
-        self._held_local = info
-        self._held_durable = info if self.tier is not None else None
+        with self._lock:
+            self._local = Protected(newest=self._local.newest, resumed_from=info.name)
+            if self.tier is not None:
+                self._durable = Protected(newest=self._durable.newest, resumed_from=info.name)
         if self.tier is not None:
             log.info("saverules: resuming from %s (step %s) of the %s tier (%s)", info.name, info.step, tier,
                      self.tier.url if tier == DURABLE else self.root)
@@ -197,10 +201,7 @@ class TieredCommitter:
         """The local checkpoints retention must not delete now (see the module)."""
         names = set(self.promoter.pending()) if self.promoter is not None else set()
         with self._lock:
-            names.update(self._failed)
-        held = self._held_local
-        if held is not None:
-            names.add(held.name)
+            names.update(self._local.names())
         return names
 
     def promoted(self, decision: Any) -> tuple[str, ...]:
@@ -234,16 +235,17 @@ class TieredCommitter:
         self.news = True  # the promoter has recorded the outcome: failures() returns it from now on
         if failure is not None:
             with self._lock:
-                self._failed[promotion.name] = promotion
+                if promotion.name not in self._failed:
+                    self._failed[promotion.name] = promotion
+                    self._local.hold(promotion.name)
             return
         with self._lock:
             self._seconds.append(seconds)
             for name, p in list(self._failed.items()):
                 if p.step <= promotion.step:
                     del self._failed[name]
-        held = self._held_durable
-        if held is not None and held.step is not None and promotion.step > held.step:
-            self._held_durable = None
+                    self._local.release(name)
+            self._durable.committed(promotion.name)
         self._retain_durable()
         if self._released is not None:
             self._released()
@@ -252,9 +254,10 @@ class TieredCommitter:
         tier = self.tier
         if tier is None or tier.lock is None or self.durable_policy is None:
             return
-        held = self._held_durable
+        with self._lock:
+            held = self._durable.names()
         try:
-            gone = tier.retain(self.durable_policy, protected={held.name} if held is not None else set())
+            gone = tier.retain(self.durable_policy, protected=held)
         except Exception as exc:  # retention never fails an upload that was committed
             warn(f"saverules: retention of the durable tier {tier.url} failed: {exc}")
             return
@@ -308,7 +311,8 @@ class TieredCommitter:
 
     def held(self) -> Collection[str]:
         """The names a resume holds in the durable tier (for tests and ``ls``)."""
-        return {self._held_durable.name} if self._held_durable is not None else set()
+        with self._lock:
+            return set(self._durable.names())
 
 
 __all__ = ["TieredCommitter", "LOCAL", "DURABLE"]
