@@ -218,6 +218,15 @@ def test_a_tiered_state_into_a_one_tier_policy_continues_the_local_tier_and_says
     assert one.state_dict() == {**two.local.state_dict(), "policy": one.policy.digest}
 
 
+def test_a_two_tier_state_whose_tiers_are_not_tables_is_refused_saying_so():
+    d = saverules.loads(TWO_TIERS).compile()
+    for bad in ({"local": "junk", "durable": {}}, {"local": {}, "durable": ["x"]}):
+        with pytest.raises(ValueError, match="a two-tier decider state holds a table for each tier"):
+            d.load_state_dict(bad)
+    with pytest.raises(ValueError, match="decider state must be a table, got list"):
+        d.load_state_dict([1])  # type: ignore[arg-type]
+
+
 def test_restore_decider_warns_what_it_did_with_each_tier():
     two_policy, one_policy = saverules.loads(TWO_TIERS), saverules.loads(LOCAL_ONLY)
     one_state = one_policy.compile().state_dict()
