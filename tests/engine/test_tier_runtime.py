@@ -289,6 +289,8 @@ every = "1m"
     assert saverules.loads(LOCAL_ONLY.replace("final = false\n", "") + '[durable]\nfinal = false\n').compile().watches_last
     d(Progress(1, time=10.0))
     assert d.local.next_time == float("inf") and d.next_time == d.durable.next_time == 70.0
+    metric = LOCAL_ONLY + '[durable]\n[[durable.rules]]\nkind = "improved"\nmetric = "val_loss"\n'
+    assert saverules.loads(metric).compile().watches_metrics, "a metric rule of the durable tier alone"
 
 
 # -- the pure parts the store runs -----------------------------------------------------------------------
