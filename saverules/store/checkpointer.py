@@ -605,10 +605,13 @@ def tiered(inner: Committer, root: Path, policy: Any, url: str | None, options: 
         from .sharded import ShardedCommitter
 
         if isinstance(inner, ShardedCommitter):  # every rank uploads its files, rank 0 commits (docs/distributed.md)
-            from .remote.sharded import sharded_tier
+            from .remote.sharded import ShardedTieredCommitter, sharded_tier
 
             opener, sharded_uploader = sharded_tier(inner.ranks, url, options, retries or DEFAULT, writer=lock)
-            uploader = uploader or sharded_uploader
+            # a resume: rank 0 downloads, every rank learns what it fetched (so every writing rank takes part)
+            return ShardedTieredCommitter(inner, root, durable_policy(policy), open_tier=opener, released=released,
+                                          downloads=inner.writes, retries=retries or PROMOTION_RETRIES,
+                                          uploader=uploader or sharded_uploader, ranks=inner.ranks)
         else:
             def opener() -> DurableTier:
                 return DurableTier(url, options, writer=lock, retries=retries or DEFAULT)

@@ -22,10 +22,11 @@ what it saw.  Actions:
     waits for the uploads and raises when the final step did not reach the
     durable tier.  Rank 0 writes the full state to ``saved.pt``.
 ``resume``
-    One process, an empty ``LOCAL_DIR``: a dcp Checkpointer with
-    ``durable=URL`` resumes (``load_latest``), downloading the newest durable
-    checkpoint; records the step and ``resumed_from``; the full state goes to
-    ``loaded.pt``.
+    An empty ``LOCAL_DIR`` (a new node): a dcp Checkpointer with
+    ``durable=URL`` resumes (``load_latest``): rank 0 downloads the newest
+    durable checkpoint, every rank loads its part (resharded to this many
+    ranks); records the step and ``resumed_from``; rank 0 writes the full
+    state to ``loaded-<world>.pt``.
 """
 from __future__ import annotations
 
@@ -139,7 +140,8 @@ def run(action: str, local_dir: str, url: str, rank: int, world: int, out: Path,
         rec["resumed_from"] = list(ck.resumed_from) if ck.resumed_from is not None else None
         ck.close()
         msd, osd = gathered(model, opt)
-        torch.save({"model": msd, "optimizer": osd}, out / "loaded.pt")
+        if rank == 0:
+            torch.save({"model": msd, "optimizer": osd}, out / f"loaded-{world}.pt")
     return rec
 
 

@@ -7,10 +7,10 @@ module:
 
 * two ranks train with a dcp Checkpointer and ``durable=URL``: the durable
   rules promote steps 3 and 6, each rank uploading the files it wrote and
-  rank 0 committing, and ``close()`` waits for them; then one process with
-  an empty local directory resumes from the durable tier alone, resharded
-  from 2 ranks to 1, and the model and optimizer equal the saved ones bit
-  for bit;
+  rank 0 committing, and ``close()`` waits for them; then two ranks, and
+  one process, with an empty local directory resume from the durable tier
+  alone (the one process resharded from 2 ranks to 1), and the model and
+  optimizer equal the saved ones bit for bit;
 * rank 1's shard goes bad after the local commit: the promotion is abandoned
   on both ranks, both errors name rank 1, and nothing is visible on the tier
   (after the next writer's clean-up, nothing at all is left).
@@ -64,9 +64,11 @@ FAULT = f"s3://{BUCKET}/dcp-fault"
 
 @pytest.fixture(scope="module")
 def two_ranks(server, tmp_path_factory):
-    """One launch of two ranks: the whole runtime (train), then a promotion with a bad shard on rank 1 (fault)."""
+    """One launch of two ranks: the whole runtime (train), a promotion with a bad shard on rank 1 (fault), and a
+    resume of both ranks on an empty local directory (resume)."""
     base = tmp_path_factory.mktemp("durable-dcp")
-    return base, run(2, [("train", base / "node-a", RUN), ("fault", base / "node-f", FAULT)], base)
+    return base, run(2, [("train", base / "node-a", RUN), ("fault", base / "node-f", FAULT),
+                         ("resume", base / "node-c", RUN)], base)
 
 
 def assert_same_state(a: dict, b: dict) -> None:
@@ -103,11 +105,14 @@ def test_two_ranks_promote_through_the_checkpointer_and_an_empty_node_resumes_fr
     assert sorted(tier._objects()[info.name]) == sorted(["COMMITTED", "manifest.json", *manifest["files"]])
     assert tier.leftovers() == [] and not tier.fs.exists(f"{tier.root}/.saverules.lock")
 
+    saved = torch.load(tmp_path / "saved.pt", weights_only=True)
+    # a new node of two ranks: rank 0 downloaded, both loaded their parts and both say where it came from
+    assert [(r["step"], r["resumed_from"]) for r in got["resume"]] == [(6, ["durable", "step-00000006"])] * 2
+    assert_same_state(saved, torch.load(tmp_path / "loaded-2.pt", weights_only=True))
+    # a new node of one process: resharded from 2 ranks to 1
     [resumed] = run(1, [("resume", tmp_path / "node-b", url)], tmp_path)["resume"]
     assert resumed["step"] == 6 and resumed["resumed_from"] == ["durable", "step-00000006"]
-    saved = torch.load(tmp_path / "saved.pt", weights_only=True)
-    again = torch.load(tmp_path / "loaded.pt", weights_only=True)
-    assert_same_state(saved, again)
+    assert_same_state(saved, torch.load(tmp_path / "loaded-1.pt", weights_only=True))
 
 
 def test_a_failure_on_rank_1_abandons_the_promotion_on_both_ranks_and_leaves_nothing_visible(two_ranks):

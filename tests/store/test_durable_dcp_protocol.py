@@ -19,6 +19,7 @@ import torch
 from store_common import policy
 
 from saverules import Progress
+from saverules import loads as saverules_loads
 from saverules.store.remote import DurableTier, TransferError
 from saverules.store.remote.sharded import ABANDON, POINTER, ShardedUpload, files_of
 from saverules.torch import Checkpointer
@@ -262,3 +263,38 @@ def test_a_rank_that_cannot_reach_the_tier_is_named_by_itself_and_by_rank_0(tmp_
     t.join(30)
     assert errors[1].startswith("saverules: rank 1: read of "), errors
     assert good.names() == []
+
+
+def test_one_process_dcp_store_resumes_from_the_durable_tier_and_refuses_a_damaged_one(tmp_path):
+    """The load side without other ranks: rank 0 fetches, the broadcast is the identity."""
+    from saverules.store.remote.sharded import ShardedTieredCommitter
+    from saverules.torch import CheckpointWarning, NoValidCheckpointError
+
+    text = ('version = 1\n[[rules]]\nkind = "every_steps"\nevery = 2\n[storage]\nformat = "dcp"\n'
+            '[durable]\n[[durable.rules]]\nkind = "every_steps"\nevery = 2\n')
+    pol = saverules_loads(text)
+    address = url("file", tmp_path)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    with Checkpointer(pol, dir=tmp_path / "a", durable=address) as ckpt:
+        assert isinstance(ckpt._committer, ShardedTieredCommitter)
+        ckpt.step(Progress(2, total_steps=2), {"model": model})
+    fresh = torch.nn.Linear(4, 3)
+    with Checkpointer(pol, dir=tmp_path / "b", durable=address) as ckpt:
+        assert ckpt.load_latest({"model": fresh}).step == 2
+        assert ckpt.resumed_from == ("durable", "step-00000002")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+    tier = DurableTier(address, writer=False)
+    shard = next(p for p in tier.fs.find(tier.prefix("step-00000002")) if p.endswith(".distcp"))
+    data = bytearray(tier.fs.cat_file(shard))
+    data[len(data) // 2] ^= 0x01
+    tier.fs.pipe_file(shard, bytes(data))
+    with Checkpointer(pol, dir=tmp_path / "c", durable=address) as ckpt:
+        with pytest.warns(CheckpointWarning, match="skipping durable checkpoint .*step-00000002: .*__0_0.distcp "
+                          "does not match its"), pytest.raises(NoValidCheckpointError, match="does not match its"):
+            ckpt.load_latest({"model": torch.nn.Linear(4, 3)})
+        with pytest.warns(CheckpointWarning) as caught:
+            assert ckpt.load_latest({"model": torch.nn.Linear(4, 3)}, if_none_valid="start_fresh") is None
+        said = [str(w.message) for w in caught]
+        assert any("skipping durable checkpoint" in m for m in said) and any("starting from scratch" in m
+                                                                            for m in said), said
