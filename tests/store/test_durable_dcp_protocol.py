@@ -101,6 +101,9 @@ def test_three_ranks_commit_one_checkpoint_and_leave_no_coordination_objects(tmp
     assert sorted(ups[0]._objects(local.name)) == sorted(["COMMITTED", "manifest.json", *json.loads(
         (local / "manifest.json").read_text())["files"]])
     assert tier.fs.exists(f"{tier.root}/{POINTER}") and tier.leftovers() == []
+    if kind == "file":  # not even the empty folder of the reports is left
+        assert sorted(p.name for p in Path(tier.prefix(local.name)).iterdir()) == sorted(
+            ups[0]._objects(local.name))
 
 
 @both

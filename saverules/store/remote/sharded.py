@@ -46,6 +46,7 @@ Nothing here imports torch; see docs/distributed.md.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -289,6 +290,7 @@ class ShardedUpload:
             self._abandon(name, attempt, 0, _reason(exc), transient=isinstance(exc, RetriesExhausted))
         try:
             self._remove(name, keep=tuple(r for r in self._objects(name) if not r.startswith(RANKS_DIR + "/")))
+            _drop_empty_folder(self.tier.fs, self._path(name, RANKS_DIR))
         except Exception as exc:  # committed: the reports are hidden, the next writer's clean-up leaves them
             log.warning("saverules: could not remove the rank reports of %s (%s)", prefix, _reason(exc))
         log.info("saverules: promoted %s to %s (%d ranks' files)", name, self.tier.url, self.world)
@@ -480,6 +482,17 @@ def sharded_tier(ranks: Any, url: str, options: Mapping[str, Any] | None, retrie
         return upload
 
     return opener, uploader
+
+
+def _drop_empty_folder(fs: Any, path: str) -> None:
+    """On a local or shared file system (file://), the folder the reports were in (object stores have none)."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    if isinstance(fs, LocalFileSystem):
+        try:
+            os.rmdir(path)
+        except OSError:  # not there, or not empty: left as it is
+            pass
 
 
 def _local_manifest(local_path: Path, name: str) -> tuple[dict[str, Any], bytes]:
