@@ -33,6 +33,15 @@ the rank that failed and why.  Nothing of an abandoned promotion is visible
 (there is no marker); what is left under its prefix is hidden, and removed
 by the next writer's clean-up (:meth:`DurableTier.clean`) like any leftover.
 
+A failure that waiting may fix (a network operation whose retries ran out,
+on any rank) makes every rank raise
+:class:`~saverules.store.remote.retry.RetriesExhausted` instead, so that each
+rank's promoter tries the whole promotion again: rank 0 opens a new attempt,
+the others serve it.
+
+The ranks agree on a run id when they open the tier (:func:`open_sharded`);
+the other ranks heed only the open objects and pointer of this run.
+
 The promoters of the ranks need not run the same promotions: a newer
 promotion may replace a queued one on one rank and not on another.  A rank
 other than 0 therefore follows rank 0's pointer: when rank 0 works on an
