@@ -41,7 +41,7 @@ def test_each_tier_ends_with_simulate_tiers_kept_set(tmp_path, kind, async_save,
     pol = tier_policy(url, local_every=1, durable_every=4, keep_local=2, keep_durable=2)
     with caplog.at_level(logging.INFO, logger="saverules.store"):
         ck = open_checkpointer(pol, tmp_path / "local", TOTAL, async_save=async_save)
-        run(ck, range(1, TOTAL + 1), TOTAL)
+        run(ck, range(1, TOTAL + 1), TOTAL, uploads_keep_up=True)
         ck.close()
     sim = simulate_tiers(pol, TOTAL)
     assert sim is not None
@@ -62,7 +62,7 @@ def test_a_new_node_resumes_from_the_durable_tier_bit_for_bit(tmp_path, kind, ca
     url = url_of(kind, tmp_path)
     pol = tier_policy(url, local_every=1, durable_every=3, keep_local=1, keep_durable=2)
     ck = open_checkpointer(pol, tmp_path / "node1", 10)
-    run(ck, range(1, 10), 10)  # steps 1..9: durable 3, 6, 9; local keeps 9
+    run(ck, range(1, 10), 10, uploads_keep_up=True)  # steps 1..9: durable 3, 6, 9; local keeps 9
     ck.close()
     fresh = {"w": torch.full((64,), -1.0), "n": -1}
     with caplog.at_level(logging.INFO, logger="saverules.store"):
@@ -85,7 +85,7 @@ def test_a_damaged_durable_checkpoint_falls_back_to_the_one_before_with_the_reas
     url = memory_url()
     pol = tier_policy(url, local_every=1, durable_every=3, keep_local=1, keep_durable=3)
     ck = open_checkpointer(pol, tmp_path / "node1", 10)
-    run(ck, range(1, 10), 10)
+    run(ck, range(1, 10), 10, uploads_keep_up=True)
     ck.close()
     tier = DurableTier(url, writer=False)
     target = f"{tier.prefix('step-00000009')}/tensors.safetensors"
@@ -214,7 +214,7 @@ def test_property_each_tier_ends_with_exactly_simulate_tiers_kept_sets(tmp_path_
     pol = tier_policy(memory_url(), local_every=local_every, durable_every=durable_every, keep_local=keep_local,
                       keep_durable=keep_durable)
     ck = open_checkpointer(pol, root, total, async_save=async_save)
-    run(ck, range(1, total + 1), total, size=4)
+    run(ck, range(1, total + 1), total, size=4, uploads_keep_up=True)
     ck.close()
     sim = simulate_tiers(pol, total)
     assert sim is not None
