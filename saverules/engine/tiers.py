@@ -418,10 +418,9 @@ class Protected(Generic[T]):
         self._held[item] = self._held.get(item, 0) + 1
 
     def release(self, item: T) -> None:
-        count = self._held.get(item, 0)
-        if count <= 1:
-            self._held.pop(item, None)
-        else:
+        """One hold of ``item`` ends (releasing what is not held does nothing)."""
+        count = self._held.pop(item, 0)
+        if count > 1:
             self._held[item] = count - 1
 
     def names(self) -> frozenset[T]:

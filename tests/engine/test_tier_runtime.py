@@ -5,6 +5,7 @@ test_tier_properties.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 
@@ -185,6 +186,8 @@ def test_a_tiered_state_round_trips_through_json_and_continues_exactly():
     resumed = policy.compile()
     r = resumed.load_state_dict(state)
     assert isinstance(r, TierResumed) and not r.policy_changed and r.message("here", 10) is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.durable = None  # type: ignore[misc]  # what a resume did is a fact: it cannot be changed
     assert saves(resumed, range(11, 40), time=float) == saves(run, range(11, 40), time=float)
     assert first  # the first part saved too
 
