@@ -212,6 +212,27 @@ def agree_on_policy(policy: Any, group: Any = None) -> None:
     )
 
 
+def refuse_durable_cost_rules(policy: Any) -> None:
+    """Under DDP: a ``[durable]`` rule that plans with the upload's cost is refused (ValueError naming it).
+
+    The durable tier's deciders must decide alike on every rank, as the local
+    tier's do (every rank's inner decider sees the same inputs, so their
+    decisions, ``durable`` field included, are the same).  An upload's wall
+    time is measured by each rank's own promoter and differs between ranks,
+    so a rule that plans with it would split them.
+    """
+    from .engine.rules import uses_cost
+
+    durable = getattr(policy, "durable", None)
+    for i, rule in enumerate(getattr(durable, "rules", None) or ()):
+        if uses_cost(rule):
+            raise ValueError(
+                f"durable.rules[{i}] ({getattr(rule, 'kind', 'adaptive')}) plans with the upload's cost, which each "
+                "rank measures for itself under DDP, so the ranks would promote at different steps; use "
+                "every_time or every_steps for the durable tier of a job with several ranks"
+            )
+
+
 class SyncedDecider:
     """A decider that takes the same decision on every rank of a process group.
 
@@ -289,6 +310,8 @@ class SyncedDecider:
         self._watch_signals = bool(getattr(decider, "watches_signals", True))
         self._watch_metrics = bool(getattr(decider, "watches_metrics", True))
         self.sync_signals = bool(sync_signals)
+        if self.world_size > 1 and policy is not None:
+            refuse_durable_cost_rules(policy)
         #: True when the decision needs no communication at all: one process,
         #: or a policy that reads only step, epoch and the end of the run.
         self.deterministic = (
@@ -428,17 +451,21 @@ class SyncedDecider:
             return self._inner_decide(step, total_steps, epoch, epoch_end, is_last, self._synced_time, None, False)
         return self(Progress(step, total_steps, epoch, epoch_end, is_last, time, metrics, signal))
 
-    def note_save(self, step: int, time: float | None = None) -> None:
+    def note_save(self, step: int, time: float | None = None, tiers: tuple[str, ...] | None = None) -> None:
         """Tell the decider about a save it did not decide.
 
         Must be called on every rank at the same step.  The clock recorded is
         rank 0's reading from the last sync (identical on every rank), not this
         rank's ``time``, so that the ranks' time rules stay in agreement.
+        ``tiers`` (a policy with ``[durable]``): the tiers the save went to, as
+        :class:`saverules.engine.tiers.TieredDecider` takes them; None leaves
+        the inner decider's default.
         """
-        if self.deterministic:
-            self.inner.note_save(step, time)
+        clock = time if self.deterministic else (self._synced_time if self._watch_time else None)
+        if tiers is None:
+            self.inner.note_save(step, clock)
         else:
-            self.inner.note_save(step, self._synced_time if self._watch_time else None)
+            self.inner.note_save(step, clock, tiers=tiers)
 
     def note_cost(self, stall_seconds: float, write_seconds: float | None = None) -> None:
         """Report what a save cost (see :meth:`saverules.engine.decider.Decider.note_cost`), on any rank.

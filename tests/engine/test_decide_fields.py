@@ -15,7 +15,7 @@ from oracle import Oracle
 from strategies import policy_docs, progress_sequences
 from test_cost_properties import adaptive_rules, costs
 
-from saverules import Policy, PolicyError, Progress
+from saverules import Decision, Policy, PolicyError, Progress
 
 
 @st.composite
@@ -113,8 +113,8 @@ def test_the_quiet_path_answers_without_a_progress_and_the_rest_builds_one():
     decider = POLICY.compile(100)
     source = type(decider)._quiet_source
     assert "def decide(self, step, total_steps=None" in source
-    assert decider.decide(1, total_steps=100, time=0.0) == (False, ())
-    assert decider.decide(10, total_steps=100, time=1.0) == (True, ("every_steps(every=10)",))
-    assert decider.decide(11, total_steps=100, time=61.0) == (True, ("every_time(every=1m)",))
-    assert decider.decide(12, total_steps=100, time=61.5, signal="SIGTERM") == (False, ())
-    assert decider.decide(100, total_steps=100, time=62.0) == (True, ("final", "every_steps(every=10)"))
+    assert decider.decide(1, total_steps=100, time=0.0) == Decision(False, ())
+    assert decider.decide(10, total_steps=100, time=1.0) == Decision(True, ("every_steps(every=10)",))
+    assert decider.decide(11, total_steps=100, time=61.0) == Decision(True, ("every_time(every=1m)",))
+    assert decider.decide(12, total_steps=100, time=61.5, signal="SIGTERM") == Decision(False, ())
+    assert decider.decide(100, total_steps=100, time=62.0) == Decision(True, ("final", "every_steps(every=10)"))

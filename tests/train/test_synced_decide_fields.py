@@ -80,7 +80,7 @@ def test_synced_fields_call_decides_like_the_progress_call(make, kw, seed):
     assert by_fields == by_progress
     (r0, _), (r1, _) = by_fields
     assert [row[1] for row in r0] == [row[1] for row in r1]  # and the ranks agree
-    assert any(save for _, (save, _), *_ in r0)
+    assert any(save for _, (save, *_), *_ in r0)
 
 
 def test_synced_fields_call_refuses_bad_values_like_a_progress():

@@ -137,46 +137,57 @@ def upload(fs: Any, root: str, local: Path, name: str, *, retries: Retries = DEF
     if fs.exists(f"{prefix}/{MARKER}"):  # re-committing a name: invisible while it is rewritten
         fs.rm_file(f"{prefix}/{MARKER}")
     for fname, entry in sorted(manifest["files"].items()):
-        sent = [0]
-
-        def count(n: int, sent: list[int] = sent) -> None:
-            sent[0] += n
-            if on_bytes is not None:
-                on_bytes(n)
-
-        def put_one(fname: str = fname, entry: Mapping[str, Any] = entry, sent: list[int] = sent) -> None:
-            if sent[0] and on_bytes is not None:
-                on_bytes(-sent[0])  # a retry sends the file again
-            sent[0] = 0
-            with open(local / fname, "rb") as src:
-                if int(entry["size"]) < PART:  # read and hashed once, then sent in one PUT, as s3fs's put does
-                    data = src.read(PART)
-                    size, hexdigest, algo = _stream(io.BytesIO(data).read, lambda b: None, entry, None)
-                    problem = _mismatch(str(local), fname, entry, size, hexdigest, algo)
-                    if problem is not None:
-                        raise TransferError(f"saverules: {problem} since it was committed; the upload of {name} "
-                                            "was abandoned")
-                    fs.pipe_file(f"{prefix}/{fname}", data)
-                    count(len(data))
-                    return
-                # a larger file streams in parts of PART bytes, each hashed before it is sent
-                out = fs.open(f"{prefix}/{fname}", "wb", block_size=PART)
-                try:
-                    size, hexdigest, algo = _stream(src.read, out.write, entry, count)
-                    problem = _mismatch(str(local), fname, entry, size, hexdigest, algo)
-                    if problem is not None:
-                        raise TransferError(f"saverules: {problem} since it was committed; the upload of {name} "
-                                            "was abandoned")
-                except BaseException:
-                    _discard(out)
-                    raise
-                out.close()
-
-        retrying(f"upload of {prefix}/{fname}", put_one, retries, permanent=(TransferError, FileNotFoundError))
+        upload_file(fs, prefix, local, fname, entry, name, retries=retries, on_bytes=on_bytes)
     retrying(f"upload of {prefix}/{MANIFEST}", lambda: fs.pipe_file(f"{prefix}/{MANIFEST}", manifest_raw), retries)
     marker = marker_bytes(name, manifest["step"], manifest_raw)
     retrying(f"commit of {prefix}", lambda: fs.pipe_file(f"{prefix}/{MARKER}", marker), retries)
     return manifest
+
+
+def upload_file(fs: Any, prefix: str, local: Path, fname: str, entry: Mapping[str, Any], name: str, *,
+                retries: Retries = DEFAULT, on_bytes: Progress | None = None) -> None:
+    """Upload ``local/fname`` as ``prefix/fname``, hashed as it streams and compared with its manifest ``entry``.
+
+    A local file that changed since its commit is a TransferError (never
+    retried) and the object is not completed.  ``name`` is the checkpoint's,
+    for the error.
+    """
+    sent = [0]
+
+    def count(n: int) -> None:
+        sent[0] += n
+        if on_bytes is not None:
+            on_bytes(n)
+
+    def put_one() -> None:
+        if sent[0] and on_bytes is not None:
+            on_bytes(-sent[0])  # a retry sends the file again
+        sent[0] = 0
+        with open(local / fname, "rb") as src:
+            if int(entry["size"]) < PART:  # read and hashed once, then sent in one PUT, as s3fs's put does
+                data = src.read(PART)
+                size, hexdigest, algo = _stream(io.BytesIO(data).read, lambda b: None, entry, None)
+                problem = _mismatch(str(local), fname, entry, size, hexdigest, algo)
+                if problem is not None:
+                    raise TransferError(f"saverules: {problem} since it was committed; the upload of {name} "
+                                        "was abandoned")
+                fs.pipe_file(f"{prefix}/{fname}", data)
+                count(len(data))
+                return
+            # a larger file streams in parts of PART bytes, each hashed before it is sent
+            out = fs.open(f"{prefix}/{fname}", "wb", block_size=PART)
+            try:
+                size, hexdigest, algo = _stream(src.read, out.write, entry, count)
+                problem = _mismatch(str(local), fname, entry, size, hexdigest, algo)
+                if problem is not None:
+                    raise TransferError(f"saverules: {problem} since it was committed; the upload of {name} "
+                                        "was abandoned")
+            except BaseException:
+                _discard(out)
+                raise
+            out.close()
+
+    retrying(f"upload of {prefix}/{fname}", put_one, retries, permanent=(TransferError, FileNotFoundError))
 
 
 def _discard(out: Any) -> None:
