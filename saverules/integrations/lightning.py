@@ -27,19 +27,21 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Checkpoint
 
+from ..distributed import SyncedDecider
+from ..engine.decider import Decider
 from ..engine.progress import Progress
+from ..store.checkpointer import load_policy, make_decider
 from ..store.fs import fs
+from ..store.policyfile import write_policy_file
 from . import manifest as fm
 from .common import (
     COMMON_OPTIONS,
     ConflictingSettingsError,
     SignalFlags,
     TrainingClock,
-    check_options,
+    check_callback_options,
     describe,
-    load_policy,
-    make_decider,
-    restore_decider,
+    restore_state,
     say,
 )
 
@@ -69,12 +71,12 @@ class SaverulesCheckpoint(Checkpoint):
 
     def __init__(self, policy: Any = None, dirpath: str | os.PathLike | None = None, **options: Any) -> None:
         self.policy = load_policy(policy, _OWNER)
-        self.options = check_options(_OWNER, options, COMMON_OPTIONS)
+        self.options = check_callback_options(_OWNER, options, COMMON_OPTIONS)
         if dirpath is not None and not isinstance(dirpath, (str, os.PathLike)):
             raise TypeError(f"{_OWNER}(dirpath=...) takes a directory path, got {type(dirpath).__name__}")
         self._dirpath = None if dirpath is None else os.fspath(dirpath)
         self.dirpath: str | None = self._dirpath
-        self._decider: Any = None  # the run's SyncedDecider, made when training begins
+        self._decider: Decider | SyncedDecider | None = None  # made when training begins
         self._clock = TrainingClock()
         self._signals = SignalFlags()
         self._restored: dict[str, Any] | None = None
@@ -135,19 +137,21 @@ class SaverulesCheckpoint(Checkpoint):
 
     def on_train_start(self, trainer, pl_module) -> None:
         total = self._total(trainer)
-        self._decider = make_decider(self.policy, total, self.options["sync_seconds"], metrics_synced=False)
+        decider = make_decider(self.policy, total, trainer.world_size,
+                               {"sync_seconds": self.options["sync_seconds"], "metrics_synced": False})
+        self._decider = decider
         self._clock.restore(0.0)
         self._last_step = trainer.global_step
         self._last_time = None
         self._sigterm_seen = False
         if trainer.global_step > 0:
-            self._restore(trainer.global_step)
+            self._restore(decider, trainer.global_step)
         others = tuple(s for s in self.options["signals"] if s != "SIGTERM")
-        if self._decider.watches_signals and others:
+        if decider.watches_signals and others:
             self._signals.install(others)
         if trainer.is_global_zero:
             os.makedirs(self._directory(), exist_ok=True)
-            fm.write_policy_file(self._directory(), self.policy)
+            write_policy_file(Path(self._directory()), self.policy)
 
     def _directory(self) -> str:
         """Where the checkpoints go: set at construction, or from the trainer's root when training starts."""
@@ -155,9 +159,9 @@ class SaverulesCheckpoint(Checkpoint):
             raise RuntimeError("saverules: SaverulesCheckpoint has no directory yet: it is set when training starts")
         return self.dirpath
 
-    def _restore(self, step: int) -> None:
+    def _restore(self, decider: Decider | SyncedDecider, step: int) -> None:
         data, self._restored = self._restored, None
-        clock = restore_decider(self._decider, data, step, _OWNER)
+        clock = restore_state(decider, data, step, _OWNER)
         self._clock.restore(clock)
         self._last_time = clock
 
@@ -190,6 +194,8 @@ class SaverulesCheckpoint(Checkpoint):
                         time=self._clock.now(), metrics=metrics or None, signal=signal)
 
     def _decide(self, trainer, progress: Progress) -> None:
+        if self._decider is None:
+            return
         decision = self._decider(progress)
         if decision:
             self._save(trainer, progress, decision.reasons)
@@ -267,7 +273,7 @@ class SaverulesCheckpoint(Checkpoint):
         self.saved_steps.append(step)
         if not trainer.is_global_zero:
             return
-        fm.fsync_file(tmp)
+        fs.fsync_file(str(tmp))
         os.replace(tmp, final)
         fs.fsync_dir(str(directory))
         self._saved_file = (step, final)
@@ -276,6 +282,6 @@ class SaverulesCheckpoint(Checkpoint):
                           reasons=reasons, metrics=metrics, final="final" in reasons or bool(progress.is_last),
                           policy_digest=self.policy.digest)
         say(describe(step, reasons) + f" -> {final}")
-        for info, why in fm.retain(directory, self.policy, "lightning", (), self._warned):
+        for info, why in fm.apply_retention(directory, self.policy, "lightning", final, (), self._warned):
             self.removed.append(info.name)
             say(f"removed {info.name} (step {info.step}): {why}")

@@ -22,23 +22,27 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from ..distributed import SyncedDecider
+from ..engine.decider import Decider
 from ..engine.progress import Progress
+from ..store.checkpointer import load_policy, make_decider
+from ..store.policyfile import write_policy_file
 from . import manifest as fm
 from .common import (
     COMMON_OPTIONS,
     ConflictingSettingsError,
     SignalFlags,
     TrainingClock,
-    check_options,
+    agreed_signals,
+    check_callback_options,
     describe,
-    load_policy,
-    make_decider,
-    restore_decider,
+    restore_state,
     say,
 )
 
@@ -85,7 +89,7 @@ def best_checkpoint(output_dir: str | os.PathLike, metric: str, mode: str = "min
         raise ValueError(f"best_checkpoint(mode=...) takes 'min' or 'max', got {mode!r}")
     if not os.path.isdir(output_dir):
         return None
-    scored = [(i.metrics[metric], i.step, str(i.path)) for i in fm.scan(output_dir)
+    scored = [(i.metrics[metric], i.step, str(i.path)) for i in fm.list_checkpoints(output_dir)
               if i.ok and i.framework in ("transformers", None) and i.metrics and metric in i.metrics]
     if not scored:
         return None
@@ -138,8 +142,8 @@ class SaverulesCallback(TrainerCallback, ExportableState):
 
     def __init__(self, policy: Any = None, **options: Any) -> None:
         self.policy = load_policy(policy, _OWNER)
-        self.options = check_options(_OWNER, options, _OPTIONS)
-        self._decider: Any = None  # the run's SyncedDecider, made when training begins
+        self.options = check_callback_options(_OWNER, options, _OPTIONS)
+        self._decider: Decider | SyncedDecider | None = None  # made when training begins
         self._clock = TrainingClock()
         self._signals = SignalFlags()
         self._step_progress: Progress | None = None
@@ -216,34 +220,39 @@ class SaverulesCallback(TrainerCallback, ExportableState):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._check_settings(args)
-        self._decider = make_decider(self.policy, state.max_steps or None, self.options["sync_seconds"],
-                                     metrics_synced=True)  # the Trainer gathers its logged values across ranks
+        # the Trainer gathers its logged values across ranks: metrics_synced
+        decider = make_decider(self.policy, state.max_steps or None, args.world_size,
+                               {"sync_seconds": self.options["sync_seconds"], "metrics_synced": True})
+        self._decider = decider
         self._clock.restore(0.0)
         self._last_time = None
         if state.global_step > 0:
-            self._restore(state)
-        if self._decider.watches_signals and self.options["signals"]:
+            self._restore(decider, state)
+        if decider.watches_signals and self.options["signals"]:
             self._signals.install(self.options["signals"])
         if args.should_save:
             os.makedirs(args.output_dir, exist_ok=True)
-            fm.write_policy_file(args.output_dir, self.policy)
+            write_policy_file(Path(args.output_dir), self.policy)
 
-    def _restore(self, state) -> None:
+    def _restore(self, decider: Decider | SyncedDecider, state) -> None:
         saved = (state.stateful_callbacks or {}).get(type(self).__name__)
         if isinstance(saved, list):
             saved = saved[0] if saved else None
         data = (saved or {}).get("attributes", {}).get("saverules_state") if isinstance(saved, dict) else None
-        clock = restore_decider(self._decider, data, state.global_step, _OWNER)
+        clock = restore_state(decider, data, state.global_step, _OWNER)
         self._clock.restore(clock)
         self._last_time = clock
 
     def _decide(self, progress: Progress, control) -> None:
-        decision = self._decider(progress)
+        decider = self._decider
+        if decider is None:
+            return
+        decision = decider(progress)
         if decision:
             control.should_save = True
             self._pending = (progress.step, decision.reasons, progress.time)
             self._last_time = progress.time
-        if self.options["stop_on_sigterm"] and "SIGTERM" in self._decider.last_signals:
+        if self.options["stop_on_sigterm"] and "SIGTERM" in agreed_signals(decider, progress):
             control.should_training_stop = True
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -296,7 +305,7 @@ class SaverulesCallback(TrainerCallback, ExportableState):
             policy_digest=self.policy.digest,
         )
         protect = [state.best_model_checkpoint] if state.best_model_checkpoint else []
-        for info, why in fm.retain(args.output_dir, self.policy, "transformers", protect, self._warned):
+        for info, why in fm.apply_retention(args.output_dir, self.policy, "transformers", path, protect, self._warned):
             self.removed.append(info.name)
             say(f"removed {info.name} (step {info.step}): {why}")
 
