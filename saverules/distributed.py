@@ -23,6 +23,11 @@ communicating rarely:
 * A step where the loop reports metrics is a sync step when the policy
   watches metrics (rank 0's metrics are sent along); the last step of the run
   is always a sync step, so no signal is lost at the end.
+* A save's measured cost (:meth:`SyncedDecider.note_cost`, for the
+  ``adaptive`` rule) rides in the same ``all_reduce``: rank 0's reports since
+  the last sync reach every rank's decider at the next sync step, before it
+  decides, so every rank plans the same interval without a collective of its
+  own.
 * :func:`sync_schedule` gives the sync steps (and so the number of
   collectives) for a steady step time without running anything, and
   :attr:`SyncedDecider.collectives` counts the calls actually issued.
@@ -41,8 +46,8 @@ import time as _time
 from collections.abc import Mapping
 from typing import Any
 
+from .engine.cost import COST_WINDOW, Cost, check_cost
 from .engine.progress import Decision, Progress
-from .engine.rules import uses_cost
 
 __all__ = ["SyncedDecider", "PolicyMismatchError", "agree_on_policy", "sync_schedule", "signal_code", "signal_from_code", "dist_info"]
 
@@ -55,7 +60,9 @@ _UNUSED = 4        # reserved (always -inf)
 _ANY_UNNAMED = 5   # 1.0 if some rank saw an unnamed signal (signal=True)
 _SIG_BASE = 6      # one slot per signal number 1..64: 1.0 if some rank saw it
 _NSIG = 64
-_LEN = _SIG_BASE + _NSIG
+_COST_COUNT = _SIG_BASE + _NSIG  # how many save costs rank 0 reported since the last sync (at most COST_WINDOW)
+_COST_BASE = _COST_COUNT + 1     # then (stall, write) seconds of each, oldest first; -inf elsewhere
+_LEN = _COST_BASE + 2 * COST_WINDOW
 
 _NEG = float("-inf")
 
@@ -268,14 +275,6 @@ class SyncedDecider:
         self.rank = int(rank)
         self.world_size = int(world_size)
         policy = getattr(decider, "policy", None)
-        if self.world_size > 1 and policy is not None and any(uses_cost(r) for r in getattr(policy, "rules", ())):
-            # the save cost is measured where the checkpoint is written; ranks that did
-            # not see it would plan another interval and the job would hang
-            raise ValueError(
-                "adaptive rules are not supported under DDP yet: the save cost is measured on the writing rank "
-                "only; use every_time for a time-based interval"
-            )
-
         if self.world_size > 1 and policy is not None:
             agree_on_policy(policy, group)
 
@@ -314,6 +313,7 @@ class SyncedDecider:
         self._last_sync_clock: float | None = None  # rank 0's rate clock at the last sync
         self._synced_time: float | None = None      # rank 0's Progress.time at the last sync
         self._pending_signals: set = set()      # local signal codes since the last sync
+        self._pending_costs: list[Cost] = []    # rank 0: save costs reported since the last sync, newest last
         self._last_clock_candidate: float | None = None
         self._device = None
 
@@ -399,6 +399,31 @@ class SyncedDecider:
         else:
             self.inner.note_save(step, self._synced_time if self._watch_time else None)
 
+    def note_cost(self, stall_seconds: float, write_seconds: float | None = None) -> None:
+        """Report what a save cost (see :meth:`saverules.engine.decider.Decider.note_cost`), on any rank.
+
+        Under DDP only the inner deciders' shared inputs may change decisions, so
+        a report is not applied at once: rank 0's reports since the last sync
+        step ride in the next sync's ``all_reduce`` (no collective of their own)
+        and every rank's inner decider takes them at that step, before it
+        decides.  Between syncs the inner deciders see the clock of the last
+        sync, so no decision in between can depend on a newer cost.
+
+        Rank 0's measurement is the one used: rank 0 writes the checkpoint (or,
+        for ``format = "dcp"``, commits it after every rank's write, so its save
+        spans the others'), and the other ranks wait for it at their next
+        collective anyway.  Other ranks may report too (the trainer callbacks do,
+        on every rank): their reports are checked and then left out.  In a
+        single process, or for a policy that needs no agreement, the report goes
+        straight to the inner decider.
+        """
+        cost = check_cost(stall_seconds, write_seconds)
+        if self.deterministic:
+            self.inner.note_cost(*cost)
+        elif self.rank == 0:
+            # the estimate reads only the newest COST_WINDOW reports: older ones cannot change it
+            self._pending_costs = (self._pending_costs + [cost])[-COST_WINDOW:]
+
     def state_dict(self) -> dict:
         """The inner decider's state, unchanged.
 
@@ -407,7 +432,9 @@ class SyncedDecider:
         :meth:`load_state_dict` the next call is a sync step on every rank and
         the interval ramps up again from one step.  Keeping the inner format
         means a checkpoint written under DDP resumes in a single process (and
-        the other way round).
+        the other way round).  The save costs the ranks agreed on are part of
+        it (``costs``), so an ``adaptive`` rule resumes with the same interval;
+        a cost rank 0 reported after the latest sync is not in it yet.
         """
         return self.inner.state_dict()
 
@@ -423,6 +450,7 @@ class SyncedDecider:
         self._last_sync_step = None
         self._last_sync_clock = None
         self._pending_signals = set()
+        self._pending_costs = []
         return resumed
 
     def fresh_state(self, step: int, time: float | None = None) -> dict:
@@ -453,7 +481,7 @@ class SyncedDecider:
     def _sync(self, progress: Progress, metrics: Mapping[str, float] | None):
         step = progress.step
         vec = [_NEG] * _LEN
-        for i in range(_SIG_BASE, _LEN):
+        for i in range(_SIG_BASE, _SIG_BASE + _NSIG):
             vec[i] = 0.0
         vec[_ANY_UNNAMED] = 0.0
         vec[_HAS_TIME] = 0.0
@@ -471,7 +499,16 @@ class SyncedDecider:
                 vec[_HAS_TIME] = 1.0
             vec[_NEXT] = float(step + k)
             vec[_INTERVAL] = float(k)
+            costs = self._pending_costs
+            vec[_COST_COUNT] = float(len(costs))
+            for i, (stall, write) in enumerate(costs):
+                vec[_COST_BASE + 2 * i] = stall
+                vec[_COST_BASE + 2 * i + 1] = write
         out = self._allreduce_max(vec)
+        self._pending_costs = []
+        for i in range(int(out[_COST_COUNT]) if out[_COST_COUNT] > 0 else 0):
+            # rank 0's reports, the same numbers on every rank, taken before this step's decision
+            self.inner.note_cost(out[_COST_BASE + 2 * i], out[_COST_BASE + 2 * i + 1])
         send_metrics = metrics is not None and not self.metrics_synced
         if send_metrics:
             metrics = self._broadcast_object(dict(metrics or {}) if self.rank == 0 else None)

@@ -20,7 +20,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -182,11 +182,12 @@ def fmt_seconds(s: float) -> str:
 
 def main(argv=None, *, clock: Callable[[], float] | None = None,
          after_step: Callable[[StepReport], None] | None = None,
-         restore: Callable[[dict[str, Any]], None] | None = None) -> int:
+         restore: Callable[[dict[str, Any]], None] | None = None,
+         extra_state: Mapping[str, Any] | None = None) -> int:
     """The command line: parse ``argv``, train, and turn usage and run errors into exit statuses 2 and 1."""
     args = parse_args(argv)
     try:
-        return train(args, clock=clock, after_step=after_step, restore=restore)
+        return train(args, clock=clock, after_step=after_step, restore=restore, extra_state=extra_state)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -197,7 +198,8 @@ def main(argv=None, *, clock: Callable[[], float] | None = None,
 
 def train(args: argparse.Namespace, *, clock: Callable[[], float] | None = None,
           after_step: Callable[[StepReport], None] | None = None,
-          restore: Callable[[dict[str, Any]], None] | None = None) -> int:
+          restore: Callable[[dict[str, Any]], None] | None = None,
+          extra_state: Mapping[str, Any] | None = None) -> int:
     """Train as ``args`` say; the exit status.
 
     ``clock``: the training time in seconds that the policy sees, read once per optimizer step
@@ -206,7 +208,9 @@ def train(args: argparse.Namespace, *, clock: Callable[[], float] | None = None,
     the run from outside); it runs before the loop checks whether to stop. ``restore``: with
     ``--resume``, called with the state (``model``, ``optimizer``, ``scheduler``, ``loop``, ...)
     to load it from somewhere of the caller's instead of the store's ``load_latest`` (the time-to-resume
-    benchmark resumes the same loop from a bare ``torch.load`` this way).
+    benchmark resumes the same loop from a bare ``torch.load`` this way). ``extra_state``: more
+    entries for the saved state (objects with ``state_dict``/``load_state_dict``, or plain values),
+    saved and resumed with the loop's own; a name the loop uses itself is refused.
     """
     try:
         import torch
@@ -348,6 +352,11 @@ def train(args: argparse.Namespace, *, clock: Callable[[], float] | None = None,
         "model_config": cfg.to_dict(),
         "args": {k: v for k, v in vars(args).items()},
     }
+    for name, value in (extra_state or {}).items():
+        if name in state:
+            raise UsageError(f"extra_state: {name!r} is a name the loop's own state uses "
+                             f"({', '.join(state)}); give the entry another name")
+        state[name] = value
     # The loop stops on SIGTERM even when the policy does not save for it; under DDP every rank
     # must stop at the same step, so the ranks agree on signals (at sync steps) all the same.
     has_signal_rule = policy.compile().watches_signals

@@ -15,7 +15,12 @@ flag this script does not know goes to the loop. Driver flags (all optional):
   --hold-at STEP                   after optimizer step STEP, print "holding at step STEP" and wait there
                                    until a signal arrives (so a test can kill or signal the run there)
   --report PATH                    each rank appends its decisions, one JSON line a step, to PATH.rank<R>:
-                                   step, save, reasons, the agreed signal (or false), collectives so far
+                                   step, save, reasons, the agreed signal (or false), collectives so far,
+                                   sync steps so far, the decider's save-cost estimate [stall, write] (or null),
+                                   the process id
+  --save-sleep S1[,S2...]          add a state entry whose state_dict sleeps S1 seconds at its first call,
+                                   S2 at its second, ... (the last one from then on), so a save costs what
+                                   the test says; its state (the calls so far) resumes with the run
 
 (No flag is a prefix of a torchrun option: torchrun's parser would take it for its own.)
 The rank is torchrun's RANK (0 without torchrun).
@@ -43,7 +48,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--send-signal", action="append", default=[], metavar="STEP:RANK[:NAME]")
     p.add_argument("--hold-at", type=int, default=None, metavar="STEP")
     p.add_argument("--report", default=None, metavar="PATH")
+    p.add_argument("--save-sleep", default=None, metavar="S1[,S2...]")
     return p
+
+
+class SleepyState:
+    """A state entry whose ``state_dict`` takes as long as the schedule says: a save of a known cost."""
+
+    def __init__(self, schedule: list[float]) -> None:
+        self.schedule = schedule
+        self.calls = 0
+
+    def state_dict(self) -> dict[str, int]:
+        seconds = self.schedule[min(self.calls, len(self.schedule) - 1)]
+        self.calls += 1
+        time.sleep(seconds)
+        return {"calls": self.calls}
+
+    def load_state_dict(self, d: dict[str, int]) -> None:
+        self.calls = int(d["calls"])
 
 
 def make_clock(step_seconds: float | None, skews: list[str], rank: int) -> Callable[[], float] | None:
@@ -100,8 +123,11 @@ def make_after_step(signals: list[str], hold_at: int | None, report: str | None,
     def after_step(r: StepReport) -> None:
         if report_path is not None:
             decider = getattr(r.checkpointer, "decider", None)
+            cost = getattr(decider, "save_cost", None)
             line = {"step": r.step, "save": r.decision.save, "reasons": list(r.decision.reasons),
-                    "signal": r.signal or False, "collectives": getattr(decider, "collectives", 0)}
+                    "signal": r.signal or False, "collectives": getattr(decider, "collectives", 0),
+                    "syncs": getattr(decider, "syncs", 0), "cost": None if cost is None else list(cost),
+                    "pid": os.getpid()}
             with open(report_path, "a") as f:
                 f.write(json.dumps(line) + "\n")
         if r.step in sends:  # a real signal to this process, as a scheduler would send it
@@ -115,8 +141,11 @@ def make_after_step(signals: list[str], hold_at: int | None, report: str | None,
 def run(argv: list[str] | None = None) -> int:
     opts, rest = _parser().parse_known_args(argv)
     rank = int(os.environ.get("RANK", "0"))
+    extra = None
+    if opts.save_sleep is not None:
+        extra = {"sleepy": SleepyState([float(x) for x in opts.save_sleep.split(",")])}
     return main(rest, clock=make_clock(opts.step_seconds, opts.clock_skew, rank),
-                after_step=make_after_step(opts.send_signal, opts.hold_at, opts.report, rank))
+                after_step=make_after_step(opts.send_signal, opts.hold_at, opts.report, rank), extra_state=extra)
 
 
 if __name__ == "__main__":
