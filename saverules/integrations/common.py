@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal as _signal
 import sys
 import time as _time
@@ -138,16 +139,23 @@ class SignalFlags:
         self._previous = {}
 
 
-def restore_state(decider: Decider | SyncedDecider, data: Mapping[str, Any] | None, step: int,
-                  owner: str) -> float | None:
-    """Restore ``decider`` from the callback state saved at ``step``; the training clock at that save.
+def resume_costs(decider: Decider | SyncedDecider, data: Mapping[str, Any] | None, step: int, owner: str,
+                 checkpoint: str | os.PathLike | None) -> tuple[float | None, list[tuple[float, float]]]:
+    """Restore ``decider`` from the callback state saved at ``step``: the training clock at that
+    save and the save costs it plans with.
 
-    ``data`` is what the callback saved (``decider``, ``clock``, ``policy_digest``); the decider
-    continues by the store's one rule (:func:`saverules.store.restore.restore_decider`): rules that
-    both policies hold keep their state, changed and new rules start fresh from ``step``, and
-    one warning says which.
+    ``data`` is what the callback saved inside the checkpoint (``decider``, ``clock``,
+    ``policy_digest``); the decider continues by the store's one rule
+    (:func:`saverules.store.restore.restore_decider`): rules that both policies hold keep
+    their state, changed and new rules start fresh from ``step``, and one warning says which.
+    That state was written during the save, before the save's own cost was known: the
+    checkpoint's manifest (``checkpoint``) records the costs up to and including it
+    (``save_costs``), and they take the place of the state's, so the resumed decider plans
+    the interval the uninterrupted one would.  Every rank reads the same manifest, beside
+    the files it resumes from.
     """
     from ..store.restore import restore_decider
+    from . import manifest as fm
 
     clock = None
     saved = None
@@ -158,8 +166,22 @@ def restore_state(decider: Decider | SyncedDecider, data: Mapping[str, Any] | No
         saved = data.get("decider")
         found = data.get("policy_digest")
         digest = found if isinstance(found, str) else None
+    recorded = fm.save_costs_of(checkpoint, step, clock) if checkpoint is not None else None
+    if recorded is not None and isinstance(saved, Mapping):
+        saved = {**saved, "costs": [list(c) for c in recorded]}
     restore_decider(decider, saved, step, clock, f"the {owner} state in the checkpoint", digest)
-    return clock
+    state = decider.state_dict()
+    costs = [(float(c), float(w)) for c, w in state.get("costs") or ()]
+    return clock, costs
+
+
+def note_cost(decider: Decider | SyncedDecider, costs: list[tuple[float, float]],
+              seconds: float) -> list[tuple[float, float]]:
+    """Report a synchronous save that stalled training ``seconds`` (stall = write); the latest costs, newest last."""
+    from ..engine.cost import COST_WINDOW
+
+    decider.note_cost(seconds, seconds)
+    return (costs + [(seconds, seconds)])[-COST_WINDOW:]
 
 
 def agreed_signals(decider: Decider | SyncedDecider, progress: Progress) -> tuple[Any, ...]:

@@ -37,11 +37,13 @@ from . import manifest as fm
 from .common import (
     COMMON_OPTIONS,
     ConflictingSettingsError,
+    SaveTimer,
     SignalFlags,
     TrainingClock,
     check_callback_options,
     describe,
-    restore_state,
+    note_cost,
+    resume_costs,
     say,
 )
 
@@ -90,6 +92,10 @@ class SaverulesCheckpoint(Checkpoint):
         self.removed: list = []
         self._warned: set[str] = set()  # checkpoints that failed verification, warned about once
         self._validated: tuple[int, dict[str, float]] | None = None  # (step, metrics) of the last validation
+        self._timer = SaveTimer()  # what a save stalls training
+        #: The latest save costs this process measured, ``(stall, write)`` seconds, newest last (rank 0's
+        #: are the ones every rank's decider plans with).
+        self.save_costs: list[tuple[float, float]] = []
 
     # -- where checkpoints live ----------------------------------------------------
 
@@ -145,7 +151,7 @@ class SaverulesCheckpoint(Checkpoint):
         self._last_time = None
         self._sigterm_seen = False
         if trainer.global_step > 0:
-            self._restore(decider, trainer.global_step)
+            self._restore(decider, trainer.global_step, trainer.ckpt_path)
         others = tuple(s for s in self.options["signals"] if s != "SIGTERM")
         if decider.watches_signals and others:
             self._signals.install(others)
@@ -159,9 +165,9 @@ class SaverulesCheckpoint(Checkpoint):
             raise RuntimeError("saverules: SaverulesCheckpoint has no directory yet: it is set when training starts")
         return self.dirpath
 
-    def _restore(self, decider: Decider | SyncedDecider, step: int) -> None:
+    def _restore(self, decider: Decider | SyncedDecider, step: int, ckpt_path: str | None) -> None:
         data, self._restored = self._restored, None
-        clock = restore_state(decider, data, step, _OWNER)
+        clock, self.save_costs = resume_costs(decider, data, step, _OWNER, ckpt_path)
         self._clock.restore(clock)
         self._last_time = clock
 
@@ -250,6 +256,19 @@ class SaverulesCheckpoint(Checkpoint):
         return metrics
 
     def _save(self, trainer, progress: Progress, reasons) -> None:
+        """Save through ``trainer.save_checkpoint`` and time the whole stall: the write, its fsync and
+        rename, the manifest and retention (every rank reports its own; the deciders plan with rank 0's)."""
+        self._timer.start()
+        path = self._write(trainer, progress, reasons)
+        seconds = self._timer.stop()
+        if seconds is None or self._decider is None:
+            return
+        self.save_costs = note_cost(self._decider, self.save_costs, seconds)
+        if path is not None:
+            fm.record_save_costs(path, self.save_costs)
+
+    def _write(self, trainer, progress: Progress, reasons) -> Path | None:
+        """Write the checkpoint of ``progress``; its path on the writing process, None elsewhere."""
         step = progress.step
         self._last_time = progress.time
         directory = Path(self._directory())
@@ -272,7 +291,7 @@ class SaverulesCheckpoint(Checkpoint):
             raise
         self.saved_steps.append(step)
         if not trainer.is_global_zero:
-            return
+            return None
         fs.fsync_file(str(tmp))
         os.replace(tmp, final)
         fs.fsync_dir(str(directory))
@@ -285,3 +304,4 @@ class SaverulesCheckpoint(Checkpoint):
         for info, why in fm.apply_retention(directory, self.policy, "lightning", final, (), self._warned):
             self.removed.append(info.name)
             say(f"removed {info.name} (step {info.step}): {why}")
+        return final

@@ -17,9 +17,9 @@ retention never deletes it.
 The manifest uses the field names of the checkpoint store's ``manifest.json``
 (``step``, ``epoch``, ``time``, ``utc``, ``reasons``, ``metrics``, ``final``,
 ``policy_digest``, ``files`` with ``size`` and ``sha256``) under its own
-``format`` name, plus ``save_seconds``, what the save stalled training (added
-once the save has ended; the ``adaptive`` rule plans from it), so ``python -m saverules.ls DIR`` lists and verifies both
-kinds.  This module is pure Python: listing never imports torch.
+``format`` name, so ``python -m saverules.ls DIR`` lists and verifies both
+kinds.  Once the save has ended the callback adds ``save_costs``: the latest
+measured save costs, this save's last, which the ``adaptive`` rule plans from.  This module is pure Python: listing never imports torch.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ __all__ = [
     "FORMAT_NAME", "FORMAT_VERSION", "DIR_MANIFEST", "SIDECAR_SUFFIX",
     "FrameworkCheckpoint", "ManifestWarning", "write_manifest", "manifest_path", "inspect", "list_checkpoints",
     "is_framework_dir", "last_good", "retention_plan", "apply_retention", "remove", "clean_metrics",
-    "update_metrics", "record_save_seconds", "save_seconds_of",
+    "update_metrics", "record_save_costs", "save_costs_of",
 ]
 
 FORMAT_NAME = "saverules-framework-checkpoint"
@@ -205,30 +205,34 @@ def update_metrics(checkpoint: str | os.PathLike, metrics: Mapping[str, Any]) ->
     return _update(checkpoint, add)
 
 
-def record_save_seconds(checkpoint: str | os.PathLike, seconds: float) -> bool:
-    """Record in a checkpoint's manifest what its save stalled training (``save_seconds``), once measured.
+def record_save_costs(checkpoint: str | os.PathLike, costs: Sequence[tuple[float, float]]) -> bool:
+    """Record in a checkpoint's manifest the latest save costs, its own last (``save_costs``).
 
-    A save is timed to its very end, after the manifest went in, so the time is added
-    afterwards; a resume from this checkpoint reports it to the decider (the callback's
-    state, written inside the save, holds the costs of the saves before it).
+    Each cost is ``[stall_seconds, write_seconds]`` as the callback reported it to the
+    decider (:meth:`~saverules.engine.decider.Decider.note_cost`).  A save is timed to
+    its very end, after its manifest went in, so the costs are added afterwards; the
+    callback's state inside the checkpoint was written during the save and holds only
+    the costs before it.  A resume from this checkpoint plans with these.
     """
     def add(doc: dict[str, Any]) -> bool:
-        doc["save_seconds"] = float(seconds)
+        doc["save_costs"] = [[float(stall), float(write)] for stall, write in costs]
         return True
 
     return _update(checkpoint, add)
 
 
-def save_seconds_of(checkpoint: str | os.PathLike, step: int) -> float | None:
-    """The ``save_seconds`` recorded for the save of ``step`` at ``checkpoint``; None when there is none."""
+def save_costs_of(checkpoint: str | os.PathLike, step: int,
+                  time: float | None = None) -> list[tuple[float, float]] | None:
+    """The ``save_costs`` recorded for the save of ``step`` (at the training clock ``time``, when
+    given) at ``checkpoint``; None when its manifest is missing, of another save, or has none."""
     try:
         doc = _read(manifest_path(checkpoint))
     except (Invalid, OSError):
         return None
-    if doc.get("step") != step:
+    if doc.get("step") != step or (time is not None and doc.get("time") is not None and doc["time"] != time):
         return None
-    value = doc.get("save_seconds")
-    return float(value) if value is not None else None
+    costs = doc.get("save_costs")
+    return None if costs is None else [(float(c), float(w)) for c, w in costs]
 
 
 # -- reading -------------------------------------------------------------------
@@ -258,9 +262,11 @@ def _check(doc: Any, name: str) -> dict[str, Any]:
         datetime.fromisoformat(utc)
     except (TypeError, ValueError):
         raise Invalid(f"{name} has no valid utc time") from None
-    cost = doc.get("save_seconds")
-    if cost is not None and (type(cost) not in (int, float) or not math.isfinite(cost) or cost < 0):
-        raise Invalid(f"{name} has an invalid save_seconds")
+    costs = doc.get("save_costs")
+    if costs is not None and not (isinstance(costs, list) and all(
+            isinstance(c, list) and len(c) == 2
+            and all(type(v) in (int, float) and math.isfinite(v) and v >= 0 for v in c) for c in costs)):
+        raise Invalid(f"{name} has invalid save_costs")
     metrics = doc.get("metrics")
     if metrics is not None and not (
         isinstance(metrics, dict) and all(isinstance(k, str) and type(v) in (int, float) for k, v in metrics.items())

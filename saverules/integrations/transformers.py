@@ -37,12 +37,14 @@ from . import manifest as fm
 from .common import (
     COMMON_OPTIONS,
     ConflictingSettingsError,
+    SaveTimer,
     SignalFlags,
     TrainingClock,
     agreed_signals,
     check_callback_options,
     describe,
-    restore_state,
+    note_cost,
+    resume_costs,
     say,
 )
 
@@ -150,6 +152,10 @@ class SaverulesCallback(TrainerCallback, ExportableState):
         self._step_metrics: dict[str, float] = {}
         self._pending: tuple | None = None  # (step, reasons, time) of the save the trainer is about to write
         self._last_time: float | None = None  # the clock at the latest decided save
+        self._timer = SaveTimer()  # what the save the callback asked for stalls training
+        #: The latest save costs this process measured, ``(stall, write)`` seconds, newest last (rank 0's
+        #: are the ones every rank's decider plans with).
+        self.save_costs: list[tuple[float, float]] = []
         #: Steps this process saved, in order.
         self.saved_steps: list = []
         #: Checkpoint directories removed by retention in this process.
@@ -227,19 +233,20 @@ class SaverulesCallback(TrainerCallback, ExportableState):
         self._clock.restore(0.0)
         self._last_time = None
         if state.global_step > 0:
-            self._restore(decider, state)
+            self._restore(decider, args, state)
         if decider.watches_signals and self.options["signals"]:
             self._signals.install(self.options["signals"])
         if args.should_save:
             os.makedirs(args.output_dir, exist_ok=True)
             write_policy_file(Path(args.output_dir), self.policy)
 
-    def _restore(self, decider: Decider | SyncedDecider, state) -> None:
+    def _restore(self, decider: Decider | SyncedDecider, args, state) -> None:
         saved = (state.stateful_callbacks or {}).get(type(self).__name__)
         if isinstance(saved, list):
             saved = saved[0] if saved else None
         data = (saved or {}).get("attributes", {}).get("saverules_state") if isinstance(saved, dict) else None
-        clock = restore_state(decider, data, state.global_step, _OWNER)
+        path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        clock, self.save_costs = resume_costs(decider, data, state.global_step, _OWNER, path)
         self._clock.restore(clock)
         self._last_time = clock
 
@@ -249,6 +256,8 @@ class SaverulesCallback(TrainerCallback, ExportableState):
             return
         decision = decider(progress)
         if decision:
+            if not control.should_save:  # the first request at this step: the stall starts here
+                self._timer.start()
             control.should_save = True
             self._pending = (progress.step, decision.reasons, progress.time)
             self._last_time = progress.time
@@ -280,6 +289,11 @@ class SaverulesCallback(TrainerCallback, ExportableState):
             self._decide(Progress(p.step, p.total_steps, p.epoch, p.epoch_end, p.is_last, p.time,
                                   dict(self._step_metrics), False), control)
 
+    def on_evaluate(self, args, state, control, **kwargs):
+        if control.should_save and self._timer.started is not None:
+            # the Trainer evaluates at a step before it saves it: the save's stall starts after the evaluation
+            self._timer.start()
+
     # -- after the trainer wrote a checkpoint -------------------------------------
 
     def on_save(self, args, state, control, **kwargs):
@@ -294,10 +308,19 @@ class SaverulesCallback(TrainerCallback, ExportableState):
         self.saved_steps.append(step)
         if args.world_size > 1:
             _barrier()  # every rank has written its part (its rng_state_R.pth) before the manifest lists the files
-        if not args.should_save:
-            return
-        say(describe(step, reasons))
         path = os.path.join(args.output_dir, f"checkpoint-{step}")
+        if args.should_save:
+            self._describe(args, state, path, step, reasons, clock)
+        seconds = self._timer.stop()
+        if seconds is not None and self._decider is not None:
+            # every rank reports its own; under DDP the deciders plan with rank 0's (SyncedDecider.note_cost)
+            self.save_costs = note_cost(self._decider, self.save_costs, seconds)
+            if args.should_save:
+                fm.record_save_costs(path, self.save_costs)
+
+    def _describe(self, args, state, path: str, step: int, reasons: tuple[str, ...], clock: float | None) -> None:
+        """On the writing process: the manifest, last, then the policy's retention."""
+        say(describe(step, reasons))
         epoch, _ = _epoch(state.epoch)
         fm.write_manifest(
             path, framework="transformers", step=step, epoch=epoch, time=clock, reasons=reasons,
