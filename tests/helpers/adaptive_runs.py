@@ -24,7 +24,7 @@ POLICY = 'version = 1\n[[rules]]\nkind = "adaptive"\nmax_overhead = "50%"\nmin_e
 MIN_EVERY = 0.1
 MAX_OVERHEAD = 0.5
 #: rank 0's model sleeps this long in the i-th save of a run: the third save costs far more
-SLEEPS = (0.1, 0.1, 0.9)
+SLEEPS = (0.1, 0.1, 1.5)
 
 
 def interval(costs) -> float:
