@@ -4,7 +4,9 @@ The measured loop is the shape a training loop has::
 
     decide(Progress(step, total_steps=total, time=t, signal=flag))
 
-so the figure includes building the Progress.  It is compared, in the same
+so the figure includes building the Progress.  The fields call
+``decider.decide(step, total_steps=total, time=t, signal=flag)`` decides the
+same without building a Progress on a quiet step.  Both are compared, in the same
 run, with an empty loop and with the hand-written check that the engine
 replaces (``if step % every == 0 or step == total``), and with Hugging Face's
 per-step check (``DefaultFlowCallback.on_step_end``) when transformers is
@@ -126,6 +128,14 @@ def _engine(n, decide, total, t, flag):
     return (time.perf_counter() - t0) / n
 
 
+def _engine_fields(n, decider, total, t, flag):
+    """The fields call, as a loop writes it (the method looked up at every step, as HF's hook is)."""
+    t0 = time.perf_counter()
+    for step in range(1, n + 1):
+        decider.decide(step, total_steps=total, time=t, signal=flag)
+    return (time.perf_counter() - t0) / n
+
+
 def _saves(decide, n, total, t, flag) -> int:
     return sum(1 for step in range(1, n + 1) if decide(Progress(step, total_steps=total, time=t, signal=flag)))
 
@@ -142,6 +152,11 @@ def run(quick: bool = False) -> list:
     assert _saves(default.compile(TOTAL), n, TOTAL, t, False) == 0
     assert _saves(preempt.compile(TOTAL), n, TOTAL, t, False) == 0
     assert _saves(default.compile(TOTAL), n_fire, TOTAL, t, "SIGUSR1") == n_fire
+    for flag, count in ((False, n_fire), ("SIGUSR1", n_fire)):  # the fields call decides the same
+        fields = default.compile(TOTAL)
+        calls = default.compile(TOTAL)
+        assert [fields.decide(s, total_steps=TOTAL, time=t, signal=flag) for s in range(1, count + 1)] == \
+            [calls(Progress(s, total_steps=TOTAL, time=t, signal=flag)) for s in range(1, count + 1)]
 
     quiet_p = Progress(1, total_steps=TOTAL, time=t, signal=False)
     hf = _hf_flow(n, every, TOTAL)
@@ -153,6 +168,8 @@ def run(quick: bool = False) -> list:
         "call": lambda: _call_only(n, default.compile(TOTAL), quiet_p),
         "quiet": lambda: _engine(n, default.compile(TOTAL), TOTAL, t, False),
         "quiet_positional": lambda: _engine_positional(n, default.compile(TOTAL), TOTAL, t, False),
+        "fields": lambda: _engine_fields(n, default.compile(TOTAL), TOTAL, t, False),
+        "fields_time": lambda: _engine_fields(n, preempt.compile(TOTAL), TOTAL, t, False),
         "quiet_time": lambda: _engine(n, preempt.compile(TOTAL), TOTAL, t, False),
         "fire": lambda: _engine(n_fire, default.compile(TOTAL), TOTAL, t, "SIGUSR1"),
     }
@@ -203,11 +220,34 @@ def run(quick: bool = False) -> list:
             ratio=gross_ratio("quiet_time"), vs="inline check, whole loop",
             note="includes building the Progress; net of the empty loop", samples=ns["quiet_time"]),
     ]
+    rows += [
+        Row(NAME, "default.toml, fields call decider.decide(step, ...), no rule fires", net("fields"), "ns/step",
+            ratio=gross_ratio("fields"), vs="inline check, whole loop",
+            note="decide(step, total_steps=total, time=t, signal=flag): the same decision, no Progress built on a "
+                 "quiet step; net of the empty loop", samples=ns["fields"]),
+        Row(NAME, "preemptible.toml (time rule), fields call, no rule fires", net("fields_time"), "ns/step",
+            ratio=gross_ratio("fields_time"), vs="inline check, whole loop",
+            note="net of the empty loop", samples=ns["fields_time"]),
+    ]
     if hf is not None:
         rows.append(Row(NAME, "peer: transformers DefaultFlowCallback.on_step_end", net("hf"), "ns/step",
                         ratio=gross_ratio("hf"), vs="inline check, whole loop",
                         note="Hugging Face Trainer's per-step save/log/eval check, save_steps as the inline check; "
                              "no record built; net of the empty loop", samples=ns["hf"]))
+        hf_net = net("hf")
+        if hf_net > 0:
+            fields_vs_hf = net("fields") / hf_net
+            rows += [
+                Row(NAME, "common path, fields call, against HF's on_step_end", fields_vs_hf, "x",
+                    goal="<= 1x", met=fields_vs_hf <= 1.0,
+                    note=f"{net('fields'):.0f} ns against {hf_net:.0f} ns a step, both net of the empty loop, "
+                         "same run", samples=[(f - e) / (h - e) for f, h, e in zip(ns["fields"], ns["hf"], ns["empty"])
+                                              if h > e]),
+                Row(NAME, "common path, Progress built, against HF's on_step_end", quiet_net / hf_net, "x",
+                    note=f"{quiet_net:.0f} ns against {hf_net:.0f} ns a step, both net of the empty loop, same run; "
+                         "Progress(...) then decider(p)",
+                    samples=[(q - e) / (h - e) for q, h, e in zip(ns["quiet"], ns["hf"], ns["empty"]) if h > e]),
+            ]
     rows.append(Row(NAME, "default.toml, a rule fires (on_signal)", net("fire"), "ns/step",
                     ratio=net("fire") / quiet_net if quiet_net > 0 else None, vs="common path",
                     note="the full evaluation, taken only on steps that save; net of the empty loop",

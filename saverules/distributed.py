@@ -264,6 +264,13 @@ class SyncedDecider:
         if max_interval is not None and (not isinstance(max_interval, int) or max_interval < 1):
             raise ValueError(f"max_interval must be a positive integer or None, got {max_interval!r}")
         self.inner = decider
+        inner_decide = getattr(decider, "decide", None)
+        if inner_decide is None:  # a decider of the caller's own, without the fields call
+
+            def inner_decide(*fields: Any) -> Decision:
+                return decider(Progress(*fields))
+
+        self._inner_decide = inner_decide
         self.group = group
         self.sync_seconds = float(sync_seconds)
         self.max_interval = max_interval
@@ -386,6 +393,40 @@ class SyncedDecider:
                 sig,
             )
         )
+
+    def decide(
+        self,
+        step: int,
+        total_steps: int | None = None,
+        epoch: int = 0,
+        epoch_end: bool = False,
+        is_last: bool | None = None,
+        time: float | None = None,
+        metrics: Mapping[str, float] | None = None,
+        signal: Any = False,
+    ) -> Decision:
+        """``self(Progress(step, total_steps, ...))`` without building a Progress between sync steps.
+
+        The same decision, on every rank, as the call with a Progress (see
+        :meth:`saverules.engine.decider.Decider.decide`): a sync step, a signal
+        or any value a Progress would convert or refuse takes that call.
+        """
+        if self.deterministic and signal is False:
+            self.last_signal = False
+            self.last_signals = ()
+            return self._inner_decide(step, total_steps, epoch, epoch_end, is_last, time, metrics, False)
+        nxt = self._next_sync
+        if (
+            not self.deterministic and nxt is not None and type(step) is int and step < nxt
+            and (signal is False or signal is None) and metrics is None and is_last is not True
+            and (total_steps is None or type(total_steps) is int and step < total_steps)
+            and (time is None or type(time) is float and time - time == 0.0)
+        ):
+            # between sync steps: the inner decider sees rank 0's clock of the last sync, no signal, no metrics
+            self.last_signal = False
+            self.last_signals = ()
+            return self._inner_decide(step, total_steps, epoch, epoch_end, is_last, self._synced_time, None, False)
+        return self(Progress(step, total_steps, epoch, epoch_end, is_last, time, metrics, signal))
 
     def note_save(self, step: int, time: float | None = None) -> None:
         """Tell the decider about a save it did not decide.

@@ -91,6 +91,29 @@ class Decider:
     def __call__(self, progress) -> Decision:  # replaced by a specialised version
         return self._decide(progress)
 
+    def decide(
+        self,
+        step: int,
+        total_steps: int | None = None,
+        epoch: int = 0,
+        epoch_end: bool = False,
+        is_last: bool | None = None,
+        time: float | None = None,
+        metrics=None,
+        signal=False,
+    ) -> Decision:  # replaced by a specialised version
+        """``decider(Progress(step, total_steps, ...))`` without building the Progress on a quiet step.
+
+        The arguments are a :class:`~saverules.engine.progress.Progress`'s
+        fields, in its order and with its defaults, and the decision is the
+        same in every case.  On the common path (nothing this policy reacts to
+        happened, the step below :attr:`next_step`, the clock below
+        :attr:`next_time`, every value of the exact type a Progress stores)
+        it answers from the arguments themselves; anything else builds the
+        Progress, whose checks raise as they would for the caller's own.
+        """
+        return self(Progress(step, total_steps, epoch, epoch_end, is_last, time, metrics, signal))
+
     def _decide(self, p) -> Decision:
         if type(p) is not Progress:
             p = _as_progress(p)
@@ -513,13 +536,62 @@ def _specialised(events: frozenset) -> type:
         "        return NO_SAVE\n"
         "    return self._decide(p)\n"
     )
+    source += _fields_source(events)
     namespace = {"NO_SAVE": NO_SAVE, "Progress": Progress}
     exec(compile(source, f"<saverules quiet path {sorted(events)}>", "exec"), namespace)
     attributes = {
-        "__call__": namespace["__call__"], "__module__": __name__, "_quiet_source": source, "reacts_to": events,
+        "__call__": namespace["__call__"], "decide": namespace["decide"], "__doc__": Decider.__doc__,
+        "__module__": __name__, "_quiet_source": source, "reacts_to": events,
         "watches_last": LAST in events, "watches_signals": SIGNAL in events, "watches_epochs": EPOCH_END in events,
         "watches_time": CLOCK in events, "watches_metrics": METRICS in events,
     }
     cls = type("Decider", (Decider,), attributes)
     _CLASSES[events] = cls
     return cls
+
+
+#: event -> the fields call's test that its arguments do not carry it; with the tests of
+#: Progress's own inline check, so that a quiet answer is one the Progress would have passed
+_QUIET_FIELDS = {
+    LAST: "(is_last is None or is_last is False)",
+    SIGNAL: "signal is False",
+    EPOCH_END: "epoch_end is False",
+    METRICS: "metrics is None",
+    CLOCK: "(time is None or type(time) is float and time - time == 0.0 and self._time <= time < self._next_time)",
+}
+#: the same fields' tests for a policy that does not react to the event: Progress's inline check alone
+_VALID_FIELDS = {
+    LAST: "(is_last is None or is_last is True or is_last is False)",
+    SIGNAL: "(signal is False or signal is True)",
+    EPOCH_END: "(epoch_end is False or epoch_end is True)",
+    METRICS: "metrics is None",
+    CLOCK: "(time is None or type(time) is float and time - time == 0.0 and self._time <= time)",
+}
+assert set(_QUIET_FIELDS) == set(_VALID_FIELDS) == set(EVENTS), "an event without its fields test"
+
+
+def _fields_source(events: frozenset) -> str:
+    """The source of ``decide(step, ...)``: the quiet path's tests on the arguments themselves.
+
+    Every test is one Progress's constructor passes without converting (so the
+    arguments are what the Progress would hold) joined with the quiet path's
+    test of ``__call__`` for the same event; anything else builds the Progress
+    and takes ``__call__``.
+    """
+    checks = [
+        "type(step) is int", "0 < step", "self._prev <= step < self._next_step",
+        "(total_steps is None or total_steps == self._total and type(total_steps) is int)",
+        "type(epoch) is int", "epoch >= 0",
+    ]
+    checks += [(_QUIET_FIELDS if event in events else _VALID_FIELDS)[event] for event in EVENTS]
+    return (
+        "\n"
+        "def decide(self, step, total_steps=None, epoch=0, epoch_end=False, is_last=None, time=None, "
+        "metrics=None, signal=False):\n"
+        f"    if {' and '.join(checks)}:\n"
+        "        self._prev = step\n"
+        "        if time is not None:\n"
+        "            self._time = time\n"
+        "        return NO_SAVE\n"
+        "    return self(Progress(step, total_steps, epoch, epoch_end, is_last, time, metrics, signal))\n"
+    )

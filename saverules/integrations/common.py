@@ -21,8 +21,6 @@ import time as _time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from ..engine.progress import Progress
-
 if TYPE_CHECKING:
     from ..distributed import SyncedDecider
     from ..engine.decider import Decider
@@ -184,13 +182,13 @@ def note_cost(decider: Decider | SyncedDecider, costs: list[tuple[float, float]]
     return (costs + [(seconds, seconds)])[-COST_WINDOW:]
 
 
-def agreed_signals(decider: Decider | SyncedDecider, progress: Progress) -> tuple[Any, ...]:
-    """The signals the latest decision saw: every rank's under DDP, this process's own otherwise."""
+def agreed_signals(decider: Decider | SyncedDecider, signal: Any) -> tuple[Any, ...]:
+    """The signals the latest decision saw: every rank's under DDP, else this process's own ``signal``."""
     from ..distributed import SyncedDecider
 
     if isinstance(decider, SyncedDecider):
         return decider.last_signals
-    return (progress.signal,) if progress.signal not in (False, None, 0) else ()
+    return (signal,) if signal not in (False, None, 0) else ()
 
 
 class SaveTimer:

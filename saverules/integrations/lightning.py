@@ -186,6 +186,10 @@ class SaverulesCheckpoint(Checkpoint):
     # -- deciding -----------------------------------------------------------------------
 
     def _progress(self, trainer, *, epoch_end: bool = False, metrics=None, last: bool = False) -> Progress:
+        return Progress(*self._fields(trainer, epoch_end=epoch_end, metrics=metrics, last=last))
+
+    def _fields(self, trainer, *, epoch_end: bool = False, metrics=None, last: bool = False) -> tuple:
+        """The fields of this step's Progress, in its order (the decider's fields call takes them as they are)."""
         step = trainer.global_step
         total = self._total(trainer)
         epoch = trainer.current_epoch
@@ -196,8 +200,7 @@ class SaverulesCheckpoint(Checkpoint):
         if trainer.received_sigterm and not self._sigterm_seen:
             self._sigterm_seen = True
             signal = "SIGTERM"
-        return Progress(step, total_steps=total, epoch=epoch, epoch_end=bool(epoch_end), is_last=bool(is_last),
-                        time=self._clock.now(), metrics=metrics or None, signal=signal)
+        return (step, total, epoch, bool(epoch_end), bool(is_last), self._clock.now(), metrics or None, signal)
 
     def _decide(self, trainer, progress: Progress) -> None:
         if self._decider is None:
@@ -212,7 +215,10 @@ class SaverulesCheckpoint(Checkpoint):
         self._last_step = trainer.global_step
         loop = trainer.fit_loop.epoch_loop
         epoch_end = bool(loop.batch_progress.is_last_batch)
-        self._decide(trainer, self._progress(trainer, epoch_end=epoch_end))
+        fields = self._fields(trainer, epoch_end=epoch_end)
+        decision = self._decider.decide(*fields)  # the fields call: no Progress built on a quiet step
+        if decision:
+            self._save(trainer, Progress(*fields), decision.reasons)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if self._decider is None or trainer.sanity_checking or trainer.global_step < 1:

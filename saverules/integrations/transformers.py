@@ -30,7 +30,7 @@ from transformers.trainer_callback import ExportableState
 
 from ..distributed import SyncedDecider
 from ..engine.decider import Decider
-from ..engine.progress import Progress
+from ..engine.progress import Decision, Progress
 from ..store.checkpointer import load_policy, make_decider
 from ..store.policyfile import write_policy_file
 from . import manifest as fm
@@ -149,6 +149,7 @@ class SaverulesCallback(TrainerCallback, ExportableState):
         self._clock = TrainingClock()
         self._signals = SignalFlags()
         self._step_progress: Progress | None = None
+        self._step_fields: tuple | None = None  # this step's Progress fields; the Progress is built when needed
         self._step_metrics: dict[str, float] = {}
         self._pending: tuple | None = None  # (step, reasons, time) of the save the trainer is about to write
         self._last_time: float | None = None  # the clock at the latest decided save
@@ -250,18 +251,19 @@ class SaverulesCallback(TrainerCallback, ExportableState):
         self._clock.restore(clock)
         self._last_time = clock
 
-    def _decide(self, progress: Progress, control) -> None:
+    def _decide(self, progress: Progress, control, decision: Decision | None = None) -> None:
         decider = self._decider
         if decider is None:
             return
-        decision = decider(progress)
+        if decision is None:  # given: decided by the fields call
+            decision = decider(progress)
         if decision:
             if not control.should_save:  # the first request at this step: the stall starts here
                 self._timer.start()
             control.should_save = True
             self._pending = (progress.step, decision.reasons, progress.time)
             self._last_time = progress.time
-        if self.options["stop_on_sigterm"] and "SIGTERM" in agreed_signals(decider, progress):
+        if self.options["stop_on_sigterm"] and "SIGTERM" in agreed_signals(decider, progress.signal):
             control.should_training_stop = True
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -269,15 +271,28 @@ class SaverulesCallback(TrainerCallback, ExportableState):
         epoch, epoch_end = _epoch(state.epoch)
         total = state.max_steps or None
         self._step_metrics = {}
-        self._step_progress = Progress(
-            step, total_steps=total, epoch=epoch, epoch_end=epoch_end,
-            is_last=bool(total is not None and step >= total), time=self._clock.now(),
-            signal=self._signals.take(),
-        )
-        self._decide(self._step_progress, control)
+        signal = self._signals.take()
+        self._step_fields = (step, total, epoch, epoch_end, bool(total is not None and step >= total),
+                             self._clock.now(), None, signal)
+        self._step_progress = None
+        decider = self._decider
+        if decider is None:
+            return
+        # the fields call decides without building a Progress on a quiet step (docs/performance.md)
+        decision = decider.decide(*self._step_fields)
+        if decision or agreed_signals(decider, signal):
+            progress = self._progress_of_step()
+            if progress is not None:
+                self._decide(progress, control, decision)
+
+    def _progress_of_step(self) -> Progress | None:
+        """This step's Progress, built from its fields the first time it is needed."""
+        if self._step_progress is None and self._step_fields is not None:
+            self._step_progress = Progress(*self._step_fields)
+        return self._step_progress
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        p = self._step_progress
+        p = self._progress_of_step()
         if self._decider is None or p is None or state.global_step != p.step or not logs or "train_runtime" in logs:
             return
         self._step_metrics.update(fm.clean_metrics({k: v for k, v in logs.items() if k not in _NOT_METRICS}))

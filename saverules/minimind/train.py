@@ -7,8 +7,8 @@
 
 The loop reads top to bottom: arguments, process group, data, model,
 optimizer, checkpointer, resume, train, summary.  It has no save condition of
-its own: after every optimizer step it hands a Progress to
-``Checkpointer.step`` and the policy in ``--rules`` decides.  See
+its own: after every optimizer step it hands the step's progress to
+``Checkpointer.step_at`` and the policy in ``--rules`` decides.  See
 docs/training.md.
 """
 from __future__ import annotations
@@ -220,7 +220,6 @@ def train(args: argparse.Namespace, *, clock: Callable[[], float] | None = None,
         raise UsageError(f"the training loop needs torch and tqdm ({e}); pip install 'saverules[torch]'") from None
 
     import saverules
-    from saverules import Progress
     from saverules.minimind.data import (
         PretrainDataset,
         ResumableSampler,
@@ -524,7 +523,9 @@ def train(args: argparse.Namespace, *, clock: Callable[[], float] | None = None,
             pending["signal"] = None
 
             # -- the policy decides; this is the only place a checkpoint is written --
-            decision = ckpt.step(Progress(step, total_steps, epoch, epoch_end, is_last, clock(), metrics, sig), state)
+            # (step_at is step(Progress(...), state) without building the Progress on a quiet step)
+            decision = ckpt.step_at(step, state, total_steps=total_steps, epoch=epoch, epoch_end=epoch_end,
+                                    is_last=is_last, time=clock(), metrics=metrics, signal=sig)
 
             # Under DDP the decider reports the signals every rank agreed on (at a sync step);
             # stopping on those, not on this rank's own, makes all ranks stop at the same step.

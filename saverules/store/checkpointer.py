@@ -232,6 +232,33 @@ class Checkpointer:
             self._save(progress, state, tuple(decision.reasons))
         return decision
 
+    def step_at(
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        *,
+        total_steps: int | None = None,
+        epoch: int = 0,
+        epoch_end: bool = False,
+        is_last: bool | None = None,
+        time: float | None = None,
+        metrics: Mapping[str, float] | None = None,
+        signal: Any = False,
+    ) -> Decision:
+        """``step(Progress(step, total_steps=..., ...), state)``, without building the Progress on a quiet step.
+
+        The keywords are the fields of a :class:`Progress`, with its defaults;
+        the decision, the save and every check are the same as :meth:`step`'s
+        (the decider's ``decide``, see docs/performance.md).
+        """
+        self._check_open("step")
+        self._collect(block=False)
+        decision = self.decider.decide(step, total_steps, epoch, epoch_end, is_last, time, metrics, signal)
+        if decision.save:
+            progress = Progress(step, total_steps, epoch, epoch_end, is_last, time, metrics, signal)
+            self._save(progress, state, tuple(decision.reasons))
+        return decision
+
     def save(self, progress: Progress, state: Mapping[str, Any], reason: str = "manual") -> Decision:
         """Save now, whatever the policy says; the decider is told (time rules measure from here)."""
         if not isinstance(reason, str) or not reason:
