@@ -140,10 +140,10 @@ def test_note_cost_refuses_what_is_not_a_duration():
     assert decider.save_cost == (2.0, 2.0)
 
 
-def test_adaptive_rules_are_refused_under_ddp_rather_than_left_to_diverge():
+def test_adaptive_rules_are_taken_under_ddp_where_rank_0s_cost_rides_in_the_syncs():
     policy = saverules.loads('version = 1\n[[rules]]\nkind = "adaptive"\nmtbf = "1h"\n')
-    with pytest.raises(ValueError, match="not supported under DDP"):
-        SyncedDecider(policy.compile(), rank=0, world_size=2)
+    synced = SyncedDecider(policy.compile(), rank=0, world_size=2)  # no longer refused (issue 19)
+    assert not synced.deterministic  # a clock rule: the ranks agree at sync steps, where the costs ride
     SyncedDecider(policy.compile(), rank=0, world_size=1)  # one process: nothing to agree on
 
 
