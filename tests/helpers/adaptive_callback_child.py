@@ -53,7 +53,7 @@ def result(out: str, rank: int, cb, extra: dict) -> None:
     decider = cb._decider
     data = {"saved": cb.saved_steps, "save_costs": [list(c) for c in cb.save_costs],
             "decider_costs": None if decider is None else decider.state_dict().get("costs"),
-            "collectives": getattr(decider, "collectives", None), **extra}
+            "collectives": getattr(decider, "collectives", None), "syncs": getattr(decider, "syncs", None), **extra}
     with open(os.path.join(out, f"result-rank{rank}.json"), "w") as f:
         json.dump(data, f)
 

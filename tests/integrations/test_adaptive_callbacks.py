@@ -13,7 +13,8 @@ costs, its own last) and each rank's result, and check that:
 - the resumed process plans with the costs of the save it resumed from, the 1.5 s one
   included (which the callback state written inside that save cannot hold), so the first
   gap after the resume follows the same interval the killed run was on;
-- under DDP, both ranks save the same steps and end with the same costs in their deciders.
+- under DDP, both ranks save the same steps and end with the same costs in their deciders,
+  and the deciders issue one collective per sync step: the costs take none of their own.
 """
 from __future__ import annotations
 
@@ -56,6 +57,8 @@ def crash_and_resume(tmp_path, framework: str, ddp: bool, slack: float) -> None:
         r1 = result(out, 1)
         assert r1["saved"] == r0["saved"]
         assert r1["decider_costs"] == r0["decider_costs"]  # rank 0's costs, agreed by every rank
+        # the costs ride in the sync steps' all-reduce: one collective a sync, none of their own
+        assert r0["collectives"] == r1["collectives"] == r0["syncs"] == r1["syncs"] > 0
 
 
 def test_hf_trainer_plans_the_adaptive_interval_from_the_measured_save_and_resumes_it(tmp_path):
