@@ -72,7 +72,7 @@ def _framework_checkpoints(root: str, args, notes: list[str]):
         return None
     if args.load:
         notes.append("--load reads the store's own state files; framework checkpoints are checked by their hashes")
-    return framework_manifest.scan(root, verify=not args.no_verify)
+    return framework_manifest.list_checkpoints(root, verify=not args.no_verify)
 
 
 def _parser() -> argparse.ArgumentParser:

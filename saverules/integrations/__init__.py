@@ -2,7 +2,8 @@
 
 * :mod:`.transformers`: ``SaverulesCallback`` (imported as ``saverules.transformers``);
 * :mod:`.lightning`: ``SaverulesCheckpoint`` (imported as ``saverules.lightning``);
-* :mod:`.common`: the parts both share (policy, decider state, signals);
+* :mod:`.common`: the parts both share (options, clock, signals, the save timer, the decider's resume);
+  the policy, the decider and its restore are the store's own;
 * :mod:`.manifest`: manifests of the trainers' own checkpoint directories.
 
 Importing this package imports neither torch nor a trainer; each callback module imports its trainer.

@@ -4,7 +4,10 @@
 trainer's hooks into one :class:`~saverules.engine.progress.Progress` per optimizer
 step.  This module holds the parts that do not depend on either framework: the
 checked keyword options, a training clock that continues across a resume,
-signal flags set by handlers, the DDP-safe decider and the save log.  It
+signal flags set by handlers, the decider's restore from a callback's state and the save log.
+The policy, the decider and its restore are the store's own
+(:func:`saverules.store.checkpointer.load_policy` and ``make_decider``,
+:func:`saverules.store.restore.restore_decider`).  It
 imports neither torch nor a framework.
 """
 from __future__ import annotations
@@ -16,9 +19,11 @@ import signal as _signal
 import sys
 import time as _time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..engine.policy import Policy
+if TYPE_CHECKING:
+    from ..distributed import SyncedDecider
+    from ..engine.decider import Decider
 
 log = logging.getLogger("saverules")
 
@@ -33,22 +38,7 @@ class ConflictingSettingsError(ValueError):
     """A trainer setting would make the trainer save or delete checkpoints on its own."""
 
 
-def load_policy(policy: Any, owner: str) -> Policy:
-    """A :class:`Policy` from a Policy or a path; anything else is a TypeError that says what to pass."""
-    if isinstance(policy, Policy):
-        return policy
-    if isinstance(policy, (str, os.PathLike)):
-        import saverules
-
-        if not os.path.exists(policy):
-            raise FileNotFoundError(f"{owner}: policy file {os.fspath(policy)} does not exist")
-        return saverules.load(policy)
-    raise TypeError(
-        f"{owner}(policy=...) takes a saverules.Policy or the path of a policy file, got {type(policy).__name__}"
-    )
-
-
-def check_options(owner: str, options: Mapping[str, Any], allowed: Mapping[str, Any]) -> dict[str, Any]:
+def check_callback_options(owner: str, options: Mapping[str, Any], allowed: Mapping[str, Any]) -> dict[str, Any]:
     """Validate keyword options against ``allowed`` (name -> default); unknown names and bad values raise."""
     unknown = sorted(set(options) - set(allowed))
     if unknown:
@@ -147,47 +137,77 @@ class SignalFlags:
         self._previous = {}
 
 
-def make_decider(policy: Policy, total_steps: int | None, sync_seconds: float, metrics_synced: bool,
-                 sync_signals: bool = False):
-    """The compiled policy wrapped in a :class:`~saverules.distributed.SyncedDecider`.
+def resume_costs(decider: Decider | SyncedDecider, data: Mapping[str, Any] | None, step: int, owner: str,
+                 checkpoint: str | os.PathLike | None) -> tuple[float | None, list[tuple[float, float]]]:
+    """Restore ``decider`` from the callback state saved at ``step``: the training clock at that
+    save and the save costs it plans with.
 
-    In one process, or for a policy that reads only steps and epochs, the
-    wrapper issues no collective at all.
+    ``data`` is what the callback saved inside the checkpoint (``decider``, ``clock``,
+    ``policy_digest``); the decider continues by the store's one rule
+    (:func:`saverules.store.restore.restore_decider`): rules that both policies hold keep
+    their state, changed and new rules start fresh from ``step``, and one warning says which.
+    That state was written during the save, before the save's own cost was known: the
+    checkpoint's manifest (``checkpoint``) records the costs up to and including it
+    (``save_costs``), and they take the place of the state's, so the resumed decider plans
+    the interval the uninterrupted one would.  Every rank reads the same manifest, beside
+    the files it resumes from.
     """
-    from ..distributed import SyncedDecider
-    from ..engine.rules import uses_cost
-
-    if any(uses_cost(rule) for rule in policy.rules):
-        # the trainer writes its own checkpoints, so no save cost reaches the decider:
-        # an adaptive rule would plan from min_every for ever
-        raise ValueError("adaptive rules need the measured save cost, which the trainer callbacks do not report "
-                         "yet: use every_time here, or saverules.torch.Checkpointer in your own loop")
-    inner = policy.compile(total_steps=total_steps)
-    return SyncedDecider(inner, sync_seconds=sync_seconds, metrics_synced=metrics_synced,
-                         sync_signals=sync_signals)
-
-
-def restore_decider(decider, data: Mapping[str, Any] | None, step: int, owner: str) -> float | None:
-    """Restore the decider from the callback state saved at ``step``; return the training clock at that save.
-
-    The decider continues by the store's one rule
-    (:func:`saverules.store.restore.restore_decider`): rules that both policies
-    hold keep their state, changed and new rules start fresh from ``step``, and
-    one warning says which.
-    """
-    from ..store.restore import restore_decider as restore
+    from ..store.restore import restore_decider
+    from . import manifest as fm
 
     clock = None
     saved = None
+    digest = None
     if data:
         raw = data.get("clock")
         clock = float(raw) if isinstance(raw, (int, float)) and math.isfinite(raw) else None
         saved = data.get("decider")
-        digest = data.get("policy_digest")
-        if isinstance(saved, dict) and saved.get("policy") is None and isinstance(digest, str):
-            saved = {**saved, "policy": digest}
-    restore(decider, saved, step, clock, f"the {owner} state in the checkpoint")
-    return clock
+        found = data.get("policy_digest")
+        digest = found if isinstance(found, str) else None
+    recorded = fm.save_costs_of(checkpoint, step, clock) if checkpoint is not None else None
+    if recorded is not None and isinstance(saved, Mapping):
+        saved = {**saved, "costs": [list(c) for c in recorded]}
+    restore_decider(decider, saved, step, clock, f"the {owner} state in the checkpoint", digest)
+    state = decider.state_dict()
+    costs = [(float(c), float(w)) for c, w in state.get("costs") or ()]
+    return clock, costs
+
+
+def note_cost(decider: Decider | SyncedDecider, costs: list[tuple[float, float]],
+              seconds: float) -> list[tuple[float, float]]:
+    """Report a synchronous save that stalled training ``seconds`` (stall = write); the latest costs, newest last."""
+    from ..engine.cost import COST_WINDOW
+
+    decider.note_cost(seconds, seconds)
+    return (costs + [(seconds, seconds)])[-COST_WINDOW:]
+
+
+def agreed_signals(decider: Decider | SyncedDecider, signal: Any) -> tuple[Any, ...]:
+    """The signals the latest decision saw: every rank's under DDP, else this process's own ``signal``."""
+    from ..distributed import SyncedDecider
+
+    if isinstance(decider, SyncedDecider):
+        return decider.last_signals
+    return (signal,) if signal not in (False, None, 0) else ()
+
+
+class SaveTimer:
+    """What one save stalls training, timed on the training thread (``time.perf_counter``).
+
+    ``start`` when the callback asks for the save (again after anything at that step
+    that is not the save, such as an evaluation), ``stop`` when the save has ended.
+    """
+
+    def __init__(self) -> None:
+        self.started: float | None = None
+
+    def start(self) -> None:
+        self.started = _time.perf_counter()
+
+    def stop(self) -> float | None:
+        """Seconds since ``start`` (None when no save was asked for); the timer is then idle."""
+        started, self.started = self.started, None
+        return None if started is None else max(0.0, _time.perf_counter() - started)
 
 
 def say(message: str) -> None:

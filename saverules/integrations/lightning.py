@@ -27,19 +27,23 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Checkpoint
 
+from ..distributed import SyncedDecider
+from ..engine.decider import Decider
 from ..engine.progress import Progress
+from ..store.checkpointer import load_policy, make_decider
 from ..store.fs import fs
+from ..store.policyfile import write_policy_file
 from . import manifest as fm
 from .common import (
     COMMON_OPTIONS,
     ConflictingSettingsError,
+    SaveTimer,
     SignalFlags,
     TrainingClock,
-    check_options,
+    check_callback_options,
     describe,
-    load_policy,
-    make_decider,
-    restore_decider,
+    note_cost,
+    resume_costs,
     say,
 )
 
@@ -69,12 +73,12 @@ class SaverulesCheckpoint(Checkpoint):
 
     def __init__(self, policy: Any = None, dirpath: str | os.PathLike | None = None, **options: Any) -> None:
         self.policy = load_policy(policy, _OWNER)
-        self.options = check_options(_OWNER, options, COMMON_OPTIONS)
+        self.options = check_callback_options(_OWNER, options, COMMON_OPTIONS)
         if dirpath is not None and not isinstance(dirpath, (str, os.PathLike)):
             raise TypeError(f"{_OWNER}(dirpath=...) takes a directory path, got {type(dirpath).__name__}")
         self._dirpath = None if dirpath is None else os.fspath(dirpath)
         self.dirpath: str | None = self._dirpath
-        self._decider: Any = None  # the run's SyncedDecider, made when training begins
+        self._decider: Decider | SyncedDecider | None = None  # made when training begins
         self._clock = TrainingClock()
         self._signals = SignalFlags()
         self._restored: dict[str, Any] | None = None
@@ -88,6 +92,10 @@ class SaverulesCheckpoint(Checkpoint):
         self.removed: list = []
         self._warned: set[str] = set()  # checkpoints that failed verification, warned about once
         self._validated: tuple[int, dict[str, float]] | None = None  # (step, metrics) of the last validation
+        self._timer = SaveTimer()  # what a save stalls training
+        #: The latest save costs this process measured, ``(stall, write)`` seconds, newest last (rank 0's
+        #: are the ones every rank's decider plans with).
+        self.save_costs: list[tuple[float, float]] = []
 
     # -- where checkpoints live ----------------------------------------------------
 
@@ -135,19 +143,21 @@ class SaverulesCheckpoint(Checkpoint):
 
     def on_train_start(self, trainer, pl_module) -> None:
         total = self._total(trainer)
-        self._decider = make_decider(self.policy, total, self.options["sync_seconds"], metrics_synced=False)
+        decider = make_decider(self.policy, total, trainer.world_size,
+                               {"sync_seconds": self.options["sync_seconds"], "metrics_synced": False})
+        self._decider = decider
         self._clock.restore(0.0)
         self._last_step = trainer.global_step
         self._last_time = None
         self._sigterm_seen = False
         if trainer.global_step > 0:
-            self._restore(trainer.global_step)
+            self._restore(decider, trainer.global_step, trainer.ckpt_path)
         others = tuple(s for s in self.options["signals"] if s != "SIGTERM")
-        if self._decider.watches_signals and others:
+        if decider.watches_signals and others:
             self._signals.install(others)
         if trainer.is_global_zero:
             os.makedirs(self._directory(), exist_ok=True)
-            fm.write_policy_file(self._directory(), self.policy)
+            write_policy_file(Path(self._directory()), self.policy)
 
     def _directory(self) -> str:
         """Where the checkpoints go: set at construction, or from the trainer's root when training starts."""
@@ -155,9 +165,9 @@ class SaverulesCheckpoint(Checkpoint):
             raise RuntimeError("saverules: SaverulesCheckpoint has no directory yet: it is set when training starts")
         return self.dirpath
 
-    def _restore(self, step: int) -> None:
+    def _restore(self, decider: Decider | SyncedDecider, step: int, ckpt_path: str | None) -> None:
         data, self._restored = self._restored, None
-        clock = restore_decider(self._decider, data, step, _OWNER)
+        clock, self.save_costs = resume_costs(decider, data, step, _OWNER, ckpt_path)
         self._clock.restore(clock)
         self._last_time = clock
 
@@ -193,6 +203,8 @@ class SaverulesCheckpoint(Checkpoint):
         return (step, total, epoch, bool(epoch_end), bool(is_last), self._clock.now(), metrics or None, signal)
 
     def _decide(self, trainer, progress: Progress) -> None:
+        if self._decider is None:
+            return
         decision = self._decider(progress)
         if decision:
             self._save(trainer, progress, decision.reasons)
@@ -250,6 +262,19 @@ class SaverulesCheckpoint(Checkpoint):
         return metrics
 
     def _save(self, trainer, progress: Progress, reasons) -> None:
+        """Save through ``trainer.save_checkpoint`` and time the whole stall: the write, its fsync and
+        rename, the manifest and retention (every rank reports its own; the deciders plan with rank 0's)."""
+        self._timer.start()
+        path = self._write(trainer, progress, reasons)
+        seconds = self._timer.stop()
+        if seconds is None or self._decider is None:
+            return
+        self.save_costs = note_cost(self._decider, self.save_costs, seconds)
+        if path is not None:
+            fm.record_save_costs(path, self.save_costs)
+
+    def _write(self, trainer, progress: Progress, reasons) -> Path | None:
+        """Write the checkpoint of ``progress``; its path on the writing process, None elsewhere."""
         step = progress.step
         self._last_time = progress.time
         directory = Path(self._directory())
@@ -272,8 +297,8 @@ class SaverulesCheckpoint(Checkpoint):
             raise
         self.saved_steps.append(step)
         if not trainer.is_global_zero:
-            return
-        fm.fsync_file(tmp)
+            return None
+        fs.fsync_file(str(tmp))
         os.replace(tmp, final)
         fs.fsync_dir(str(directory))
         self._saved_file = (step, final)
@@ -282,6 +307,7 @@ class SaverulesCheckpoint(Checkpoint):
                           reasons=reasons, metrics=metrics, final="final" in reasons or bool(progress.is_last),
                           policy_digest=self.policy.digest)
         say(describe(step, reasons) + f" -> {final}")
-        for info, why in fm.retain(directory, self.policy, "lightning", (), self._warned):
+        for info, why in fm.apply_retention(directory, self.policy, "lightning", final, (), self._warned):
             self.removed.append(info.name)
             say(f"removed {info.name} (step {info.step}): {why}")
+        return final

@@ -18,7 +18,8 @@ The manifest uses the field names of the checkpoint store's ``manifest.json``
 (``step``, ``epoch``, ``time``, ``utc``, ``reasons``, ``metrics``, ``final``,
 ``policy_digest``, ``files`` with ``size`` and ``sha256``) under its own
 ``format`` name, so ``python -m saverules.ls DIR`` lists and verifies both
-kinds.  This module is pure Python: listing never imports torch.
+kinds.  Once the save has ended the callback adds ``save_costs``: the latest
+measured save costs, this save's last, which the ``adaptive`` rule plans from.  This module is pure Python: listing never imports torch.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -36,19 +37,20 @@ from typing import Any
 from ..store.digest import hash_file
 from ..store.fs import fs
 from ..store.manifest import CheckpointInfo, Invalid, read_json
+from ..store.retain import plan
+from ..store.verify import scan
 
 __all__ = [
-    "FORMAT_NAME", "FORMAT_VERSION", "DIR_MANIFEST", "SIDECAR_SUFFIX", "POLICY_FILE",
-    "FrameworkCheckpoint", "ManifestWarning", "write_manifest", "manifest_path", "inspect", "scan",
-    "is_framework_dir", "last_good", "retention_plan", "remove", "write_policy_file", "clean_metrics",
-    "update_metrics",
+    "FORMAT_NAME", "FORMAT_VERSION", "DIR_MANIFEST", "SIDECAR_SUFFIX",
+    "FrameworkCheckpoint", "ManifestWarning", "write_manifest", "manifest_path", "inspect", "list_checkpoints",
+    "is_framework_dir", "last_good", "retention_plan", "apply_retention", "remove", "clean_metrics",
+    "update_metrics", "record_save_costs", "save_costs_of",
 ]
 
 FORMAT_NAME = "saverules-framework-checkpoint"
 FORMAT_VERSION = 1
 DIR_MANIFEST = "saverules-manifest.json"
 SIDECAR_SUFFIX = ".saverules-manifest.json"
-POLICY_FILE = "policy.toml"  # the same name the checkpoint store uses
 STORE_MANIFEST = "manifest.json"  # the checkpoint store's own manifest (saverules.store)
 FRAMEWORKS = ("transformers", "lightning")
 
@@ -75,14 +77,6 @@ class FrameworkCheckpoint(CheckpointInfo):
 
 
 # -- writing -------------------------------------------------------------------
-
-
-def fsync_file(path: str | os.PathLike) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def clean_metrics(values: Mapping[str, Any] | None) -> dict[str, float]:
@@ -146,7 +140,7 @@ def write_manifest(
     checkpoint = Path(checkpoint)
     files = {}
     for rel, full in _files_of(checkpoint).items():
-        fsync_file(full)
+        fs.fsync_file(str(full))
         size, digest = hash_file(full)
         files[rel] = {"size": size, "sha256": digest}
     if checkpoint.is_dir():
@@ -182,8 +176,8 @@ def _replace_manifest(target: Path, doc: Mapping[str, Any]) -> None:
     fs.fsync_dir(str(target.parent))
 
 
-def update_metrics(checkpoint: str | os.PathLike, metrics: Mapping[str, Any]) -> bool:
-    """Add ``metrics`` to a checkpoint's manifest (an evaluation that ran after the save, at its step).
+def _update(checkpoint: str | os.PathLike, change: Callable[[dict[str, Any]], bool]) -> bool:
+    """Change a checkpoint's manifest in place (``change`` edits the document, True when it changed it).
 
     The files are unchanged, so their hashes stay; the manifest is replaced
     atomically.  False when there is no valid manifest to update.
@@ -193,54 +187,52 @@ def update_metrics(checkpoint: str | os.PathLike, metrics: Mapping[str, Any]) ->
         doc = _read(target)
     except Invalid:
         return False
-    merged = dict(doc.get("metrics") or {})
-    merged.update(clean_metrics(metrics))
-    if merged == (doc.get("metrics") or {}):
-        return True
-    doc["metrics"] = merged
-    _replace_manifest(target, doc)
+    if change(doc):
+        _replace_manifest(target, doc)
     return True
 
 
-def write_policy_file(directory: str | os.PathLike, policy: Any) -> None:
-    """Record the policy in ``directory/policy.toml`` so ``saverules.ls`` can explain retention.
+def update_metrics(checkpoint: str | os.PathLike, metrics: Mapping[str, Any]) -> bool:
+    """Add ``metrics`` to a checkpoint's manifest (an evaluation that ran after the save, at its step)."""
+    def add(doc: dict[str, Any]) -> bool:
+        merged = dict(doc.get("metrics") or {})
+        merged.update(clean_metrics(metrics))
+        if merged == (doc.get("metrics") or {}):
+            return False
+        doc["metrics"] = merged
+        return True
 
-    The policy's own file when it was loaded from one, else its retention and
-    storage tables.  Never fatal: a failure is a warning.
+    return _update(checkpoint, add)
+
+
+def record_save_costs(checkpoint: str | os.PathLike, costs: Sequence[tuple[float, float]]) -> bool:
+    """Record in a checkpoint's manifest the latest save costs, its own last (``save_costs``).
+
+    Each cost is ``[stall_seconds, write_seconds]`` as the callback reported it to the
+    decider (:meth:`~saverules.engine.decider.Decider.note_cost`).  A save is timed to
+    its very end, after its manifest went in, so the costs are added afterwards; the
+    callback's state inside the checkpoint was written during the save and holds only
+    the costs before it.  A resume from this checkpoint plans with these.
     """
-    directory = Path(directory)
-    text = None
-    source = getattr(policy, "source", "")
-    if isinstance(source, str) and source and not source.startswith("<"):
-        try:
-            text = Path(source).read_text(encoding="utf-8")
-        except OSError:
-            text = None
-    if text is None:
-        lines = ["# the retention and storage tables of the policy (it was not loaded from a file)",
-                 f"# digest of the full policy: {policy.digest}", "version = 1"]
-        ret = policy.retention
-        if ret is not None:
-            lines += ["", "[retention]", f"keep_last = {int(ret.keep_last)}"]
-            if ret.keep_every is not None:
-                lines.append(f"keep_every = {int(ret.keep_every)}")
-            if ret.keep_best is not None:
-                kb = ret.keep_best
-                lines += ["", "[retention.keep_best]", f"metric = {json.dumps(kb.metric)}",
-                          f"mode = {json.dumps(kb.mode)}", f"n = {int(kb.n)}"]
-        st = policy.storage
-        lines += ["", "[storage]", f"dir = {json.dumps(st.dir)}", f"name = {json.dumps(st.name)}", ""]
-        text = "\n".join(lines)
-    target = directory / POLICY_FILE
+    def add(doc: dict[str, Any]) -> bool:
+        doc["save_costs"] = [[float(stall), float(write)] for stall, write in costs]
+        return True
+
+    return _update(checkpoint, add)
+
+
+def save_costs_of(checkpoint: str | os.PathLike, step: int,
+                  time: float | None = None) -> list[tuple[float, float]] | None:
+    """The ``save_costs`` recorded for the save of ``step`` (at the training clock ``time``, when
+    given) at ``checkpoint``; None when its manifest is missing, of another save, or has none."""
     try:
-        if target.exists() and target.read_text(encoding="utf-8") == text:
-            return
-        tmp = directory / f".tmp-{POLICY_FILE}-{os.getpid()}"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, target)
-    except OSError as exc:
-        warnings.warn(f"saverules: could not write {target} (read by `python -m saverules.ls`): {exc}",
-                      ManifestWarning, stacklevel=2)
+        doc = _read(manifest_path(checkpoint))
+    except (Invalid, OSError):
+        return None
+    if doc.get("step") != step or (time is not None and doc.get("time") is not None and doc["time"] != time):
+        return None
+    costs = doc.get("save_costs")
+    return None if costs is None else [(float(c), float(w)) for c, w in costs]
 
 
 # -- reading -------------------------------------------------------------------
@@ -270,6 +262,11 @@ def _check(doc: Any, name: str) -> dict[str, Any]:
         datetime.fromisoformat(utc)
     except (TypeError, ValueError):
         raise Invalid(f"{name} has no valid utc time") from None
+    costs = doc.get("save_costs")
+    if costs is not None and not (isinstance(costs, list) and all(
+            isinstance(c, list) and len(c) == 2
+            and all(type(v) in (int, float) and math.isfinite(v) and v >= 0 for v in c) for c in costs)):
+        raise Invalid(f"{name} has invalid save_costs")
     metrics = doc.get("metrics")
     if metrics is not None and not (
         isinstance(metrics, dict) and all(isinstance(k, str) and type(v) in (int, float) for k, v in metrics.items())
@@ -380,21 +377,20 @@ def is_framework_dir(root: str | os.PathLike) -> bool:
     return bool(_candidates(Path(root)))
 
 
-def _sort_key(info: FrameworkCheckpoint):
-    return (info.step is None, info.step or 0, info.time if info.time is not None else -math.inf, info.name)
+def list_checkpoints(root: str | os.PathLike, verify: bool = True) -> list[FrameworkCheckpoint]:
+    """Every framework checkpoint under ``root``, oldest first; ones without a valid manifest last.
 
-
-def scan(root: str | os.PathLike, verify: bool = True) -> list[FrameworkCheckpoint]:
-    """Every framework checkpoint under ``root``, oldest first; ones without a valid manifest last."""
-    root = Path(root)
-    infos = [inspect(p, root, verify=verify) for p in _candidates(root)]
-    infos.sort(key=_sort_key)
-    return infos
+    The store's own listing (:func:`saverules.store.verify.scan`) with this module's
+    candidates and check: the same order, and a checkpoint removed while it was read is
+    left out, as for the store.
+    """
+    infos = scan(root, verify=verify, candidates=_candidates, inspect=inspect)
+    return [i for i in infos if isinstance(i, FrameworkCheckpoint)]
 
 
 def last_good(root: str | os.PathLike, verify: bool = True) -> FrameworkCheckpoint | None:
     """The newest checkpoint under ``root`` that verifies; newer ones that do not are skipped with a warning."""
-    infos = scan(root, verify=verify)
+    infos = list_checkpoints(root, verify=verify)
     good = [i for i in infos if i.ok]
     best = good[-1] if good else None
     for info in infos:
@@ -407,36 +403,33 @@ def last_good(root: str | os.PathLike, verify: bool = True) -> FrameworkCheckpoi
     return best
 
 
-def retention_plan(policy: Any, infos: Sequence[FrameworkCheckpoint],
+def retention_plan(policy: Any, infos: Sequence[FrameworkCheckpoint], newest: str | os.PathLike,
                    protect: Sequence[str | os.PathLike] = ()) -> list[tuple[FrameworkCheckpoint, str]]:
     """The usable checkpoints that ``policy.retain`` drops, each with a sentence saying why.
 
-    Checkpoints that fail are never touched nor counted.  Retention sees them
-    through the store's own view (:func:`saverules.store.retain.retention_view`):
-    only the newest final stays pinned, so the finals of shorter runs before
-    an extension go as the store's and ``saverules.ls`` say.  ``protect`` adds
-    paths that must stay (the trainer's own best model, say).
+    The store's plan (:func:`saverules.store.retain.plan`): checkpoints that fail are never
+    touched nor counted, only the newest run's finals stay pinned, and ``newest`` (the
+    checkpoint just written) always stays.  ``protect`` adds paths that must stay (the
+    trainer's own best model, say).
     """
-    from ..store.retain import retention_view
-
-    valid = [i for i in infos if i.ok and i.step is not None]
-    if policy.retention is None or not valid:
-        return []
-    keep = policy.retain(retention_view(valid))
-    guarded = {os.path.realpath(p) for p in protect}
     ret = policy.retention
+    if ret is None:
+        return []
+    guarded = {os.path.realpath(p) for p in protect}
     rules = [f"keep_last = {ret.keep_last}"]
     if ret.keep_every is not None:
         rules.append(f"keep_every = {ret.keep_every}")
     if ret.keep_best is not None:
         rules.append(f"keep_best on {ret.keep_best.metric} ({ret.keep_best.mode}, n = {ret.keep_best.n})")
     why = "no retention rule keeps it (" + ", ".join(rules) + ")"
-    return [(info, why) for info, kept in zip(valid, keep)
-            if not kept and os.path.realpath(info.path) not in guarded]
+    dropped = plan(infos, Path(newest), policy)
+    return [(info, why) for info in dropped
+            if isinstance(info, FrameworkCheckpoint) and os.path.realpath(info.path) not in guarded]
 
 
-def retain(root: str | os.PathLike, policy: Any, framework: str, protect: Sequence[str | os.PathLike] = (),
-           warned: set[str] | None = None) -> list[tuple[FrameworkCheckpoint, str]]:
+def apply_retention(root: str | os.PathLike, policy: Any, framework: str, newest: str | os.PathLike,
+                    protect: Sequence[str | os.PathLike] = (),
+                    warned: set[str] | None = None) -> list[tuple[FrameworkCheckpoint, str]]:
     """Apply the policy's retention to the ``framework`` checkpoints under ``root``; what it removed, and why.
 
     As the store does: the plan is made from the manifests (sizes only); when
@@ -445,8 +438,8 @@ def retain(root: str | os.PathLike, policy: Any, framework: str, protect: Sequen
     in place of a good one.  One that fails is warned about once (``warned``
     remembers) and left on disk.
     """
-    def plan(verify: bool) -> list[tuple[FrameworkCheckpoint, str]]:
-        infos = [i for i in scan(root, verify=verify) if i.framework in (framework, None)]
+    def planned(verify: bool) -> list[tuple[FrameworkCheckpoint, str]]:
+        infos = [i for i in list_checkpoints(root, verify=verify) if i.framework in (framework, None)]
         if verify:
             for info in infos:
                 if not info.ok and (warned is None or str(info.path) not in warned):
@@ -455,11 +448,11 @@ def retain(root: str | os.PathLike, policy: Any, framework: str, protect: Sequen
                     warnings.warn(f"saverules: checkpoint {info.path} failed verification ({info.error}); it is not "
                                   "counted by retention and is left on disk for you to inspect or delete",
                                   ManifestWarning, stacklevel=4)
-        return retention_plan(policy, infos, protect=protect)
+        return retention_plan(policy, infos, newest, protect=protect)
 
-    doomed = plan(verify=False)
+    doomed = planned(verify=False)
     if doomed:
-        doomed = plan(verify=True)
+        doomed = planned(verify=True)
     for info, _ in doomed:
         remove(info)
     return doomed

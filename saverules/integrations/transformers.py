@@ -22,23 +22,29 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from ..engine.progress import Progress
+from ..distributed import SyncedDecider
+from ..engine.decider import Decider
+from ..engine.progress import Decision, Progress
+from ..store.checkpointer import load_policy, make_decider
+from ..store.policyfile import write_policy_file
 from . import manifest as fm
 from .common import (
     COMMON_OPTIONS,
     ConflictingSettingsError,
+    SaveTimer,
     SignalFlags,
     TrainingClock,
-    check_options,
+    agreed_signals,
+    check_callback_options,
     describe,
-    load_policy,
-    make_decider,
-    restore_decider,
+    note_cost,
+    resume_costs,
     say,
 )
 
@@ -85,7 +91,7 @@ def best_checkpoint(output_dir: str | os.PathLike, metric: str, mode: str = "min
         raise ValueError(f"best_checkpoint(mode=...) takes 'min' or 'max', got {mode!r}")
     if not os.path.isdir(output_dir):
         return None
-    scored = [(i.metrics[metric], i.step, str(i.path)) for i in fm.scan(output_dir)
+    scored = [(i.metrics[metric], i.step, str(i.path)) for i in fm.list_checkpoints(output_dir)
               if i.ok and i.framework in ("transformers", None) and i.metrics and metric in i.metrics]
     if not scored:
         return None
@@ -138,8 +144,8 @@ class SaverulesCallback(TrainerCallback, ExportableState):
 
     def __init__(self, policy: Any = None, **options: Any) -> None:
         self.policy = load_policy(policy, _OWNER)
-        self.options = check_options(_OWNER, options, _OPTIONS)
-        self._decider: Any = None  # the run's SyncedDecider, made when training begins
+        self.options = check_callback_options(_OWNER, options, _OPTIONS)
+        self._decider: Decider | SyncedDecider | None = None  # made when training begins
         self._clock = TrainingClock()
         self._signals = SignalFlags()
         self._step_progress: Progress | None = None
@@ -147,6 +153,10 @@ class SaverulesCallback(TrainerCallback, ExportableState):
         self._step_metrics: dict[str, float] = {}
         self._pending: tuple | None = None  # (step, reasons, time) of the save the trainer is about to write
         self._last_time: float | None = None  # the clock at the latest decided save
+        self._timer = SaveTimer()  # what the save the callback asked for stalls training
+        #: The latest save costs this process measured, ``(stall, write)`` seconds, newest last (rank 0's
+        #: are the ones every rank's decider plans with).
+        self.save_costs: list[tuple[float, float]] = []
         #: Steps this process saved, in order.
         self.saved_steps: list = []
         #: Checkpoint directories removed by retention in this process.
@@ -217,34 +227,43 @@ class SaverulesCallback(TrainerCallback, ExportableState):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._check_settings(args)
-        self._decider = make_decider(self.policy, state.max_steps or None, self.options["sync_seconds"],
-                                     metrics_synced=True)  # the Trainer gathers its logged values across ranks
+        # the Trainer gathers its logged values across ranks: metrics_synced
+        decider = make_decider(self.policy, state.max_steps or None, args.world_size,
+                               {"sync_seconds": self.options["sync_seconds"], "metrics_synced": True})
+        self._decider = decider
         self._clock.restore(0.0)
         self._last_time = None
         if state.global_step > 0:
-            self._restore(state)
-        if self._decider.watches_signals and self.options["signals"]:
+            self._restore(decider, args, state)
+        if decider.watches_signals and self.options["signals"]:
             self._signals.install(self.options["signals"])
         if args.should_save:
             os.makedirs(args.output_dir, exist_ok=True)
-            fm.write_policy_file(args.output_dir, self.policy)
+            write_policy_file(Path(args.output_dir), self.policy)
 
-    def _restore(self, state) -> None:
+    def _restore(self, decider: Decider | SyncedDecider, args, state) -> None:
         saved = (state.stateful_callbacks or {}).get(type(self).__name__)
         if isinstance(saved, list):
             saved = saved[0] if saved else None
         data = (saved or {}).get("attributes", {}).get("saverules_state") if isinstance(saved, dict) else None
-        clock = restore_decider(self._decider, data, state.global_step, _OWNER)
+        path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        clock, self.save_costs = resume_costs(decider, data, state.global_step, _OWNER, path)
         self._clock.restore(clock)
         self._last_time = clock
 
-    def _decide(self, progress: Progress, control, decision: Any = None) -> None:
-        decision = self._decider(progress) if decision is None else decision  # given: decided by the fields call
+    def _decide(self, progress: Progress, control, decision: Decision | None = None) -> None:
+        decider = self._decider
+        if decider is None:
+            return
+        if decision is None:  # given: decided by the fields call
+            decision = decider(progress)
         if decision:
+            if not control.should_save:  # the first request at this step: the stall starts here
+                self._timer.start()
             control.should_save = True
             self._pending = (progress.step, decision.reasons, progress.time)
             self._last_time = progress.time
-        if self.options["stop_on_sigterm"] and "SIGTERM" in self._decider.last_signals:
+        if self.options["stop_on_sigterm"] and "SIGTERM" in agreed_signals(decider, progress.signal):
             control.should_training_stop = True
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -252,13 +271,19 @@ class SaverulesCallback(TrainerCallback, ExportableState):
         epoch, epoch_end = _epoch(state.epoch)
         total = state.max_steps or None
         self._step_metrics = {}
+        signal = self._signals.take()
         self._step_fields = (step, total, epoch, epoch_end, bool(total is not None and step >= total),
-                             self._clock.now(), None, self._signals.take())
+                             self._clock.now(), None, signal)
         self._step_progress = None
+        decider = self._decider
+        if decider is None:
+            return
         # the fields call decides without building a Progress on a quiet step (docs/performance.md)
-        decision = self._decider.decide(*self._step_fields)
-        if decision or self._decider.last_signals:
-            self._decide(self._progress_of_step(), control, decision)
+        decision = decider.decide(*self._step_fields)
+        if decision or agreed_signals(decider, signal):
+            progress = self._progress_of_step()
+            if progress is not None:
+                self._decide(progress, control, decision)
 
     def _progress_of_step(self) -> Progress | None:
         """This step's Progress, built from its fields the first time it is needed."""
@@ -279,6 +304,11 @@ class SaverulesCallback(TrainerCallback, ExportableState):
             self._decide(Progress(p.step, p.total_steps, p.epoch, p.epoch_end, p.is_last, p.time,
                                   dict(self._step_metrics), False), control)
 
+    def on_evaluate(self, args, state, control, **kwargs):
+        if control.should_save and self._timer.started is not None:
+            # the Trainer evaluates at a step before it saves it: the save's stall starts after the evaluation
+            self._timer.start()
+
     # -- after the trainer wrote a checkpoint -------------------------------------
 
     def on_save(self, args, state, control, **kwargs):
@@ -293,10 +323,19 @@ class SaverulesCallback(TrainerCallback, ExportableState):
         self.saved_steps.append(step)
         if args.world_size > 1:
             _barrier()  # every rank has written its part (its rng_state_R.pth) before the manifest lists the files
-        if not args.should_save:
-            return
-        say(describe(step, reasons))
         path = os.path.join(args.output_dir, f"checkpoint-{step}")
+        if args.should_save:
+            self._describe(args, state, path, step, reasons, clock)
+        seconds = self._timer.stop()
+        if seconds is not None and self._decider is not None:
+            # every rank reports its own; under DDP the deciders plan with rank 0's (SyncedDecider.note_cost)
+            self.save_costs = note_cost(self._decider, self.save_costs, seconds)
+            if args.should_save:
+                fm.record_save_costs(path, self.save_costs)
+
+    def _describe(self, args, state, path: str, step: int, reasons: tuple[str, ...], clock: float | None) -> None:
+        """On the writing process: the manifest, last, then the policy's retention."""
+        say(describe(step, reasons))
         epoch, _ = _epoch(state.epoch)
         fm.write_manifest(
             path, framework="transformers", step=step, epoch=epoch, time=clock, reasons=reasons,
@@ -304,7 +343,7 @@ class SaverulesCallback(TrainerCallback, ExportableState):
             policy_digest=self.policy.digest,
         )
         protect = [state.best_model_checkpoint] if state.best_model_checkpoint else []
-        for info, why in fm.retain(args.output_dir, self.policy, "transformers", protect, self._warned):
+        for info, why in fm.apply_retention(args.output_dir, self.policy, "transformers", path, protect, self._warned):
             self.removed.append(info.name)
             say(f"removed {info.name} (step {info.step}): {why}")
 

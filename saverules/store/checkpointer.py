@@ -38,7 +38,7 @@ import weakref
 from collections.abc import Mapping, MutableMapping
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..engine.progress import Decision, Progress
 from ..engine.tiers import durable_policy, merge_saves
@@ -56,6 +56,10 @@ from .retain import Retainer
 from .snapshot import Job, Snapshot
 from .state import capture
 from .verify import VerifyCache, scan
+
+if TYPE_CHECKING:
+    from ..distributed import SyncedDecider
+    from ..engine.decider import Decider
 
 VERIFY_CHOICES = ("hash", "device", "load", "none")
 ON_ERROR_CHOICES = ("raise", "warn")
@@ -704,15 +708,24 @@ def _committer(fmt: Any, root: Path, verify: str, commit_timeout: float | None, 
 # -- the arguments, checked when a Checkpointer is made ------------------------------------
 
 
-def load_policy(policy: Any) -> Any:
-    """A :class:`saverules.Policy` as given, or loaded from the path of its TOML file."""
+class PolicyArgumentError(TypeError, ValueError):
+    """``policy=`` is neither a policy nor a path: a TypeError, and the ValueError the Checkpointer always raised."""
+
+
+def load_policy(policy: Any, owner: str = "Checkpointer") -> Any:
+    """A :class:`saverules.Policy` as given, or loaded from the path of its TOML file.
+
+    ``owner`` names the caller in the error for anything that is neither a policy nor a path
+    (:class:`PolicyArgumentError`, a ``TypeError`` and a ``ValueError``).  A path that cannot be
+    read or loaded is a :class:`~saverules.PolicyError` that names the file.
+    """
     import saverules
 
     if isinstance(policy, (str, os.PathLike)):
-        return saverules.load(policy)
+        return saverules.load(policy)  # a file that cannot be read is a PolicyError naming it
     if not (hasattr(policy, "compile") and hasattr(policy, "storage") and hasattr(policy, "retain")):
-        raise ValueError(
-            f"policy must be a saverules.Policy or the path of a policy TOML file, got {type_name(policy)}"
+        raise PolicyArgumentError(
+            f"{owner}(policy=...) takes a saverules.Policy or the path of a policy TOML file, got {type_name(policy)}"
         )
     return policy
 
@@ -749,15 +762,19 @@ def storage_format(policy: Any) -> Any:
 
 
 def make_decider(policy: Any, total_steps: int | None, world_size: int,
-                 sync: Mapping[str, Any] | None) -> Any:
-    """The policy compiled; under DDP (``world_size`` > 1) wrapped so that every rank decides alike."""
+                 sync: Mapping[str, Any] | None) -> Decider | SyncedDecider:
+    """The policy compiled; under DDP (``world_size`` > 1) wrapped so that every rank decides alike.
+
+    The Checkpointer and both trainer callbacks make their decider here.  ``sync`` holds
+    :class:`~saverules.distributed.SyncedDecider`'s options (``sync_seconds``, ``max_interval``,
+    ``metrics_synced``, ``sync_signals``); in one process they have nothing to do.
+    """
     if sync is not None and not isinstance(sync, Mapping):
         raise ValueError(f"sync must be a mapping of SyncedDecider options or None, got {type_name(sync)}")
-    decider = policy.compile(total_steps)
+    decider: Decider = policy.compile(total_steps)
     if world_size > 1:
         from saverules.distributed import SyncedDecider
 
         # Under DDP every rank must take the same decision: see docs/distributed.md.
-        # ``sync`` passes SyncedDecider's options (sync_seconds, max_interval, sync_signals, ...).
-        decider = SyncedDecider(decider, **dict(sync or {}))
+        return SyncedDecider(decider, **dict(sync or {}))
     return decider

@@ -16,8 +16,13 @@ if TYPE_CHECKING:
     from .state import Payload
 
 
-def restore_decider(decider: Any, saved: Any, step: int, time: float | None, where: str) -> None:
+def restore_decider(decider: Any, saved: Any, step: int, time: float | None, where: str,
+                    policy_digest: str | None = None) -> None:
     """Continue ``decider`` from ``saved`` (a ``state_dict()``) of the save at ``step``.
+
+    ``policy_digest`` is the digest of the policy the checkpoint was written under, as
+    recorded beside the state (a manifest): a state written before it named its own
+    policy is taken to be of that one.
 
     Rules are matched by what they are: under a changed policy the rules both
     policies hold keep their state and the others start fresh from ``step``;
@@ -33,6 +38,8 @@ def restore_decider(decider: Any, saved: Any, step: int, time: float | None, whe
     the durable tier's state.  The warning says which.
     """
     problem = None
+    if isinstance(saved, Mapping) and saved.get("policy") is None and isinstance(policy_digest, str):
+        saved = {**saved, "policy": policy_digest}  # a state written before it named its policy
     if not isinstance(saved, Mapping):
         problem = "holds no decider state (written without saverules?)"
     else:
@@ -79,10 +86,8 @@ def restore(info: CheckpointInfo, payload: Payload, state: MutableMapping[str, A
             )
             continue
         state[name] = value
-    saved = payload.decider
-    if isinstance(saved, dict) and saved.get("policy") is None and info.policy_digest is not None:
-        saved = {**saved, "policy": info.policy_digest}  # a state written before it named its policy
-    restore_decider(decider, saved, info.step if info.step is not None else 0, info.time, f"checkpoint {info.path}")
+    restore_decider(decider, payload.decider, info.step if info.step is not None else 0, info.time,
+                    f"checkpoint {info.path}", info.policy_digest)
     clock = payload.clock if payload.clock is not None else info.time
     log.info("resumed from checkpoint %s (step %d)", info.path, info.step)
     return float(clock) if clock is not None else 0.0

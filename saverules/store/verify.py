@@ -220,17 +220,29 @@ def gone(info: CheckpointInfo) -> bool:
     return not info.ok and not os.path.lexists(info.path)
 
 
+class Inspect(Protocol):
+    """How a kind of checkpoint is checked: its path and the store's root in, its info out."""
+
+    def __call__(self, path: Path, root: Path, verify: bool) -> CheckpointInfo: ...
+
+
 def scan(dir: str | os.PathLike, verify: bool = True, _cache: VerifyCache | None = None,
-         _structure: bool = True) -> list[CheckpointInfo]:
+         _structure: bool = True, *, candidates: Callable[[Path], list[Path]] | None = None,
+         inspect: Inspect | None = None) -> list[CheckpointInfo]:
     """Every checkpoint directory under ``dir``, oldest first, each with its verification status.
 
     Directories that hold checkpoint files but no valid manifest are listed
-    too (``verified`` False, step None, at the end).
+    too (``verified`` False, step None, at the end).  A checkpoint removed
+    while it was read is left out.  ``candidates`` and ``inspect`` list and
+    check another kind of checkpoint the same way (the trainers' own, see
+    :mod:`saverules.integrations.manifest`); the cache serves the store's only.
     """
     root = Path(dir)
     infos = []
-    for path in layout.candidates(root):
-        if _cache is not None:
+    for path in (candidates or layout.candidates)(root):
+        if inspect is not None:
+            info = inspect(path, root, verify)
+        elif _cache is not None:
             info = _cache.get(path, root, verify)
         else:
             info = inspect_checkpoint(path, root, verify=verify, _structure=_structure)

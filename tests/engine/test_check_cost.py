@@ -140,21 +140,23 @@ def test_note_cost_refuses_what_is_not_a_duration():
     assert decider.save_cost == (2.0, 2.0)
 
 
-def test_adaptive_rules_are_refused_under_ddp_rather_than_left_to_diverge():
+def test_adaptive_rules_are_taken_under_ddp_where_rank_0s_cost_rides_in_the_syncs():
     policy = saverules.loads('version = 1\n[[rules]]\nkind = "adaptive"\nmtbf = "1h"\n')
-    with pytest.raises(ValueError, match="not supported under DDP"):
-        SyncedDecider(policy.compile(), rank=0, world_size=2)
+    synced = SyncedDecider(policy.compile(), rank=0, world_size=2)  # no longer refused (issue 19)
+    assert not synced.deterministic  # a clock rule: the ranks agree at sync steps, where the costs ride
     SyncedDecider(policy.compile(), rank=0, world_size=1)  # one process: nothing to agree on
 
 
-def test_the_trainer_callbacks_refuse_adaptive_rules_they_cannot_feed():
-    from saverules.integrations.common import make_decider
+def test_the_trainer_callbacks_decider_takes_adaptive_rules_and_plans_from_the_reported_cost():
+    from saverules.store.checkpointer import make_decider
 
     policy = saverules.loads('version = 1\n[[rules]]\nkind = "adaptive"\nmax_overhead = "2%"\n')
-    with pytest.raises(ValueError, match="trainer callbacks do not report"):
-        make_decider(policy, 100, 1.0, metrics_synced=False)
+    decider = make_decider(policy, 100, 1, {"sync_seconds": 1.0, "metrics_synced": False})
+    assert decider(saverules.Progress(1, time=0.0)).save is False
+    decider.note_cost(2.0)
+    assert decider.next_time == 100.0  # 2 s / 2%
     plain = saverules.loads('version = 1\n[[rules]]\nkind = "every_time"\nevery = "1h"\n')
-    assert make_decider(plain, 100, 1.0, metrics_synced=False)(saverules.Progress(1, time=0.0)).save is False
+    assert make_decider(plain, 100, 1, None)(saverules.Progress(1, time=0.0)).save is False
 
 
 def test_a_run_with_more_saves_than_are_listed_gets_no_cost_report_and_says_so(capsys, tmp_path):

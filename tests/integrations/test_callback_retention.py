@@ -102,7 +102,7 @@ def test_lightning_ranks_a_checkpoint_only_by_metrics_measured_on_its_own_weight
     # one batch per epoch: validation at steps 7, 14, 21, ..., saves at 10, 20, ..., 70 (both), 80
     fit(tmp_path, [cb], val=True, max_steps=80, check_val_every_n_epoch=7)
     assert cb.saved_steps == [10, 20, 30, 40, 50, 60, 70, 80]
-    metrics = {i.step: i.metrics or {} for i in fm.scan(d)}
+    metrics = {i.step: i.metrics or {} for i in fm.list_checkpoints(d)}
     assert "val_loss" in metrics[70]  # validated at its own step
     assert all("val_loss" not in metrics[s] for s in metrics if s != 70), metrics
     # keep_best can only keep a checkpoint that was validated: 70, with the newest (80)

@@ -227,7 +227,7 @@ def test_bad_options_are_rejected_in_the_constructor(tmp_path):
         SaverulesCallback(policy(EVERY_40), stop_on_sigterm="yes")
     with pytest.raises(TypeError, match="takes a saverules.Policy or the path"):
         SaverulesCallback(42)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(saverules.PolicyError, match="missing.toml:1:1: error: cannot read the file"):
         SaverulesCallback(str(tmp_path / "missing.toml"))
 
 
