@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from heapq import heapify, heappop, heappush
 
@@ -157,8 +158,20 @@ class Decider:
         self._next_time = agenda.next_time(self._last_save_time)
         return Decision(True, tuple(dict.fromkeys(reasons))) if save else NO_SAVE
 
-    def note_save(self, step: int, time: float | None = None) -> None:
-        """Record a save made outside this decider's decisions (a forced save)."""
+    def note_save(self, step: int, time: float | None = None, tiers: str | Iterable[str] = ("local",)) -> None:
+        """Record a save made outside this decider's decisions (a forced save).
+
+        ``tiers`` names where the save went, as for
+        :class:`~saverules.engine.tiers.TieredDecider`: a one-tier policy has
+        only ``"local"``, so ``"durable"`` is refused, and a save that did not
+        reach the local tier is not recorded.
+        """
+        names = (tiers,) if isinstance(tiers, str) else tuple(tiers)
+        if any(name != "local" for name in names):
+            raise ValueError(f"this policy has one tier ('local'), so a save cannot go to tiers={tiers!r}: "
+                             "add a [durable] table for a durable tier (docs/tiers.md)")
+        if not names:
+            return
         self._last_save_step = step
         if time is not None:
             self._last_save_time = time

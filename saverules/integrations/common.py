@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ..distributed import SyncedDecider
     from ..engine.decider import Decider
+    from ..engine.tiers import TieredDecider
 
 log = logging.getLogger("saverules")
 
@@ -137,7 +138,7 @@ class SignalFlags:
         self._previous = {}
 
 
-def resume_costs(decider: Decider | SyncedDecider, data: Mapping[str, Any] | None, step: int, owner: str,
+def resume_costs(decider: Decider | TieredDecider | SyncedDecider, data: Mapping[str, Any] | None, step: int, owner: str,
                  checkpoint: str | os.PathLike | None) -> tuple[float | None, list[tuple[float, float]]]:
     """Restore ``decider`` from the callback state saved at ``step``: the training clock at that
     save and the save costs it plans with.
@@ -173,7 +174,7 @@ def resume_costs(decider: Decider | SyncedDecider, data: Mapping[str, Any] | Non
     return clock, costs
 
 
-def note_cost(decider: Decider | SyncedDecider, costs: list[tuple[float, float]],
+def note_cost(decider: Decider | TieredDecider | SyncedDecider, costs: list[tuple[float, float]],
               seconds: float) -> list[tuple[float, float]]:
     """Report a synchronous save that stalled training ``seconds`` (stall = write); the latest costs, newest last."""
     from ..engine.cost import COST_WINDOW
@@ -182,7 +183,7 @@ def note_cost(decider: Decider | SyncedDecider, costs: list[tuple[float, float]]
     return (costs + [(seconds, seconds)])[-COST_WINDOW:]
 
 
-def agreed_signals(decider: Decider | SyncedDecider, signal: Any) -> tuple[Any, ...]:
+def agreed_signals(decider: Decider | TieredDecider | SyncedDecider, signal: Any) -> tuple[Any, ...]:
     """The signals the latest decision saw: every rank's under DDP, else this process's own ``signal``."""
     from ..distributed import SyncedDecider
 

@@ -30,6 +30,7 @@ from lightning.pytorch.callbacks import Checkpoint
 from ..distributed import SyncedDecider
 from ..engine.decider import Decider
 from ..engine.progress import Progress
+from ..engine.tiers import TieredDecider
 from ..store.checkpointer import load_policy, make_decider
 from ..store.fs import fs
 from ..store.policyfile import write_policy_file
@@ -78,7 +79,7 @@ class SaverulesCheckpoint(Checkpoint):
             raise TypeError(f"{_OWNER}(dirpath=...) takes a directory path, got {type(dirpath).__name__}")
         self._dirpath = None if dirpath is None else os.fspath(dirpath)
         self.dirpath: str | None = self._dirpath
-        self._decider: Decider | SyncedDecider | None = None  # made when training begins
+        self._decider: Decider | TieredDecider | SyncedDecider | None = None  # made when training begins
         self._clock = TrainingClock()
         self._signals = SignalFlags()
         self._restored: dict[str, Any] | None = None
@@ -165,7 +166,7 @@ class SaverulesCheckpoint(Checkpoint):
             raise RuntimeError("saverules: SaverulesCheckpoint has no directory yet: it is set when training starts")
         return self.dirpath
 
-    def _restore(self, decider: Decider | SyncedDecider, step: int, ckpt_path: str | None) -> None:
+    def _restore(self, decider: Decider | TieredDecider | SyncedDecider, step: int, ckpt_path: str | None) -> None:
         data, self._restored = self._restored, None
         clock, self.save_costs = resume_costs(decider, data, step, _OWNER, ckpt_path)
         self._clock.restore(clock)

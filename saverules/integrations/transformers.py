@@ -31,6 +31,7 @@ from transformers.trainer_callback import ExportableState
 from ..distributed import SyncedDecider
 from ..engine.decider import Decider
 from ..engine.progress import Decision, Progress
+from ..engine.tiers import TieredDecider
 from ..store.checkpointer import load_policy, make_decider
 from ..store.policyfile import write_policy_file
 from . import manifest as fm
@@ -145,7 +146,7 @@ class SaverulesCallback(TrainerCallback, ExportableState):
     def __init__(self, policy: Any = None, **options: Any) -> None:
         self.policy = load_policy(policy, _OWNER)
         self.options = check_callback_options(_OWNER, options, _OPTIONS)
-        self._decider: Decider | SyncedDecider | None = None  # made when training begins
+        self._decider: Decider | TieredDecider | SyncedDecider | None = None  # made when training begins
         self._clock = TrainingClock()
         self._signals = SignalFlags()
         self._step_progress: Progress | None = None
@@ -241,7 +242,7 @@ class SaverulesCallback(TrainerCallback, ExportableState):
             os.makedirs(args.output_dir, exist_ok=True)
             write_policy_file(Path(args.output_dir), self.policy)
 
-    def _restore(self, decider: Decider | SyncedDecider, args, state) -> None:
+    def _restore(self, decider: Decider | TieredDecider | SyncedDecider, args, state) -> None:
         saved = (state.stateful_callbacks or {}).get(type(self).__name__)
         if isinstance(saved, list):
             saved = saved[0] if saved else None

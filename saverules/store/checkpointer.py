@@ -60,6 +60,7 @@ from .verify import VerifyCache, scan
 if TYPE_CHECKING:
     from ..distributed import SyncedDecider
     from ..engine.decider import Decider
+    from ..engine.tiers import TieredDecider
 
 VERIFY_CHOICES = ("hash", "device", "load", "none")
 ON_ERROR_CHOICES = ("raise", "warn")
@@ -762,7 +763,7 @@ def storage_format(policy: Any) -> Any:
 
 
 def make_decider(policy: Any, total_steps: int | None, world_size: int,
-                 sync: Mapping[str, Any] | None) -> Decider | SyncedDecider:
+                 sync: Mapping[str, Any] | None) -> Decider | TieredDecider | SyncedDecider:
     """The policy compiled; under DDP (``world_size`` > 1) wrapped so that every rank decides alike.
 
     The Checkpointer and both trainer callbacks make their decider here.  ``sync`` holds
