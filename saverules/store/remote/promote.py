@@ -98,7 +98,8 @@ class Promoter:
     def __init__(self, tier: Any, upload: Upload | None = None, retries: Retries = PROMOTION_RETRIES,
                  on_done: OnDone | None = None, sleep: Callable[[float], None] | None = None) -> None:
         self.tier = tier
-        self._upload: Upload = upload if upload is not None else self._tier_upload
+        #: The strategy that moves one checkpoint (``upload``): the tier's own upload, or a sharded store's.
+        self.strategy: Upload = upload if upload is not None else self._tier_upload
         self.retries = retries
         self.on_done = on_done
         self._cond = threading.Condition()
@@ -307,7 +308,7 @@ class Promoter:
             with self._cond:
                 self._sent = 0
             try:
-                self._upload(promotion.path, promotion.name, on_bytes)
+                self.strategy(promotion.path, promotion.name, on_bytes)
             except RetriesExhausted as exc:  # the per-object retries are spent: the whole upload tries again
                 raise ConnectionError(str(exc)) from exc
 
