@@ -9,6 +9,14 @@ no check).  Interleaved and repeated; the medians of the throughput are
 compared.  The server runs in this process, so both variants share its cost
 equally; the figures say how much the checks and the commit cost, not what a
 real object store sustains.
+
+Then the training-thread stall of a save that is promoted to the durable tier
+against the same save without a durable tier: ``Checkpointer.step`` on a step
+the policy saves (synchronous, the same state), with ``durable=`` the moto
+server and without; only the call is timed.  Each sample is one fresh
+Checkpointer (made and closed untimed, so each promotion's upload has finished
+before the next sample starts and never competes with it), interleaved and
+repeated; the medians and each round's ratio are reported.
 """
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ from . import Row, interleaved, median, timed
 
 NAME = "tiers"
 GOAL = 0.9
+STALL_GOAL = 1.05  # a promoted save's stall / the same local save's stall
 BUCKET = "saverules-bench"
 
 
@@ -90,6 +99,7 @@ def run(quick: bool = False) -> list:
 
             samples = interleaved({"ours": ours, "put": put}, repeats)
             tier.close()
+            stall = _stall(Path(tmp), size, repeats, f"s3://{BUCKET}/stall-{secrets.token_hex(4)}")
     finally:
         server.stop()
         for k, v in saved.items():
@@ -105,4 +115,68 @@ def run(quick: bool = False) -> list:
         Row(NAME, f"s3fs put of the same files ({total / 1e6:.0f} MB)", b, "MB/s", samples=samples["put"]),
         Row(NAME, "upload throughput vs s3fs put", ratio, "x", ratio=ratio, vs="s3fs put", goal=f">= {GOAL}x",
             met=ratio >= GOAL),
+        *stall,
+    ]
+
+
+STALL_POLICY = """\
+version = 1
+final = false
+[[rules]]
+kind = "every_steps"
+every = 1
+[retention]
+keep_last = 1
+"""
+DURABLE = """\
+[durable]
+final = false
+[[durable.rules]]
+kind = "every_steps"
+every = 1
+[durable.retention]
+keep_last = 1
+"""
+
+
+def _stall(tmp: Path, size: int, repeats: int, url: str) -> list:
+    """The training thread's stall in ``Checkpointer.step`` for a save, with and without a promotion."""
+    import torch
+
+    import saverules
+    from saverules import Progress
+    from saverules.torch import Checkpointer
+
+    plain, tiered = saverules.loads(STALL_POLICY), saverules.loads(STALL_POLICY + DURABLE)
+    state = {"w": torch.randn(size // 4), "n": 0}
+    steps = iter(range(1, 10_000))
+
+    def one(policy: saverules.Policy, where: Path, **durable: str) -> float:
+        step = next(steps)
+        state["n"] = step
+        ckpt = Checkpointer(policy, dir=where, **durable)
+        try:
+            t0 = time.perf_counter()
+            decision = ckpt.step(Progress(step), state)
+            stalled = time.perf_counter() - t0
+        finally:
+            ckpt.close()  # untimed: waits for the upload, so the next sample starts on a quiet machine
+        assert decision.save, decision
+        return stalled
+
+    samples = interleaved({
+        "local": lambda: one(plain, tmp / "stall-local"),
+        "promoted": lambda: one(tiered, tmp / "stall-tiered", durable=url),
+    }, repeats)
+    local, promoted = median(samples["local"]), median(samples["promoted"])
+    ratio = promoted / local
+    rounds = [p / q for p, q in zip(samples["promoted"], samples["local"])]
+    mb = size / 1e6
+    return [
+        Row(NAME, f"save stall, local tier only (sync, {mb:.0f} MB)", local, "s", samples=samples["local"]),
+        Row(NAME, f"save stall, the same save promoted to the durable tier (sync, {mb:.0f} MB)", promoted, "s",
+            samples=samples["promoted"]),
+        Row(NAME, "stall of a promoted save vs the same local save", ratio, "x", ratio=ratio,
+            vs="the local save", goal=f"<= {STALL_GOAL}x", met=ratio <= STALL_GOAL,
+            note=f"per round {min(rounds):.3f}x to {max(rounds):.3f}x over {len(rounds)} rounds"),
     ]
