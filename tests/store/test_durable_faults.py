@@ -184,6 +184,7 @@ def test_the_server_stops_mid_upload_training_goes_on_and_the_upload_is_retried(
     assert not Path(awaiting).exists(), "once uploaded, step 4 is released to the local retention"
 
 
+@pytest.mark.slow  # the promoter's own whole-upload retries (seconds apart) come on top of the per-object ones
 def test_an_upload_whose_retries_are_spent_is_reported_at_a_later_step_and_a_later_promotion_succeeds(
         s3, tmp_path):
     url = f"s3://{BUCKET}/spent-{secrets.token_hex(4)}"
