@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from heapq import heapify, heappop, heappush
 
 from .compile import CLOCK, EPOCH_END, EVENTS, INF, LAST, METRICS, SIGNAL, ResolveError, compile_rules, policy_events
@@ -43,13 +43,16 @@ _READS = (1, 2)
 class Decider:
     """Stateful save decisions for one run of a :class:`~saverules.engine.policy.Policy`."""
 
-    def __new__(cls, policy, total_steps: int | None = None):
+    def __new__(cls, policy, total_steps: int | None = None, *, where: tuple = ()):
         if cls is Decider:
             cls = _specialised(policy_events(policy))
         return object.__new__(cls)
 
-    def __init__(self, policy, total_steps: int | None = None):
+    def __init__(self, policy, total_steps: int | None = None, *, where: tuple = ()):
         self.policy = policy
+        #: Where this policy's rules sit in the document it came from: () for the top level,
+        #: ("durable",) for the durable tier's view (errors then name "durable.rules[0]...").
+        self._where = tuple(where)
         self._prev = 0  # the previously decided step
         self._last_save_step: int | None = None
         self._last_save_time: float | None = None  # or the clock at the first decision
@@ -203,8 +206,9 @@ class Decider:
             self._prev = step
 
     def _policy_error(self, exc: ResolveError) -> PolicyError:
-        line, col = self.policy.position(exc.path) or (1, 1)
-        return PolicyError([Diagnostic(self.policy.source, line, col, f"{dotted(exc.path)}: {exc}")])
+        path = self._where + tuple(exc.path)
+        line, col = self.policy.position(path) or (1, 1)
+        return PolicyError([Diagnostic(self.policy.source, line, col, f"{dotted(path)}: {exc}")])
 
     # -- resume -------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -240,7 +244,17 @@ class Decider:
         :func:`rule_identity`), never by its position: under a changed policy,
         the rules both policies hold keep their state and every other rule
         starts fresh from the saved step, as a new decider would.
+
+        A two-tier decider's state (:class:`~saverules.engine.tiers.TieredDecider`,
+        written under a policy with ``[durable]``) continues this decider from
+        its local tier; the durable tier's state is dropped, and what is
+        returned says so.
         """
+        from .tiers import is_tiered_state
+
+        if is_tiered_state(state):
+            local = self.load_state_dict(state["local"])
+            return replace(local, dropped_durable=True)
         if not isinstance(state, dict) or state.get("version") not in _READS:
             found = state.get("version") if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"decider state has version {found!r}; this saverules reads versions 1 and 2")
@@ -323,15 +337,30 @@ class Resumed:
     policy_changed: bool
     kept: tuple[str, ...] = ()
     fresh: tuple[str, ...] = ()
+    #: The state was a two-tier decider's and this policy has no ``[durable]`` table: the
+    #: local tier's state continued here and the durable tier's was dropped.
+    dropped_durable: bool = False
 
     def message(self, where: str, step: int) -> str | None:
         """The one warning to show the user, or None when the policy did not change."""
+        if self.dropped_durable:
+            return (
+                f"saverules: {where} (step {step}) was written under a policy with a durable tier ([durable]) and "
+                "this policy has none: the durable tier's decider state is dropped (its checkpoints stay where "
+                f"they are), and the local tier continues: {self.rules_text(step)}"
+            )
         if not self.policy_changed:
             return None
+        return f"saverules: {where} (step {step}) was written under a different policy. {self.rules_text(step)}"
+
+    def rules_text(self, step: int) -> str:
+        """What happened to each rule's decider state, as sentences for a warning."""
+        if not self.policy_changed:
+            return "its rules are the same and keep their decider state"
         kept = ", ".join(self.kept) or "none"
         fresh = ", ".join(self.fresh) or "none had any to drop"
         return (
-            f"saverules: {where} (step {step}) was written under a different policy. Rules are matched by what "
+            "Rules are matched by what "
             f"they are, not by their position: rules in both policies keep their decider state (kept: {kept}); "
             f"changed and new rules start fresh from step {step} (fresh: {fresh}; a rule without state decides "
             "the same either way). The new policy applies from here on, retention included"

@@ -279,12 +279,17 @@ class Policy(Model):
 
     # -- the two halves: save decision and preservation ---------------------
     def compile(self, total_steps: int | None = None):
-        """A fresh :class:`~saverules.engine.decider.Decider` for one run.
+        """A fresh :class:`~saverules.engine.decider.Decider` for one run, or, for a policy
+        with ``[durable]``, a :class:`~saverules.engine.tiers.TieredDecider` (one per tier).
 
         ``total_steps`` resolves shares of the run ("5%"); without it the
         decider takes the total from the first Progress that carries one, and
         then from ``[run].total_steps``.
         """
+        if self.durable is not None:
+            from .tiers import TieredDecider
+
+            return TieredDecider(self, total_steps)
         from .decider import Decider
 
         return Decider(self, total_steps)

@@ -236,13 +236,28 @@ def _checked(step, total_steps, epoch, epoch_end, is_last, time, metrics, signal
 
 
 class Decision(NamedTuple):
-    """The answer for one step: save or not, and the name of every rule that fired."""
+    """The answer for one step: save or not, and the name of every rule that fired.
+
+    ``reasons`` names the rules of the local tier (the top level of the
+    policy) that fired, ``durable`` those of the durable tier (``[durable]``,
+    see :mod:`saverules.engine.tiers`).  A durable save promotes a local
+    checkpoint, so ``save`` is true when either is non-empty.
+    """
 
     save: bool
     reasons: tuple = ()
+    durable: tuple = ()
 
     def __bool__(self) -> bool:  # ``if decider(progress): ...`` reads naturally
         return self.save
+
+    @property
+    def tiers(self) -> tuple[str, ...]:
+        """The tiers this decision saves to: ``()``, ``("local",)`` or ``("local", "durable")``
+        (a durable save is a local save promoted)."""
+        if self.durable:
+            return ("local", "durable")
+        return ("local",) if self.save else ()
 
 
 NO_SAVE = Decision(False, ())

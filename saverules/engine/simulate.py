@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from .cost import check_cost
 from .count import plan_rest
+from .decider import Decider
 from .limits import MAX_STEPS, SAVE_LIMIT, steps_text
 from .progress import Checkpoint, Progress
 from .quantities import format_seconds
@@ -162,7 +163,7 @@ def simulate(policy, total_steps, steps_per_epoch=None, step_seconds=None, metri
             raise ValueError("write_seconds needs save_seconds: give the stall of a save too")
         cost = check_cost(save_seconds, write_seconds)  # reported to the decider after every save
 
-    decider = policy.compile(total_steps)
+    decider = Decider(policy, total_steps)  # the top-level (local) tier; simulate_tiers adds [durable]
     decider._simulate(_Shape(total_steps, steps_per_epoch, step_seconds, None if cost is None else cost[0]))
     saves: list[tuple[int, tuple[str, ...]]] = []
     fired: dict[str, int] = {}
@@ -254,7 +255,7 @@ def _count_rest(policy, compiled, saves, fired, listed_to, total_steps, steps_pe
         # the end of the run, where rules that depend on the last save may fire: simulate it
         # from the counted stretch's end, as a per-step run would stand there, with a fresh
         # decider (no rule has seen the steps beyond listed_to)
-        decider = policy.compile(total_steps)
+        decider = Decider(policy, total_steps)  # the top-level (local) tier; simulate_tiers adds [durable]
         # (an adaptive rule is never counted, see saverules.engine.count, so none is in play here;
         # the shape still says whether a save cost was given, as the listed run's did)
         decider._sim = _Shape(total_steps, steps_per_epoch, step_seconds, None if cost is None else cost[0])

@@ -10,16 +10,26 @@ local tier's time rules).
 :func:`simulate_tiers` simulates both tiers of a run: each tier's saves, kept
 set and largest gap ("a crashed process loses at most X; a lost node loses at
 most Y"), and, given how long an upload takes, the upload lag.
+
+:class:`TieredDecider` is the runtime's decider of both tiers: what
+``Policy.compile()`` returns for a policy with ``[durable]``.  It decides as
+:func:`simulate_tiers` simulates, and drops in wherever a
+:class:`~saverules.engine.decider.Decider` goes.
 """
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
+from .decider import Decider, Resumed
 from .limits import SAVE_LIMIT
 from .policy import Policy
-from .progress import Checkpoint
+from .progress import Checkpoint, Decision, Progress
 from .simulate import Simulation
+
+#: The tiers a save can reach, in the order a Decision names them.
+TIERS = ("local", "durable")
 
 
 def durable_policy(policy: Policy) -> Policy | None:
@@ -127,3 +137,164 @@ def simulate_tiers(policy: Policy, total_steps: int, steps_per_epoch: int | None
         durable_gap_steps=largest_gap([s for s, _ in dsim.saves], total_steps),
         upload_seconds=up, lag_steps=lag,
     )
+
+
+# -- the runtime: both tiers' decisions ---------------------------------------------------
+
+
+def is_tiered_state(state: object) -> bool:
+    """Whether ``state`` is a :class:`TieredDecider`'s ``state_dict()`` (one state per tier)."""
+    return isinstance(state, Mapping) and "local" in state and "durable" in state and "version" not in state
+
+
+def _tiers_argument(tiers: str | Iterable[str]) -> tuple[str, ...]:
+    names = (tiers,) if isinstance(tiers, str) else tuple(tiers)
+    for name in names:
+        if name not in TIERS:
+            raise ValueError(f"tiers must name 'local' and/or 'durable', got {name!r} in tiers={tiers!r}")
+    return names
+
+
+class TieredDecider:
+    """The save decisions of a policy with two tiers: one :class:`~saverules.engine.decider.Decider` per tier.
+
+    The local tier's decider runs :func:`local_policy` (the top-level rules),
+    the durable tier's :func:`durable_policy` (``[durable]``).  Both are asked
+    at every decision, each counts from its own saves (a promotion does not
+    reset the local tier's time rules), and the :class:`~saverules.engine.progress.Decision`
+    names the rules of each: ``reasons`` the local tier's, ``durable`` the
+    durable tier's; it saves when either fired.  This is what
+    :func:`simulate_tiers` simulates.
+
+    It has the Decider's interface, so that the store, the trainer callbacks
+    and :class:`saverules.distributed.SyncedDecider` take it as they take a
+    Decider.  A save's cost (:meth:`note_cost`) is the local tier's; an
+    upload's wall time goes to the durable tier's decider through
+    :meth:`note_upload_cost`.
+    """
+
+    def __init__(self, policy: Policy, total_steps: int | None = None) -> None:
+        durable = durable_policy(policy)
+        if durable is None:
+            raise ValueError(
+                f"policy {policy.source} has no [durable] table, so it has one tier: compile it with "
+                "Policy.compile() (a Decider), or add a [durable] table"
+            )
+        self.policy = policy
+        self.local: Decider = Decider(local_policy(policy), total_steps)
+        self.durable: Decider = Decider(durable, total_steps, where=("durable",))
+        local_cls, durable_cls = type(self.local), type(self.durable)
+        self.reacts_to: frozenset[str] = local_cls.reacts_to | durable_cls.reacts_to
+        self.watches_last = local_cls.watches_last or durable_cls.watches_last
+        self.watches_signals = local_cls.watches_signals or durable_cls.watches_signals
+        self.watches_epochs = local_cls.watches_epochs or durable_cls.watches_epochs
+        self.watches_time = local_cls.watches_time or durable_cls.watches_time
+        self.watches_metrics = local_cls.watches_metrics or durable_cls.watches_metrics
+
+    # -- deciding ---------------------------------------------------------------------------
+    def __call__(self, progress: Progress) -> Decision:
+        local = self.local(progress)
+        durable = self.durable(progress)
+        if not durable.save:
+            return local
+        return Decision(True, local.reasons, durable.reasons)
+
+    @property
+    def total_steps(self) -> int | None:
+        return self.local.total_steps
+
+    @property
+    def next_step(self) -> int:
+        """No rule of either tier can fire before this step while the run is quiet."""
+        return min(self.local.next_step, self.durable.next_step)
+
+    @property
+    def next_time(self) -> float:
+        """No clock rule of either tier can fire while Progress.time is below this."""
+        return min(self.local.next_time, self.durable.next_time)
+
+    def note_save(self, step: int, time: float | None = None,
+                  tiers: str | Iterable[str] = TIERS) -> None:
+        """Record a save made outside the decisions (a forced save) in the ``tiers`` it reached."""
+        for name in _tiers_argument(tiers):
+            (self.local if name == "local" else self.durable).note_save(step, time)
+
+    def note_cost(self, stall_seconds: float, write_seconds: float | None = None) -> None:
+        """The latest local save's cost (see :meth:`Decider.note_cost`): the local tier's."""
+        self.local.note_cost(stall_seconds, write_seconds)
+
+    def note_upload_cost(self, seconds: float) -> None:
+        """The latest upload's wall time: the durable tier's save cost, as both its stall and its write
+        (an ``adaptive`` rule of ``[durable]`` plans its interval from it)."""
+        self.durable.note_cost(seconds, seconds)
+
+    @property
+    def save_cost(self) -> tuple[float, float] | None:
+        """The local tier's estimated (stall, write) seconds of a save, or None before any report."""
+        return self.local.save_cost
+
+    @property
+    def upload_cost(self) -> tuple[float, float] | None:
+        """The durable tier's estimate from the uploads' wall times, or None before any report."""
+        return self.durable.save_cost
+
+    # -- resume ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Both tiers' states: ``{"local": ..., "durable": ..., "policy": digest}``."""
+        return {"local": self.local.state_dict(), "durable": self.durable.state_dict(), "policy": self.policy.digest}
+
+    def fresh_state(self, step: int, time: float | None = None) -> dict[str, Any]:
+        """The state of both tiers' deciders that have just saved ``step`` and hold no rule state."""
+        return {"local": self.local.fresh_state(step, time), "durable": self.durable.fresh_state(step, time),
+                "policy": self.policy.digest}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> TierResumed:
+        """Continue from ``state``: a two-tier state, or a one-tier one (a policy that had no ``[durable]``).
+
+        A one-tier state continues the local tier, and the durable tier's rules
+        start fresh from the saved step; what is returned says which, and its
+        :meth:`TierResumed.message` is the warning to show.
+        """
+        if is_tiered_state(state):
+            local, durable = state["local"], state["durable"]
+            if not isinstance(local, dict) or not isinstance(durable, dict):
+                raise ValueError("a two-tier decider state holds a table for each tier ('local' and 'durable')")
+            return TierResumed(self.local.load_state_dict(local), self.durable.load_state_dict(durable))
+        if not isinstance(state, dict):
+            raise ValueError(f"decider state must be a table, got {type(state).__name__}")
+        resumed = self.local.load_state_dict(state)
+        step = int(state["prev_step"])
+        time = state.get("last_save_time")
+        self.durable.load_state_dict(self.durable.fresh_state(step, None if time is None else float(time)))
+        return TierResumed(resumed, None)
+
+    def __repr__(self) -> str:
+        return f"TieredDecider(policy={self.policy.source!r}, total_steps={self.total_steps})"
+
+
+@dataclasses.dataclass(frozen=True)
+class TierResumed:
+    """What :meth:`TieredDecider.load_state_dict` did: each tier's :class:`~saverules.engine.decider.Resumed`,
+    ``durable`` None when the state had one tier (the policy gained ``[durable]``: its rules start fresh)."""
+
+    local: Resumed
+    durable: Resumed | None
+
+    @property
+    def policy_changed(self) -> bool:
+        return self.durable is None or self.local.policy_changed or self.durable.policy_changed
+
+    def message(self, where: str, step: int) -> str | None:
+        """The one warning to show the user, or None when neither tier's policy changed."""
+        if self.durable is None:
+            return (
+                f"saverules: {where} (step {step}) was written under a policy without a durable tier, and this "
+                f"policy has one ([durable]): the durable tier's rules start fresh from step {step}; the local "
+                f"tier: {self.local.rules_text(step)}"
+            )
+        if not self.policy_changed:
+            return None
+        return (
+            f"saverules: {where} (step {step}) was written under a different policy. The local tier: "
+            f"{self.local.rules_text(step)}. The durable tier: {self.durable.rules_text(step)}"
+        )

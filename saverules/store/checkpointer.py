@@ -18,6 +18,14 @@ A resume is :func:`saverules.store.resume.load_latest` (the newest checkpoint
 that verifies, decoded with the format its manifest names; a sharded store:
 :func:`saverules.store.sharded.coordinate.load_latest`), and the state goes back through
 :mod:`~saverules.store.restore`.
+
+With a durable tier (``[durable]`` or ``durable=URL``, docs/tiers.md) the
+committer is a :class:`~saverules.store.remote.committer.TieredCommitter`
+around the local one: a save the durable rules decide is committed locally and
+then promoted (uploaded in the background by
+:class:`~saverules.store.remote.promote.Promoter`), local retention spares
+what is not yet durable, and a resume looks at both tiers.  Without one the
+same committer only passes through, so this module never asks which it holds.
 """
 from __future__ import annotations
 
@@ -33,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from ..engine.progress import Decision, Progress
+from ..engine.tiers import durable_policy, merge_saves
 from . import formats, lock, ranks, resume, space
 from .async_writes import AsyncWrites
 from .commit import Committer, LocalCommitter
@@ -40,6 +49,8 @@ from .errors import CheckpointError, CheckpointWriteError, StateTooDeepError, St
 from .manifest import CheckpointInfo, info_from_manifest, metrics_of, new_manifest, progress_of
 from .opening import open_store, refuse_a_file
 from .ranks import RankFailure
+from .remote.committer import TieredCommitter
+from .remote.retry import Retries
 from .restore import restore
 from .retain import Retainer
 from .snapshot import Job, Snapshot
@@ -111,6 +122,31 @@ class Checkpointer:
         directory is created, nothing is cleaned up or written, and no lock is
         taken, so it works on a store that another process writes right now.
         ``step`` still decides; ``save`` and a decision to save raise.
+    durable:
+        The durable tier's URL (``s3://bucket/run``, ``gs://...``,
+        ``file://...``, ``memory://...`` or a plain path); overrides
+        ``[durable].dir`` as ``dir`` overrides ``[storage].dir``.  The policy
+        must have a ``[durable]`` table (its rules decide what is promoted).
+        See docs/tiers.md.
+    durable_options:
+        fsspec storage options of the durable tier; override
+        ``[durable].options``.  Never credentials: those come from the
+        environment (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``, ...).
+    durable_retries:
+        How each network operation on the durable tier, and each promotion
+        as a whole, is retried (:class:`saverules.store.remote.retry.Retries`;
+        default: 6 attempts, 0.5 s doubling to 8 s, for an operation; 3
+        attempts, 2 s doubling to 30 s, for a promotion).
+
+    With a durable tier, the writer opens it when the Checkpointer is made
+    (its lock; an unreachable tier is a :class:`CheckpointError` at once), a
+    save the durable rules decide (or a signal save) is committed locally and
+    then uploaded in the background, one upload at a time; a failed upload
+    is reported at the next ``step()`` as ``on_error`` says; ``close(timeout)``
+    waits for the uploads and raises
+    :class:`~saverules.store.errors.DurableError` when the last one (the final
+    step's) did not reach the durable tier.  ``load_latest`` resumes from
+    the newest checkpoint of either tier (:attr:`resumed_from` says which).
 
     A writer (the only process, or rank 0 under DDP) takes the store's lock
     when it is made: a second writer process on the same directory fails
@@ -131,10 +167,14 @@ class Checkpointer:
         sync: Mapping[str, Any] | None = None,
         commit_timeout: float | None = None,
         read_only: bool = False,
+        durable: str | os.PathLike | None = None,
+        durable_options: Mapping[str, Any] | None = None,
+        durable_retries: Retries | None = None,
     ) -> None:
         policy = load_policy(policy)
         check_arguments(dir=dir, read_only=read_only, async_save=async_save, verify=verify,
                                 on_error=on_error, run_name=run_name)
+        durable_url, durable_opts = durable_arguments(policy, durable, durable_options, durable_retries)
         self._format = storage_format(policy)
 
         self.policy = policy
@@ -148,14 +188,18 @@ class Checkpointer:
 
         self.rank, self.world_size = ranks.process_rank()
         self.decider = make_decider(policy, total_steps, self.world_size, sync)
-        self._committer = _committer(self._format, self.dir, verify, commit_timeout,
-                                     writes=self.is_writer, read_only=read_only)
+        inner = _committer(self._format, self.dir, verify, commit_timeout, writes=self.is_writer,
+                           read_only=read_only)
+        self._committer = tiered(inner, self.dir, policy, durable_url, durable_opts, durable_retries,
+                                 lock=self.is_writer, downloads=self.rank == 0 and not read_only,
+                                 released=_weak(self._sweep))
 
         self._clock_offset = 0.0
         self._clock_t0 = _time.monotonic()
         self._cache = VerifyCache()
         self._warned: set = set()
-        self._retainer = Retainer(self.dir, policy, self._cache, verify != "none", self._warned)
+        self._retainer = Retainer(self.dir, policy, self._cache, verify != "none", self._warned,
+                                  protected=self._committer.protected)
         self._async = AsyncWrites()  # the writer thread, copy buffers and write in flight of async saves
         weakref.finalize(self, self._async.writer.stop).atexit = False  # at exit: _finish_at_exit
         self._closed = False
@@ -170,6 +214,12 @@ class Checkpointer:
                 if on_error == "raise":
                     raise
                 warn(str(err))
+        try:
+            self._committer.open()  # the durable tier: its lock; unreachable is an error at once
+        except BaseException:
+            if self._release is not None:
+                self._release()
+            raise
         _LIVE.add(self)
 
     def _open_store(self) -> None:
@@ -182,6 +232,16 @@ class Checkpointer:
         self._release.atexit = False  # at exit the process's end drops it, after a pending write has finished
 
     # -- small public helpers ----------------------------------------------------
+
+    @property
+    def durable(self) -> Any:
+        """The durable tier (a :class:`~saverules.store.remote.DurableTier`), or None without one."""
+        return self._committer.tier
+
+    @property
+    def resumed_from(self) -> tuple[str, str] | None:
+        """(tier, name) of the checkpoint the last ``load_latest`` resumed: tier ``"local"`` or ``"durable"``."""
+        return self._committer.resumed_from
 
     @property
     def is_writer(self) -> bool:
@@ -223,21 +283,46 @@ class Checkpointer:
         """Ask the policy about this step; save when it says so. Returns the decision."""
         self._check_open("step")
         self._collect(block=False)
+        self._report_background()
         decision = self.decider(progress)
         if decision.save:
-            self._save(progress, state, tuple(decision.reasons))
+            durable = self._committer.promoted(decision)
+            if durable and not decision.durable:  # a signal save of the local tier: promoted at once
+                self.decider.note_save(progress.step, progress.time if progress.time is not None else self.clock(),
+                                       tiers=("durable",))
+            self._save(progress, state, tuple(decision.reasons), durable)
         return decision
 
-    def save(self, progress: Progress, state: Mapping[str, Any], reason: str = "manual") -> Decision:
-        """Save now, whatever the policy says; the decider is told (time rules measure from here)."""
+    def _report_background(self) -> None:
+        """Pass the uploads' wall times to the decider, and report those that failed (as ``on_error`` says)."""
+        for seconds in self._committer.upload_seconds():
+            self.decider.note_upload_cost(seconds)
+        for err in self._committer.failures():
+            self._report(err)
+
+    def save(self, progress: Progress, state: Mapping[str, Any], reason: str = "manual", *,
+             durable: bool = False) -> Decision:
+        """Save now, whatever the policy says; the decider is told (time rules measure from here).
+
+        ``durable=True`` also promotes the save to the durable tier (and its
+        rules measure from here too); it needs a durable tier.
+        """
         if not isinstance(reason, str) or not reason:
             raise ValueError(f"reason must be a non-empty string, got {reason!r}")
+        if not isinstance(durable, bool):
+            raise ValueError(f"durable must be True or False, got {durable!r}")
+        if durable and self._committer.tier is None:
+            raise ValueError("durable=True needs a durable tier: add a [durable] table to the policy (docs/tiers.md)")
         self._check_open("save")
         self._collect(block=False)
+        self._report_background()
         time_ = progress.time if progress.time is not None else self.clock()
-        self.decider.note_save(progress.step, time_)
-        self._save(progress, state, (reason,))
-        return Decision(True, (reason,))
+        if self._committer.tier is None:
+            self.decider.note_save(progress.step, time_)
+        else:
+            self.decider.note_save(progress.step, time_, tiers=("local", "durable") if durable else ("local",))
+        self._save(progress, state, (reason,), (reason,) if durable else ())
+        return Decision(True, (reason,), (reason,) if durable else ())
 
     def wait(self) -> None:
         """Block until the write in flight (if any) is committed; report its failure."""
@@ -251,19 +336,32 @@ class Checkpointer:
         """
         self._async.gate.wait()
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
         """Wait for pending writes, report a failure, and let go of the store's lock.
 
-        After ``close`` the checkpointer still reads (``latest``, ``list``,
-        ``load_latest``) but ``step`` and ``save`` raise.  Closing twice is fine.
+        With a durable tier, then wait for the uploads (a tqdm bar in bytes;
+        at most ``timeout`` seconds, default no limit) and apply each tier's
+        retention once more; raise :class:`~saverules.store.errors.DurableError`
+        naming the step and why when the last promotion (the final step's, or
+        a signal save's) did not reach the durable tier.  The locks are let go
+        of in any case.  After ``close`` the checkpointer still reads
+        (``latest``, ``list``, ``load_latest``) but ``step`` and ``save``
+        raise.  Closing twice is fine.
         """
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or timeout < 0):
+            raise ValueError(f"timeout must be a number of seconds >= 0 or None, got {timeout!r}")
         if self._closed:
             return
         try:
-            self._collect(block=True)
+            try:
+                self._collect(block=True)
+            finally:
+                self._committer.finish(timeout)
         finally:
             self._closed = True
             self._async.close()
+            self._committer.close()
             if self._release is not None:
                 self._release()
             _LIVE.discard(self)
@@ -296,7 +394,8 @@ class Checkpointer:
         """This process writes files: rank 0, or every rank of a sharded format."""
         return self._committer.writes
 
-    def _save(self, progress: Progress, state: Mapping[str, Any], reasons: tuple[str, ...]) -> None:
+    def _save(self, progress: Progress, state: Mapping[str, Any], reasons: tuple[str, ...],
+              durable: tuple[str, ...] = ()) -> None:
         if self.read_only:
             raise CheckpointError(
                 f"saverules: this Checkpointer reads {self.dir} only (read_only=True) and cannot save step "
@@ -317,7 +416,7 @@ class Checkpointer:
         # (Decider.note_cost; for an asynchronous write, by _collect).
         started = _time.perf_counter()
         try:
-            job, optimizers = self._prepare(progress, state, reasons)
+            job, optimizers = self._prepare(progress, state, reasons, durable)
         except StateTooDeepError as err:  # a state no reader could load: refused, as on_error says
             self._report(err)
             return
@@ -332,7 +431,8 @@ class Checkpointer:
                 elapsed = _time.perf_counter() - started
                 self.decider.note_cost(elapsed, elapsed)
 
-    def _prepare(self, progress: Progress, state: Mapping[str, Any], reasons: tuple[str, ...]) -> tuple[Job, list]:
+    def _prepare(self, progress: Progress, state: Mapping[str, Any], reasons: tuple[str, ...],
+                 durable: tuple[str, ...] = ()) -> tuple[Job, list]:
         """In the training thread: check and capture the state (into a snapshot, async), name the checkpoint.
 
         The committer's ``start`` captures the state (every rank of a sharded
@@ -355,9 +455,13 @@ class Checkpointer:
         grab = getattr(self._format, "capture", None) or capture
         name, payload, handle = self._committer.start(name, progress.step, lambda: grab(
             state, progress.step, self.decider.state_dict(), clock, snap))
+        if durable:  # the manifest lists both tiers' reasons, as `check` does: local, then "durable" and its own
+            [(_s, reasons)] = merge_saves([(progress.step, reasons)], [(progress.step, ("durable",) + durable)])
         manifest = new_manifest(name=name, progress=progress, clock=clock, utc=utc, reasons=reasons,
                                 metrics=metrics, policy_digest=self.policy.digest, storage_format=self._format.name,
                                 world_size=self.world_size)
+        if durable:
+            manifest["durable"] = list(durable)
         job = Job(name=name, step=int(progress.step), manifest=manifest, payload=payload, snapshot=snap,
                   handle=handle)
         return job, optimizers
@@ -380,13 +484,21 @@ class Checkpointer:
             self._cache.put(path, info)
         else:
             self._cache.forget(path)
-        log.info("saved checkpoint %s (step %d, %s)", path, job.step, ", ".join(job.manifest["reasons"]))
+        log.info("saved checkpoint %s (step %d, %s)", path, job.step, describe_tiers(job.manifest))
         try:
             self._retainer.retain(info)
         except Exception as exc:  # retention must never fail a save that was committed
             self._retainer.index.drop()  # read the store again at the next save
             warn(f"saverules: retention after saving {path} failed: {exc}")
         space.warn_if_short(self.dir, manifest, self._warned)
+
+    def _sweep(self) -> None:
+        """Local retention again, once an upload released the local copy it held (the promoter thread)."""
+        try:
+            self._retainer.sweep()
+        except Exception as exc:
+            self._retainer.index.drop()
+            warn(f"saverules: retention of {self.dir} after an upload failed: {exc}")
 
     # -- reading -------------------------------------------------------------------------
 
@@ -442,6 +554,86 @@ class Checkpointer:
         self._clock_t0 = _time.monotonic()
         return progress_of(info, self._clock_offset)
 
+
+
+def _weak(method: Any) -> Any:
+    """``method`` (a bound method) called through a weak reference: the committer must not keep its
+    Checkpointer alive (a dropped Checkpointer lets go of its lock when it is collected)."""
+    ref = weakref.WeakMethod(method)
+
+    def call() -> None:
+        fn = ref()
+        if fn is not None:
+            fn()
+
+    return call
+
+
+def describe_tiers(manifest: Mapping[str, Any]) -> str:
+    """A save's rules by tier: ``local: every_steps(every=100); durable: final`` (``-``: none of that tier's)."""
+    reasons = list(manifest.get("reasons") or ())
+    durable = list(manifest.get("durable") or ())
+    if not durable:
+        return "local: " + ", ".join(reasons)
+    cut = reasons.index("durable") if "durable" in reasons else len(reasons)
+    return f"local: {', '.join(reasons[:cut]) or '-'}; durable: {', '.join(durable)}"
+
+
+def tiered(inner: Committer, root: Path, policy: Any, url: str | None, options: Mapping[str, Any] | None,
+           retries: Retries | None, *, lock: bool, downloads: bool,
+           released: Any) -> TieredCommitter:
+    """The committer of a store with its durable tier (when ``url``); the tier opens in ``open()``."""
+    from .remote.promote import PROMOTION_RETRIES
+    from .remote.retry import DEFAULT
+
+    opener = None
+    if url is not None:
+        from .remote.tier import DurableTier
+
+        def opener() -> DurableTier:
+            return DurableTier(url, options, writer=lock, retries=retries or DEFAULT)
+
+    return TieredCommitter(inner, root, durable_policy(policy), open_tier=opener, released=released,
+                           downloads=downloads, retries=retries or PROMOTION_RETRIES)
+
+
+def durable_arguments(policy: Any, durable: Any, options: Any, retries: Any) -> tuple[str | None, dict | None]:
+    """The durable tier's URL and storage options, from the arguments over ``[durable]``; ValueError naming
+    the argument that does not fit."""
+    table = getattr(policy, "durable", None)
+    if durable is not None:
+        if not isinstance(durable, (str, os.PathLike)) or not os.fspath(durable):
+            raise ValueError(f"durable must be a URL or a path (a non-empty string), got {durable!r}")
+        if table is None:
+            raise ValueError(
+                f"durable={os.fspath(durable)!r} was given, but the policy has no [durable] table: add one (its "
+                "rules say which saves are promoted to the durable tier, see docs/tiers.md), e.g.\n"
+                '[durable]\n[[durable.rules]]\nkind = "every_steps"\nevery = 1000'
+            )
+    if options is not None and not isinstance(options, Mapping):
+        raise ValueError(f"durable_options must be a mapping of fsspec storage options or None, got "
+                         f"{type_name(options)}")
+    if retries is not None and not isinstance(retries, Retries):
+        raise ValueError(f"durable_retries must be a saverules.store.remote.retry.Retries or None, got "
+                         f"{type_name(retries)}")
+    if table is None:
+        if options is not None:
+            raise ValueError("durable_options was given, but the policy has no [durable] table (see docs/tiers.md)")
+        return None, None
+    url = os.fspath(durable) if durable is not None else table.dir
+    if url is None:
+        raise ValueError(
+            "the policy's [durable] table has no dir: set [durable].dir (an fsspec URL such as s3://bucket/run, or "
+            "a path) or pass durable=URL"
+        )
+    opts = dict(options) if options is not None else dict(table.options)
+    from .remote.url import check_options
+
+    try:
+        check_options(opts, "durable_options" if options is not None else "[durable].options")
+    except CheckpointError as exc:
+        raise ValueError(str(exc)) from None
+    return str(url), opts
 
 
 def _committer(fmt: Any, root: Path, verify: str, commit_timeout: float | None, *, writes: bool,

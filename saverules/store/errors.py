@@ -89,6 +89,17 @@ class StoreLockedError(CheckpointError):
         self.holder = holder
 
 
+class DurableError(CheckpointError):
+    """The durable tier did not get what it had to: at ``close()``, the last promotion (the final step's, or a
+    signal save's) did not reach it in time or failed.  ``step`` is that checkpoint's step, ``reason`` why.
+    The locks were released anyway; the local checkpoint is still there."""
+
+    def __init__(self, message: str, step: int | None = None, reason: str | None = None):
+        super().__init__(message)
+        self.step = step
+        self.reason = reason
+
+
 class StateTypeError(TypeError):
     """The training state holds a value a checkpoint may not store."""
 

@@ -24,6 +24,13 @@ def restore_decider(decider: Any, saved: Any, step: int, time: float | None, whe
     one warning names which.  A state that is missing or does not load at all
     starts every rule fresh from ``step``, as if it had just saved, with a
     warning that says why.
+
+    The tiers may differ too (see :class:`saverules.engine.tiers.TieredDecider`):
+    a two-tier state into a two-tier decider continues each tier; a one-tier
+    state into a decider of a policy that gained ``[durable]`` continues the
+    local tier and starts the durable tier's rules fresh from ``step``; a
+    two-tier state into a one-tier decider continues the local tier and drops
+    the durable tier's state.  The warning says which.
     """
     problem = None
     if not isinstance(saved, Mapping):

@@ -18,7 +18,11 @@ removed, is never counted in place of a good one that would go; when one of
 them fails, the store is read again and the plan made from what is really
 there.  A checkpoint to delete that turns out damaged is left on disk for
 inspection, uncounted, with a warning.  The checkpoint just written always stays
-until the next one is committed.  A checkpoint is deleted by renaming it to
+until the next one is committed, and so does every checkpoint the ``protected``
+callable names (a two-tier store: the local copies whose upload to the durable
+tier is queued or running, and the checkpoint a resume came from): what the
+policy drops among them stays until :meth:`Retainer.sweep` runs once they are
+released.  A checkpoint is deleted by renaming it to
 ``.del-...`` first, so a crash mid-delete never leaves a half-deleted
 directory that looks like a checkpoint; one that another process removed
 first is simply gone.
@@ -27,7 +31,8 @@ from __future__ import annotations
 
 import bisect
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,8 +100,13 @@ _NO_TABLE = object()  # a policy object that does not say what its retention tab
 class Retainer:
     """Retention for one writing Checkpointer, over its index of the store (see the module)."""
 
-    def __init__(self, root: Path, policy: Any, cache: VerifyCache, deep: bool, warned: set) -> None:
+    def __init__(self, root: Path, policy: Any, cache: VerifyCache, deep: bool, warned: set,
+                 protected: Callable[[], Collection[str]] | None = None) -> None:
         self.index = StoreIndex(root)
+        #: The names retention must not delete now (see the module); asked before every deletion.
+        self.protected = protected
+        #: Retention runs after a commit (the writer) and after an upload (the promoter thread): one at a time.
+        self.lock = threading.RLock()
         self.root, self.policy, self.cache, self.deep, self.warned = root, policy, cache, deep, warned
         self.table = getattr(policy, "retention", _NO_TABLE)
         self._pruned = False  # every checkpoint in the index is kept by the policy
@@ -209,11 +219,34 @@ class Retainer:
 
     def retain(self, info: CheckpointInfo) -> None:
         """Apply the policy's retention after ``info`` was committed."""
-        drop = self.plan(info)
-        if drop:
-            drop = self._confirmed(drop, info.path)
+        with self.lock:
+            drop = self.plan(info)
+            if drop:
+                drop = self._confirmed(drop, info.path)
+            self._apply(drop)
+
+    def sweep(self) -> None:
+        """Apply the policy's retention again, over the whole index (a protected checkpoint was released)."""
+        with self.lock:
+            if not self.index.built:
+                return  # nothing was committed by this writer yet: the next commit plans from the disk
+            good = self.index.good()
+            if not good or self.table is None:
+                return
+            drop = plan(good, good[-1].path, self.policy)
+            if drop:
+                drop = self._confirmed(drop, good[-1].path)
+            self._apply(drop)
+
+    def _apply(self, drop: list[CheckpointInfo]) -> None:
+        held = set(self.protected()) if self.protected is not None else set()
         failed = False
         for victim in drop:
+            if victim.name in held:
+                log.info("retention keeps checkpoint %s for now: it is protected (its upload to the durable tier "
+                         "is pending, or a resume came from it)", victim.path)
+                failed = True  # the store is not pruned: the next plan looks at the whole index
+                continue
             failed = not self._delete(victim.path) or failed
         self._pruned = not failed
 

@@ -229,7 +229,7 @@ def test_final_fires_once_at_the_first_decision_past_the_total():
 def test_final_with_an_unknown_total_uses_is_last():
     d = policy('kind = "every_steps"\nevery = 1000').compile()
     assert not d(Progress(5)).save
-    assert d(Progress(6, is_last=True)) == (True, ("final",))
+    assert d(Progress(6, is_last=True)) == (True, ("final",), ())  # (save, reasons, durable)
 
 
 def test_final_for_a_new_total_after_the_run_was_shortened():

@@ -24,9 +24,11 @@ def _feed(decider, item):
         decider.note_save(item[1], item[2])
         return None
     try:
-        return tuple(decider(item))
+        decision = decider(item)
     except PolicyError:
         return "refused"
+    assert decision.durable == ()  # one tier
+    return tuple(decision)[:2]  # (save, reasons), as the oracle answers
 
 
 def _feed_oracle(oracle, item):

@@ -56,8 +56,10 @@ def _decide_both(doc, event):
     oracle.note_cost(1.0)
     for step in range(1, 6):
         quiet = Progress(step, time=float(step))
-        assert tuple(decider(quiet)) == oracle.decide(quiet) == (False, ())
-    return policy, tuple(decider(EVENT_AT_STEP_6[event])), oracle.decide(EVENT_AT_STEP_6[event])
+        assert tuple(decider(quiet)) == (*oracle.decide(quiet), ()) == (False, (), ())  # (save, reasons, durable)
+    decision = decider(EVENT_AT_STEP_6[event])
+    assert decision.durable == ()  # one tier
+    return policy, tuple(decision)[:2], oracle.decide(EVENT_AT_STEP_6[event])
 
 
 @pytest.mark.parametrize("event", EVENTS)

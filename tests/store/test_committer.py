@@ -12,6 +12,7 @@ from store_common import EVERY_1_KEEP_2, checkpoint_dirs, policy
 from saverules import Progress
 from saverules.store.commit import Committer, LocalCommitter, Settle
 from saverules.store.errors import CheckpointError
+from saverules.store.remote.committer import TieredCommitter
 from saverules.store.sharded import ShardedCommitter
 from saverules.torch import Checkpointer
 
@@ -45,15 +46,15 @@ class Recording:
 
 def test_both_committers_implement_the_protocol() -> None:
     methods = {"start", "commit", "load_latest", "cleanup"}
-    for cls in (LocalCommitter, ShardedCommitter, Recording):
+    for cls in (LocalCommitter, ShardedCommitter, Recording, TieredCommitter):
         assert methods <= set(dir(cls)), cls
     assert set(Committer.__annotations__) == {"writes"}
 
 
 def test_a_checkpointer_saves_resumes_and_retains_through_its_committer(tmp_path: Path) -> None:
     ck = Checkpointer(policy(EVERY_1_KEEP_2), dir=tmp_path)
-    rec = Recording(ck._committer, fail_at=3)  # type: ignore[arg-type]
-    ck._committer = rec
+    rec = Recording(ck._committer.inner, fail_at=3)  # type: ignore[arg-type]
+    ck._committer.inner = rec  # the committer of the local tier, inside the one that adds a durable tier
     ck._open_store()  # re-open through the new committer: its cleanup runs
     model = torch.nn.Linear(2, 2)
     for step in (1, 2):
