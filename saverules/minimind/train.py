@@ -618,14 +618,18 @@ def print_durable_summary(say, policy, durable, trained, not_durable) -> None:
         return
     try:
         good = [e for e in durable.list() if e.ok and e.step is not None]
-    except Exception as e:  # the tier is unreachable now: say so, the exit status says the rest
-        say(f"the durable tier {durable.url} cannot be listed now ({type(e).__name__}: {e})")
+    except Exception as exc:  # the tier is unreachable now: say so, the exit status says the rest
+        say(f"the durable tier {durable.url} cannot be listed now ({type(exc).__name__}: {exc})")
         return
     tier_policy = durable_policy(policy)
     why = tier_policy.explain_retention(retention_view(good)) if good and tier_policy is not None else [()] * len(good)
     say(f"checkpoints in the durable tier {durable.url} ({len(good)}):")
     for e, kept_by in zip(good, why):
-        say(f"  {e.name}  step {e.step}  saved for: {', '.join(e.reasons) or '-'}  kept by: {', '.join(kept_by) or '-'}")
+        reasons = list(e.reasons)  # the local tier's rules, then "durable" and the durable tier's
+        cut = reasons.index("durable") if "durable" in reasons else len(reasons)
+        for_durable = ", ".join(reasons[cut + 1:]) or "-"
+        say(f"  {e.name}  step {e.step}  saved for: {for_durable} (local: {', '.join(reasons[:cut]) or '-'})"
+            f"  kept by: {', '.join(kept_by) or '-'}")
     if any(e.step == trained for e in good):
         say(f"the final step {trained} reached the durable tier")
     else:
