@@ -12,8 +12,9 @@ real object store sustains.
 
 Then the training-thread stall of a save that is promoted to the durable tier
 against the same save without a durable tier: ``Checkpointer.step`` on a step
-the policy saves (synchronous, the same state), with ``durable=`` the moto
-server and without; only the call is timed.  Each sample is one fresh
+the policy saves (synchronous, the same state), with ``durable=`` a moto
+server in a process of its own (as a real endpoint is) and without; only the
+call is timed.  Each sample is one fresh
 Checkpointer (made and closed untimed, so each promotion's upload has finished
 before the next sample starts and never competes with it), interleaved and
 repeated; the medians and each round's ratio are reported.
@@ -23,6 +24,8 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -99,7 +102,7 @@ def run(quick: bool = False) -> list:
 
             samples = interleaved({"ours": ours, "put": put}, repeats)
             tier.close()
-            stall = _stall(Path(tmp), size, repeats, f"s3://{BUCKET}/stall-{secrets.token_hex(4)}")
+            stall = _stall(Path(tmp), size, repeats + 2)
     finally:
         server.stop()
         for k, v in saved.items():
@@ -139,8 +142,51 @@ keep_last = 1
 """
 
 
-def _stall(tmp: Path, size: int, repeats: int, url: str) -> list:
-    """The training thread's stall in ``Checkpointer.step`` for a save, with and without a promotion."""
+def _server_process() -> tuple[subprocess.Popen, int]:
+    """moto's server in a process of its own, as a real endpoint is: its work does not share this process."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return proc, port
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    raise RuntimeError(f"moto's server did not start on port {port}")
+
+
+def _stall(tmp: Path, size: int, repeats: int) -> list:
+    """The training thread's stall in ``Checkpointer.step`` for a save, with and without a promotion.
+
+    The uploads go to a moto server in another process: in this one, its request handling would
+    compete with the training thread for the interpreter, which a real object store does not.
+    """
+    import s3fs
+
+    server, port = _server_process()
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"
+    try:
+        s3fs.S3FileSystem.clear_instance_cache()
+        s3fs.S3FileSystem(skip_instance_cache=True).mkdir(BUCKET)
+        return _measure_stall(tmp, size, repeats, f"s3://{BUCKET}/stall-{secrets.token_hex(4)}")
+    finally:
+        server.kill()
+        server.wait()
+        if endpoint is None:
+            os.environ.pop("AWS_ENDPOINT_URL", None)
+        else:
+            os.environ["AWS_ENDPOINT_URL"] = endpoint
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+def _measure_stall(tmp: Path, size: int, repeats: int, url: str) -> list:
     import torch
 
     import saverules
