@@ -46,6 +46,7 @@ TESTS = [
     "tests/engine/test_engine.py", "tests/engine/test_validation.py", "tests/engine/test_progress.py",
     "tests/engine/test_boundaries.py", "tests/test_docs.py", "tests/engine/test_properties.py",
     "tests/engine/test_cost_properties.py", "tests/engine/test_check.py", "tests/engine/test_check_cost.py",
+    "tests/engine/test_tiers.py", "tests/engine/test_tier_runtime.py", "tests/engine/test_tier_properties.py",
 ]
 HYPOTHESIS_SEED = "20261201"  # every run sees the same generated examples
 

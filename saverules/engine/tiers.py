@@ -19,8 +19,8 @@ most Y"), and, given how long an upload takes, the upload lag.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from typing import Any, Generic, TypeVar
 
 from .decider import Decider, Resumed
 from .limits import SAVE_LIMIT
@@ -298,3 +298,141 @@ class TierResumed:
             f"saverules: {where} (step {step}) was written under a different policy. The local tier: "
             f"{self.local.rules_text(step)}. The durable tier: {self.durable.rules_text(step)}"
         )
+
+
+# -- what the runtime keeps between the tiers (pure: the store runs these under its locks) ---------------
+
+T = TypeVar("T", bound=Hashable)
+
+
+def is_signal_reason(reason: str) -> bool:
+    """Whether a save reason is a top-level ``on_signal`` rule's (a preemption save)."""
+    return reason == "on_signal" or reason.startswith("on_signal(")
+
+
+def promoted(decision: Decision) -> tuple[str, ...]:
+    """Why a save goes to the durable tier: the durable tier's rules that fired; when none did, the local
+    tier's ``on_signal`` rules (a preemption save is promoted at once: the job is about to end, and the
+    durable decider is then told of the save); () when it is not promoted."""
+    if decision.durable:
+        return tuple(decision.durable)
+    return tuple(r for r in decision.reasons if is_signal_reason(r))
+
+
+def must_reach_durable(reasons: Sequence[str]) -> bool:
+    """Whether a promotion for these :func:`promoted` reasons is never replaced in the queue: the
+    durable tier's ``final``, or a signal save."""
+    return "final" in reasons or any(is_signal_reason(r) for r in reasons)
+
+
+class PromotionQueue(Generic[T]):
+    """Which promotions wait and which one uploads, for one durable tier.
+
+    At most one upload runs.  The promotions that wait are every pinned one
+    (:func:`must_reach_durable`: a final or signal save, never replaced), in order, and at most one
+    other after them: a newer promotion replaces a waiting unpinned one, and
+    waits behind the pinned ones.  Items are the local checkpoints' names (or
+    anything hashable); the same item is never pending twice.
+    """
+
+    def __init__(self) -> None:
+        self._running: T | None = None
+        self._waiting: list[tuple[T, bool]] = []
+
+    def offer(self, item: T, pinned: bool = False) -> T | None:
+        """Queue ``item``; returns the waiting promotion it replaced (no longer pending), or None.
+
+        An item already pending is left where it is (pinned, if either offer is).
+        """
+        if item == self._running:
+            return None
+        for i, (queued, was_pinned) in enumerate(self._waiting):
+            if queued == item:
+                self._waiting[i] = (queued, was_pinned or pinned)
+                return None
+        replaced = None
+        if self._waiting and not self._waiting[-1][1]:
+            replaced = self._waiting.pop()[0]
+        self._waiting.append((item, pinned))
+        return replaced
+
+    def start(self) -> T | None:
+        """The next promotion to upload, now running; None while one runs or when none waits."""
+        if self._running is not None or not self._waiting:
+            return None
+        self._running = self._waiting.pop(0)[0]
+        return self._running
+
+    def finish(self) -> T:
+        """The running upload is over (committed, or failed for good): its item, no longer pending."""
+        if self._running is None:
+            raise RuntimeError("PromotionQueue.finish() with no upload running")
+        item, self._running = self._running, None
+        return item
+
+    @property
+    def running(self) -> T | None:
+        return self._running
+
+    @property
+    def waiting(self) -> tuple[T, ...]:
+        """The promotions that wait, in the order they will upload."""
+        return tuple(item for item, _ in self._waiting)
+
+    def pinned_waiting(self) -> tuple[T, ...]:
+        """The waiting promotions that nothing replaces."""
+        return tuple(item for item, pinned in self._waiting if pinned)
+
+    def pending(self) -> frozenset[T]:
+        """Every promotion waiting or running: their local checkpoints are protected."""
+        running = () if self._running is None else (self._running,)
+        return frozenset((*running, *self.waiting))
+
+    def __len__(self) -> int:
+        return len(self._waiting) + (self._running is not None)
+
+
+class Protected(Generic[T]):
+    """The checkpoints of one tier that its retention never deletes, whatever the policy says.
+
+    * the newest committed checkpoint of the tier;
+    * the checkpoint a resume came from, until a newer one is committed in the tier;
+    * what is held: for the local tier, each checkpoint whose promotion is
+      queued or uploading (held when offered, released when its upload is over
+      or a newer promotion replaced it).
+    """
+
+    def __init__(self, newest: T | None = None, resumed_from: T | None = None) -> None:
+        self.newest: T | None = newest
+        self.resumed_from: T | None = resumed_from
+        self._held: dict[T, int] = {}
+
+    def committed(self, item: T) -> None:
+        """``item`` was committed in this tier: the newest now; a resume's checkpoint is no longer held
+        (unless ``item`` is that checkpoint, committed again: a download into the local tier)."""
+        self.newest = item
+        if item != self.resumed_from:
+            self.resumed_from = None
+
+    def hold(self, item: T) -> None:
+        self._held[item] = self._held.get(item, 0) + 1
+
+    def release(self, item: T) -> None:
+        count = self._held.get(item, 0)
+        if count <= 1:
+            self._held.pop(item, None)
+        else:
+            self._held[item] = count - 1
+
+    def names(self) -> frozenset[T]:
+        extra = tuple(x for x in (self.newest, self.resumed_from) if x is not None)
+        return frozenset((*self._held, *extra))
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._held or (item is not None and item in (self.newest, self.resumed_from))
+
+    def keep(self, items: Sequence[T], mask: Sequence[bool]) -> list[bool]:
+        """A retention mask over ``items`` (True = keep) with every protected item kept."""
+        if len(items) != len(mask):
+            raise ValueError(f"keep() got {len(mask)} answers for {len(items)} checkpoints")
+        return [bool(k) or item in self for item, k in zip(items, mask)]

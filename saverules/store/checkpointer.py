@@ -295,9 +295,13 @@ class Checkpointer:
 
     def _report_background(self) -> None:
         """Pass the uploads' wall times to the decider, and report those that failed (as ``on_error`` says)."""
-        for seconds in self._committer.upload_seconds():
-            self.decider.note_upload_cost(seconds)
-        for err in self._committer.failures():
+        seconds, failures = self._committer.take_news()
+        if seconds:
+            note = getattr(self.decider, "note_upload_cost", None)  # a tiered decider (a wrapper may lack it)
+            for s in seconds:
+                if note is not None:
+                    note(s)
+        for err in failures:
             self._report(err)
 
     def save(self, progress: Progress, state: Mapping[str, Any], reason: str = "manual", *,
@@ -372,6 +376,11 @@ class Checkpointer:
         _cost, err = self._async.outcome()
         if err is not None:
             print(f"saverules: the last checkpoint write failed: {err}", file=sys.stderr)
+        left = self._committer.unfinished()
+        if left:
+            print(f"saverules: the process ends with {len(left)} upload(s) to the durable tier unfinished "
+                  f"({', '.join(sorted(left))}): close() waits for them; their local copies are in {self.dir}",
+                  file=sys.stderr)
 
     def _collect(self, block: bool) -> None:
         """Pick up the finished asynchronous write (waiting for it when ``block``): note its cost, report its error."""
@@ -580,9 +589,13 @@ def describe_tiers(manifest: Mapping[str, Any]) -> str:
 
 
 def tiered(inner: Committer, root: Path, policy: Any, url: str | None, options: Mapping[str, Any] | None,
-           retries: Retries | None, *, lock: bool, downloads: bool,
-           released: Any) -> TieredCommitter:
-    """The committer of a store with its durable tier (when ``url``); the tier opens in ``open()``."""
+           retries: Retries | None, *, lock: bool, downloads: bool, released: Any,
+           uploader: Any = None) -> TieredCommitter:
+    """The committer of a store with its durable tier (when ``url``); the tier opens in ``open()``.
+
+    ``uploader(tier)``, when given, makes the upload strategy of the promotions (a sharded store's: every
+    rank uploads its own files); by default the tier's own ``upload``.
+    """
     from .remote.promote import PROMOTION_RETRIES
     from .remote.retry import DEFAULT
 
@@ -594,7 +607,7 @@ def tiered(inner: Committer, root: Path, policy: Any, url: str | None, options: 
             return DurableTier(url, options, writer=lock, retries=retries or DEFAULT)
 
     return TieredCommitter(inner, root, durable_policy(policy), open_tier=opener, released=released,
-                           downloads=downloads, retries=retries or PROMOTION_RETRIES)
+                           downloads=downloads, retries=retries or PROMOTION_RETRIES, uploader=uploader)
 
 
 def durable_arguments(policy: Any, durable: Any, options: Any, retries: Any) -> tuple[str | None, dict | None]:

@@ -13,8 +13,10 @@ it held before.  :func:`cleanup` removes what an interrupted writer left.
 How a Checkpointer commits is one :class:`Committer`: :class:`LocalCommitter`
 (one process writes, the steps above) or
 :class:`~saverules.store.sharded.coordinate.ShardedCommitter` (every rank
-writes its files, rank 0 commits them all).  The Checkpointer picks one when
-it is made and never asks which it holds.
+writes its files, rank 0 commits them all), wrapped in
+:class:`~saverules.store.remote.committer.TieredCommitter` (the durable tier,
+when there is one).  The Checkpointer picks them when it is made and never
+asks which it holds.
 """
 from __future__ import annotations
 
@@ -45,14 +47,18 @@ class Committer(Protocol):
     """How the checkpoints of one store become visible: the interface behind every way to commit.
 
     A Checkpointer holds one committer, picked once when it is made, and runs
-    every save and every resume through it without asking which it is.  Two
-    implementations exist, :class:`LocalCommitter` (one process, a temporary
-    directory renamed into place) and
+    every save and every resume through it without asking which it is.  The
+    implementations: :class:`LocalCommitter` (one process, a temporary
+    directory renamed into place),
     :class:`~saverules.store.sharded.coordinate.ShardedCommitter` (every rank
-    writes its files, rank 0 commits all of them or none).  A third, such as
-    a durable tier on object storage (data objects first, then the manifest
-    with every object's digest and size, then a commit marker; no rename),
-    implements the same methods.
+    writes its files, rank 0 commits all of them or none), and
+    :class:`~saverules.store.remote.committer.TieredCommitter`, which wraps
+    either and adds the durable tier on object storage (data objects first,
+    then the manifest with every object's digest and size, then a commit
+    marker; no rename): a committed local checkpoint is promoted (uploaded in
+    the background), and a resume looks at both tiers.  The Checkpointer
+    always holds a TieredCommitter, which only passes through when there is
+    no durable tier.
 
     Contracts, for every implementation:
 

@@ -218,6 +218,15 @@ def test_a_tiered_state_into_a_one_tier_policy_continues_the_local_tier_and_says
     assert one.state_dict() == {**two.local.state_dict(), "policy": one.policy.digest}
 
 
+def test_a_two_tier_state_whose_tiers_are_not_tables_is_refused_saying_so():
+    d = saverules.loads(TWO_TIERS).compile()
+    for bad in ({"local": "junk", "durable": {}}, {"local": {}, "durable": ["x"]}):
+        with pytest.raises(ValueError, match="a two-tier decider state holds a table for each tier"):
+            d.load_state_dict(bad)
+    with pytest.raises(ValueError, match="decider state must be a table, got list"):
+        d.load_state_dict([1])  # type: ignore[arg-type]
+
+
 def test_restore_decider_warns_what_it_did_with_each_tier():
     two_policy, one_policy = saverules.loads(TWO_TIERS), saverules.loads(LOCAL_ONLY)
     one_state = one_policy.compile().state_dict()
@@ -262,3 +271,76 @@ def test_a_synced_decider_of_one_process_passes_the_durable_tier_through():
     d.note_upload_cost(2.0)
     assert d.upload_cost == (2.0, 2.0)
     assert is_tiered_state(d.state_dict())
+
+
+def test_a_tiered_decider_watches_what_either_tier_watches():
+    text = """version = 1
+final = false
+[[rules]]
+kind = "epoch_end"
+[durable]
+final = false
+[[durable.rules]]
+kind = "every_time"
+every = "1m"
+"""
+    d = saverules.loads(text).compile()
+    assert d.watches_epochs and d.watches_time and not d.watches_last and not d.watches_metrics
+    assert saverules.loads(LOCAL_ONLY.replace("final = false\n", "") + '[durable]\nfinal = false\n').compile().watches_last
+    d(Progress(1, time=10.0))
+    assert d.local.next_time == float("inf") and d.next_time == d.durable.next_time == 70.0
+
+
+# -- the pure parts the store runs -----------------------------------------------------------------------
+
+
+def test_a_durable_save_or_a_signal_save_is_promoted_and_a_final_or_signal_one_is_never_replaced():
+    from saverules.engine.tiers import must_reach_durable, promoted
+
+    assert promoted(Decision(True, ("every_steps(every=3)",), ("every_steps(every=5)",))) == ("every_steps(every=5)",)
+    assert promoted(Decision(True, ("on_signal(SIGUSR1)", "every_steps(every=3)"))) == ("on_signal(SIGUSR1)",)
+    assert promoted(Decision(True, ("on_signal",))) == ("on_signal",)
+    assert promoted(Decision(True, ("every_steps(every=3)", "any(on_signal, final)"))) == ()
+    assert promoted(Decision(False)) == ()
+    assert not must_reach_durable(("every_steps(every=5)",))
+    assert must_reach_durable(("final",)) and must_reach_durable(("every_steps(every=5)", "on_signal"))
+    assert must_reach_durable(("on_signal(SIGTERM)",)) and not must_reach_durable(("on_signals",))
+
+
+def test_the_promotion_queue_by_example():
+    from saverules.engine.tiers import PromotionQueue
+
+    q: PromotionQueue[str] = PromotionQueue()
+    assert q.offer("a") is None and q.start() == "a" and q.start() is None
+    assert q.offer("b") is None and q.offer("c") == "b", "a newer promotion replaces a waiting one"
+    assert q.offer("d", pinned=True) == "c" and q.offer("e") is None and q.offer("f") == "e"
+    assert q.waiting == ("d", "f") and q.pinned_waiting() == ("d",) and q.pending() == {"a", "d", "f"}
+    assert q.offer("f", pinned=True) is None and q.pinned_waiting() == ("d", "f"), "offered again: pinned now"
+    assert q.offer("a") is None and len(q) == 3, "the running one is not queued again"
+    assert q.finish() == "a" and q.start() == "d" and q.finish() == "d" and q.start() == "f"
+    assert q.finish() == "f" and q.start() is None and len(q) == 0
+    with pytest.raises(RuntimeError, match="no upload running"):
+        q.finish()
+
+
+def test_what_is_protected_by_example():
+    from saverules.engine.tiers import Protected
+
+    p: Protected[int] = Protected(newest=30, resumed_from=20)
+    assert p.names() == {20, 30} and 20 in p and None not in p and 10 not in p
+    p.hold(31)
+    p.hold(31)  # offered twice: held until released twice
+    p.committed(31)
+    assert p.names() == {31} and 20 not in p, "a newer commit ends the resume's hold"
+    p.release(31)
+    p.committed(32)
+    assert 31 in p
+    p.release(31)
+    p.release(99)  # never held: nothing happens
+    assert p.names() == {32}
+    assert p.keep([30, 31, 32], [False, True, False]) == [False, True, True]
+    with pytest.raises(ValueError, match="2 answers for 3 checkpoints"):
+        p.keep([30, 31, 32], [True, True])
+    again: Protected[str] = Protected(resumed_from="x")
+    again.committed("x")  # the resume's own checkpoint, committed into this tier (a download)
+    assert again.resumed_from == "x" and "x" in again

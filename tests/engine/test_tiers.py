@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from oracle import oracle_retain, oracle_tiers
-from strategies import metric_functions, policy_docs, retentions, rules
+from strategies import metric_functions, two_tier_docs
 
 import saverules
 from saverules import Checkpoint, Policy, PolicyError
@@ -90,18 +90,6 @@ def test_the_upload_lag_from_checkpoint_size_and_bandwidth():
     fast = simulate_tiers(saverules.loads(text.replace('"100MB"', '"1GB"')), 5000, None, 0.5)
     assert fast.upload_seconds == 60.0 and fast.lag_steps is None
     assert fast.node_loss_seconds == 1000 * 0.5 + 60.0
-
-
-@st.composite
-def two_tier_docs(draw):
-    doc = draw(policy_docs(with_shares=False, max_rules=2))
-    durable: dict = {"rules": draw(st.lists(rules(False), max_size=2))}
-    if draw(st.booleans()):
-        durable["final"] = draw(st.booleans())
-    if draw(st.booleans()):
-        durable["retention"] = draw(retentions)
-    doc["durable"] = durable
-    return doc
 
 
 totals = st.integers(1, 400)

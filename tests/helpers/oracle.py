@@ -40,7 +40,7 @@ from saverules.engine.simulate import progress_at
 
 __all__ = [
     "BackwardsStep", "Oracle", "oracle_run", "oracle_saves", "oracle_retain", "oracle_simulation", "NoTotal",
-    "oracle_interval", "oracle_daly",
+    "oracle_interval", "oracle_daly", "oracle_tiers", "tier_docs", "TieredOracle", "TierRun", "oracle_tier_run",
 ]
 
 
@@ -475,15 +475,12 @@ class OracleTiers:
         self.local_gap, self.durable_gap = local_gap, durable_gap
 
 
-def oracle_tiers(doc: dict, total_steps: int, steps_per_epoch=None, step_seconds=None, metrics=None) -> OracleTiers:
-    """Brute force over both tiers of the policy document ``doc`` (plain data with a ``durable`` table).
+def tier_docs(doc: dict) -> tuple[dict, dict]:
+    """The two tiers of the policy document ``doc`` as documents of their own (local, durable).
 
     The durable tier is read straight from the document as a policy of its own (its rules, its
-    ``final``, default true, its retention); the local tier is the document without it.  At every
-    step both are asked; the local tier saves when either says so (a durable save promotes a local
-    checkpoint) and each tier applies its own retention after each of its saves."""
-    from saverules import Policy
-
+    ``final``, default true, its retention, everything else the top level's); the local tier is
+    the document without it."""
     durable = doc["durable"]
     local_doc = {k: v for k, v in doc.items() if k != "durable"}
     durable_doc = {k: v for k, v in local_doc.items() if k not in ("rules", "retention", "final")}
@@ -491,22 +488,62 @@ def oracle_tiers(doc: dict, total_steps: int, steps_per_epoch=None, step_seconds
     durable_doc["final"] = durable.get("final", True)
     if "retention" in durable:
         durable_doc["retention"] = durable["retention"]
-    lpol, dpol = Policy.model_validate(local_doc), Policy.model_validate(durable_doc)
-    lor, dor = Oracle(lpol, total_steps), Oracle(dpol, total_steps)
-    lor.cost_unknown = dor.cost_unknown = True
+    return local_doc, durable_doc
+
+
+class TieredOracle:
+    """Decides like a TieredDecider: one naive Oracle per tier, each counting from its own saves."""
+
+    def __init__(self, doc: dict, total_steps: int | None = None):
+        from saverules import Policy
+
+        local_doc, durable_doc = tier_docs(doc)
+        self.local_policy, self.durable_policy = Policy.model_validate(local_doc), Policy.model_validate(durable_doc)
+        self.local, self.durable = Oracle(self.local_policy, total_steps), Oracle(self.durable_policy, total_steps)
+
+    def decide(self, p: Progress) -> tuple[bool, tuple[str, ...], tuple[str, ...]]:
+        lsave, lreasons = self.local.decide(p)
+        dsave, dreasons = self.durable.decide(p)
+        return lsave or dsave, lreasons, dreasons
+
+    def note_save(self, step: int, time: float | None = None, tiers=("local", "durable")) -> None:
+        for tier in tiers:
+            getattr(self, tier).note_save(step, time)
+
+    def note_cost(self, stall: float, write: float | None = None) -> None:
+        self.local.note_cost(stall, write)
+
+    def note_upload_cost(self, seconds: float) -> None:
+        self.durable.note_cost(seconds, seconds)
+
+    def resumed_at(self, step: int, time: float | None) -> None:
+        """Both tiers as a run resumed from a checkpoint at ``step`` with no rule state: just saved there."""
+        for o in (self.local, self.durable):
+            o.prev, o.saved, o.last_save_step = step, {step}, step
+            o.clock_anchor = time
+
+
+def oracle_tiers(doc: dict, total_steps: int, steps_per_epoch=None, step_seconds=None, metrics=None) -> OracleTiers:
+    """Brute force over both tiers of the policy document ``doc`` (plain data with a ``durable`` table).
+
+    At every step both tiers are asked (:class:`TieredOracle`); the local tier saves when either
+    says so (a durable save promotes a local checkpoint) and each tier applies its own retention
+    after each of its saves."""
+    tor = TieredOracle(doc, total_steps)
+    lpol, dpol = tor.local_policy, tor.durable_policy
+    tor.local.cost_unknown = tor.durable.cost_unknown = True
     lsaves, dsaves = [], []
     lkept: list[Checkpoint] = []
     dkept: list[Checkpoint] = []
     for step in range(1, total_steps + 1):
         reported = metrics(step) if metrics is not None else None
         p = progress_at(step, total_steps, steps_per_epoch, step_seconds, reported)
-        lsave, lreasons = lor.decide(p)
-        dsave, dreasons = dor.decide(p)
-        if dsave:
+        _, lreasons, dreasons = tor.decide(p)
+        if dreasons:
             dsaves.append(step)
             dkept.append(Checkpoint(step, p.time, reported, step == total_steps and "final" in dreasons))
             dkept = [c for c, k in zip(dkept, oracle_retain(dpol.retention, dkept)) if k]
-        if lsave or dsave:
+        if lreasons or dreasons:
             lsaves.append(step)
             final = step == total_steps and "final" in (lreasons + dreasons)
             lkept.append(Checkpoint(step, p.time, reported, final))
@@ -517,3 +554,140 @@ def oracle_tiers(doc: dict, total_steps: int, steps_per_epoch=None, step_seconds
         return max(b - a for a, b in zip(points, points[1:]))
 
     return OracleTiers(lsaves, [c.step for c in lkept], dsaves, [c.step for c in dkept], gap(lsaves), gap(dsaves))
+
+
+# -- the runtime of two tiers: promotions, the upload queue, the protected set -------------------------
+
+
+class TierRun:
+    """What happened in a run of two tiers (steps name checkpoints: a promotion uploads the local
+    checkpoint of its step).  ``events`` is the whole history in order:
+    ``("save", step, local_reasons, durable_reasons)``, ``("replaced", old, new)``, ``("upload", step)``
+    (started), ``("durable", step)`` (committed), ``("delete", tier, step)``."""
+
+    def __init__(self):
+        self.events: list[tuple] = []
+        self.local: list[Checkpoint] = []
+        self.durable: list[Checkpoint] = []
+
+    @property
+    def uploads(self) -> list[int]:
+        return [e[1] for e in self.events if e[0] == "durable"]
+
+    @property
+    def local_kept(self) -> list[int]:
+        return [c.step for c in self.local]
+
+    @property
+    def durable_kept(self) -> list[int]:
+        return [c.step for c in self.durable]
+
+
+def oracle_tier_run(doc: dict, total: int, steps_per_epoch=None, step_seconds=None, metrics=None, *,
+                    signal_at: int | None = None, durations=(1,), start: int = 0, initial_local=(),
+                    initial_durable=(), resumed_from: tuple[str, int] | None = None,
+                    save_seconds: float | None = None) -> TierRun:
+    """The plainest model of a run of two tiers, from docs/tiers.md and issue 18.
+
+    Steps ``start + 1 .. total`` are decided (a run resumed at ``start``, with the tiers holding
+    ``initial_local`` / ``initial_durable``, Checkpoints, and ``resumed_from`` = (tier, step), or a
+    new run).  A save commits a local checkpoint; a durable one also asks to promote it.  At most
+    one upload runs; the n-th upload started takes ``durations[n % len(durations)]`` steps (>= 1):
+    one started at step s is committed just before the decision at step s + d, or when the run
+    closes.  A local save for an ``on_signal`` rule is promoted too (a preemption), and the durable
+    tier's rules count from it.  Waiting promotions: every pinned one (final, or a signal save) in order, then
+    at most one other; a newer promotion replaces a waiting unpinned one.  Retention runs in the
+    local tier after each local commit and each upload's end, in the durable tier after each
+    upload's commit, and in both once more at close; it never deletes the newest checkpoint of the
+    tier, the checkpoint a resume came from until a newer one is committed in that tier, or a local
+    checkpoint whose promotion is waiting or running.  With ``save_seconds`` every local save costs
+    that much, and every upload costs its duration times ``step_seconds`` (the durable tier's
+    adaptive rules plan from it).
+    """
+    tor = TieredOracle(doc, total)
+    lret, dret = tor.local_policy.retention, tor.durable_policy.retention
+    run = TierRun()
+    run.local, run.durable = list(initial_local), list(initial_durable)
+    resumed = {"local": None, "durable": None}
+    if resumed_from is not None:
+        resumed[resumed_from[0]] = resumed_from[1]
+    if start:
+        tor.resumed_at(start, None if step_seconds is None else start * step_seconds)
+    waiting: list[tuple[int, bool, tuple[str, ...]]] = []  # (step, pinned, durable reasons)
+    running: list = []  # [step, finish step, durable reasons, duration] while an upload runs
+    started = 0
+
+    def prune(tier: str) -> None:
+        kept = run.local if tier == "local" else run.durable
+        if not kept:
+            return
+        mask = oracle_retain(lret if tier == "local" else dret, kept)
+        guard = {kept[-1].step, resumed[tier]}
+        if tier == "local":
+            guard |= {w[0] for w in waiting} | set(running[:1])  # the running upload's step
+        survivors = []
+        for c, keep in zip(kept, mask):
+            if keep or c.step in guard:
+                survivors.append(c)
+            else:
+                run.events.append(("delete", tier, c.step))
+        kept[:] = survivors
+
+    def commit(tier: str, checkpoint: Checkpoint) -> None:
+        (run.local if tier == "local" else run.durable).append(checkpoint)
+        if resumed[tier] != checkpoint.step:
+            resumed[tier] = None
+
+    def begin(now: int) -> None:
+        nonlocal started
+        if running or not waiting:
+            return
+        step, _, reasons = waiting.pop(0)
+        d = durations[started % len(durations)]
+        started += 1
+        running[:] = [step, now + d, reasons, d]
+        run.events.append(("upload", step))
+
+    def end(now: int) -> None:
+        step, _, reasons, d = running
+        running.clear()
+        source = next(c for c in run.local if c.step == step)
+        commit("durable", Checkpoint(step, source.time, source.metrics, step == total and "final" in reasons))
+        run.events.append(("durable", step))
+        prune("durable")
+        prune("local")
+        if save_seconds is not None and step_seconds is not None:
+            tor.note_upload_cost(d * step_seconds)
+        begin(now)
+
+    for step in range(start + 1, total + 1):
+        while running and running[1] <= step:
+            end(step)
+        reported = metrics(step) if metrics is not None else None
+        p = progress_at(step, total, steps_per_epoch, step_seconds, reported)
+        if step == signal_at:
+            p = p.replace(signal="SIGTERM")
+        save, lreasons, dreasons = tor.decide(p)
+        if not save:
+            continue
+        # promoted: a durable save, or a local signal save (the job is about to end), which the
+        # durable tier's rules then count from
+        promote = dreasons or tuple(r for r in lreasons if r.startswith("on_signal"))
+        if promote and not dreasons:
+            tor.note_save(step, p.time, ("durable",))
+        run.events.append(("save", step, lreasons, dreasons, promote))
+        commit("local", Checkpoint(step, p.time, reported, step == total and "final" in lreasons + dreasons))
+        if promote:
+            pinned = "final" in promote or any(r.startswith("on_signal") for r in promote)
+            if waiting and not waiting[-1][1]:
+                run.events.append(("replaced", waiting.pop()[0], step))
+            waiting.append((step, pinned, promote))
+        prune("local")
+        if save_seconds is not None:
+            tor.note_cost(save_seconds)
+        begin(step)
+    while running:  # close: the promoter drains
+        end(total)
+    prune("local")
+    prune("durable")
+    return run

@@ -401,3 +401,16 @@ class _Metrics:
 
     def __repr__(self):
         return f"_Metrics(every={self.every}, values={self.values}, names={self.names})"
+
+
+@st.composite
+def two_tier_docs(draw, max_rules: int = 2):
+    """A valid policy with a ``[durable]`` table, as plain data (no shares of the run)."""
+    doc = draw(policy_docs(with_shares=False, max_rules=max_rules))
+    durable: dict = {"rules": draw(st.lists(rules(False), max_size=max_rules))}
+    if draw(st.booleans()):
+        durable["final"] = draw(st.booleans())
+    if draw(st.booleans()):
+        durable["retention"] = draw(retentions)
+    doc["durable"] = durable
+    return doc

@@ -40,13 +40,21 @@ def tier_policy(url: str | None = None, local_every: int = 1, durable_every: int
     return saverules.loads(text)
 
 
-def run(ck: Checkpointer, steps: range, total: int, size: int = 64) -> dict:
-    """Train ``steps`` (a state whose tensor is the step), deciding through ``ck`` each step; the last state."""
+def run(ck: Checkpointer, steps: range, total: int, size: int = 64, uploads_keep_up: bool = False) -> dict:
+    """Train ``steps`` (a state whose tensor is the step), deciding through ``ck`` each step; the last state.
+
+    ``uploads_keep_up``: after each step, wait until the uploads are done (as simulate_tiers assumes: no
+    promotion is ever replaced in the queue), so that each tier's saves are exactly the simulated ones.
+    """
     state = {"w": torch.zeros(size), "n": 0}
     for s in steps:
         state["w"].fill_(float(s))
         state["n"] = s
         ck.step(Progress(s, total_steps=total), state)
+        promoter = ck._committer.promoter
+        if uploads_keep_up and promoter is not None:
+            ck.wait()  # an async save's local commit first: it enqueues the promotion
+            assert promoter.drain(120, bar=False), "an upload did not finish in 120 s"
     return state
 
 

@@ -9,6 +9,7 @@ at construction.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 import pytest
@@ -25,6 +26,8 @@ from saverules.store.remote import DurableTier
 from saverules.torch import Checkpointer
 
 TOTAL = 12
+#: Hypothesis examples of the Checkpointer property: few by default (CI), more with HYPOTHESIS_PROFILE=thorough.
+EXAMPLES = 150 if os.environ.get("HYPOTHESIS_PROFILE") == "thorough" else 6
 
 
 def url_of(kind: str, tmp_path) -> str:
@@ -38,7 +41,7 @@ def test_each_tier_ends_with_simulate_tiers_kept_set(tmp_path, kind, async_save,
     pol = tier_policy(url, local_every=1, durable_every=4, keep_local=2, keep_durable=2)
     with caplog.at_level(logging.INFO, logger="saverules.store"):
         ck = open_checkpointer(pol, tmp_path / "local", TOTAL, async_save=async_save)
-        run(ck, range(1, TOTAL + 1), TOTAL)
+        run(ck, range(1, TOTAL + 1), TOTAL, uploads_keep_up=True)
         ck.close()
     sim = simulate_tiers(pol, TOTAL)
     assert sim is not None
@@ -59,7 +62,7 @@ def test_a_new_node_resumes_from_the_durable_tier_bit_for_bit(tmp_path, kind, ca
     url = url_of(kind, tmp_path)
     pol = tier_policy(url, local_every=1, durable_every=3, keep_local=1, keep_durable=2)
     ck = open_checkpointer(pol, tmp_path / "node1", 10)
-    run(ck, range(1, 10), 10)  # steps 1..9: durable 3, 6, 9; local keeps 9
+    run(ck, range(1, 10), 10, uploads_keep_up=True)  # steps 1..9: durable 3, 6, 9; local keeps 9
     ck.close()
     fresh = {"w": torch.full((64,), -1.0), "n": -1}
     with caplog.at_level(logging.INFO, logger="saverules.store"):
@@ -82,7 +85,7 @@ def test_a_damaged_durable_checkpoint_falls_back_to_the_one_before_with_the_reas
     url = memory_url()
     pol = tier_policy(url, local_every=1, durable_every=3, keep_local=1, keep_durable=3)
     ck = open_checkpointer(pol, tmp_path / "node1", 10)
-    run(ck, range(1, 10), 10)
+    run(ck, range(1, 10), 10, uploads_keep_up=True)
     ck.close()
     tier = DurableTier(url, writer=False)
     target = f"{tier.prefix('step-00000009')}/tensors.safetensors"
@@ -183,17 +186,35 @@ def test_a_second_writer_of_the_durable_tier_is_refused_naming_the_holder(tmp_pa
         first.close()
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_a_manual_save_is_promoted_when_asked_and_uploads_reach_the_decider(tmp_path):
+    url = memory_url()
+    pol = tier_policy(url, local_every=100, durable_every=100, keep_local=None, keep_durable=None)
+    ck = open_checkpointer(pol, tmp_path / "local", 1000)
+    state = {"w": torch.zeros(4), "n": 0}
+    assert ck.save(Progress(3), state).durable == ()
+    decision = ck.save(Progress(5), state, "before-eval", durable=True)
+    assert decision.durable == ("before-eval",) and decision.tiers == ("local", "durable")
+    promoter = ck._committer.promoter
+    assert promoter is not None and promoter.drain(60, bar=False)
+    ck.step(Progress(6, total_steps=1000), state)  # the upload's wall time goes to the durable decider here
+    assert ck.decider.upload_cost is not None
+    ck.close()
+    assert durable_steps(ck) == [5]
+    with pytest.raises(ValueError, match="durable=True needs a durable tier"):
+        Checkpointer(saverules.loads("version = 1\n"), dir=tmp_path / "plain").save(Progress(1), state, durable=True)
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(local_every=st.integers(1, 4), durable_every=st.integers(1, 7), keep_local=st.integers(1, 3),
-       keep_durable=st.integers(1, 3), total=st.integers(1, 16))
+       keep_durable=st.integers(1, 3), total=st.integers(1, 16), async_save=st.booleans())
 def test_property_each_tier_ends_with_exactly_simulate_tiers_kept_sets(tmp_path_factory, local_every,
                                                                        durable_every, keep_local, keep_durable,
-                                                                       total):
+                                                                       total, async_save):
     root = tmp_path_factory.mktemp("prop")
     pol = tier_policy(memory_url(), local_every=local_every, durable_every=durable_every, keep_local=keep_local,
                       keep_durable=keep_durable)
-    ck = open_checkpointer(pol, root, total)
-    run(ck, range(1, total + 1), total, size=4)
+    ck = open_checkpointer(pol, root, total, async_save=async_save)
+    run(ck, range(1, total + 1), total, size=4, uploads_keep_up=True)
     ck.close()
     sim = simulate_tiers(pol, total)
     assert sim is not None

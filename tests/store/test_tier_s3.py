@@ -42,7 +42,7 @@ def test_a_new_node_resumes_from_s3_bit_for_bit(s3, tmp_path):
     u = url()
     pol = tier_policy(u, local_every=1, durable_every=2, keep_local=1, keep_durable=2)
     ck = open_checkpointer(pol, tmp_path / "node1", 6, durable_options=FAST)
-    run(ck, range(1, 7), 6)
+    run(ck, range(1, 7), 6, uploads_keep_up=True)
     ck.close()
     sim = simulate_tiers(pol, 6)
     assert sim is not None and durable_steps(ck) == sim.durable.kept == [4, 6]

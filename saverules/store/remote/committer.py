@@ -7,8 +7,9 @@ durable tier is there.  Without one (``tier`` None) it only passes through.
 With one:
 
 * **Promotion.** A save whose manifest names durable reasons (``"durable":
-  [...]``), or a signal save (a reason of an ``on_signal`` rule, in either
-  tier), is committed locally first and then handed to the
+  [...]``: :func:`saverules.engine.tiers.promoted` of its decision, the
+  durable tier's rules or, a preemption save, the local ``on_signal`` ones)
+  is committed locally first and then handed to the
   :class:`~saverules.store.remote.promote.Promoter`, which uploads it in the
   background.
 * **The protected set** (:meth:`TieredCommitter.protected`): local retention
@@ -38,6 +39,7 @@ from collections.abc import Callable, Collection, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
+from ...engine.tiers import Protected, promoted
 from ..commit import Committer, Loaded, Settle
 from ..errors import CheckpointError, DurableError, NoValidCheckpointError, log, warn
 from ..manifest import CheckpointInfo
@@ -50,24 +52,12 @@ from .transfer import TransferError
 LOCAL, DURABLE = "local", "durable"
 
 
-def is_signal(reason: str) -> bool:
-    """Whether a save reason is an ``on_signal`` rule's (a preemption save)."""
-    return reason.startswith("on_signal")
-
-
-def promoted_reasons(manifest: Mapping[str, Any]) -> tuple[str, ...]:
-    """Why a committed save goes to the durable tier: its durable reasons, else its signal reasons; () if not."""
-    durable = tuple(manifest.get("durable") or ())
-    if durable:
-        return durable
-    return tuple(r for r in manifest.get("reasons") or () if is_signal(r))
-
-
 class TieredCommitter:
     """The local (or sharded) committer ``inner``, and the durable ``tier`` when there is one (see the module)."""
 
     def __init__(self, inner: Committer, root: Path, durable_policy: Any = None, *,
-                 open_tier: Callable[[], DurableTier] | None = None, upload: Upload | None = None,
+                 open_tier: Callable[[], DurableTier] | None = None,
+                 uploader: Callable[[DurableTier], Upload] | None = None,
                  retries: Retries = PROMOTION_RETRIES, released: Callable[[], None] | None = None,
                  downloads: bool = True) -> None:
         self.inner = inner
@@ -77,16 +67,21 @@ class TieredCommitter:
         self.tier: DurableTier | None = None
         self.promoter: Promoter | None = None
         self._open_tier = open_tier
-        self._upload = upload
+        self._uploader = uploader
         self._retries = retries
         self._released = released
         self._downloads = downloads
         #: (tier, name) of the checkpoint the last resume came from.
         self.resumed_from: tuple[str, str] | None = None
-        self._held_local: CheckpointInfo | None = None  # what a resume came from, until a newer local commit
-        self._held_durable: CheckpointInfo | None = None  # ... until a newer durable commit
-        self._failed: dict[str, Promotion] = {}  # failed promotions: their local copies stay until one succeeds
+        #: Each tier's protected names (engine.tiers.Protected): its newest commit, the checkpoint a resume came
+        #: from until another is committed there, and (local) the copies of failed promotions, held until a
+        #: later promotion reaches the tier.  Changed on the writer and the promoter thread, under ``_lock``.
+        self._local: Protected[str] = Protected()
+        self._durable: Protected[str] = Protected()
+        self._failed: dict[str, Promotion] = {}
         self._seconds: list[float] = []  # upload wall times not yet told to the decider
+        #: An upload ended since the training thread last looked (read without the lock: a quiet step is cheap).
+        self.news = False
         self._lock = threading.Lock()
 
     # -- opening and closing ---------------------------------------------------------------
@@ -97,7 +92,8 @@ class TieredCommitter:
             return
         self.tier = self._open_tier()
         if self.writes:
-            self.promoter = Promoter(self.tier, self._upload, self._retries, on_done=self._uploaded)
+            upload = self._uploader(self.tier) if self._uploader is not None else None
+            self.promoter = Promoter(self.tier, upload, self._retries, on_done=self._uploaded)
 
     def close(self) -> None:
         """Stop the promoter (an upload still running is abandoned at its next chunk) and let go of the tier."""
@@ -117,13 +113,12 @@ class TieredCommitter:
 
         def settled(path: Path, final: Mapping[str, Any]) -> None:
             seen["path"], seen["manifest"] = path, final
-            held = self._held_local
-            if held is not None and held.step is not None and step > held.step:
-                self._held_local = None  # a newer local checkpoint is committed: the resume's no longer held
+            with self._lock:
+                self._local.committed(name)  # the resume's checkpoint is no longer held once another is committed
             settle(path, final)
 
         self.inner.commit(name, step, manifest, payload, handle, before=before, settle=settled)
-        reasons = promoted_reasons(manifest)
+        reasons = tuple(manifest.get("durable") or ())
         if self.promoter is None or not reasons:
             return
         final = seen.get("manifest", manifest)
@@ -131,10 +126,7 @@ class TieredCommitter:
         size = sum(int(e.get("size", 0)) for e in files.values() if isinstance(e, Mapping))
         log.info("saverules: promoting %s (step %d, durable: %s) to the durable tier %s in the background",
                  name, step, ", ".join(reasons), self.promoter.tier.url)
-        self.promoter.enqueue(Promotion(
-            name=name, step=step, path=Path(seen.get("path", self.root / name)), reasons=reasons,
-            final="final" in reasons, signal=any(is_signal(r) for r in reasons), size=size,
-        ))
+        self.promoter.enqueue(Promotion.of(name, step, Path(seen.get("path", self.root / name)), reasons, size))
 
     def cleanup(self) -> None:
         self.inner.cleanup()
@@ -157,8 +149,10 @@ class TieredCommitter:
         info = found[0]
         tier = DURABLE if fetched is not None and info.name == fetched else LOCAL
         self.resumed_from = (tier, info.name)
-        self._held_local = info
-        self._held_durable = info if self.tier is not None else None
+        with self._lock:
+            self._local = Protected(newest=self._local.newest, resumed_from=info.name)
+            if self.tier is not None:
+                self._durable = Protected(newest=self._durable.newest, resumed_from=info.name)
         if self.tier is not None:
             log.info("saverules: resuming from %s (step %s) of the %s tier (%s)", info.name, info.step, tier,
                      self.tier.url if tier == DURABLE else self.root)
@@ -207,19 +201,13 @@ class TieredCommitter:
         """The local checkpoints retention must not delete now (see the module)."""
         names = set(self.promoter.pending()) if self.promoter is not None else set()
         with self._lock:
-            names.update(self._failed)
-        held = self._held_local
-        if held is not None:
-            names.add(held.name)
+            names.update(self._local.names())
         return names
 
     def promoted(self, decision: Any) -> tuple[str, ...]:
         """The durable reasons of a decision to save: its durable tier's rules, or (with a durable tier) the
         ``on_signal`` rules of the local tier, since a signal save is promoted at once; () when not promoted."""
-        durable = tuple(getattr(decision, "durable", ()) or ())
-        if durable or self.tier is None:
-            return durable
-        return tuple(r for r in decision.reasons if is_signal(r))
+        return promoted(decision) if self.tier is not None else ()
 
     def upload_seconds(self) -> list[float]:
         """The wall time of each upload that reached the durable tier since the last call (for the decider)."""
@@ -227,24 +215,37 @@ class TieredCommitter:
             out, self._seconds = self._seconds, []
         return out
 
+    def unfinished(self) -> set[str]:
+        """The checkpoints whose upload is queued or running."""
+        return self.promoter.pending() if self.promoter is not None else set()
+
     def failures(self) -> list[PromotionError]:
         """The promotions that failed since the last call (for the next ``step()`` to report)."""
         return self.promoter.failures() if self.promoter is not None else []
 
+    def take_news(self) -> tuple[list[float], list[PromotionError]]:
+        """(upload wall times, failed promotions) since the last call; nothing to take costs one attribute read."""
+        if not self.news:
+            return [], []
+        self.news = False
+        return self.upload_seconds(), self.failures()
+
     def _uploaded(self, promotion: Promotion, failure: PromotionError | None, seconds: float) -> None:
         """On the promoter thread, after an upload: hold a failed one's local copy; else durable retention."""
+        self.news = True  # the promoter has recorded the outcome: failures() returns it from now on
         if failure is not None:
             with self._lock:
-                self._failed[promotion.name] = promotion
+                if promotion.name not in self._failed:
+                    self._failed[promotion.name] = promotion
+                    self._local.hold(promotion.name)
             return
         with self._lock:
             self._seconds.append(seconds)
             for name, p in list(self._failed.items()):
                 if p.step <= promotion.step:
                     del self._failed[name]
-        held = self._held_durable
-        if held is not None and held.step is not None and promotion.step > held.step:
-            self._held_durable = None
+                    self._local.release(name)
+            self._durable.committed(promotion.name)
         self._retain_durable()
         if self._released is not None:
             self._released()
@@ -253,9 +254,10 @@ class TieredCommitter:
         tier = self.tier
         if tier is None or tier.lock is None or self.durable_policy is None:
             return
-        held = self._held_durable
+        with self._lock:
+            held = self._durable.names()
         try:
-            gone = tier.retain(self.durable_policy, protected={held.name} if held is not None else set())
+            gone = tier.retain(self.durable_policy, protected=held)
         except Exception as exc:  # retention never fails an upload that was committed
             warn(f"saverules: retention of the durable tier {tier.url} failed: {exc}")
             return
@@ -309,7 +311,8 @@ class TieredCommitter:
 
     def held(self) -> Collection[str]:
         """The names a resume holds in the durable tier (for tests and ``ls``)."""
-        return {self._held_durable.name} if self._held_durable is not None else set()
+        with self._lock:
+            return set(self._durable.names())
 
 
-__all__ = ["TieredCommitter", "LOCAL", "DURABLE", "is_signal", "promoted_reasons"]
+__all__ = ["TieredCommitter", "LOCAL", "DURABLE"]

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ...engine.tiers import PromotionQueue, is_signal_reason, must_reach_durable
 from ..errors import CheckpointError, log
 from .retry import PERMANENT, Retries, RetriesExhausted, retrying
 from .transfer import TransferError
@@ -63,10 +64,16 @@ class Promotion:
     signal: bool = False
     size: int = 0
 
+    @classmethod
+    def of(cls, name: str, step: int, path: Path, reasons: tuple[str, ...], size: int = 0) -> Promotion:
+        """The promotion of a committed checkpoint for its durable ``reasons`` (engine.tiers.promoted)."""
+        return cls(name=name, step=step, path=path, reasons=reasons, final="final" in reasons,
+                   signal=any(is_signal_reason(r) for r in reasons), size=size)
+
     @property
     def sticky(self) -> bool:
-        """Never replaced by a newer promotion: a final or a signal save."""
-        return self.final or self.signal
+        """Never replaced by a newer promotion: a final or a signal save (engine.tiers.must_reach_durable)."""
+        return self.final or self.signal or must_reach_durable(self.reasons)
 
     def why(self) -> str:
         return "the final save" if self.final else "a signal save"
@@ -95,8 +102,9 @@ class Promoter:
         self.retries = retries
         self.on_done = on_done
         self._cond = threading.Condition()
-        self._queue: list[Promotion] = []
-        self._running: Promotion | None = None
+        #: Which promotions wait and which one uploads: the engine's pure model, run under ``_cond``.
+        self._queue: PromotionQueue[str] = PromotionQueue()
+        self._items: dict[str, Promotion] = {}
         self._failures: list[PromotionError] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -108,6 +116,14 @@ class Promoter:
         self.done: list[Promotion] = []
         self.latest: Promotion | None = None
         self._finished = 0  # bytes of the uploads ended so far (for the progress bar)
+
+    @property
+    def _running(self) -> Promotion | None:
+        name = self._queue.running
+        return None if name is None else self._items[name]
+
+    def _waiting(self) -> list[Promotion]:
+        return [self._items[n] for n in self._queue.waiting]
 
     def _pause(self, seconds: float) -> None:
         self._stop.wait(seconds)  # a retry's backoff; close() cuts it short
@@ -122,17 +138,18 @@ class Promoter:
         with self._cond:
             if self._stopping:
                 raise CheckpointError(f"saverules: promotion of step {promotion.step} after the promoter was closed")
-            replaced = [p for p in self._queue if not p.sticky]
-            kept = [p for p in self._queue if p.sticky]
+            ahead = [self._items[n] for n in self._queue.pinned_waiting()]
+            gone = self._queue.offer(promotion.name, pinned=promotion.sticky)
+            self._items[promotion.name] = promotion
+            replaced = [self._items.pop(gone)] if gone is not None else []
+            running = self._running
             for old in replaced:
                 log.warning("saverules: the promotion of step %d (%s) replaces the queued promotion of step %d, "
                             "which is not uploaded: the upload of step %s is still running",
-                            promotion.step, promotion.name, old.step,
-                            self._running.step if self._running is not None else "?")
-            for old in kept:
+                            promotion.step, promotion.name, old.step, running.step if running is not None else "?")
+            for old in ahead:
                 log.warning("saverules: the promotion of step %d (%s) waits behind the queued promotion of step %d, "
                             "%s, which is never replaced", promotion.step, promotion.name, old.step, old.why())
-            self._queue = kept + [promotion]
             self.latest = promotion
             self._start()
             self._cond.notify_all()
@@ -141,14 +158,11 @@ class Promoter:
     def pending(self) -> set[str]:
         """The names of the checkpoints queued or uploading."""
         with self._cond:
-            names = {p.name for p in self._queue}
-            if self._running is not None:
-                names.add(self._running.name)
-            return names
+            return set(self._queue.pending())
 
     def busy(self) -> bool:
         with self._cond:
-            return bool(self._queue) or self._running is not None
+            return len(self._queue) > 0
 
     def failures(self) -> list[PromotionError]:
         """The promotions that failed since the last call (each after its retries), oldest first."""
@@ -164,8 +178,7 @@ class Promoter:
     def pending_bytes(self) -> tuple[int, int]:
         """(bytes of everything queued or uploading, bytes of the running upload sent so far)."""
         with self._cond:
-            total = sum(p.size for p in self._queue) + (self._running.size if self._running is not None else 0)
-            return total, self._sent
+            return sum(self._items[n].size for n in self._queue.pending()), self._sent
 
     def drain(self, timeout: float | None = None, bar: bool = True) -> bool:
         """Wait until nothing is queued or uploading (at most ``timeout`` seconds); True when so.
@@ -179,14 +192,14 @@ class Promoter:
         try:
             while True:
                 with self._cond:
-                    if not self._queue and self._running is None:
+                    if len(self._queue) == 0:
                         if progress is not None:
                             progress.update(progress.total - progress.n)
                         return True
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
                         return False
-                    queued = sum(p.size for p in self._queue)
+                    queued = sum(p.size for p in self._waiting())
                     running = self._running.size if self._running is not None else 0
                     finished = self._finished - base
                     now = finished + min(self._sent, running)
@@ -198,7 +211,7 @@ class Promoter:
                         progress.total = whole
                     progress.update(now - progress.n)
                 with self._cond:
-                    if self._queue or self._running is not None:
+                    if len(self._queue) > 0:
                         self._cond.wait(0.2 if left is None else min(0.2, left))
         finally:
             if progress is not None:
@@ -208,7 +221,13 @@ class Promoter:
         """Stop taking promotions and let the thread end (what is queued is dropped; drain first)."""
         with self._cond:
             self._stopping = True
-            self._queue = []
+            for name in self._queue.waiting:  # dropped: only the running upload is left (it stops at its next chunk)
+                self._items.pop(name, None)
+            running = self._queue.running
+            self._queue = PromotionQueue()
+            if running is not None:
+                self._queue.offer(running)
+                self._queue.start()
             self._cond.notify_all()
         self._stop.set()
         thread = self._thread
@@ -225,12 +244,15 @@ class Promoter:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._stopping:
+                name = None
+                while not self._stopping:
+                    name = self._queue.start()
+                    if name is not None:
+                        break
                     self._cond.wait()
-                if self._stopping:
+                if self._stopping or name is None:
                     return
-                promotion = self._queue.pop(0)
-                self._running, self._sent = promotion, 0
+                promotion, self._sent = self._items[name], 0
             error: BaseException | None = None
             started = time.monotonic()
             try:
@@ -251,18 +273,22 @@ class Promoter:
                     "next durable save tries again", promotion, reason)
                 failure.__cause__ = error
                 log.warning("%s", failure)
+            with self._cond:  # recorded first, so that on_done's news finds it; still running until on_done ends
+                if failure is None:
+                    self.done.append(promotion)
+                else:
+                    self._failures.append(failure)
             try:
                 if self.on_done is not None:
                     self.on_done(promotion, failure, seconds)
             except Exception as exc:  # the callback's failure (retention) must not stop the uploads
                 log.warning("saverules: after the promotion of %s: %s", promotion.name, exc)
             with self._cond:
-                self._running = None
+                if self._queue.running == promotion.name:
+                    self._queue.finish()
+                if promotion.name not in self._queue.pending():
+                    self._items.pop(promotion.name, None)
                 self._finished += promotion.size
-                if failure is None:
-                    self.done.append(promotion)
-                else:
-                    self._failures.append(failure)
                 self._cond.notify_all()
 
     def _one(self, promotion: Promotion) -> None:
