@@ -231,6 +231,7 @@ def train(args: argparse.Namespace, *, clock: Callable[[], float] | None = None,
 
     import saverules
     from saverules import Progress
+    from saverules.engine.tiers import promoted
     from saverules.minimind.data import (
         PretrainDataset,
         ResumableSampler,
@@ -378,7 +379,7 @@ def train(args: argparse.Namespace, *, clock: Callable[[], float] | None = None,
         ckpt = Checkpointer(policy, dir=str(ckpt_dir), sync=sync, durable=args.durable)
     except CheckpointError as e:  # another run writes there (either tier), or it cannot be written or reached
         raise RunError(str(e)) from None
-    durable = ckpt.durable  # the durable tier (saverules.store.remote.DurableTier) on the writer, else None
+    durable = ckpt.durable  # the durable tier (DurableTier; read-only on ranks that do not write), or None
     if durable is not None:
         say(f"durable tier: {durable.url} (uploads in the background)")
 
@@ -556,8 +557,10 @@ def train(args: argparse.Namespace, *, clock: Callable[[], float] | None = None,
             agreed = ckpt.decider.last_signals if ddp else ((sig,) if sig else ())
             if decision.save:
                 saves.append((step, decision.reasons))
-                promoted = f"; to the durable tier for: {', '.join(decision.durable)}" if decision.durable else ""
-                say(f"saved step {step}: {', '.join(decision.reasons) or '(no local rule)'}{promoted}")
+                # with a durable tier, a save its rules chose (or a signal save) is uploaded in the background
+                up = promoted(decision) if durable is not None else ()
+                to_durable = f"; to the durable tier for: {', '.join(up)}" if up else ""
+                say(f"saved step {step}: {', '.join(decision.reasons) or '(no local rule)'}{to_durable}")
 
             bar.update(1)
             if metrics is not None:
