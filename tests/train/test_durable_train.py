@@ -115,6 +115,11 @@ def test_sigkill_then_a_new_node_resumes_from_the_durable_tier_exactly(s3, tmp_p
     assert "saved step 4: every_steps(every=2); to the durable tier for: every_steps(every=4)" in full.stdout
     assert "the final step 12 reached the durable tier" in full.stdout
     assert durable_steps(full_url) == [(8, True), (12, True)]
+    (tmp_path / "again").mkdir()  # the same durable tier without --resume: refused, as a run folder is
+    again = run_train(tmp_path / "again", "--rules", rules, "--durable", full_url, "--max_steps", "12")
+    assert again.returncode == 2, again.stderr
+    assert f"the durable tier {full_url} already holds checkpoints (latest: step 12)" in again.stderr
+    assert "--resume" in again.stderr and "Traceback" not in again.stderr
 
     # the same run, killed after step 10 once step 8 is durable
     (tmp_path / "killed").mkdir()
