@@ -140,3 +140,22 @@ def test_an_unreachable_tier_is_an_error_at_construction(s3, tmp_path):
     finally:
         s3.start()
     Checkpointer(tier_policy(url()), dir=tmp_path / "local", durable_options=FAST).close()  # lock let go
+
+
+def test_a_tier_that_goes_down_before_the_resume_leaves_the_local_tier_to_resume_from(s3, tmp_path):
+    u = url()
+    pol = tier_policy(u, local_every=1, durable_every=2, keep_local=2, keep_durable=2)
+    ck = open_checkpointer(pol, tmp_path / "node", 5, durable_options=FAST)
+    run(ck, range(1, 4), 5, uploads_keep_up=True)
+    ck.close(timeout=60)
+    ck2 = open_checkpointer(pol, tmp_path / "node", 5, durable_options=FAST, durable_retries=SHORT)
+    s3.stop()
+    try:
+        fresh = {"w": torch.zeros(64), "n": 0}
+        with pytest.warns(CheckpointWarning, match=r"could not list the durable tier .*resuming from the local tier"):
+            assert ck2.load_latest(fresh).step == 3
+        assert ck2.resumed_from == ("local", "step-00000003")
+        assert fresh["n"] == 3
+    finally:
+        s3.start()
+    ck2.close(timeout=60)

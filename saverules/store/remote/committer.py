@@ -183,8 +183,12 @@ class TieredCommitter:
             else:
                 try:
                     path = self.tier.download(info.name, self.root)
-                except TransferError as exc:
+                except TransferError as exc:  # damaged, or a file missing: the one before it is tried
                     reason = str(exc).removeprefix("saverules: ")
+                except CheckpointError as exc:  # the network failed on every retry: the local tier it is
+                    warn(f"saverules: could not download {self.tier.prefix(info.name)} ({exc}); resuming from the "
+                         f"local tier {self.root} only")
+                    return None, rejected
                 else:
                     cache.forget(path)
                     log.info("saverules: downloaded %s (step %s) from the durable tier %s into %s", info.name,
