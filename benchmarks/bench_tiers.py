@@ -9,12 +9,23 @@ no check).  Interleaved and repeated; the medians of the throughput are
 compared.  The server runs in this process, so both variants share its cost
 equally; the figures say how much the checks and the commit cost, not what a
 real object store sustains.
+
+Then the training-thread stall of a save that is promoted to the durable tier
+against the same save without a durable tier: ``Checkpointer.step`` on a step
+the policy saves (synchronous, the same state), with ``durable=`` a moto
+server in a process of its own (as a real endpoint is) and without; only the
+call is timed.  Each sample is one fresh
+Checkpointer (made and closed untimed, so each promotion's upload has finished
+before the next sample starts and never competes with it), interleaved and
+repeated; the medians and each round's ratio are reported.
 """
 from __future__ import annotations
 
 import os
 import secrets
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +34,7 @@ from . import Row, interleaved, median, timed
 
 NAME = "tiers"
 GOAL = 0.9
+STALL_GOAL = 1.05  # a promoted save's stall / the same local save's stall
 BUCKET = "saverules-bench"
 
 
@@ -90,6 +102,7 @@ def run(quick: bool = False) -> list:
 
             samples = interleaved({"ours": ours, "put": put}, repeats)
             tier.close()
+            stall = _stall(Path(tmp), size, repeats + 4)
     finally:
         server.stop()
         for k, v in saved.items():
@@ -105,4 +118,122 @@ def run(quick: bool = False) -> list:
         Row(NAME, f"s3fs put of the same files ({total / 1e6:.0f} MB)", b, "MB/s", samples=samples["put"]),
         Row(NAME, "upload throughput vs s3fs put", ratio, "x", ratio=ratio, vs="s3fs put", goal=f">= {GOAL}x",
             met=ratio >= GOAL),
+        *stall,
+    ]
+
+
+STALL_POLICY = """\
+version = 1
+final = false
+[[rules]]
+kind = "every_steps"
+every = 1
+[retention]
+keep_last = 1
+"""
+DURABLE = """\
+[durable]
+final = false
+[[durable.rules]]
+kind = "every_steps"
+every = 1
+[durable.retention]
+keep_last = 1
+"""
+
+
+def _server_process() -> tuple[subprocess.Popen, int]:
+    """moto's server in a process of its own, as a real endpoint is: its work does not share this process."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return proc, port
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    raise RuntimeError(f"moto's server did not start on port {port}")
+
+
+def _stall(tmp: Path, size: int, repeats: int) -> list:
+    """The training thread's stall in ``Checkpointer.step`` for a save, with and without a promotion.
+
+    The uploads go to a moto server in another process: in this one, its request handling would
+    compete with the training thread for the interpreter, which a real object store does not.
+    """
+    import s3fs
+
+    server, port = _server_process()
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"
+    try:
+        s3fs.S3FileSystem.clear_instance_cache()
+        s3fs.S3FileSystem(skip_instance_cache=True).mkdir(BUCKET)
+        return _measure_stall(tmp, size, repeats, f"s3://{BUCKET}/stall-{secrets.token_hex(4)}")
+    finally:
+        server.kill()
+        server.wait()
+        if endpoint is None:
+            os.environ.pop("AWS_ENDPOINT_URL", None)
+        else:
+            os.environ["AWS_ENDPOINT_URL"] = endpoint
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+def _measure_stall(tmp: Path, size: int, repeats: int, url: str) -> list:
+    import torch
+
+    import saverules
+    from saverules import Progress
+    from saverules.torch import Checkpointer
+
+    plain, tiered = saverules.loads(STALL_POLICY), saverules.loads(STALL_POLICY + DURABLE)
+    state = {"w": torch.randn(size // 4), "n": 0}
+    steps = iter(range(1, 10_000))
+
+    cpu: dict[str, list[float]] = {"local": [], "promoted": []}
+
+    def one(variant: str, policy: saverules.Policy, where: Path, **durable: str) -> float:
+        step = next(steps)
+        state["n"] = step
+        ckpt = Checkpointer(policy, dir=where, **durable)
+        try:
+            t0, c0 = time.perf_counter(), time.thread_time()
+            decision = ckpt.step(Progress(step), state)
+            stalled, busy = time.perf_counter() - t0, time.thread_time() - c0
+        finally:
+            ckpt.close()  # untimed: waits for the upload, so the next sample starts on a quiet machine
+        assert decision.save, decision
+        cpu[variant].append(busy)
+        return stalled
+
+    samples = interleaved({
+        "local": lambda: one("local", plain, tmp / "stall-local"),
+        "promoted": lambda: one("promoted", tiered, tmp / "stall-tiered", durable=url),
+    }, repeats)
+    for variant in cpu:  # the warm-up round's
+        del cpu[variant][0]
+    local, promoted = median(samples["local"]), median(samples["promoted"])
+    ratio = promoted / local
+    rounds = [p / q for p, q in zip(samples["promoted"], samples["local"])]
+    cpu_local, cpu_promoted = median(cpu["local"]), median(cpu["promoted"])
+    mb = size / 1e6
+    return [
+        Row(NAME, f"save stall, local tier only (sync, {mb:.0f} MB)", local, "s", samples=samples["local"]),
+        Row(NAME, f"save stall, the same save promoted to the durable tier (sync, {mb:.0f} MB)", promoted, "s",
+            samples=samples["promoted"]),
+        Row(NAME, "stall of a promoted save vs the same local save", ratio, "x", ratio=ratio,
+            vs="the local save", goal=f"<= {STALL_GOAL}x", met=ratio <= STALL_GOAL,
+            note=f"per round {min(rounds):.3f}x to {max(rounds):.3f}x over {len(rounds)} rounds"),
+        Row(NAME, "training thread's CPU time in the save, local tier only", cpu_local, "s", samples=cpu["local"]),
+        Row(NAME, "training thread's CPU time in the save, promoted", cpu_promoted, "s", samples=cpu["promoted"],
+            ratio=cpu_promoted / cpu_local, vs="local only",
+            note="time.thread_time(): the work the promotion adds to the training thread, without the waits "
+                 "a loaded machine adds to the wall time"),
     ]

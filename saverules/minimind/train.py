@@ -2,14 +2,17 @@
 
     python -m saverules.minimind.train --max_steps 200
     python -m saverules.minimind.train --resume                   # continue from the latest checkpoint
+    python -m saverules.minimind.train --rules tiers.toml --durable s3://bucket/run1   # and a durable tier
     torchrun --nproc_per_node 2 -m saverules.minimind.train       # data parallel (gloo on CPU, nccl on GPU)
     torchrun --nproc_per_node 2 -m saverules.minimind.train --fsdp  # sharded (FSDP2), sharded checkpoints
 
 The loop reads top to bottom: arguments, process group, data, model,
 optimizer, checkpointer, resume, train, summary.  It has no save condition of
 its own: after every optimizer step it hands the step's progress to
-``Checkpointer.step_at`` and the policy in ``--rules`` decides.  See
-docs/training.md.
+``Checkpointer.step_at`` and the policy in ``--rules`` decides.  With a
+``[durable]`` table in the policy (or ``--durable URL``) the checkpointer also
+promotes checkpoints to a durable tier in the background; the run exits 1 when
+its final step did not reach it.  See docs/training.md and docs/tiers.md.
 """
 from __future__ import annotations
 
@@ -52,7 +55,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out_dir", default="out", help="run folder: checkpoints go to OUT_DIR/<storage.dir of the policy>")
     p.add_argument("--rules", default=None,
                    help=f"save policy (TOML); default {DEFAULT_RULES}, else the copy packaged with saverules")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run folder")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in the run folder, or in the durable tier when it is newer")
+    p.add_argument("--durable", default=None, metavar="URL",
+                   help="the durable tier (s3://bucket/run, gs://..., file://..., memory://..., or a path): overrides "
+                        "[durable].dir of the policy, which must have a [durable] table (docs/tiers.md)")
+    p.add_argument("--durable_timeout", type=float, default=None, metavar="SECONDS",
+                   help="at the end (or on SIGTERM), wait at most this long for the uploads to the durable tier "
+                        "(default: until they are done); exit status 1 when the final step did not reach it")
     p.add_argument("--fsdp", action="store_true",
                    help="shard the model and optimizer over the ranks with FSDP2 (fully_shard) and save sharded "
                         "checkpoints ([storage].format = \"dcp\"); --resume may then use another number of ranks")
@@ -98,6 +108,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--learning_rate must be positive, got {args.learning_rate}")
     if args.grad_clip < 0:
         p.error(f"--grad_clip must be >= 0, got {args.grad_clip}")
+    if args.durable is not None and not args.durable.strip():
+        p.error("--durable must not be empty: give the durable tier's URL (s3://bucket/run1) or path")
+    if args.durable_timeout is not None and not args.durable_timeout >= 0:
+        p.error(f"--durable_timeout must be >= 0 seconds, got {args.durable_timeout}")
     return args
 
 
@@ -220,6 +234,7 @@ def train(args: argparse.Namespace, *, clock: Callable[[], float] | None = None,
         raise UsageError(f"the training loop needs torch and tqdm ({e}); pip install 'saverules[torch]'") from None
 
     import saverules
+    from saverules.engine.tiers import promoted
     from saverules.minimind.data import (
         PretrainDataset,
         ResumableSampler,
@@ -228,6 +243,7 @@ def train(args: argparse.Namespace, *, clock: Callable[[], float] | None = None,
         resume_point,
     )
     from saverules.minimind.model import MiniMindLM, config_for
+    from saverules.store.errors import DurableError
     from saverules.torch import Checkpointer, CheckpointError, restore_rng_state, rng_state, scan
 
     # ---- process group and device ------------------------------------------------
@@ -276,6 +292,13 @@ def train(args: argparse.Namespace, *, clock: Callable[[], float] | None = None,
         raise UsageError(f"{rules}: the save policy is invalid:\n{e}") from None
     except OSError as e:
         raise UsageError(f"--rules {rules}: cannot read it ({e.strerror or e})") from None
+
+    if args.durable is not None and policy.durable is None:
+        raise UsageError(f"--durable {args.durable}: the policy {rules} has no [durable] table, so nothing says when "
+                         "to save to the durable tier; add one (see docs/tiers.md), e.g.\n"
+                         "  [durable]\n  [[durable.rules]]\n  kind = \"every_steps\"\n  every = 1000")
+    if args.durable_timeout is not None and policy.durable is None:
+        raise UsageError(f"--durable_timeout: the policy {rules} has no [durable] table, so nothing is uploaded")
 
     if args.fsdp and policy.storage.format != "dcp":
         # Sharded training saves sharded checkpoints: every rank writes its own shards.
@@ -361,9 +384,12 @@ def train(args: argparse.Namespace, *, clock: Callable[[], float] | None = None,
     has_signal_rule = policy.compile().watches_signals
     sync = {"sync_signals": True} if ddp and not has_signal_rule else None
     try:
-        ckpt = Checkpointer(policy, dir=str(ckpt_dir), sync=sync)
-    except CheckpointError as e:  # another run writes there, or it cannot be written
+        ckpt = Checkpointer(policy, dir=str(ckpt_dir), sync=sync, durable=args.durable)
+    except CheckpointError as e:  # another run writes there (either tier), or it cannot be written or reached
         raise RunError(str(e)) from None
+    durable = ckpt.durable  # the durable tier (DurableTier; read-only on ranks that do not write), or None
+    if durable is not None:
+        say(f"durable tier: {durable.url} (uploads in the background)")
 
     # ---- resume -------------------------------------------------------------------------
     if args.resume and restore is not None:
@@ -404,8 +430,12 @@ def train(args: argparse.Namespace, *, clock: Callable[[], float] | None = None,
                         f"--resume: the checkpoint at step {resumed.step} was trained with {key}={saved.get(key)}, "
                         f"this run has {key}={now}; resume with the same value or start a new --out_dir")
             # epochs are printed 1-based, as in the log lines ("epoch 1/1")
+            tier, name = ckpt.resumed_from or ("local", "")
+            where = f"{ckpt_dir}"
+            if tier == "durable":  # the local tier had none as new (a new node): downloaded first
+                where = f"the durable tier {durable.url if durable is not None else ''} ({name}, copied to {ckpt_dir})"
             say(f"resumed from step {resumed.step} (epoch {int(loop.values['epoch']) + 1}/{args.epochs}) "
-                f"in {ckpt_dir}")
+                f"in {where}")
     else:
         present = scan(ckpt_dir, verify=False)  # damaged ones count too: this folder belongs to a run
         if present:
@@ -413,6 +443,11 @@ def train(args: argparse.Namespace, *, clock: Callable[[], float] | None = None,
             latest = f"latest: step {max(steps)}" if steps else "none of them readable"
             raise UsageError(f"{ckpt_dir} already holds checkpoints ({latest}); "
                              "pass --resume to continue that run or choose another --out_dir")
+        if durable is not None:
+            remote = durable.list()
+            if remote:
+                raise UsageError(f"the durable tier {durable.url} already holds checkpoints (latest: step "
+                                 f"{remote[-1].step}); pass --resume to continue that run or give another --durable")
     step = int(loop.values["step"])
     batches_done = int(loop.values["batches_done"])
     loop.values["total_steps"] = total_steps
@@ -532,7 +567,10 @@ def train(args: argparse.Namespace, *, clock: Callable[[], float] | None = None,
             agreed = ckpt.decider.last_signals if ddp else ((sig,) if sig else ())
             if decision.save:
                 saves.append((step, decision.reasons))
-                say(f"saved step {step}: {', '.join(decision.reasons)}")
+                # with a durable tier, a save its rules chose (or a signal save) is uploaded in the background
+                up = promoted(decision) if durable is not None else ()
+                to_durable = f"; to the durable tier for: {', '.join(up)}" if up else ""
+                say(f"saved step {step}: {', '.join(decision.reasons) or '(no local rule)'}{to_durable}")
 
             bar.update(1)
             if metrics is not None:
@@ -556,17 +594,60 @@ def train(args: argparse.Namespace, *, clock: Callable[[], float] | None = None,
     bar.close()
 
     # ---- summary ----------------------------------------------------------------------------
-    ckpt.close()
+    # close() waits for the last local write, then for the uploads (a bar in bytes, at most
+    # --durable_timeout), and raises DurableError when the final step did not reach the durable tier.
+    not_durable = None
+    if durable is not None:
+        say(f"waiting for the uploads to {durable.url}"
+            + (f" (at most {args.durable_timeout:g}s)" if args.durable_timeout is not None else ""))
+    try:
+        ckpt.close(timeout=args.durable_timeout)
+    except DurableError as e:
+        not_durable = str(e)
     if master:
         trained = step
         listing = list(ckpt.list())
         print_summary(say, policy, ckpt_dir, listing, saves, start_step, trained, total_steps, stop_signal, earlier)
+    if master and durable is not None:
+        print_durable_summary(say, policy, durable, step, not_durable)
     if ddp:
         dist.barrier()
         dist.destroy_process_group()
+    if not_durable is not None:
+        print(f"error: {not_durable}", file=sys.stderr)
+        return 1
     if stop_signal and not (saves and saves[-1][0] == step):
         return 128 + int(signal.SIGTERM)
     return 0
+
+
+def print_durable_summary(say, policy, durable, trained, not_durable) -> None:
+    """What reached the durable tier: its checkpoints, why each is kept, and whether the final step is there."""
+    from saverules.engine.tiers import durable_policy
+    from saverules.torch import retention_view
+
+    if not_durable is not None:  # the tier may be unreachable: listing it would only retry; the error says why
+        say(f"the final step {trained} did NOT reach the durable tier {durable.url}")
+        return
+    try:
+        good = [e for e in durable.list() if e.ok and e.step is not None]
+    except Exception as exc:  # the tier is unreachable now: say so, the exit status says the rest
+        say(f"the durable tier {durable.url} cannot be listed now ({type(exc).__name__}: {exc})")
+        return
+    tier_policy = durable_policy(policy)
+    why = tier_policy.explain_retention(retention_view(good)) if good and tier_policy is not None else [()] * len(good)
+    say(f"checkpoints in the durable tier {durable.url} ({len(good)}):")
+    for e, kept_by in zip(good, why):
+        reasons = list(e.reasons)  # the local tier's rules, then "durable" and the durable tier's
+        cut = reasons.index("durable") if "durable" in reasons else len(reasons)
+        for_durable = ", ".join(reasons[cut + 1:]) or "-"
+        say(f"  {e.name}  step {e.step}  saved for: {for_durable} (local: {', '.join(reasons[:cut]) or '-'})"
+            f"  kept by: {', '.join(kept_by) or '-'}")
+    if any(e.step == trained for e in good):
+        say(f"the final step {trained} reached the durable tier")
+    else:
+        say(f"the newest durable step is {max((e.step for e in good), default=0)}; the last trained step {trained} "
+            "is not in the durable tier (no durable rule chose it)")
 
 
 def print_summary(say, policy, ckpt_dir, listing, saves, start_step, trained, total_steps, stop_signal,
