@@ -346,6 +346,13 @@ def test_what_is_protected_by_example():
     assert p.keep([30, 31, 32], [False, True, False]) == [False, True, True]
     with pytest.raises(ValueError, match="2 answers for 3 checkpoints"):
         p.keep([30, 31, 32], [True, True])
+    for _ in range(3):
+        p.hold(40)
+    p.release(40)
+    p.release(40)
+    assert 40 in p, "held three times, released twice: still held"
+    p.release(40)
+    assert 40 not in p
     again: Protected[str] = Protected(resumed_from="x")
     again.committed("x")  # the resume's own checkpoint, committed into this tier (a download)
     assert again.resumed_from == "x" and "x" in again
