@@ -196,8 +196,8 @@ class Checkpointer:
         inner = _committer(self._format, self.dir, verify, commit_timeout, writes=self.is_writer,
                            read_only=read_only)
         self._committer = tiered(inner, self.dir, policy, durable_url, durable_opts, durable_retries,
-                                 lock=self.is_writer, downloads=self.rank == 0 and not read_only,
-                                 released=_weak(self._sweep))
+                                 lock=self.is_writer, downloads=not read_only, released=_weak(self._sweep),
+                                 world_size=self.world_size, commit_timeout=commit_timeout)
 
         self._clock_offset = 0.0
         self._clock_t0 = _time.monotonic()
@@ -626,11 +626,13 @@ def describe_tiers(manifest: Mapping[str, Any]) -> str:
 
 def tiered(inner: Committer, root: Path, policy: Any, url: str | None, options: Mapping[str, Any] | None,
            retries: Retries | None, *, lock: bool, downloads: bool, released: Any,
-           uploader: Any = None) -> TieredCommitter:
+           uploader: Any = None, world_size: int = 1, commit_timeout: float | None = None) -> TieredCommitter:
     """The committer of a store with its durable tier (when ``url``); the tier opens in ``open()``.
 
     ``uploader(tier)``, when given, makes the upload strategy of the promotions (a sharded store's: every
-    rank uploads its own files); by default the tier's own ``upload``.
+    rank uploads its own files); by default the tier's own ``upload``.  ``downloads``: this process takes
+    part in a resume's download from the durable tier; under DDP (``world_size`` > 1) rank 0 downloads and
+    a broadcast tells the other ranks, so that none reads the store before the download is in place.
     """
     from .remote.promote import PROMOTION_RETRIES
     from .remote.retry import DEFAULT
@@ -651,6 +653,15 @@ def tiered(inner: Committer, root: Path, policy: Any, url: str | None, options: 
         else:
             def opener() -> DurableTier:
                 return DurableTier(url, options, writer=lock, retries=retries or DEFAULT)
+
+            if world_size > 1:  # DDP: rank 0 writes and downloads, every rank resumes what it fetched
+                from .remote.committer import AgreedTieredCommitter
+
+                return AgreedTieredCommitter(inner, root, durable_policy(policy), open_tier=opener,
+                                             released=released, downloads=downloads,
+                                             retries=retries or PROMOTION_RETRIES, uploader=uploader,
+                                             ranks=ranks.Ranks(ranks.timeout_from(commit_timeout)))
+            downloads = downloads and lock
 
     return TieredCommitter(inner, root, durable_policy(policy), open_tier=opener, released=released,
                            downloads=downloads, retries=retries or PROMOTION_RETRIES, uploader=uploader)

@@ -320,3 +320,37 @@ class TieredCommitter:
 
 
 __all__ = ["TieredCommitter", "LOCAL", "DURABLE"]
+
+
+class AgreedTieredCommitter(TieredCommitter):
+    """A :class:`TieredCommitter` whose resume is a collective of every rank (DDP, or a sharded store).
+
+    Rank 0 alone looks at the durable tier and downloads the checkpoint to
+    resume into the local store the ranks read; a broadcast then tells every
+    rank what it fetched and which durable checkpoints it passed over, so
+    that no rank reads the store before the download is in place, every rank
+    says the same tier in ``resumed_from``, and when no checkpoint of either
+    tier can be resumed every rank raises together.  Give it ``downloads``
+    True on every rank that takes part (a Checkpointer that is not read-only).
+    """
+
+    def __init__(self, inner: Any, *args: Any, ranks: Any, **kwargs: Any) -> None:
+        super().__init__(inner, *args, **kwargs)
+        self.ranks = ranks
+
+    def _fetch_newer(self, cache: VerifyCache) -> tuple[str | None, list[tuple[str, str]]]:
+        mine: BaseException | None = None
+        outcome: Any = None
+        if self.ranks.rank == 0:
+            try:
+                outcome = ("ok", super()._fetch_newer(cache))
+            except Exception as exc:  # told to every rank first, then raised here
+                text = str(exc).replace("saverules: ", "", 1) or type(exc).__name__
+                mine, outcome = exc, ("error", text)
+        kind, what = self.ranks.broadcast(outcome, "fetch the newest checkpoint of the durable tier")
+        if mine is not None:
+            raise mine
+        if kind == "error":
+            raise CheckpointError(f"saverules: rank 0 could not fetch the newest durable checkpoint: {what}")
+        fetched, rejected = what
+        return fetched, [(str(a), str(b)) for a, b in rejected]

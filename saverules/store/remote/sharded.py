@@ -65,7 +65,7 @@ from typing import Any
 from ..errors import CheckpointError, log
 from ..layout import MANIFEST
 from ..manifest import Invalid, read_manifest
-from .committer import TieredCommitter
+from .committer import AgreedTieredCommitter
 from .retry import DEFAULT, Retries, RetriesExhausted, retrying
 from .tier import DurableTier
 from .transfer import MARKER, Progress, TransferError, marker_bytes, upload_file
@@ -543,34 +543,6 @@ __all__ = ["ABANDON", "OPEN", "POINTER", "RANKS_DIR", "ShardedTieredCommitter", 
            "open_sharded", "report_name", "sharded_tier"]
 
 
-class ShardedTieredCommitter(TieredCommitter):
-    """The :class:`~saverules.store.remote.committer.TieredCommitter` of a sharded store.
-
-    A resume is a collective of every rank.  Rank 0 alone looks at the
-    durable tier and downloads the checkpoint to resume (into the local store
-    every rank reads); a broadcast then tells every rank what it fetched and
-    which durable checkpoints it passed over, so that every rank says the
-    same tier in ``resumed_from`` and, when no checkpoint of either tier can
-    be resumed, every rank raises together.  Give it ``downloads`` True on
-    every rank that takes part (a writing Checkpointer).
-    """
-
-    def __init__(self, inner: Any, *args: Any, ranks: Any, **kwargs: Any) -> None:
-        super().__init__(inner, *args, **kwargs)
-        self.ranks = ranks
-
-    def _fetch_newer(self, cache: Any) -> tuple[str | None, list[tuple[str, str]]]:
-        mine: BaseException | None = None
-        outcome: Any = None
-        if self.ranks.rank == 0:
-            try:
-                outcome = ("ok", super()._fetch_newer(cache))
-            except Exception as exc:  # told to every rank first, then raised here
-                mine, outcome = exc, ("error", _reason(exc))
-        kind, what = self.ranks.broadcast(outcome, "fetch the newest checkpoint of the durable tier")
-        if mine is not None:
-            raise mine
-        if kind == "error":
-            raise CheckpointError(f"saverules: rank 0 could not fetch the newest durable checkpoint: {what}")
-        fetched, rejected = what
-        return fetched, [tuple(pair) for pair in rejected]
+class ShardedTieredCommitter(AgreedTieredCommitter):
+    """The :class:`~saverules.store.remote.committer.AgreedTieredCommitter` of a sharded store: a resume is a
+    collective of every rank, rank 0 alone downloads, and a broadcast tells every rank what it fetched."""
