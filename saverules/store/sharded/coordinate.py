@@ -352,6 +352,8 @@ def load_latest(ranks: Ranks, root: Path, cache, skip: Callable[[CheckpointInfo]
     resume.check_if_none_valid(if_none_valid)
     rejected: list[CheckpointInfo] = []
 
+    from . import digests
+    from . import files as dcp_files
     from .format import DcpFormat  # (imported here: the format module imports the store's formats)
 
     def passed_over(bad: CheckpointInfo) -> None:
@@ -360,7 +362,10 @@ def load_latest(ranks: Ranks, root: Path, cache, skip: Callable[[CheckpointInfo]
         rejected.append(bad)
         skip(bad)
 
-    candidates = newest_good(root, cache, passed_over) if ranks.rank == 0 else None
+    # A dcp checkpoint's digests are checked by all the ranks together, each a share of the files, once it
+    # is chosen (saverules.store.sharded.digests); rank 0 checks only its manifest and sizes to choose it.
+    candidates = newest_good(root, cache, passed_over, deep=lambda i: i.format != DcpFormat.name) \
+        if ranks.rank == 0 else None
     while True:
         info, verdict = None, None
         if candidates is not None:
@@ -387,6 +392,12 @@ def load_latest(ranks: Ranks, root: Path, cache, skip: Callable[[CheckpointInfo]
             source = formats.Source.of(info.path, info.manifest)
             if isinstance(fmt, DcpFormat):
                 world = int(info.manifest.get("world_size") or 1)
+                if info.verified is not True:  # this rank's share of the digests, what it reads first included
+                    from .format import rank_file
+
+                    own = [rank_file(ranks.rank if ranks.rank < world else 0), dcp_files.METADATA_FILE]
+                    files = info.manifest["files"]
+                    digests.check(info.path, files, digests.share(files, ranks.rank, ranks.size, own))
                 payload, layouts = fmt.read_rank(source, ranks.rank, world, map_location)
             else:
                 payload = fmt.decode(source, map_location)
@@ -407,6 +418,10 @@ def load_latest(ranks: Ranks, root: Path, cache, skip: Callable[[CheckpointInfo]
             continue
         if payload is None:  # every rank read its part (no errors above), so each has a payload
             raise CheckpointError(f"saverules: rank {ranks.rank} read no state from {info.path}")
+        if ranks.rank == 0 and info.verified is None:  # every rank checked its share of the digests
+            from dataclasses import replace
+
+            cache.put(info.path, replace(info, verified=True))
         if layouts is not None:
             _load_shards(ranks, fmt, source, state, layouts, name)
         return info, payload, set(layouts or ())
