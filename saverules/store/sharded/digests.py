@@ -9,15 +9,17 @@ function of the manifest and the number of ranks, so every rank computes
 the same one without a message.
 
 Before a rank reads anything itself, it has checked what it reads first:
-its own rank file (a small pickle) and DCP's ``.metadata`` index.  Nothing
-is loaded into a model until every rank has reported its share good (the
-gather that follows the read in :func:`~saverules.store.sharded.coordinate.load_latest`):
-a damaged file fails the checkpoint on every rank, with the reason of the
-rank that found it, and the ranks fall back together.
+its own rank file (a small pickle) and DCP's ``.metadata`` index.  The rest
+of its share is hashed on a thread (:class:`Pending`) while DCP loads; the
+checkpoint is used only once every rank has reported its share good, and a
+damaged file fails it on every rank, with the reason of the rank that found
+it: the ranks fall back together (see
+:func:`~saverules.store.sharded.coordinate.load_latest`).
 """
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
@@ -60,3 +62,26 @@ def check(directory: Path, files: Mapping[str, Mapping[str, Any]], names: list[s
             raise CheckpointError(f"{fname} has {size} bytes, the manifest says {entry['size']} (truncated?)")
         if got != expected:
             raise CheckpointError(f"{fname} does not match its {algo} digest (damaged)")
+
+
+class Pending:
+    """:func:`check` of ``names`` on a thread of its own, started at once; :meth:`result` waits for it."""
+
+    def __init__(self, directory: Path, files: Mapping[str, Mapping[str, Any]], names: list[str]) -> None:
+        self._problem: str | None = None
+        self._thread = threading.Thread(target=self._run, args=(directory, files, names),
+                                        name="saverules-digests", daemon=True)
+        self._thread.start()
+
+    def _run(self, directory: Path, files: Mapping[str, Mapping[str, Any]], names: list[str]) -> None:
+        try:
+            check(directory, files, names)
+        except CheckpointError as exc:
+            self._problem = str(exc)
+        except Exception as exc:  # reported as the checkpoint's problem, never lost with the thread
+            self._problem = f"checking the digests failed ({type(exc).__name__}: {exc})"
+
+    def result(self) -> str | None:
+        """Why the first file of the share failed its check, or None when all matched."""
+        self._thread.join()
+        return self._problem
