@@ -15,12 +15,13 @@ upload leaves is removed by the next writer (:meth:`DurableTier.clean`).
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +140,7 @@ def _stream(chunks: Iterable[bytes], write: Callable[[bytes], Any], entry: Mappi
     return size, h.hexdigest(), algo
 
 
-def fetch_ranges(fs: Any, path: str, size: int) -> Iterator[bytes]:
+def fetch_ranges(fs: Any, path: str, size: int) -> Generator[bytes, None, None]:
     """The object at ``path``, expected to hold ``size`` bytes, in ranges of :data:`RANGE` bytes.
 
     Each range is one request (``fs.cat_file`` with a start and an end),
@@ -328,8 +329,8 @@ def download(fs: Any, root: str, name: str, local_root: Path, *, retries: Retrie
                         on_bytes(n)
 
                 try:
-                    with open(tmp / fname, "wb") as dst:
-                        ranges = fetch_ranges(fs, f"{prefix}/{fname}", int(entry["size"]))
+                    with open(tmp / fname, "wb") as dst, \
+                            contextlib.closing(fetch_ranges(fs, f"{prefix}/{fname}", int(entry["size"]))) as ranges:
                         size, hexdigest, algo = _stream(ranges, lambda b: write(b, dst), entry, counted)
                         local_fs.fsync(dst.fileno())
                 except BaseException:
