@@ -1,12 +1,16 @@
-"""The durable tier's upload throughput against s3fs's own ``put`` of the same files to the same server.
+"""The durable tier's upload and download throughput against s3fs's own ``put`` and ``get`` of the same files.
 
 A committed local checkpoint (one tensor of 64 MB, 4 MB with ``--quick``) is
 uploaded to moto's standalone S3 server on 127.0.0.1, alternately by
 :meth:`saverules.store.remote.DurableTier.upload` (each object hashed as it
 streams and compared with the manifest, then the manifest, then the commit
 marker) and by ``s3fs.S3FileSystem.put(dir, recursive=True)`` (the same files,
-no check).  Interleaved and repeated; the medians of the throughput are
-compared.  The server runs in this process, so both variants share its cost
+no check).  Then a committed durable checkpoint is downloaded, alternately by
+:meth:`~saverules.store.remote.DurableTier.download` (the marker and manifest
+checked, every object hashed as it streams in, fsynced, the directory renamed
+into place) and by ``s3fs.S3FileSystem.get(prefix, dir, recursive=True)`` of
+the same objects (no check, no fsync), each into a fresh directory.
+Interleaved and repeated; the medians of the throughput are compared.  The server runs in this process, so both variants share its cost
 equally; the figures say how much the checks and the commit cost, not what a
 real object store sustains.
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -101,6 +106,28 @@ def run(quick: bool = False) -> list:
                 return total / timed(lambda: fs.put(str(local), dest, recursive=True)) / 1e6
 
             samples = interleaved({"ours": ours, "put": put}, repeats)
+
+            durable = "resume"
+            tier.upload(local, durable)
+            down = Path(tmp) / "down"
+            down.mkdir()
+
+            def download() -> float:
+                d = Path(tempfile.mkdtemp(dir=down))
+                took = timed(lambda: tier.download(durable, d))
+                shutil.rmtree(d)
+                return total / took / 1e6
+
+            def get() -> float:
+                d = Path(tempfile.mkdtemp(dir=down))
+                took = timed(lambda: fs.get(f"{tier.prefix(durable)}/", f"{d}/", recursive=True))
+                got = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+                shutil.rmtree(d)
+                if got < total:
+                    raise RuntimeError(f"s3fs get fetched {got} bytes of {total}")
+                return total / took / 1e6
+
+            down_samples = interleaved({"download": download, "get": get}, repeats)
             tier.close()
             stall = _stall(Path(tmp), size, repeats + 4)
     finally:
@@ -112,12 +139,19 @@ def run(quick: bool = False) -> list:
                 os.environ[k] = v
     a, b = median(samples["ours"]), median(samples["put"])
     ratio = a / b
+    c, d = median(down_samples["download"]), median(down_samples["get"])
+    down_ratio = c / d
     return [
         Row(NAME, f"DurableTier.upload ({total / 1e6:.0f} MB, digests checked, committed)", a, "MB/s",
             samples=samples["ours"]),
         Row(NAME, f"s3fs put of the same files ({total / 1e6:.0f} MB)", b, "MB/s", samples=samples["put"]),
         Row(NAME, "upload throughput vs s3fs put", ratio, "x", ratio=ratio, vs="s3fs put", goal=f">= {GOAL}x",
             met=ratio >= GOAL),
+        Row(NAME, f"DurableTier.download ({total / 1e6:.0f} MB, digests checked while streaming, fsynced)", c,
+            "MB/s", samples=down_samples["download"]),
+        Row(NAME, f"s3fs get of the same objects ({total / 1e6:.0f} MB)", d, "MB/s", samples=down_samples["get"]),
+        Row(NAME, "download throughput vs s3fs get", down_ratio, "x", ratio=down_ratio, vs="s3fs get",
+            goal=f">= {GOAL}x", met=down_ratio >= GOAL),
         *stall,
     ]
 

@@ -1,4 +1,4 @@
-"""Which of the caller's tensors a resume may read a checkpoint's bytes straight into.
+"""Which of the caller's tensors a resume may read (or, mapped, copy) a checkpoint's bytes straight into.
 
 ``load_state_dict`` of a plain ``torch.nn.Module`` copies every saved tensor
 into the parameter or buffer of the same name.  When the saved tensor has

@@ -157,14 +157,15 @@ def read_storages(path: Path, mmap: bool = False, expected: tuple[str, str] | No
     """Every entry of the file as a CPU storage of its bytes.
 
     Read: one buffer per entry, filled straight from the file (no storage
-    outlives what it holds); ``into(entries)`` may name, for some entries,
-    the storage of exactly their size to read them into instead (see
-    :mod:`~saverules.store.formats.in_place`).  ``mmap``: slices of one
-    private (copy-on-write) map of the file, as ``torch.load(mmap=True)``
-    does.  With ``expected`` (algorithm, hex digest) the digest of every byte
-    of the file is computed from what was read, in pieces of
-    :data:`~saverules.store.digest.CHUNK` bytes on the hash worker while the
-    next piece is read, and compared before this returns.
+    outlives what it holds).  ``mmap``: slices of one private (copy-on-write)
+    map of the file, as ``torch.load(mmap=True)`` does.  Either way
+    ``into(entries)`` may name, for some entries, the storage of exactly their
+    size to land them in instead (see :mod:`~saverules.store.formats.in_place`):
+    the bytes are read (or copied from the map) into it.  With ``expected``
+    (algorithm, hex digest) the digest of every byte of the file is computed,
+    in file order, in pieces of :data:`~saverules.store.digest.CHUNK` bytes
+    on the hash worker while this thread reads (or copies) the next piece,
+    and compared before this returns.
     """
     from .. import digest
 
@@ -175,45 +176,106 @@ def read_storages(path: Path, mmap: bool = False, expected: tuple[str, str] | No
             stream = digest.HashStream(expected[0]) if expected else None
             if stream is not None:
                 stream.h.update(len(raw).to_bytes(8, "little") + raw)
+            land = dict(into(entries)) if into is not None else {}
             if mmap:
-                # torch's stub types from_file as _StorageBase; on UntypedStorage it makes an UntypedStorage
-                whole = cast(torch.UntypedStorage, torch.UntypedStorage.from_file(str(path), False, size))
-                if stream is not None and size > start:
-                    mapped = torch.empty(0, dtype=torch.uint8).set_(whole, 0, (size,), (1,))
-                    stream.h.update(mapped.numpy().data[start:])
-                out = {name: whole[start + b: start + e] for name, (_, _, b, e) in entries.items()}
+                out = _mapped(path, size, start, entries, land, stream)
             else:
-                out = {}
-                land = dict(into(entries)) if into is not None else {}
-                for name, (_, _, b, e) in sorted(entries.items(), key=lambda kv: kv[1][2]):
-                    target = land.get(name)
-                    if target is not None and target.nbytes() != e - b:
-                        target = None
-                    buf = torch.empty(0 if target is not None else e - b, dtype=torch.uint8)
-                    if target is not None:
-                        buf.set_(target, 0, (e - b,), (1,))
-                    if e > b:
-                        f.seek(start + b)
-                        view = buf.numpy().data
-                        got = 0
-                        while got < e - b:
-                            piece = view[got:got + digest.CHUNK]
-                            n = f.readinto(piece)
-                            if not n:
-                                raise _bad(path, "it ended early")
-                            if stream is not None:
-                                digest.HASHER.submit(stream, piece[:n])  # the memory stays alive: no wait
-                            got += n
-                    out[name] = buf.untyped_storage()
-                if stream is not None:
-                    digest.HASHER.submit(stream, None, wait=True).wait()
-                    if stream.error is not None:
-                        raise stream.error
+                out = _read(path, f, start, entries, land, stream)
     except OSError as exc:
         raise CheckpointError(f"saverules: cannot read {path}: {exc.strerror or exc}") from exc
     if stream is not None and expected is not None and stream.h.hexdigest() != expected[1]:
         # (stream is made exactly when a digest is expected)
         raise CheckpointError(f"{path.name} does not match its {expected[0]} digest (damaged)")
+    return out
+
+
+def _target(land: Mapping[str, torch.UntypedStorage], name: str, nbytes: int) -> torch.UntypedStorage | None:
+    target = land.get(name)
+    return target if target is not None and target.nbytes() == nbytes else None
+
+
+def _drain(stream: Any) -> None:
+    """Wait until the hash worker is done with everything submitted for ``stream`` (it reads our buffers)."""
+    from .. import digest
+
+    if stream is not None:
+        digest.HASHER.submit(stream, None, wait=True).wait()
+
+
+def _hashed(stream: Any) -> None:
+    """Raise what the hash worker raised while hashing ``stream``."""
+    if stream is not None and stream.error is not None:
+        raise stream.error
+
+
+def _read(path: Path, f: Any, start: int, entries: Entries, land: Mapping[str, torch.UntypedStorage],
+          stream: Any) -> dict[str, torch.UntypedStorage]:
+    from .. import digest
+
+    out: dict[str, torch.UntypedStorage] = {}
+    try:
+        for name, (_, _, b, e) in sorted(entries.items(), key=lambda kv: kv[1][2]):
+            target = _target(land, name, e - b)
+            buf = torch.empty(0 if target is not None else e - b, dtype=torch.uint8)
+            if target is not None:
+                buf.set_(target, 0, (e - b,), (1,))
+            if e > b:
+                f.seek(start + b)
+                view = buf.numpy().data
+                got = 0
+                while got < e - b:
+                    piece = view[got:got + digest.CHUNK]
+                    n = f.readinto(piece)
+                    if not n:
+                        raise _bad(path, "it ended early")
+                    if stream is not None:
+                        digest.HASHER.submit(stream, piece[:n])  # the memory stays alive: no wait
+                    got += n
+            out[name] = buf.untyped_storage()
+    finally:
+        _drain(stream)  # (also after an error: the worker must be done with the buffers)
+    _hashed(stream)
+    return out
+
+
+def _mapped(path: Path, size: int, start: int, entries: Entries, land: Mapping[str, torch.UntypedStorage],
+            stream: Any) -> dict[str, torch.UntypedStorage]:
+    """The entries as slices of a private map of the file; those ``land`` names copied into their storage.
+
+    The hash worker digests, in file order, each landed piece after it is
+    copied (from the cache) and every other entry straight from the map,
+    while this thread goes on copying: a mapped entry's pages are touched
+    once by the digest, a landed one's by the copy and the digest.
+    """
+    import numpy
+
+    from .. import digest
+
+    # torch's stub types from_file as _StorageBase; on UntypedStorage it makes an UntypedStorage
+    whole = cast(torch.UntypedStorage, torch.UntypedStorage.from_file(str(path), False, size))
+    mapped = torch.empty(0, dtype=torch.uint8).set_(whole, 0, (size,), (1,)).numpy() if size else None
+    out: dict[str, torch.UntypedStorage] = {}
+    try:
+        for name, (_, _, b, e) in sorted(entries.items(), key=lambda kv: kv[1][2]):
+            target = _target(land, name, e - b)
+            if mapped is None or e == b:
+                out[name] = target if target is not None else whole[start + b:start + e]
+                continue
+            src = mapped[start + b:start + e]
+            if target is None:
+                if stream is not None:
+                    digest.HASHER.submit(stream, src.data)  # the map stays alive until _drain
+                out[name] = whole[start + b:start + e]
+                continue
+            dst = torch.empty(0, dtype=torch.uint8).set_(target, 0, (e - b,), (1,)).numpy()
+            for at in range(0, e - b, digest.CHUNK):
+                numpy.copyto(dst[at:at + digest.CHUNK], src[at:at + digest.CHUNK])
+                if stream is not None:
+                    digest.HASHER.submit(stream, dst[at:at + digest.CHUNK].data)
+            out[name] = target
+    finally:
+        _drain(stream)
+    _hashed(stream)
     return out
 
 

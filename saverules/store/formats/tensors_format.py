@@ -195,7 +195,7 @@ class TensorsFormat(Format):
         if data.get("layout") != self.name or not isinstance(data.get("tensors"), list):
             raise CheckpointError(f"saverules: {path} is not the structure of a tensors-format checkpoint")
         land = None
-        if into is not None and not mmap and in_place.on_cpu(map_location):
+        if into is not None and in_place.on_cpu(map_location):
             tree, refs = data.get("tree"), data["tensors"]
 
             def land(entries: tensorfile.Entries) -> dict[str, torch.UntypedStorage]:

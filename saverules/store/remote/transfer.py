@@ -15,10 +15,13 @@ upload leaves is removed by the next writer (:meth:`DurableTier.clean`).
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
-from collections.abc import Callable, Mapping
+import queue
+import threading
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,8 @@ MARKER = "COMMITTED"
 MARKER_FORMAT = "saverules-commit"
 #: Bytes read and written per chunk while streaming.
 CHUNK = 8 << 20
+#: Bytes fetched per request while downloading (held in memory: at most three ranges at a time).
+RANGE = 64 << 20
 #: The largest part of a multipart upload (and the largest file sent in one PUT); held in memory while sent.
 PART = 256 << 20
 
@@ -74,18 +79,36 @@ def check_marker(raw: bytes, name: str, manifest_raw: bytes) -> None:
         raise Invalid(f"{MANIFEST} does not match the digest in {MARKER} (damaged or replaced)")
 
 
+def _cat_two(fs: Any, first: str, second: str) -> tuple[bytes | BaseException, bytes | BaseException]:
+    """The contents of two small objects, fetched at the same time; an exception in place of one that failed."""
+    got: list[bytes | BaseException] = [b"", b""]
+
+    def cat(i: int, path: str) -> None:
+        try:
+            got[i] = bytes(fs.cat_file(path))
+        except Exception as exc:  # (raised by the caller, in order)
+            got[i] = exc
+
+    other = threading.Thread(target=cat, args=(1, second), name="saverules-download", daemon=True)
+    other.start()
+    cat(0, first)
+    other.join()
+    return got[0], got[1]
+
+
 def read_remote_manifest(fs: Any, prefix: str, name: str) -> tuple[dict[str, Any], bytes]:
     """The checked manifest of the durable checkpoint at ``prefix`` and its raw bytes; raises Invalid."""
-    try:
-        raw = bytes(fs.cat_file(f"{prefix}/{MANIFEST}"))
-    except FileNotFoundError:
+    raw, marker = _cat_two(fs, f"{prefix}/{MANIFEST}", f"{prefix}/{MARKER}")  # two requests at once
+    if isinstance(raw, FileNotFoundError):
         raise Invalid(f"{MANIFEST} is missing") from None
+    if isinstance(raw, BaseException):
+        raise raw
     if len(raw) > MAX_MANIFEST_BYTES:
         raise Invalid(f"{MANIFEST} is too large")
-    try:
-        marker = bytes(fs.cat_file(f"{prefix}/{MARKER}"))
-    except FileNotFoundError:
+    if isinstance(marker, FileNotFoundError):
         raise Invalid(f"{MARKER} is missing (an unfinished upload)") from None
+    if isinstance(marker, BaseException):
+        raise marker
     check_marker(marker, name, raw)
     try:
         data = json.loads(raw.decode("utf-8"))
@@ -94,21 +117,80 @@ def read_remote_manifest(fs: Any, prefix: str, name: str) -> tuple[dict[str, Any
     return check_manifest(data), raw
 
 
-def _stream(read: Callable[[int], bytes], write: Callable[[bytes], Any], entry: Mapping[str, Any],
+def _chunks(read: Callable[[int], bytes]) -> Iterator[bytes]:
+    """``read(CHUNK)`` until it returns nothing."""
+    while True:
+        chunk = read(CHUNK)
+        if not chunk:
+            return
+        yield chunk
+
+
+def _stream(chunks: Iterable[bytes], write: Callable[[bytes], Any], entry: Mapping[str, Any],
             on_bytes: Progress | None) -> tuple[int, str, str]:
     algo, expected = digest.entry_digest(entry)
     h = digest.new(algo)
     size = 0
-    while True:
-        chunk = read(CHUNK)
-        if not chunk:
-            break
+    for chunk in chunks:
         h.update(chunk)
         write(chunk)
         size += len(chunk)
         if on_bytes is not None:
             on_bytes(len(chunk))
     return size, h.hexdigest(), algo
+
+
+def fetch_ranges(fs: Any, path: str, size: int) -> Generator[bytes, None, None]:
+    """The object at ``path``, expected to hold ``size`` bytes, in ranges of :data:`RANGE` bytes.
+
+    Each range is one request (``fs.cat_file`` with a start and an end),
+    fetched on a thread of its own while the caller uses the range before it.
+    The last range asks for one byte more than ``size``, so that an object
+    longer than the manifest says is seen as such; a shorter one ends early.
+    """
+    if size <= 0:
+        yield bytes(fs.cat_file(path))
+        return
+    results: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def fetch() -> None:
+        try:
+            for begin in range(0, size, RANGE):
+                if stop.is_set():
+                    return
+                end = begin + RANGE if begin + RANGE < size else size + 1
+                try:
+                    data = bytes(fs.cat_file(path, start=begin, end=end))
+                except Exception:
+                    if begin and fs.size(path) <= begin:  # cut short at a range boundary: the object ends here
+                        break
+                    raise
+                results.put((data, None))
+                if len(data) < end - begin:  # the object ends here (shorter than the manifest says)
+                    break
+            results.put((None, None))
+        except BaseException as exc:  # handed to the caller, which raises it
+            results.put((None, exc))
+
+    fetcher = threading.Thread(target=fetch, name="saverules-download", daemon=True)
+    fetcher.start()
+    try:
+        while True:
+            data, error = results.get()
+            if error is not None:
+                raise error
+            if data is None:
+                return
+            yield data
+    finally:
+        stop.set()
+        while fetcher.is_alive():  # a fetch waiting to hand over its range must not block forever
+            try:
+                results.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        fetcher.join()
 
 
 def _mismatch(where: str, fname: str, entry: Mapping[str, Any], size: int, hexdigest: str, algo: str) -> str | None:
@@ -166,7 +248,7 @@ def upload_file(fs: Any, prefix: str, local: Path, fname: str, entry: Mapping[st
         with open(local / fname, "rb") as src:
             if int(entry["size"]) < PART:  # read and hashed once, then sent in one PUT, as s3fs's put does
                 data = src.read(PART)
-                size, hexdigest, algo = _stream(io.BytesIO(data).read, lambda b: None, entry, None)
+                size, hexdigest, algo = _stream(_chunks(io.BytesIO(data).read), lambda b: None, entry, None)
                 problem = _mismatch(str(local), fname, entry, size, hexdigest, algo)
                 if problem is not None:
                     raise TransferError(f"saverules: {problem} since it was committed; the upload of {name} "
@@ -177,7 +259,7 @@ def upload_file(fs: Any, prefix: str, local: Path, fname: str, entry: Mapping[st
             # a larger file streams in parts of PART bytes, each hashed before it is sent
             out = fs.open(f"{prefix}/{fname}", "wb", block_size=PART)
             try:
-                size, hexdigest, algo = _stream(src.read, out.write, entry, count)
+                size, hexdigest, algo = _stream(_chunks(src.read), out.write, entry, count)
                 problem = _mismatch(str(local), fname, entry, size, hexdigest, algo)
                 if problem is not None:
                     raise TransferError(f"saverules: {problem} since it was committed; the upload of {name} "
@@ -208,7 +290,7 @@ def verify_remote(fs: Any, prefix: str, manifest: Mapping[str, Any], on_bytes: P
     for fname, entry in sorted(manifest["files"].items()):
         try:
             with fs.open(f"{prefix}/{fname}", "rb") as src:
-                size, hexdigest, algo = _stream(src.read, lambda b: None, entry, on_bytes)
+                size, hexdigest, algo = _stream(_chunks(src.read), lambda b: None, entry, on_bytes)
         except FileNotFoundError:
             return f"{fname} is missing"
         except CheckpointError as exc:
@@ -227,6 +309,10 @@ def download(fs: Any, root: str, name: str, local_root: Path, *, retries: Retrie
     streams in and compared with the manifest; the manifest goes in last and
     the directory is renamed into place (replacing a damaged local copy of the
     same name).  TransferError names the object that did not match.
+
+    Each object is fetched in ranges of :data:`RANGE` bytes (one request
+    each, the next one in flight while the last is hashed, written and
+    flushed to the disk), largest object first.
     """
     prefix = f"{root}/{name}"
     try:
@@ -239,12 +325,29 @@ def download(fs: Any, root: str, name: str, local_root: Path, *, retries: Retrie
     tmp = local_root / hidden_name(TMP_PREFIX, name)
     local_fs.mkdir(str(tmp))
     try:
-        for fname, entry in sorted(manifest["files"].items()):
+        for fname, entry in sorted(manifest["files"].items(), key=lambda kv: (-int(kv[1]["size"]), kv[0])):
             def get_one(fname: str = fname, entry: Mapping[str, Any] = entry) -> None:
-                with fs.open(f"{prefix}/{fname}", "rb") as src, open(tmp / fname, "wb") as dst:
-                    size, hexdigest, algo = _stream(src.read, dst.write, entry, on_bytes)
+                got = [0]
+
+                def write(data: bytes, dst: Any) -> None:
+                    dst.write(data)
                     dst.flush()
-                    local_fs.fsync(dst.fileno())
+                    local_fs.fsync(dst.fileno())  # while the next range is fetched: the last fsync is short
+
+                def counted(n: int) -> None:
+                    got[0] += n
+                    if on_bytes is not None:
+                        on_bytes(n)
+
+                try:
+                    with open(tmp / fname, "wb") as dst, \
+                            contextlib.closing(fetch_ranges(fs, f"{prefix}/{fname}", int(entry["size"]))) as ranges:
+                        size, hexdigest, algo = _stream(ranges, lambda b: write(b, dst), entry, counted)
+                        local_fs.fsync(dst.fileno())
+                except BaseException:
+                    if got[0] and on_bytes is not None:
+                        on_bytes(-got[0])  # a retry fetches the file again
+                    raise
                 problem = _mismatch(prefix, fname, entry, size, hexdigest, algo)
                 if problem is not None:
                     raise TransferError(f"saverules: durable checkpoint {problem}; it was not downloaded")

@@ -341,17 +341,30 @@ def load_latest(ranks: Ranks, root: Path, cache, skip: Callable[[CheckpointInfo]
 
     Returns (info, this rank's payload, the names restored from the shards).
 
-    Rank 0 chooses and verifies, and broadcasts its verdict: every rank loads
-    the same step, every rank falls back together, and every rank raises
-    together (an unsafe checkpoint, or a store of which no checkpoint can be
-    used, as :func:`saverules.store.resume.pick` decides for one process).
-    The payload (plain values, other objects, the decider) is left for the
-    caller to restore.
+    Rank 0 chooses (manifest and sizes) and broadcasts its choice: every rank
+    loads the same step, every rank falls back together, and every rank
+    raises together (an unsafe checkpoint, or a store of which no checkpoint
+    can be used, as :func:`saverules.store.resume.pick` decides for one
+    process).  The payload (plain values, other objects, the decider) is left
+    for the caller to restore.
+
+    The digests are checked by the ranks together
+    (:mod:`saverules.store.sharded.digests`).  A rank checks the files it
+    reads first (its rank file, DCP's index) before reading them; the rest of
+    its share is hashed on a thread while DCP loads the shards into the live
+    models and optimizers, and the checkpoint counts only once every rank
+    has reported its share good.  A digest that fails then has left damaged
+    bytes in those objects, so, as for one process
+    (:func:`saverules.store.resume.load_latest`), the walk must end in a
+    checkpoint whose load overwrites them, or raise; ``"start_fresh"``
+    checks every digest before DCP reads anything.
     """
     ranks.check()
     resume.check_if_none_valid(if_none_valid)
     rejected: list[CheckpointInfo] = []
 
+    from . import digests
+    from . import files as dcp_files
     from .format import DcpFormat  # (imported here: the format module imports the store's formats)
 
     def passed_over(bad: CheckpointInfo) -> None:
@@ -360,7 +373,11 @@ def load_latest(ranks: Ranks, root: Path, cache, skip: Callable[[CheckpointInfo]
         rejected.append(bad)
         skip(bad)
 
-    candidates = newest_good(root, cache, passed_over) if ranks.rank == 0 else None
+    # A dcp checkpoint's digests are checked by all the ranks together, each a share of the files, once it
+    # is chosen (saverules.store.sharded.digests); rank 0 checks only its manifest and sizes to choose it.
+    candidates = newest_good(root, cache, passed_over, deep=lambda i: i.format != DcpFormat.name) \
+        if ranks.rank == 0 else None
+    landed: dict[str, set] = {}  # checkpoints whose shards were loaded before a digest failed: {name: objects}
     while True:
         info, verdict = None, None
         if candidates is not None:
@@ -380,6 +397,7 @@ def load_latest(ranks: Ranks, root: Path, cache, skip: Callable[[CheckpointInfo]
         if info is None:
             info = inspect_checkpoint(root / name, root, verify=False)
         status, payload, layouts, fmt = None, None, None, None
+        pending: digests.Pending | None = None
         try:
             if not info.ok or info.manifest is None:  # (a usable checkpoint has its manifest)
                 raise CheckpointError(f"saverules: rank {ranks.rank} cannot use {info.path}: {info.error}")
@@ -387,6 +405,18 @@ def load_latest(ranks: Ranks, root: Path, cache, skip: Callable[[CheckpointInfo]
             source = formats.Source.of(info.path, info.manifest)
             if isinstance(fmt, DcpFormat):
                 world = int(info.manifest.get("world_size") or 1)
+                if info.verified is not True:  # this rank's share of the digests, what it reads first included
+                    from .format import rank_file
+
+                    own = [rank_file(ranks.rank if ranks.rank < world else 0), dcp_files.METADATA_FILE]
+                    files = info.manifest["files"]
+                    mine = digests.share(files, ranks.rank, ranks.size, own)
+                    digests.check(info.path, files, own)  # before this rank reads them
+                    rest = mine[len(own):]
+                    if if_none_valid == "raise":  # the rest beside DCP's read: see the docstring
+                        pending = digests.Pending(info.path, files, rest)
+                    else:
+                        digests.check(info.path, files, rest)
                 payload, layouts = fmt.read_rank(source, ranks.rank, world, map_location)
             else:
                 payload = fmt.decode(source, map_location)
@@ -397,19 +427,67 @@ def load_latest(ranks: Ranks, root: Path, cache, skip: Callable[[CheckpointInfo]
         told = ranks.all_gather(status, f"read the checkpoint {name}")
         unsafe = [text for s in told if s is not None and s[0] == "unsafe" for text in [s[1]]]
         if unsafe:
+            if pending is not None:
+                pending.result()
             raise UnsafeCheckpointError(unsafe[0])
         errors = [s[1] for s in told if s is not None]
+        if not errors and payload is None:  # every rank read its part (no errors above), so each has a payload
+            raise CheckpointError(f"saverules: rank {ranks.rank} read no state from {info.path}")
+        if not errors and layouts is not None:
+            try:
+                _load_shards(ranks, fmt, source, state, layouts, name)
+            except (RankFailure, UnsafeCheckpointError):
+                if pending is not None:
+                    pending.result()
+                raise
+            except CheckpointError:  # DCP failed on every rank: a damaged file may be why
+                if pending is None:
+                    raise
+                problem = _digest_verdict(ranks, pending, name)
+                if problem is None:
+                    raise
+                landed[name] = set(layouts)
+                errors = [problem]
+            else:
+                problem = _digest_verdict(ranks, pending, name) if pending is not None else None
+                if problem is not None:
+                    landed[name] = set(layouts)
+                    errors = [problem]
+        elif pending is not None:
+            pending.result()  # (passed over anyway; the thread is done with the files)
         if errors:
             if ranks.rank == 0:
                 from dataclasses import replace
 
                 passed_over(replace(info, verified=False, error=errors[0].replace("saverules: ", "", 1)))
             continue
-        if payload is None:  # every rank read its part (no errors above), so each has a payload
+        if payload is None:
             raise CheckpointError(f"saverules: rank {ranks.rank} read no state from {info.path}")
-        if layouts is not None:
-            _load_shards(ranks, fmt, source, state, layouts, name)
+        if landed:
+            restored = set(layouts or ())
+            left = sorted({n for objs in landed.values() for n in objs} - restored)
+            if left:
+                raise CheckpointError(
+                    f"saverules: {', '.join(sorted(landed))} failed its digests after its shards were loaded, and "
+                    f"{info.name}, the checkpoint resumed instead, holds no shards for {', '.join(map(repr, left))}: "
+                    "those objects may hold damaged bytes. Re-create them before use (or pass "
+                    "if_none_valid='start_fresh', which checks every digest before loading)"
+                )
+        if ranks.rank == 0 and info.verified is None:  # every rank checked its share of the digests
+            from dataclasses import replace
+
+            cache.put(info.path, replace(info, verified=True))
         return info, payload, set(layouts or ())
+
+
+def _digest_verdict(ranks: Ranks, pending: Any, name: str) -> str | None:
+    """Every rank's verdict on its share of the digests: the first reason a file failed, or None (a collective)."""
+    problem = pending.result()
+    failed, _ = ranks.agree(problem is not None, "", f"check the digests of {name}")
+    if not failed:
+        return None
+    told = ranks.all_gather(problem, f"report the digests of {name}")
+    return next((p for p in told if p is not None), "a file failed its digest")
 
 
 def _load_shards(ranks: Ranks, fmt, source, state, layouts, name: str) -> None:
