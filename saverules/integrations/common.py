@@ -6,7 +6,7 @@ step.  This module holds the parts that do not depend on either framework: the
 checked keyword options, a training clock that continues across a resume,
 signal flags set by handlers, the decider's restore from a callback's state and the save log.
 The policy, the decider and its restore are the store's own
-(:func:`saverules.store.checkpointer.load_policy` and ``make_decider``,
+(:func:`saverules.store.parts.load_policy` and ``make_decider``,
 :func:`saverules.store.restore.restore_decider`).  It
 imports neither torch nor a framework.
 """

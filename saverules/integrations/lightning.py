@@ -31,8 +31,8 @@ from ..distributed import SyncedDecider
 from ..engine.decider import Decider
 from ..engine.progress import Progress
 from ..engine.tiers import TieredDecider
-from ..store.checkpointer import load_policy, make_decider
 from ..store.fs import fs
+from ..store.parts import load_policy, make_decider
 from ..store.policyfile import write_policy_file
 from . import manifest as fm
 from .common import (

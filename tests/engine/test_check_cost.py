@@ -148,7 +148,7 @@ def test_adaptive_rules_are_taken_under_ddp_where_rank_0s_cost_rides_in_the_sync
 
 
 def test_the_trainer_callbacks_decider_takes_adaptive_rules_and_plans_from_the_reported_cost():
-    from saverules.store.checkpointer import make_decider
+    from saverules.store.parts import make_decider
 
     policy = saverules.loads('version = 1\n[[rules]]\nkind = "adaptive"\nmax_overhead = "2%"\n')
     decider = make_decider(policy, 100, 1, {"sync_seconds": 1.0, "metrics_synced": False})

@@ -23,7 +23,7 @@ def main() -> int:
     policy = saverules.load(files[rank])
     try:
         if mode == "synced":
-            from saverules.store.checkpointer import make_decider
+            from saverules.store.parts import make_decider
 
             make_decider(policy, 100, dist.get_world_size(), {"sync_seconds": 1.0, "metrics_synced": True})
         else:
