@@ -36,6 +36,7 @@ from typing import Any
 from ..store.digest import hash_file
 from ..store.fs import fs
 from ..store.manifest import CheckpointInfo, Invalid, read_json
+from ..store.removed import record, removal, why_removed
 
 __all__ = [
     "FORMAT_NAME", "FORMAT_VERSION", "DIR_MANIFEST", "SIDECAR_SUFFIX", "POLICY_FILE",
@@ -424,13 +425,7 @@ def retention_plan(policy: Any, infos: Sequence[FrameworkCheckpoint],
         return []
     keep = policy.retain(retention_view(valid))
     guarded = {os.path.realpath(p) for p in protect}
-    ret = policy.retention
-    rules = [f"keep_last = {ret.keep_last}"]
-    if ret.keep_every is not None:
-        rules.append(f"keep_every = {ret.keep_every}")
-    if ret.keep_best is not None:
-        rules.append(f"keep_best on {ret.keep_best.metric} ({ret.keep_best.mode}, n = {ret.keep_best.n})")
-    why = "no retention rule keeps it (" + ", ".join(rules) + ")"
+    why = why_removed(policy.retention)
     return [(info, why) for info, kept in zip(valid, keep)
             if not kept and os.path.realpath(info.path) not in guarded]
 
@@ -462,6 +457,8 @@ def retain(root: str | os.PathLike, policy: Any, framework: str, protect: Sequen
         doomed = plan(verify=True)
     for info, _ in doomed:
         remove(info)
+    # the same removal log as the store's, in ``root``: ``saverules.ls`` lists what retention removed
+    record(root, [removal(info.name, info.step, policy, why) for info, why in doomed], warned)
     return doomed
 
 

@@ -38,6 +38,7 @@ from .fs import fs
 from .index import StoreIndex
 from .layout import DEL_PREFIX, hidden_name
 from .manifest import CheckpointInfo
+from .removed import record, removal
 from .verify import VerifyCache, scan, sort_key
 
 
@@ -213,8 +214,13 @@ class Retainer:
         if drop:
             drop = self._confirmed(drop, info.path)
         failed = False
+        removed = []
         for victim in drop:
-            failed = not self._delete(victim.path) or failed
+            done = self._delete(victim.path)
+            failed = failed or done is None
+            if done == "deleted":
+                removed.append(removal(victim.name, victim.step, self.policy))
+        record(self.root, removed, self.warned)  # for `ls` and summaries: see saverules.store.removed
         self._pruned = not failed
 
     def _confirmed(self, drop: list[CheckpointInfo], newest: Path) -> list[CheckpointInfo]:
@@ -247,8 +253,9 @@ class Retainer:
             self._warn_bad(found)
         return False
 
-    def _delete(self, path: Path) -> bool:
-        """Delete one checkpoint; False when it could not be (a warning says why)."""
+    def _delete(self, path: Path) -> str | None:
+        """Delete one checkpoint: "deleted", "gone" (another process removed it first), or None when it could not
+        be (a warning says why)."""
         trash = path.parent / hidden_name(DEL_PREFIX, path.name)
         try:
             fs.rename(str(path), str(trash))
@@ -258,10 +265,10 @@ class Retainer:
             log.info("checkpoint %s was already removed by someone else", path)
             self.forget(path)
             self.cache.forget(path)
-            return True
+            return "gone"
         except OSError as exc:
             warn(f"saverules: retention could not delete {path}: {exc}")
-            return False
+            return None
         self.forget(path)
         self.cache.forget(path)
         try:
@@ -269,4 +276,4 @@ class Retainer:
         except OSError as exc:
             warn(f"saverules: retention could not finish deleting {trash}: {exc}")
         log.info("retention deleted checkpoint %s", path)
-        return True
+        return "deleted"
