@@ -340,9 +340,24 @@ def main(argv=None) -> int:
             print(f"{module + '.py':16s} {sum(m.module == module for m in mutants):5d}")
         print(f"{'total':16s} {len(mutants):5d}")
         return 0
+    gone = []
     if args.survivors_of:
         earlier = json.loads(args.survivors_of.read_text())["results"]
-        args.only += [r["id"] for r in earlier if r["status"] == "survived"]
+        by_id = {m.id: m for m in mutants}
+        for r in earlier:
+            if r["status"] != "survived":
+                continue
+            if r["id"] in by_id:
+                args.only.append(r["id"])
+                continue
+            # the module changed since: the same change of the same line, wherever that line is now
+            same = [m for m in mutants if m.module == r["module"] and m.op == r["op"] and describe(m) == r["change"]]
+            if len(same) == 1:
+                args.only.append(same[0].id)
+            else:
+                gone.append(r)
+        for r in gone:
+            print(f"gone: {r['id']}  {r['change']}  (the line it mutated was changed or removed)")
     if args.only:
         by_id = {m.id: m for m in mutants}
         missing = [i for i in args.only if i not in by_id]

@@ -1,0 +1,14 @@
+"""saverules.engine.policy where the mutation sample of issue 17 found it unchecked (docs/testing.md)."""
+from __future__ import annotations
+
+from saverules import loads
+
+ADAPTIVE = ("version = 1\nfinal = false\n[run]\ntotal_steps = 10000\nstep_seconds = 1.0\nmtbf = \"1h\"\n"
+            "save_seconds = 10.0\n[[rules]]\nkind = \"adaptive\"\nmax_overhead = \"1%\"\n")
+
+
+def test_a_save_cost_passed_to_simulate_wins_over_the_run_tables():
+    policy = loads(ADAPTIVE)
+    cheap = policy.simulate(save_seconds=0.5).saved_steps
+    assert cheap == loads(ADAPTIVE.replace("save_seconds = 10.0", "save_seconds = 0.5")).simulate().saved_steps
+    assert len(cheap) > len(policy.simulate().saved_steps)  # a cheaper save: the adaptive rule saves more often
