@@ -18,7 +18,9 @@ reader can say that older removals are no longer listed.
 
 Only one process writes a store at a time (the store's lock; the trainer
 callbacks write from rank 0 only), so appends never interleave.  A line that
-cannot be parsed (a crash mid-append) is skipped and counted by the reader.
+cannot be parsed (a crash mid-append) is skipped and counted by the reader; the
+next append starts on a line of its own.  A last line without its newline is
+being appended right now, and is not read.
 """
 from __future__ import annotations
 
@@ -80,8 +82,11 @@ def record(root: str | os.PathLike, entries: Iterable[dict[str, Any]], warned: s
     path = log_path(root)
     try:
         path.parent.mkdir(exist_ok=True)
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(lines)
+        with open(path, "a+b") as f:
+            end = f.seek(0, os.SEEK_END)
+            if end and os.pread(f.fileno(), 1, end - 1) != b"\n":
+                lines = "\n" + lines  # a line cut short by a crash stays a line of its own
+            f.write(lines.encode())
         if path.stat().st_size > MAX_BYTES:
             _trim(path)
     except OSError as exc:
@@ -138,7 +143,9 @@ def read(root: str | os.PathLike) -> RemovalLog:
     except OSError as exc:
         out.error = f"{path} cannot be read: {exc.strerror or exc}"
         return out
-    for line in text.splitlines():
+    lines = text.split("\n")
+    lines.pop()  # after the last newline: nothing, or a line being appended right now (never counted)
+    for line in lines:
         try:
             value = json.loads(line)
         except ValueError:

@@ -92,11 +92,14 @@ def test_a_line_cut_short_is_skipped_and_named(tmp_path):
     p = policy(every=1, keep_last=1)
     record(tmp_path, [removal("step-00000001", 1, p), removal("step-00000002", 2, p)])
     with open(log_path(tmp_path), "a") as f:
-        f.write('{"name": "step-000000')  # a crash mid-append
+        f.write('{"name": "step-000000')  # a crash mid-append (or an append still going on)
     log = read(tmp_path)
-    assert [e["step"] for e in log.entries] == [1, 2] and log.unreadable == 1
+    assert [e["step"] for e in log.entries] == [1, 2] and log.unreadable == 0  # may still be being written
+    record(tmp_path, [removal("step-00000003", 3, p)])  # the next writer's append starts a line of its own
+    log = read(tmp_path)
+    assert [e["step"] for e in log.entries] == [1, 2, 3] and log.unreadable == 1
     proc = run_ls(tmp_path)
-    assert "removed by retention (2):" in proc.stdout
+    assert "removed by retention (3):" in proc.stdout
     assert "1 line of" in proc.stderr and "could not be read (a write cut short) and was skipped" in proc.stderr
 
 
