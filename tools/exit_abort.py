@@ -17,11 +17,20 @@ Issue 16, item 14. The mechanism, shown by two minimal programs run here:
    finalizing (a slow teardown, as on a loaded machine). The collective
    completes, the thread asks for the GIL, and rank 0 aborts.
 
-With ``--fix`` each program first registers an ``atexit`` handler that waits
-for the thread (``atexit`` runs while the interpreter is whole). saverules
-does the same for what it owns: the Checkpointer's exit handler waits for the
-write in flight, the hash thread is ended, and the gloo group of sharded
-saves is destroyed (saverules/store/ranks.py).
+Rank 1 of ``collective`` has no thread of its own, yet it too aborted in
+some runs on the loaded machine: its last collective returns when gloo's worker
+(a native thread) has finished the work, not when the worker has dropped it;
+the worker drops the work, and the last reference to a tensor made in Python,
+a moment later, and that needs the GIL. When rank 1's interpreter is already
+finalizing by then, the worker is ended the same way. Any native thread of a
+process group alive at finalization can do it.
+
+With ``--fix`` each program registers ``atexit`` handlers, which run while the
+interpreter is whole: one waits for the thread, and one destroys the process
+groups (which joins gloo's workers). saverules does the same for what it owns:
+the Checkpointer's exit handler waits for the write in flight, the hash thread
+is ended, and the gloo group of sharded saves is destroyed
+(saverules/store/ranks.py). The job's default group belongs to the script.
 
 Hashing threads (hashlib, xxhash) in the same position do not abort: their
 frames are C, with nothing ``noexcept`` to stop the unwinding.
@@ -79,6 +88,8 @@ def collective():
     dist.all_reduce(torch.ones(4), group=group)
 
 
+if "--fix" in sys.argv:  # registered first, so it runs after the join below: the groups go last
+    atexit.register(dist.destroy_process_group)
 if rank == 0:
     thread = threading.Thread(target=collective, daemon=True)
     thread.start()
