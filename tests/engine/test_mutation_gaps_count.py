@@ -51,3 +51,14 @@ def test_arithmetic_too_costly_for_its_trial_gives_way_to_the_sieve_at_a_fixed_c
     budget = _Budget(WORK)
     assert count_union(all_pieces, 0, 200_000, budget) == expected
     assert budget.left == sieved.left - WORK // 8
+
+
+def test_arithmetic_that_fits_the_trial_just_below_its_limit_is_not_sieved():
+    all_pieces = [(0, 200_000, p) for p in PRIMES[20:85]]  # 65 primes from 73: about 48,000 of work
+    probe = _Budget(WORK)
+    expected = _count_union(all_pieces, 0, 200_000, probe)
+    cost = WORK - probe.left
+    assert WORK // 9 < cost <= WORK // 8  # fits the trial's WORK // 8, and nothing smaller
+    budget = _Budget(WORK)
+    assert count_union(all_pieces, 0, 200_000, budget) == expected
+    assert budget.left == WORK - cost  # counted by arithmetic, charged what it cost
