@@ -16,6 +16,11 @@ resume stops there.  Listing and verifying never import torch; only
 ``--load`` does.  Given a run folder that holds no checkpoints itself (say
 ``out``), ls lists the stores below it (``out/checkpoints``).
 
+Below the table, "removed by retention" lists the checkpoints that a
+writer's retention deleted (from the store's removal log, see
+:mod:`saverules.store.removed`): when, under which policy, and why, so that
+a resume under a changed policy is accounted for.
+
 Exit status: 0 when every checkpoint verifies, 1 when any fails
 verification, 2 on a usage error (DIR missing, unreadable policy given with
 ``--policy``).
@@ -27,6 +32,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 
 from .engine.quantities import format_bytes, format_seconds
@@ -36,6 +42,8 @@ __all__ = ["main", "format_table"]
 #: How deep below a run folder ls looks for stores, and how many directories it looks at.
 SEARCH_DEPTH = 3
 SEARCH_LIMIT = 2000
+#: How many removed checkpoints the table shows (the newest; --json lists every one the log holds).
+REMOVED_SHOWN = 20
 
 
 def _world(info) -> int | None:
@@ -170,7 +178,50 @@ def _kept_by(infos: list, policy) -> dict:
     return {id(info): why for info, why in zip(valid, explained)}
 
 
+def _removed(root: str, infos: list, notes: list[str]) -> tuple[list[dict], int]:
+    """The checkpoints retention removed from the store at ``root`` that are not in it now, oldest first; and how
+    many older removals the log's size bound dropped."""
+    from .store.removed import log_path, read
+
+    log = read(root)
+    if log.error:
+        notes.append(f"the removal log {log.error}; the checkpoints retention removed are not listed")
+    if log.unreadable:
+        notes.append(f"{log.unreadable} line{'s' if log.unreadable != 1 else ''} of {log_path(root)} could not be "
+                     f"read (a write cut short) and {'were' if log.unreadable != 1 else 'was'} skipped")
+    present = {i.name for i in infos}
+    return [e for e in log.entries if e["name"] not in present], log.dropped
+
+
+def _print_removed(removed: list[dict], dropped: int) -> None:
+    if not removed:
+        return
+    print(f"removed by retention ({len(removed)}):")
+    rows = []
+    for e in removed[-REMOVED_SHOWN:]:
+        when = e.get("removed_at")
+        digest = e.get("policy_digest")
+        source = e.get("policy_source")
+        policy = (digest[:12] if isinstance(digest, str) else "?") + (f" ({source})" if source else "")
+        rows.append([
+            str(e["name"]),
+            str(e.get("step", "?")),
+            (datetime.fromtimestamp(when, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+             if isinstance(when, (int, float)) else "?"),
+            policy,
+            str(e.get("why", "?")),
+        ])
+    # indented: a section of its own, never read as rows of the checkpoints' table above
+    for line in format_table(rows, ["NAME", "STEP", "REMOVED (UTC)", "BY POLICY", "WHY"]).splitlines():
+        print(f"  {line}")
+    if len(removed) > REMOVED_SHOWN:
+        print(f"({len(removed) - REMOVED_SHOWN} earlier removals not shown; ls --json lists them)")
+    if dropped:
+        print(f"({dropped} older removals are no longer in the log, which keeps only the newest)")
+
+
 def _as_json(root: str, infos: list, kept: dict, notes: list[str]) -> dict:
+    removed, dropped = _removed(root, infos, notes)
     out = []
     for info in infos:
         out.append({
@@ -189,7 +240,7 @@ def _as_json(root: str, infos: list, kept: dict, notes: list[str]) -> dict:
             "world_size": _world(info),
             "kept_by": list(kept[id(info)]) if id(info) in kept else None,
         })
-    return {"dir": _shown(root), "checkpoints": out, "notes": notes}
+    return {"dir": _shown(root), "checkpoints": out, "removed": removed, "removed_dropped": dropped, "notes": notes}
 
 
 def _shown(root: str) -> str:
@@ -403,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_as_json(root, infos, kept, notes), indent=1))
         return 1 if any(not i.ok for i in infos) else 0
     _print_table(root, infos, kept, _writer_note(root))
+    _print_removed(*_removed(root, infos, notes))
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     return _summary(infos)
@@ -442,6 +494,7 @@ def _list_below(root: str, stores: list[str], args) -> int:
     for store_dir, infos, kept, notes in listed:
         print()
         _print_table(store_dir, infos, kept, _writer_note(store_dir))
+        _print_removed(*_removed(store_dir, infos, notes))
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
         status = max(status, _summary(infos))

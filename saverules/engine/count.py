@@ -182,13 +182,14 @@ def count_union(all_pieces: list[Piece], lo: int, hi: int, budget: _Budget) -> i
     """How many steps in (lo, hi] lie in at least one piece."""
     if hi - lo <= SIEVE_STEPS and len(all_pieces) > 64:
         # many pieces over a short stretch: try the arithmetic, and mark the steps if it costs too much
-        trial = _Budget(min(budget.left, WORK // 8))
+        given = min(budget.left, WORK // 8)
+        trial = _Budget(given)
         try:
             count = _count_union(all_pieces, lo, hi, trial)
         except _TooCostly:
             budget.spend(WORK // 8)
             return _sieve(all_pieces, lo, hi, budget)
-        budget.spend(budget.left - trial.left if trial.left >= 0 else 0)
+        budget.spend(given - trial.left)  # what the trial cost (charging more starved the counts after it)
         return count
     return _count_union(all_pieces, lo, hi, budget)
 

@@ -37,6 +37,7 @@ from typing import Any
 from ..store.digest import hash_file
 from ..store.fs import fs
 from ..store.manifest import CheckpointInfo, Invalid, read_json
+from ..store.removed import record, removal, why_removed
 from ..store.retain import plan
 from ..store.verify import scan
 
@@ -412,16 +413,10 @@ def retention_plan(policy: Any, infos: Sequence[FrameworkCheckpoint], newest: st
     checkpoint just written) always stays.  ``protect`` adds paths that must stay (the
     trainer's own best model, say).
     """
-    ret = policy.retention
-    if ret is None:
+    if policy.retention is None:
         return []
     guarded = {os.path.realpath(p) for p in protect}
-    rules = [f"keep_last = {ret.keep_last}"]
-    if ret.keep_every is not None:
-        rules.append(f"keep_every = {ret.keep_every}")
-    if ret.keep_best is not None:
-        rules.append(f"keep_best on {ret.keep_best.metric} ({ret.keep_best.mode}, n = {ret.keep_best.n})")
-    why = "no retention rule keeps it (" + ", ".join(rules) + ")"
+    why = why_removed(policy.retention)
     dropped = plan(infos, Path(newest), policy)
     return [(info, why) for info in dropped
             if isinstance(info, FrameworkCheckpoint) and os.path.realpath(info.path) not in guarded]
@@ -455,6 +450,8 @@ def apply_retention(root: str | os.PathLike, policy: Any, framework: str, newest
         doomed = planned(verify=True)
     for info, _ in doomed:
         remove(info)
+    # the same removal log as the store's, in ``root``: ``saverules.ls`` lists what retention removed
+    record(root, [removal(info.name, info.step, policy, why) for info, why in doomed], warned)
     return doomed
 
 

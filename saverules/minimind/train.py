@@ -466,8 +466,10 @@ def train(args: argparse.Namespace, *, clock: Callable[[], float] | None = None,
             f"--resume: the checkpoint at step {step} is already past the {total_steps} steps this run asks for "
             f"({asked}); nothing was trained or saved. To train on, pass a --max_steps above {step} (and enough "
             "--epochs); to train a shorter run, start from scratch in another --out_dir")
-    # what earlier runs left here: the summary accounts for each one this run's retention removes
+    # what earlier runs left here, and when this run began: the summary accounts for each checkpoint this run's
+    # retention removes, from the store's removal log (the one `saverules.ls` lists)
     earlier = sorted(e.step for e in ckpt.list() if e.ok and e.step is not None) if master and args.resume else []
+    began = time.time()
 
     # ---- signals ---------------------------------------------------------------------------
     pending = {"signal": None}
@@ -607,7 +609,8 @@ def train(args: argparse.Namespace, *, clock: Callable[[], float] | None = None,
     if master:
         trained = step
         listing = list(ckpt.list())
-        print_summary(say, policy, ckpt_dir, listing, saves, start_step, trained, total_steps, stop_signal, earlier)
+        print_summary(say, policy, ckpt_dir, listing, saves, start_step, trained, total_steps, stop_signal, earlier,
+                      began)
     if master and durable is not None:
         print_durable_summary(say, policy, durable, step, not_durable)
     if ddp:
@@ -651,12 +654,16 @@ def print_durable_summary(say, policy, durable, trained, not_durable) -> None:
 
 
 def print_summary(say, policy, ckpt_dir, listing, saves, start_step, trained, total_steps, stop_signal,
-                  earlier=()) -> None:
+                  earlier=(), began: float | None = None) -> None:
     """Where the checkpoints are, which were kept and why, and which trained steps no checkpoint holds.
 
-    ``earlier`` lists the steps of the checkpoints that earlier runs left in the
-    store when this run resumed: those this run's retention removed are named too.
+    The checkpoints that retention removed since ``began`` (a wall-clock time:
+    this run's start) are read from the store's removal log, the record that
+    ``saverules.ls`` lists too; those among ``earlier`` (the steps that earlier
+    runs left in the store when this run resumed) are named as such.
     """
+    from saverules.store.removed import read
+
     if stop_signal:
         say(f"stopped by {stop_signal} after step {trained} of {total_steps}")
     say(f"trained steps {start_step + 1}-{trained} in this run; saved "
@@ -674,10 +681,13 @@ def print_summary(say, policy, ckpt_dir, listing, saves, start_step, trained, to
     else:
         say(f"no checkpoint in {ckpt_dir}")
     on_disk = {e.step for e in good}
-    gone = [s for s, _ in saves if s not in on_disk]
+    removed = read(ckpt_dir).since(began) if began is not None else []
+    removed_steps = sorted({e["step"] for e in removed if isinstance(e.get("step"), int)} - on_disk)
+    before = set(earlier)
+    gone = [s for s in removed_steps if s not in before]
     if gone:
         say(f"removed by retention: step{'s' if len(gone) > 1 else ''} {', '.join(map(str, gone))}")
-    gone_before = [s for s in earlier if s not in on_disk]
+    gone_before = [s for s in removed_steps if s in before]
     if gone_before:
         say(f"removed by retention: step{'s' if len(gone_before) > 1 else ''} {', '.join(map(str, gone_before))} "
             "saved by an earlier run (the retention of this run's policy no longer keeps them)")

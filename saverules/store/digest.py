@@ -16,6 +16,7 @@ with ``from_device``, after asking the kernel to drop the file's cached pages.
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import mmap
 import os
@@ -109,7 +110,10 @@ class HashWorker:
 
     def _loop(self) -> None:
         while True:
-            stream, data, done = self._queue.get()
+            item = self._queue.get()
+            if item is None:
+                return
+            stream, data, done = item
             if data is not None and stream.error is None:
                 try:
                     stream.h.update(data)
@@ -134,6 +138,14 @@ class HashWorker:
         self._queue.put((stream, data, done))
         return done
 
+    def stop(self, wait: float = 5.0) -> None:
+        """End the thread once the chunks already given are hashed (at exit: see saverules.store.ranks)."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None and thread.is_alive():
+            self._queue.put(None)
+            thread.join(wait)
+
     def after_fork(self) -> None:
         self._queue = queue.SimpleQueue()
         self._thread = None
@@ -141,6 +153,9 @@ class HashWorker:
 
 
 HASHER = HashWorker()
+# Registered at import, before saverules.store.checkpointer registers the handler that finishes the writes in flight
+# (it imports this module first): atexit runs last-in first-out, so the thread ends after every write that feeds it.
+atexit.register(HASHER.stop)
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=HASHER.after_fork)
 

@@ -10,9 +10,19 @@ a rank hangs, they fail after the timeout.  Either way every collective
 raises :class:`RankFailure`, which names what the ranks were doing, and the
 group is marked broken: the next save or load on it fails at once with the
 same explanation instead of waiting again.
+
+The group is destroyed at exit (:func:`_destroy_at_exit`, an ``atexit``
+handler that runs after the Checkpointers' own, which finish the writes in
+flight), while the interpreter is whole.  Left alive, its native worker
+threads outlive the interpreter's finalization, and a native thread that
+wakes during finalization and asks for the GIL is ended by CPython with
+``pthread_exit``; unwinding through a C++ destructor (pybind11's GIL guard)
+then calls ``std::terminate``: "terminate called without an active
+exception" and SIGABRT (issue 16, item 14; ``tools/exit_abort.py`` shows it).
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import secrets
@@ -55,6 +65,21 @@ def timeout_from(value: float | None) -> float:
     return float(value)
 
 
+#: Every Ranks with a process group of its own, destroyed at exit (held here: a group outlives its Checkpointer in
+#: torch's own registry, so it must be destroyed even when nothing else refers to its Ranks).
+_LIVE: set[Ranks] = set()
+
+
+def _destroy_at_exit() -> None:
+    for ranks in list(_LIVE):
+        ranks.destroy()
+
+
+# Registered at import, before saverules.store.checkpointer registers its own handler (it imports this module):
+# atexit runs handlers last-in first-out, so the writes in flight finish before their group goes.
+atexit.register(_destroy_at_exit)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     line = text[0] if text else type(exc).__name__
@@ -87,7 +112,25 @@ class Ranks:
             self.rank, self.size = dist.get_rank(), dist.get_world_size()
         if self.size > 1:
             self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout))
+            _LIVE.add(self)
             self._tag = self.broadcast(self._tag, "agree on the names of temporary directories")
+
+    def destroy(self) -> None:
+        """Destroy this process's part of the group (at exit: no collective may follow on it)."""
+        import torch.distributed as dist
+
+        group, self.group = self.group, None
+        _LIVE.discard(self)
+        if group is None:
+            return
+        if self.broken is None:
+            self.broken = "its process group was destroyed at exit"
+        if not (dist.is_available() and dist.is_initialized()):
+            return  # the default group was destroyed first, and every group with it
+        try:
+            dist.destroy_process_group(group)
+        except (ValueError, RuntimeError):  # not registered any more: destroyed with the default group already
+            pass
 
     @property
     def distributed(self) -> bool:

@@ -43,6 +43,7 @@ from .fs import fs
 from .index import StoreIndex
 from .layout import DEL_PREFIX, hidden_name
 from .manifest import CheckpointInfo
+from .removed import record, removal
 from .verify import VerifyCache, scan, sort_key
 
 
@@ -241,13 +242,18 @@ class Retainer:
     def _apply(self, drop: list[CheckpointInfo]) -> None:
         held = set(self.protected()) if self.protected is not None else set()
         failed = False
+        removed = []
         for victim in drop:
             if victim.name in held:
                 log.info("retention keeps checkpoint %s for now: it is protected (its upload to the durable tier "
                          "is pending, or a resume came from it)", victim.path)
                 failed = True  # the store is not pruned: the next plan looks at the whole index
                 continue
-            failed = not self._delete(victim.path) or failed
+            done = self._delete(victim.path)
+            failed = failed or done is None
+            if done == "deleted":
+                removed.append(removal(victim.name, victim.step, self.policy))
+        record(self.root, removed, self.warned)  # for `ls` and summaries: see saverules.store.removed
         self._pruned = not failed
 
     def _confirmed(self, drop: list[CheckpointInfo], newest: Path) -> list[CheckpointInfo]:
@@ -280,8 +286,9 @@ class Retainer:
             self._warn_bad(found)
         return False
 
-    def _delete(self, path: Path) -> bool:
-        """Delete one checkpoint; False when it could not be (a warning says why)."""
+    def _delete(self, path: Path) -> str | None:
+        """Delete one checkpoint: "deleted", "gone" (another process removed it first), or None when it could not
+        be (a warning says why)."""
         trash = path.parent / hidden_name(DEL_PREFIX, path.name)
         try:
             fs.rename(str(path), str(trash))
@@ -291,10 +298,10 @@ class Retainer:
             log.info("checkpoint %s was already removed by someone else", path)
             self.forget(path)
             self.cache.forget(path)
-            return True
+            return "gone"
         except OSError as exc:
             warn(f"saverules: retention could not delete {path}: {exc}")
-            return False
+            return None
         self.forget(path)
         self.cache.forget(path)
         try:
@@ -302,4 +309,4 @@ class Retainer:
         except OSError as exc:
             warn(f"saverules: retention could not finish deleting {trash}: {exc}")
         log.info("retention deleted checkpoint %s", path)
-        return True
+        return "deleted"

@@ -134,7 +134,7 @@ def _inspect(store: Path) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ck = Checkpointer(loads(POLICY), dir=str(store))     # cleans up what the dead writer left
-        out["hidden_after_open"] = sorted(p.name for p in store.iterdir() if p.name.startswith(".") and p.name != ".saverules.lock")  # the lock file stays
+        out["hidden_after_open"] = sorted(p.name for p in store.iterdir() if p.name.startswith(".") and p.name not in (".saverules.lock", ".saverules"))  # the lock file and removal log stay
         infos = scan(store, verify=True)
         out["listed"] = [[i.name, i.step, bool(i.ok), i.error] for i in infos]
         model = _model()

@@ -187,7 +187,7 @@ def main(plan_path: str) -> int:
             step += 1
             ck.save(Progress(step), state)
             rec["steps"] = [i.step for i in ck.list()]
-            rec["hidden"] = sorted(p.name for p in Path(action["dir"]).iterdir() if p.name.startswith(".") and p.name != ".saverules.lock")
+            rec["hidden"] = sorted(p.name for p in Path(action["dir"]).iterdir() if p.name.startswith(".") and p.name not in (".saverules.lock", ".saverules"))
         elif op == "overlap":
             from saverules.torch import CheckpointError
 

@@ -160,6 +160,12 @@ def checkpoint_dirs(root) -> list:
 LOCK_FILE = ".saverules.lock"
 
 
+#: The folder of the store's removal log (saverules.store.removed): part of a store whose retention deleted anything.
+REMOVED_FOLDER = ".saverules"
+
+
 def hidden_entries(root) -> list:
-    """Hidden entries of a store other than its lock file: what a write in progress (or killed) leaves."""
-    return sorted(p.name for p in Path(root).iterdir() if p.name.startswith(".") and p.name != LOCK_FILE)
+    """Hidden entries of a store other than its lock file and removal log: what a write in progress (or killed)
+    leaves."""
+    return sorted(p.name for p in Path(root).iterdir()
+                  if p.name.startswith(".") and p.name not in (LOCK_FILE, REMOVED_FOLDER))

@@ -163,7 +163,7 @@ def test_ddp_two_processes_take_the_same_decisions_and_only_rank_0_writes(tmp_pa
     assert r0["collectives"] == r1["collectives"] == 0  # no per-batch collective for a step-only policy
     assert r0["removed"] == ["step-00000040.ckpt"] and r1["removed"] == []
     names = sorted(p.name for p in (out / "ckpts").iterdir())
-    assert names == ["policy.toml"] + sorted(
+    assert names == [".saverules", "policy.toml"] + sorted(
         n for s in (80, 120, 130) for n in (f"step-{s:08d}.ckpt", f"step-{s:08d}.ckpt{fm.SIDECAR_SUFFIX}"))
     assert all(fm.inspect(out / "ckpts" / f"step-{s:08d}.ckpt").verified for s in (80, 120, 130))
     assert proc.stderr.count("saved step 130: final") == 1

@@ -209,7 +209,9 @@ def test_retention_runs_on_rank_0_after_each_commit_and_before_any_rank_returns(
         # every rank sees the store as retention left it, as soon as its save returns
         assert action["visible"] == [[3], [3, 6], [6, 9], [9, 12]]
         assert action["warnings"] == []
-    assert sorted(p.name for p in (base / "kept").iterdir()) == [".saverules.lock", "policy.toml", "step-00000009", "step-00000012"]
+    # .saverules holds the removal log: which checkpoints retention deleted (saverules.store.removed)
+    assert sorted(p.name for p in (base / "kept").iterdir()) == [
+        ".saverules", ".saverules.lock", "policy.toml", "step-00000009", "step-00000012"]
 
 
 def test_exact_resume_on_the_same_ranks_is_bitwise_and_saves_at_the_same_steps(runs):
