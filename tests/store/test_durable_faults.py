@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 from durable_child import POLICY, digest, weights
-from s3_server import BUCKET, s3_server
+from s3_server import BUCKET
 from store_common import REPO
 
 import saverules
@@ -46,23 +46,6 @@ CHILD = str(REPO / "tests" / "helpers" / "durable_child.py")
 FAST = {"config_kwargs": {"retries": {"max_attempts": 1}}}
 #: saverules' retries: 60 attempts 0.2 s to 0.5 s apart (about 30 s), so that an upload resumes soon after an outage.
 PATIENT = Retries(attempts=60, first=0.2, longest=0.5)
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with s3_server() as server:
-        yield server
-
-
-@pytest.fixture(params=["s3", "file", "memory"])
-def url(request, tmp_path):
-    tag = secrets.token_hex(4)
-    if request.param == "s3":
-        request.getfixturevalue("s3")
-        return f"s3://{BUCKET}/run-{tag}"
-    if request.param == "file":
-        return f"file://{tmp_path}/durable"
-    return f"memory://durable-{tag}"
 
 
 def child_env() -> dict[str, str]:

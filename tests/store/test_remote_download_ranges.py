@@ -7,17 +7,11 @@ import secrets
 
 import pytest
 from remote_common import local_checkpoints, same_files
-from s3_server import BUCKET, s3_server
+from s3_server import BUCKET
 
 from saverules.store.remote import DurableTier, TransferError, transfer
 
 FILE = "tensors.safetensors"
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with s3_server() as server:
-        yield server
 
 
 @pytest.fixture(params=["s3", "file"])

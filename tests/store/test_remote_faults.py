@@ -22,19 +22,13 @@ import time
 
 import pytest
 from remote_common import local_checkpoints, same_files
-from s3_server import BUCKET, s3_server
+from s3_server import BUCKET
 from store_common import REPO
 
 from saverules.store.remote import MARKER, DurableTier
 from saverules.store.remote.retry import Retries, RetriesExhausted
 
 CHILD = str(REPO / "tests" / "helpers" / "remote_child.py")
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with s3_server() as server:
-        yield server
 
 
 def test_sigkill_during_uploads_never_leaves_a_checkpoint_without_its_marker(s3, tmp_path):

@@ -8,9 +8,8 @@ import secrets
 import subprocess
 import sys
 
-import pytest
 from remote_common import local_checkpoints
-from s3_server import BUCKET, s3_server
+from s3_server import BUCKET
 from store_common import REPO
 
 from saverules.store.remote import MARKER, DurableTier
@@ -26,12 +25,6 @@ every = 2
 [durable.retention]
 keep_last = 2
 """
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with s3_server() as server:
-        yield server
 
 
 def _ls(*args: str) -> subprocess.CompletedProcess:

@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 from remote_common import local_checkpoints, same_files
-from s3_server import BUCKET, s3_server
+from s3_server import BUCKET
 from store_common import REPO, policy
 
 import saverules
@@ -29,23 +29,6 @@ from saverules.torch import Checkpointer
 CHILD = str(REPO / "tests" / "helpers" / "remote_child.py")
 #: Fail fast when the server is down: botocore's own retries would add seconds.
 FAST = {"config_kwargs": {"retries": {"max_attempts": 1}}}
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with s3_server() as server:
-        yield server
-
-
-@pytest.fixture(params=["s3", "file", "memory"])
-def url(request, tmp_path):
-    tag = secrets.token_hex(4)
-    if request.param == "s3":
-        request.getfixturevalue("s3")
-        return f"s3://{BUCKET}/run-{tag}"
-    if request.param == "file":
-        return f"file://{tmp_path}/durable"
-    return f"memory://durable-{tag}"
 
 
 def test_upload_list_verify_download_bit_for_bit(url, tmp_path):

@@ -14,7 +14,7 @@ import warnings
 
 import pytest
 import torch
-from s3_server import BUCKET, s3_server
+from s3_server import BUCKET
 from tier_common import durable_steps, local_steps, open_checkpointer, run, tier_policy
 
 from saverules.engine.tiers import simulate_tiers
@@ -26,12 +26,6 @@ from saverules.torch import Checkpointer
 #: botocore's own retries off (saverules retries), short timeouts: a stopped server fails fast.
 FAST = {"config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2, "read_timeout": 5}}
 SHORT = Retries(attempts=2, first=0.05, longest=0.1)
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with s3_server() as server:
-        yield server
 
 
 def url() -> str:

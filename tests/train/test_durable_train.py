@@ -16,7 +16,7 @@ import subprocess
 import time
 
 import pytest
-from s3_server import BUCKET, s3_server
+from s3_server import BUCKET
 from test_train import (
     ON_SIGNAL,
     checkpoints,
@@ -71,12 +71,6 @@ def durable_reason(index: int) -> str:
     table = saverules.loads(POLICY).durable
     assert table is not None
     return describe(table.rules[index])
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with s3_server() as server:
-        yield server
 
 
 def new_url() -> str:
