@@ -103,7 +103,14 @@ def test_every_shipped_policy_draws_what_check_simulates(path, tmp_path):
     assert drawn == sim.saved_steps  # one mark per save, at its step
     (kept,) = by_gid(fig, "kept-0-0")
     assert sorted(kept.get_offsets()[:, 0]) == sim.kept
-    assert not by_gid(fig, r"(saves|kept)-0-1.*")  # no tier beyond the local one on main
+    tiers = report.tiers
+    if tiers is None:
+        assert not by_gid(fig, r"(saves|kept)-0-1.*")  # one tier: one lane
+    else:  # a durable tier (rules/two-tier.toml): its lane holds the tier's simulated saves and kept set
+        durable = sorted(x for c in by_gid(fig, r"saves-0-1-\d+") for x in c.get_offsets()[:, 0])
+        assert durable == [s for s, _ in tiers.durable.saves] and durable
+        (durable_kept,) = by_gid(fig, "kept-0-1")
+        assert sorted(durable_kept.get_offsets()[:, 0]) == sorted(tiers.durable.kept)
     (label,) = by_gid(fig, "gap-label-0")
     assert label.get_text() == f"largest gap: {printed_gap(stdout)}"
     names = legend_texts(fig)
