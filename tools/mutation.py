@@ -84,10 +84,13 @@ class Mutant:
     # the lines whose coverage says which tests can notice the mutant: the changed node's own lines and the first
     # line of the statement that holds it
     lines: list = field(default_factory=list)
+    # 0 for the first mutant with its line, column and operator; 1, 2, ... for the next ones, which differ only in
+    # where the operator is (``a - b - 1``: both subtractions are nodes that start at ``a``)
+    repeat: int = 0
 
     @property
     def id(self) -> str:
-        return f"{self.module}.py:{self.line}:{self.col}:{self.op}"
+        return f"{self.module}.py:{self.line}:{self.col}:{self.op}" + (f"#{self.repeat + 1}" if self.repeat else "")
 
 
 def _offsets(source: bytes):
@@ -188,6 +191,11 @@ def mutants_of(module: str) -> list:
             add(node, f"{f.id}>{new}", start, start + 3, new)
     # Docstrings and other strings are never mutated; constants in annotations are rare enough to keep.
     out.sort(key=lambda m: (m.module, m.start, m.op))
+    seen: dict = {}
+    for m in out:  # every ID names one mutant, so --only and --survivors-of run the one that was listed
+        base = m.id
+        m.repeat = seen.get(base, 0)
+        seen[base] = m.repeat + 1
     return out
 
 
