@@ -18,3 +18,13 @@ def test_a_complete_simulation_built_without_counts_takes_them_from_its_listing(
     assert sim.save_count == 2 and sim.fired_total == {"every": 1, "final": 1} and sim.listed_to == 30
     assert sim.unsaved_tail == 0
     assert sim.summary() == "2 saves, 2 kept, largest gap 20 steps"
+
+
+def test_the_end_of_a_capped_run_is_simulated_up_to_its_last_step_and_no_further():
+    # `tail` depends on the run's history, so the saves near the end are simulated after the count; the
+    # step after the last (10^6, a multiple of 1000) is outside the run and must not be decided
+    p = loads('version = 1\n[[rules]]\nkind = "every_steps"\nevery = 1000\n[[rules]]\nkind = "tail"\ninterval = "5%"\n')
+    capped, full = p.simulate(999_999, max_saves=100), p.simulate(999_999, max_saves=None)
+    assert not capped.complete and capped.save_count == len(full.saves) and capped.fired_total == full.fired
+    assert capped.last_saves and capped.last_saves == full.saves[-len(capped.last_saves):]
+    assert capped.last_saved == 999_999 and capped.unsaved_tail == 0
