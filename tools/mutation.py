@@ -23,7 +23,9 @@ pass (or when no test runs its line at all: ``uncovered``).
     python tools/mutation.py --sample 150 --seed 1 --json mutation.json --jobs 2
     python tools/mutation.py --survivors-of mutation.json --tests tests/engine/test_new.py   # after adding tests
 
-IDs look like ``compile.py:254:17:Gt>GtE``.  The same ``--sample`` and
+IDs look like ``compile.py:254:17:Gt>GtE``: module, line and column of the changed node, and the change.  A
+second mutant with the same node start and change (``a - b - 1`` holds two subtractions that start at ``a``) gets
+``#2``, a third ``#3``.  The same ``--sample`` and
 ``--seed`` select the same mutants as long as the modules are unchanged.  A
 mutant is run in a temporary copy of the repository, so the working tree is
 never modified.
