@@ -23,7 +23,9 @@ pass (or when no test runs its line at all: ``uncovered``).
     python tools/mutation.py --sample 150 --seed 1 --json mutation.json --jobs 2
     python tools/mutation.py --survivors-of mutation.json --tests tests/engine/test_new.py   # after adding tests
 
-IDs look like ``compile.py:254:17:Gt>GtE``.  The same ``--sample`` and
+IDs look like ``compile.py:254:17:Gt>GtE``: module, line and column of the changed node, and the change.  A
+second mutant with the same node start and change (``a - b - 1`` holds two subtractions that start at ``a``) gets
+``#2``, a third ``#3``.  The same ``--sample`` and
 ``--seed`` select the same mutants as long as the modules are unchanged.  A
 mutant is run in a temporary copy of the repository, so the working tree is
 never modified.
@@ -84,10 +86,13 @@ class Mutant:
     # the lines whose coverage says which tests can notice the mutant: the changed node's own lines and the first
     # line of the statement that holds it
     lines: list = field(default_factory=list)
+    # 0 for the first mutant with its line, column and operator; 1, 2, ... for the next ones, which differ only in
+    # where the operator is (``a - b - 1``: both subtractions are nodes that start at ``a``)
+    repeat: int = 0
 
     @property
     def id(self) -> str:
-        return f"{self.module}.py:{self.line}:{self.col}:{self.op}"
+        return f"{self.module}.py:{self.line}:{self.col}:{self.op}" + (f"#{self.repeat + 1}" if self.repeat else "")
 
 
 def _offsets(source: bytes):
@@ -188,6 +193,11 @@ def mutants_of(module: str) -> list:
             add(node, f"{f.id}>{new}", start, start + 3, new)
     # Docstrings and other strings are never mutated; constants in annotations are rare enough to keep.
     out.sort(key=lambda m: (m.module, m.start, m.op))
+    seen: dict = {}
+    for m in out:  # every ID names one mutant, so --only and --survivors-of run the one that was listed
+        base = m.id
+        m.repeat = seen.get(base, 0)
+        seen[base] = m.repeat + 1
     return out
 
 
