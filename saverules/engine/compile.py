@@ -285,7 +285,9 @@ class Final(Node):
         total = run._total
         if total is None or self.reached == total:
             return INF
-        return max(total, after + 1)
+        # past the total and not yet reached (a resume that adds the final rule): the very next
+        # decision reaches it, even one that repeats the previous step
+        return max(total, after)
 
     def next_change(self, after, run):
         return self.next_step(after, run)  # reaching the total is remembered
